@@ -1,0 +1,50 @@
+# Every dependency by find_package, exposed as one imported target each.
+# LibTorch: PyPI's torch (its torch.utils.cmake_prefix_path on CMAKE_PREFIX_PATH).
+if(NOT DEFINED TORCH_CUDA_ARCH_LIST)
+  set(TORCH_CUDA_ARCH_LIST "9.0")
+endif()
+find_package(Torch REQUIRED)
+# PyPI's libtorch.so exports copies of some std::filesystem functions (from a newer
+# libstdc++) that crash when called from our code. Putting the system libstdc++ first in
+# every executable's DT_NEEDED list makes the dynamic linker bind std:: symbols there.
+string(APPEND CMAKE_EXE_LINKER_FLAGS " -Wl,--push-state,--no-as-needed -lstdc++ -Wl,--pop-state")
+find_package(Threads REQUIRED)
+find_package(Boost 1.74 REQUIRED)
+find_package(CLI11 REQUIRED)
+find_package(yaml-cpp REQUIRED)
+find_package(fmt REQUIRED)
+find_package(spdlog REQUIRED)
+find_package(nlohmann_json 3.9 REQUIRED)
+find_package(SentencePiece REQUIRED)
+if(ATTNPILOT_TESTS)
+  find_package(GTest REQUIRED)
+  include(GoogleTest)
+endif()
+if(ATTNPILOT_ZMQ)
+  find_package(cppzmq REQUIRED)
+endif()
+
+# yaml-cpp 0.7 (Debian 12) exports `yaml-cpp`, 0.8 (Ubuntu 24.04) `yaml-cpp::yaml-cpp`.
+if(NOT TARGET yaml-cpp::yaml-cpp)
+  add_library(yaml-cpp::yaml-cpp INTERFACE IMPORTED)
+  target_link_libraries(yaml-cpp::yaml-cpp INTERFACE yaml-cpp)
+endif()
+if(NOT TARGET CLI11::CLI11)
+  add_library(CLI11::CLI11 INTERFACE IMPORTED)
+  target_link_libraries(CLI11::CLI11 INTERFACE CLI11)
+endif()
+
+find_program(GNUPLOT_EXECUTABLE gnuplot)
+if(NOT GNUPLOT_EXECUTABLE)
+  message(STATUS "gnuplot not found: plots are skipped with a message at run time")
+endif()
+
+# The Python interpreter of the project's virtual environment (transformers, gymnasium,
+# pyzmq, ...) used by tests that compare against Python references.
+set(ATTNPILOT_PYTHON "" CACHE FILEPATH "Python with the reference packages (the project's venv)")
+if(NOT ATTNPILOT_PYTHON)
+  find_package(Python3 COMPONENTS Interpreter QUIET)
+  if(Python3_FOUND)
+    set(ATTNPILOT_PYTHON "${Python3_EXECUTABLE}" CACHE FILEPATH "" FORCE)
+  endif()
+endif()
