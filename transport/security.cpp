@@ -28,6 +28,13 @@ std::string trim(const std::string& s) {
   return s.substr(b, e - b + 1);
 }
 
+// The first whitespace-separated token of a line ("" if none). Z85 has no whitespace, so
+// text after a key is a comment.
+std::string first_token(const std::string& s) {
+  const std::string t = trim(s);
+  return t.substr(0, t.find_first_of(" \t"));
+}
+
 // Atomic write with an explicit mode: the temporary file is created with `mode`, so the
 // secret is never readable by others, not even for a moment.
 void write_private_atomic(const std::filesystem::path& path, const std::string& text, mode_t mode) {
@@ -103,8 +110,9 @@ std::string read_key_file(const std::filesystem::path& path) {
   if (!in) throw IoError(fmt::format("cannot read key file {}", path.string()));
   std::string line;
   while (std::getline(in, line)) {
-    line = trim(line);
-    if (line.empty() || line[0] == '#') continue;
+    line = first_token(line);
+    // Z85 keys may contain '#': a line is a key when its first token is one.
+    if (line.empty() || (line[0] == '#' && !is_z85_key(line))) continue;
     if (!is_z85_key(line)) {
       throw FormatError(fmt::format("{}: expected a 40-character Z85 key, found {} characters",
                                     path.string(), line.size()));
@@ -137,8 +145,8 @@ std::set<std::string> read_authorized_keys(const std::filesystem::path& path) {
   int lineno = 0;
   while (std::getline(in, line)) {
     ++lineno;
-    line = trim(line.substr(0, line.find('#')));
-    if (line.empty()) continue;
+    line = first_token(line);
+    if (line.empty() || (line[0] == '#' && !is_z85_key(line))) continue;
     if (!is_z85_key(line)) {
       throw FormatError(
           fmt::format("{}:{}: expected a 40-character Z85 public key", path.string(), lineno));

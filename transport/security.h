@@ -32,11 +32,13 @@ KeyPair generate_keypair();
 std::string public_from_secret(const std::string& secret_z85);
 /// Writes PREFIX.pub (0644) and PREFIX.key (0600) atomically. Refuses to overwrite.
 void write_keypair(const std::filesystem::path& prefix, const KeyPair& keys);
-/// Reads one Z85 key (first non-comment line). Throws FormatError naming the file.
+/// Reads one Z85 key (first line whose first token is a key; '#' lines are comments). Throws
+/// FormatError naming the file.
 std::string read_key_file(const std::filesystem::path& path);
 /// Reads PREFIX.key (refusing group/world-readable files) and derives the public key.
 KeyPair read_keypair(const std::filesystem::path& prefix);
-/// One Z85 public key per line; '#' starts a comment; blank lines ignored.
+/// One Z85 public key per line (the line's first token; text after it is a comment).
+/// Lines whose first token is not a key and starts with '#' are comments.
 std::set<std::string> read_authorized_keys(const std::filesystem::path& path);
 
 /// True for endpoints only this host can reach: inproc://, ipc://, tcp://127.x.x.x:*,
