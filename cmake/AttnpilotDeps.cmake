@@ -3,7 +3,34 @@
 if(NOT DEFINED TORCH_CUDA_ARCH_LIST)
   set(TORCH_CUDA_ARCH_LIST "9.0")
 endif()
-find_package(Torch REQUIRED)
+# PyPI's torch is a CUDA build: its TorchConfig.cmake insists on a CUDA toolkit. On a
+# machine without one (a plain Debian 12), import its CPU libraries directly instead; the
+# CUDA parts of attnpilot are then off (ATTNPILOT_CUDA needs the toolkit anyway).
+find_file(_torch_config TorchConfig.cmake PATH_SUFFIXES Torch NO_CACHE)
+set(_torch_manual OFF)
+if(_torch_config AND NOT CMAKE_CUDA_COMPILER)
+  get_filename_component(_torch_root "${_torch_config}" DIRECTORY)  # .../torch/share/cmake/Torch
+  get_filename_component(_torch_root "${_torch_root}/../../.." ABSOLUTE)
+  if(EXISTS "${_torch_root}/lib/libtorch_cuda.so")
+    set(_torch_manual ON)
+  endif()
+endif()
+if(_torch_manual)
+  message(STATUS "LibTorch at ${_torch_root} is a CUDA build and no CUDA toolkit was found: "
+                 "importing its CPU libraries directly (CUDA features off)")
+  add_library(torch SHARED IMPORTED)
+  set_target_properties(torch PROPERTIES
+    IMPORTED_LOCATION "${_torch_root}/lib/libtorch.so"
+    INTERFACE_INCLUDE_DIRECTORIES
+      "${_torch_root}/include;${_torch_root}/include/torch/csrc/api/include"
+    INTERFACE_LINK_LIBRARIES "${_torch_root}/lib/libtorch_cpu.so;${_torch_root}/lib/libc10.so"
+    INTERFACE_COMPILE_DEFINITIONS "_GLIBCXX_USE_CXX11_ABI=1")
+  # The CUDA libraries that libtorch.so needs at run time sit in nvidia/ beside torch/.
+  string(APPEND CMAKE_EXE_LINKER_FLAGS " -Wl,-rpath-link,${_torch_root}/lib -Wl,--allow-shlib-undefined")
+  set(TORCH_LIBRARIES torch)
+else()
+  find_package(Torch REQUIRED)
+endif()
 # PyPI's libtorch.so exports copies of some std::filesystem functions (from a newer
 # libstdc++) that crash when called from our code. Putting the system libstdc++ first in
 # every executable's DT_NEEDED list makes the dynamic linker bind std:: symbols there.
