@@ -19,6 +19,19 @@ enum class Kind {
   kStreaming,    ///< `sinks` first tokens plus a local `window`
 };
 
+/// How a kBlockSparse head chooses its key blocks when the caller passes no BlockMask
+/// (see attention/estimators.h). Every estimator keeps the sink block and the diagonal.
+enum class BlockEstimator {
+  kPooled,         ///< softmax(pool(Q) pool(K)ᵀ/√d) over mean-pooled blocks
+  kLowRank,        ///< block sums of rank-`rank` attention (optimal score projections)
+  kVerticalSlash,  ///< MInference: the last 64 queries estimate vertical columns and diagonals
+};
+
+/// "pooled" | "lowrank" | "vertical_slash".
+const char* estimator_name(BlockEstimator e);
+/// Parses estimator_name's strings; throws InvalidArgument naming the string otherwise.
+BlockEstimator parse_estimator(const std::string& s);
+
 /// "dense" | "lowrank" | "block_sparse" | "streaming".
 const char* kind_name(Kind k);
 /// Parses kind_name's strings; throws InvalidArgument naming the string otherwise.
@@ -27,12 +40,18 @@ Kind parse_kind(const std::string& s);
 /// One head's decision. Fields that a kind does not use are ignored.
 struct HeadPlan {
   Kind kind = Kind::kDense;
-  int64_t rank = 0;      ///< kLowRank: 1..head_dim (head_dim = exact)
+  int64_t rank = 0;  ///< kLowRank: 1..head_dim (head_dim = exact); kBlockSparse with the
+                     ///< kLowRank estimator: the estimator's rank
+
   double density = 1.0;  ///< kBlockSparse: share of causal key blocks kept, in (0, 1]
   int64_t top_k = 0;  ///< kBlockSparse: if > 0, key blocks kept per query block (overrides density)
-  int64_t block_size = 64;  ///< kBlockSparse: tokens per block (query and key)
-  int64_t window = 0;       ///< kStreaming: local window in tokens, >= 1
-  int64_t sinks = 0;        ///< kStreaming: leading sink tokens, >= 0
+  int64_t block_size = 64;  ///< kBlockSparse, kStreaming: tokens per block (query and key)
+  /// kBlockSparse: if > 0, keep per query block the fewest key blocks whose estimated
+  /// attention mass reaches gamma (FlexPrefill); overrides top_k and density. In [0, 1].
+  double gamma = 0.0;
+  BlockEstimator estimator = BlockEstimator::kPooled;  ///< kBlockSparse without a BlockMask
+  int64_t window = 0;  ///< kStreaming: local window in tokens (the query itself included), >= 1
+  int64_t sinks = 0;   ///< kStreaming: leading sink tokens, >= 0
 
   static HeadPlan dense() { return {}; }
   static HeadPlan lowrank(int64_t r) {
@@ -57,6 +76,8 @@ struct HeadPlan {
   }
   /// Throws InvalidArgument naming the field, its value and the allowed range.
   void validate(int64_t head_dim) const;
+  /// Largest accepted block_size (tokens).
+  static constexpr int64_t kMaxBlockSize = 1 << 16;
   std::string to_string() const;
   bool operator==(const HeadPlan& o) const;
 };
@@ -70,17 +91,22 @@ struct LayerPlan {
   /// The plan of head h (broadcast when heads.size() == 1).
   const HeadPlan& head(int64_t h) const;
   bool all_dense() const;
-  /// Checks sizes and every head; throws InvalidArgument naming layer/head and field.
-  void validate(int64_t num_heads, int64_t head_dim) const;
+  /// Checks sizes and every head; throws InvalidArgument naming layer (when >= 0), head
+  /// and field.
+  void validate(int64_t num_heads, int64_t head_dim, int64_t layer = -1) const;
 };
 
 /// What the data plane hands back: the only input to cost in rewards and reports.
 struct ExecStats {
   double score_flops = 0;  ///< multiply-adds×2 spent on attention scores (QKᵀ or rank-r)
   double value_flops = 0;  ///< softmax(·)V multiply-adds×2
-  double other_flops = 0;  ///< projections, estimators, softmax
-  double bytes = 0;        ///< bytes read + written by the attention kernels (model)
-  double time_us = 0;      ///< measured wall time of the attention call(s)
+  /// Score projections (Gram matrices, factorizations, Q A_Q and K A_K) and block
+  /// estimators. Softmax exponentials are not counted as FLOPs anywhere.
+  double other_flops = 0;
+  /// Bytes read + written by the attention kernels, by a model: q, the keys (or projected
+  /// keys) and values each query head reads, and the output. Not measured traffic.
+  double bytes = 0;
+  double time_us = 0;  ///< measured wall time of the attention call(s)
   int64_t calls = 0;
 
   double flops() const { return score_flops + value_flops + other_flops; }
