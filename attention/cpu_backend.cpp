@@ -28,17 +28,18 @@ class CpuBackend final : public Backend {
     KernelOut r;
     r.out = torch::empty({b, h, n, v.size(3)}, v.options());
     const auto qs = q * scale;
-    const auto kt = k.transpose(-2, -1);
+    const auto kt = k.transpose(-2, -1).contiguous();  // [b, h, e, M]: chunks are column slices
+    // Additive causal mask for the chunk's own diagonal square: only the last `rows` keys of
+    // a chunk can lie in a query's future (kend = q_offset + i0 + rows).
+    const auto tri = torch::full({kQueryChunk, kQueryChunk},
+                                 -std::numeric_limits<float>::infinity(), q.options())
+                         .triu(1);
     for (int64_t i0 = 0; i0 < n; i0 += kQueryChunk) {
       const int64_t rows = std::min(kQueryChunk, n - i0);
       const int64_t kend = causal ? std::min(m, q_offset + i0 + rows) : m;
       auto s = torch::matmul(qs.narrow(2, i0, rows), kt.narrow(3, 0, kend));
-      if (causal && q_offset + i0 < kend - 1) {
-        const auto qi = torch::arange(q_offset + i0, q_offset + i0 + rows, torch::kLong);
-        const auto kj = torch::arange(kend, torch::kLong);
-        s.masked_fill_((kj.unsqueeze(0) > qi.unsqueeze(1)).to(s.device()),
-                       -std::numeric_limits<float>::infinity());
-      }
+      if (causal && rows > 1)
+        s.narrow(3, kend - rows, rows).add_(tri.narrow(0, 0, rows).narrow(1, 0, rows));
       r.out.narrow(2, i0, rows).copy_(torch::matmul(torch::softmax(s, -1), v.narrow(2, 0, kend)));
       r.pairs += static_cast<double>(b) * h * rows * kend;
     }
