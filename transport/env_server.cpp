@@ -58,8 +58,8 @@ void EnvServer::serve(const std::atomic<bool>* stop_flag) {
                         requests_, errors_, server_.socket->counters().summary()));
 }
 
-Message EnvServer::reply_with(MsgType type, uint64_t seq,
-                              const std::vector<ServedEnv::Out>& outs) const {
+Message EnvServer::reply_with(MsgType type, uint64_t seq, const std::vector<ServedEnv::Out>& outs,
+                              const std::vector<torch::Tensor>* final_obs) const {
   std::vector<torch::Tensor> obs, rew, term, trunc, mask;
   for (const auto& o : outs) {
     obs.push_back(o.obs);
@@ -78,6 +78,7 @@ Message EnvServer::reply_with(MsgType type, uint64_t seq,
     m.tensors.push_back(to_blob("terminated", torch::stack(term)));
     m.tensors.push_back(to_blob("truncated", torch::stack(trunc)));
   }
+  if (final_obs) m.tensors.push_back(to_blob("final_obs", torch::stack(*final_obs)));
   if (!mask.empty()) {
     ATTNPILOT_CHECK_ARG(mask.size() == outs.size(), "action masks from only {} of {} envs",
                         mask.size(), outs.size());
@@ -135,7 +136,18 @@ Message EnvServer::handle(const std::string& peer, const Message& req) {
                           c10::str(actions.sizes()), n, n);
       std::vector<ServedEnv::Out> outs;
       for (int64_t i = 0; i < n; ++i) outs.push_back(s.envs[i]->step(actions[i]));
-      return reply_with(MsgType::kStepReply, req.seq, outs);
+      if (n == 1) return reply_with(MsgType::kStepReply, req.seq, outs);
+      std::vector<torch::Tensor> finals;
+      for (int64_t i = 0; i < n; ++i) {
+        const bool done = outs[i].terminated || outs[i].truncated;
+        finals.push_back(done ? outs[i].obs : torch::zeros_like(outs[i].obs));
+        if (done) {
+          ServedEnv::Out fresh = s.envs[i]->reset_continue();
+          outs[i].obs = fresh.obs;
+          outs[i].action_mask = fresh.action_mask;
+        }
+      }
+      return reply_with(MsgType::kStepReply, req.seq, outs, &finals);
     }
     case MsgType::kPing: {
       Message m = req;

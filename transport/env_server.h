@@ -9,8 +9,11 @@
 ///                                                        terminated, truncated (action_mask)
 ///
 /// Each client (routing id) owns a session of `num_envs` environments seeded
-/// seed, seed+1, ...; sessions idle longer than `session_idle_s` are closed. A bad request
-/// is answered with an error message naming what was wrong; the server carries on.
+/// seed, seed+1, ...; sessions idle longer than `session_idle_s` are closed. With one env
+/// the session follows Gymnasium (the client resets after an episode ends); with several,
+/// finished envs are reset automatically (VectorEnv's same-step style) and the reply
+/// carries `final_obs` [N, ...] holding the last observation of each finished episode. A bad
+/// request is answered with an error message naming what was wrong; the server carries on.
 #include <torch/torch.h>
 
 #include <atomic>
@@ -42,6 +45,8 @@ class ServedEnv {
     torch::Tensor action_mask;  ///< undefined when the env has none
   };
   virtual Out reset(uint64_t seed) = 0;
+  /// Starts a new episode continuing the env's RNG stream (used by auto-reset).
+  virtual Out reset_continue() = 0;
   /// `action`: int64 scalar (discrete), int64 [k] (multi-discrete) or float32 [shape] (box).
   virtual Out step(const torch::Tensor& action) = 0;
 };
@@ -78,7 +83,8 @@ class EnvServer {
     int64_t last_active_ms = 0;
   };
   Message handle(const std::string& peer, const Message& req);
-  Message reply_with(MsgType type, uint64_t seq, const std::vector<ServedEnv::Out>& outs) const;
+  Message reply_with(MsgType type, uint64_t seq, const std::vector<ServedEnv::Out>& outs,
+                     const std::vector<torch::Tensor>* final_obs = nullptr) const;
 
   EnvServerOptions opts_;
   std::string env_name_;

@@ -34,17 +34,16 @@ def _space(spec: dict) -> gym.Space:
     if kind == "box":
         dtype = np.dtype(spec.get("dtype", "float32"))
         shape = tuple(int(d) for d in spec["shape"])
-        low = np.asarray(spec["low"], dtype=np.float64).reshape(shape)
-        high = np.asarray(spec["high"], dtype=np.float64).reshape(shape)
-        # JSON has no infinities: the server sends null for unbounded coordinates.
-        return gym.spaces.Box(low=np.nan_to_num(low, nan=-np.inf).astype(dtype),
-                              high=np.nan_to_num(high, nan=np.inf).astype(dtype),
-                              shape=shape, dtype=dtype)
+        low = np.asarray(_bound(spec["low"]), dtype=np.float64).reshape(shape)
+        high = np.asarray(_bound(spec["high"]), dtype=np.float64).reshape(shape)
+        return gym.spaces.Box(low=low.astype(dtype), high=high.astype(dtype), shape=shape,
+                              dtype=dtype)
     raise ValueError(f"unknown space type {kind!r} in {spec}")
 
 
-def _nullable(values):
-    return [np.nan if v is None else v for v in values]
+def _bound(values):
+    # The server writes infinite bounds as the strings "inf" / "-inf" (JSON has no inf).
+    return [float(v) for v in values]
 
 
 class RemoteEnv(gym.Env):
@@ -76,8 +75,8 @@ class RemoteEnv(gym.Env):
         self._sock.connect(endpoint)
         _, meta, _ = self._request("spec_request", {}, {}, "spec_reply")
         self.remote_spec = meta
-        self.observation_space = _space(_fix_box(meta["observation_space"]))
-        self.action_space = _space(_fix_box(meta["action_space"]))
+        self.observation_space = _space(meta["observation_space"])
+        self.action_space = _space(meta["action_space"])
         self.has_action_mask = bool(meta.get("has_action_mask", False))
 
     def _request(self, mtype: str, meta: dict, tensors: dict, want: str):
@@ -129,14 +128,6 @@ class RemoteEnv(gym.Env):
         if getattr(self, "_sock", None) is not None and not self._sock.closed:
             self._sock.close(linger=0)
         super().close()
-
-
-def _fix_box(spec: dict) -> dict:
-    if spec.get("type") == "box":
-        spec = dict(spec)
-        spec["low"] = _nullable(spec["low"])
-        spec["high"] = _nullable(spec["high"])
-    return spec
 
 
 def _read_key(path: str) -> str:
