@@ -20,7 +20,8 @@
 /// λ_i ≤ opts.drop_tol · λ_max (λ_max = largest eigenvalue; all of them when λ_max = 0) are
 /// treated as exactly zero, so R⁺ = W Λ⁺^½ Wᵀ is the Moore–Penrose pseudo-inverse of the
 /// truncated factor. The result is still the exact optimum on the retained column space, and
-/// the discarded part of S has norm ≤ sqrt(drop_tol·λ_max,Q)·‖K‖₂ + sqrt(drop_tol·λ_max,K)·‖Q‖₂.
+/// the discarded part of S has norm ≤ 2·sqrt(drop_tol)·‖Q‖₂·‖K‖₂ (= 2e-7·‖Q‖₂‖K‖₂ at the
+/// default drop_tol = 1e-14, below fp32 rounding of the inputs).
 /// A zero Q or K gives σ = 0 and zero projections. Never NaN for finite input.
 ///
 /// Optional Tikhonov ridge (opts.ridge = ρ > 0): G ← G + ρ·(tr G / d)·I before factoring.
@@ -39,7 +40,7 @@ struct ProjectionOptions {
   /// Relative Tikhonov regularisation ρ: G ← G + ρ·(tr G / d)·I. 0 = none (pseudo-inverse).
   double ridge = 0;
   /// Relative eigenvalue cut: λ_i ≤ drop_tol·λ_max counts as zero. Must be in [0, 1).
-  double drop_tol = 1e-12;
+  double drop_tol = 1e-14;
 };
 
 /// Projections A_Q, A_K and the spectrum of S = Q Kᵀ.
