@@ -71,33 +71,40 @@ class CpuBackend final : public Backend {
           counts[hi] = c;
           max_keys = std::max(max_keys, c);
         }
+        // Listed key positions per head (padded with position 0) and an additive mask:
+        // -inf for padding, future keys (causal) and keys left of the streaming window. Only
+        // the columns that can be masked are visited: padding, keys after the block's first
+        // query, and non-sink keys at or before its last query minus the window.
         auto pos = torch::zeros({h, max_keys}, torch::kLong);
-        auto valid = torch::zeros({h, max_keys}, torch::kBool);
+        auto bias = torch::zeros({h, rows, max_keys}, torch::kFloat);
         auto pa = pos.accessor<int64_t, 2>();
-        auto va = valid.accessor<bool, 2>();
+        auto ba = bias.accessor<float, 3>();
+        const float ninf = -std::numeric_limits<float>::infinity();
+        const int64_t q_first = q_offset + i0, q_last = q_first + rows - 1;
         for (int64_t hi = 0; hi < h; ++hi) {
           const int64_t row = (bi * h + hi) * mask.q_blocks + qb;
           int64_t t = 0;
           for (int64_t e = ptr[row]; e < ptr[row + 1]; ++e)
             for (int64_t j = col[e] * bs; j < std::min(m, (col[e] + 1) * bs); ++j, ++t) {
               pa[hi][t] = j;
-              va[hi][t] = true;
+              const bool future = causal && j > q_first;
+              const bool old = window > 0 && j >= sinks && j <= q_last - window;
+              if (!future && !old) continue;
+              for (int64_t i = 0; i < rows; ++i) {
+                const int64_t qp = q_first + i;
+                if ((causal && j > qp) || (window > 0 && j >= sinks && j <= qp - window))
+                  ba[hi][i][t] = ninf;
+              }
             }
+          for (; t < max_keys; ++t)
+            for (int64_t i = 0; i < rows; ++i) ba[hi][i][t] = ninf;
           r.pairs += static_cast<double>(rows) * counts[hi];
         }
         const auto pos_d = pos.to(q.device());
         const auto kg = k[bi].gather(1, pos_d.unsqueeze(-1).expand({h, max_keys, d}));
         const auto vg = v[bi].gather(1, pos_d.unsqueeze(-1).expand({h, max_keys, dv}));
         auto s = torch::matmul(qs[bi].narrow(1, i0, rows), kg.transpose(-2, -1));  // [h,rows,K]
-        // Allowed: listed, causal, streaming window.
-        const auto qpos = torch::arange(q_offset + i0, q_offset + i0 + rows, torch::kLong);
-        auto allowed = valid.unsqueeze(1).expand({h, rows, max_keys});
-        const auto kp = pos.unsqueeze(1);         // [h,1,K]
-        const auto qp = qpos.view({1, rows, 1});  // [1,rows,1]
-        if (causal) allowed = allowed & (kp <= qp);
-        if (window > 0) allowed = allowed & ((kp < sinks) | (kp > qp - window));
-        s.masked_fill_(allowed.logical_not().to(s.device()),
-                       -std::numeric_limits<float>::infinity());
+        s.add_(bias.to(s.device(), s.scalar_type()));
         r.out[bi].narrow(1, i0, rows).copy_(torch::matmul(torch::softmax(s, -1), vg));
       }
     }
