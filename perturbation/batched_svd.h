@@ -1,0 +1,79 @@
+#pragma once
+/// One interface for the SVD of batches of matrices [..., m, n], backend chosen by device and
+/// shape:
+///
+///   CPU tensor ─────────────────────────────────────────► torch::linalg_svd      (kTorch)
+///   CUDA, m ≤ 32 and n ≤ 32 ────────────────────────────► cusolverDn?gesvdjBatched
+///   (kCusolverBatchedJacobi) CUDA, top-r of a tall matrix (m ≥ 2n, 1 ≤ r ≤ n) ───►
+///   cusolverDn?gesvdaStridedBatched (kCusolverApprox) CUDA, otherwise
+///   ────────────────────────────────────► cusolverDn?gesvdj per matrix (kCusolverJacobi)
+///
+/// gesvda works through AᵀA, so singular values far below σ₁ lose relative accuracy
+/// (σ_i with σ_i/σ₁ < ~1e-3 in fp32); it is only chosen automatically for the top-r case.
+/// Results: A ≈ U diag(S) Vᵀ with S descending, U [..., m, k], V [..., n, k], k = rank if
+/// given, else min(m, n); dtype of the input (float32 or float64 on CUDA, any float on CPU).
+/// The cuSOLVER backends run on the caller's current CUDA stream (c10::cuda current stream
+/// of the tensor's device); statuses are checked and failures throw attnpilot::Error naming
+/// the call. Without a CUDA build the cuSOLVER backends throw attnpilot::Unavailable.
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace attnpilot::perturbation {
+
+enum class SvdBackend { kAuto, kTorch, kCusolverBatchedJacobi, kCusolverApprox, kCusolverJacobi };
+
+/// "auto", "torch", "cusolver-batched-jacobi", "cusolver-approx", "cusolver-jacobi".
+std::string to_string(SvdBackend b);
+
+struct SvdOptions {
+  SvdBackend backend = SvdBackend::kAuto;  ///< override the automatic choice
+  int64_t rank = 0;                        ///< top-r triplets; 0 = all min(m, n)
+  double tol = 0;                          ///< Jacobi convergence tolerance; 0 = machine precision
+  int max_sweeps = 100;                    ///< Jacobi sweep limit (cuSOLVER gesvdj*)
+};
+
+struct SvdResult {
+  torch::Tensor u;                          ///< [..., m, k]
+  torch::Tensor s;                          ///< [..., k], descending
+  torch::Tensor v;                          ///< [..., n, k]
+  SvdBackend backend = SvdBackend::kTorch;  ///< the backend that ran
+  int64_t not_converged = 0;  ///< matrices where Jacobi hit max_sweeps (cuSOLVER info > 0)
+};
+
+/// Backend the automatic rule picks for this tensor and options (see the file comment).
+SvdBackend choose_svd_backend(const torch::Tensor& a, const SvdOptions& opts);
+
+/// True when this build has the cuSOLVER backends and a CUDA device is present.
+bool cusolver_available();
+
+namespace cuda {
+class CusolverSvd;
+}
+
+/// Batched SVD. Holds the cuSOLVER handle and Jacobi parameters (created on first CUDA use,
+/// released by the destructor); one object per thread, not shared across threads.
+class BatchedSvd {
+ public:
+  explicit BatchedSvd(SvdOptions opts = {});
+  ~BatchedSvd();
+  BatchedSvd(BatchedSvd&&) noexcept;
+  BatchedSvd& operator=(BatchedSvd&&) noexcept;
+  BatchedSvd(const BatchedSvd&) = delete;
+  BatchedSvd& operator=(const BatchedSvd&) = delete;
+
+  /// a [..., m, n] with m, n >= 1; leading dims arbitrary (flattened internally).
+  SvdResult operator()(const torch::Tensor& a);
+  const SvdOptions& options() const { return opts_; }
+
+ private:
+  SvdOptions opts_;
+  std::unique_ptr<cuda::CusolverSvd> cusolver_;
+};
+
+/// One-shot convenience: BatchedSvd(opts)(a).
+SvdResult batched_svd(const torch::Tensor& a, const SvdOptions& opts = {});
+
+}  // namespace attnpilot::perturbation
