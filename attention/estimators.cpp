@@ -12,6 +12,7 @@ namespace attnpilot::attention {
 namespace {
 
 constexpr int64_t kVerticalSlashQueries = 64;
+constexpr int64_t kLowRankSampleRows = 8;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -72,17 +73,23 @@ torch::Tensor lowrank_block_scores(const torch::Tensor& q, const torch::Tensor& 
   for (int64_t qb = 0; qb < qb_n; ++qb) {
     const int64_t i0 = qb * block_size, rows = std::min(block_size, n - i0);
     const int64_t kend = causal ? std::min(m, q_offset + i0 + rows) : m;
-    auto s = torch::matmul(qp.narrow(2, i0, rows), kp.narrow(2, 0, kend).transpose(-2, -1));
+    // Up to kLowRankSampleRows evenly spaced rows of the block, the last one included.
+    const int64_t ns = std::min(kLowRankSampleRows, rows);
+    std::vector<int64_t> sample(ns);
+    for (int64_t t = 0; t < ns; ++t) sample[t] = rows - 1 - (t * rows) / ns;
+    const auto sidx = torch::tensor(sample, torch::kLong);
+    auto s = torch::matmul(qp.narrow(2, i0, rows).index_select(2, sidx.to(qp.device())),
+                           kp.narrow(2, 0, kend).transpose(-2, -1));  // [b,h,ns,kend]
     if (causal) {
-      const auto qi = torch::arange(q_offset + i0, q_offset + i0 + rows, torch::kLong);
+      const auto qi = sidx + (q_offset + i0);
       const auto kj = torch::arange(kend, torch::kLong);
       s.masked_fill_((kj.unsqueeze(0) > qi.unsqueeze(1)).to(s.device()),
                      -std::numeric_limits<float>::infinity());
     }
-    const auto mass = torch::softmax(s, -1).sum(2) / static_cast<double>(rows);  // [b,h,kend]
+    const auto mass = torch::softmax(s, -1).sum(2) / static_cast<double>(ns);  // [b,h,kend]
     const int64_t vis = ceil_div(kend, block_size);
     scores.narrow(3, 0, vis).narrow(2, qb, 1).copy_(block_sum(mass, block_size, vis).unsqueeze(2));
-    *flops += static_cast<double>(b) * h * rows * kend * (2.0 * r + 1.0);
+    *flops += static_cast<double>(b) * h * ns * kend * (2.0 * r + 1.0);
   }
   return scores;
 }

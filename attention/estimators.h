@@ -19,8 +19,8 @@ namespace attnpilot::attention {
 torch::Tensor pooled_block_scores(const torch::Tensor& q, const torch::Tensor& k,
                                   int64_t block_size, bool causal, int64_t q_offset, double* flops);
 
-/// Block sums of softmax((q a_q)(k a_k)ᵀ/√d), averaged over each query block's rows.
-/// a_q, a_k: [b, h, d, r].
+/// Block sums of softmax((q a_q)(k a_k)ᵀ/√d) (rank-r scores), averaged over up to 8 evenly
+/// spaced rows of each query block (its last row included). a_q, a_k: [b, h, d, r].
 torch::Tensor lowrank_block_scores(const torch::Tensor& q, const torch::Tensor& k,
                                    const torch::Tensor& a_q, const torch::Tensor& a_k,
                                    int64_t block_size, bool causal, int64_t q_offset,
