@@ -144,15 +144,26 @@ ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens, const Forwar
   }
   static const std::vector<attention::LayerPlan> kDense{attention::LayerPlan::dense()};
 
-  // Absolute positions of the tokens (a cache would start them at its length).
-  const auto positions =
-      torch::arange(N, torch::TensorOptions().dtype(torch::kInt64).device(tokens.device()));
+  // Absolute positions of the tokens: a cache starts them at its length.
+  int64_t start = 0;
+  if (opts.cache) {
+    ATTNPILOT_CHECK_ARG(opts.cache->num_layers() == L,
+                        "forward: KV cache has {} layers; the model has {}",
+                        opts.cache->num_layers(), L);
+    start = opts.cache->length(0);
+    for (int64_t l = 1; l < L; ++l)
+      ATTNPILOT_CHECK_ARG(opts.cache->length(l) == start,
+                          "forward: KV cache layer {} holds {} positions but layer 0 holds {}", l,
+                          opts.cache->length(l), start);
+  }
+  const auto positions = torch::arange(
+      start, start + N, torch::TensorOptions().dtype(torch::kInt64).device(tokens.device()));
   const auto ids = tokens.to(torch::kInt64);
   torch::Tensor x = embed_tokens(ids);
   torch::Tensor cos, sin;
   if (cfg_.is_gpt2()) {
-    ATTNPILOT_CHECK_ARG(N <= cfg_.max_position_embeddings,
-                        "forward: {} tokens exceed gpt2's {} learned positions", N,
+    ATTNPILOT_CHECK_ARG(start + N <= cfg_.max_position_embeddings,
+                        "forward: {} tokens exceed gpt2's {} learned positions", start + N,
                         cfg_.max_position_embeddings);
     x = x + embed_positions(positions).unsqueeze(0);
   } else {
@@ -175,10 +186,16 @@ ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens, const Forwar
       k = apply_rope(k, cos, sin);
     }
     attention::AttentionInputs in;
-    in.q = q;
-    in.k = k;
-    in.v = v;
-    in.causal = true;
+    if (opts.cache) {
+      opts.cache->append(l, k, v);
+      in = opts.cache->inputs(l, q);
+    } else {
+      in.q = q;
+      in.k = k;
+      in.v = v;
+      in.causal = true;
+    }
+    in.layer = l;
     auto res = attention::run_attention(in, opts.plans ? (*opts.plans)[l] : kDense);
     const auto a = res.out.transpose(1, 2).reshape({B, N, Hq * d});
     x = x + layer.o_proj(a);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "attention/kv_cache.h"
 #include "model/config.h"
 
 namespace attnpilot::model {
@@ -34,6 +35,10 @@ struct ForwardOptions {
   const std::vector<std::vector<attention::LayerPlan>>* plans = nullptr;
   /// Fill ForwardOutput::layers.
   bool capture = false;
+  /// Incremental decoding: the tokens continue the cached sequence (positions start at
+  /// cache->length(0)); every layer appends its keys/values to the cache and attends over
+  /// all cached positions. num_layers slots, all of equal length. nullptr = no cache.
+  attention::KVCache* cache = nullptr;
 };
 
 /// One layer's tensors, for observations (not detached: they share the autograd graph
