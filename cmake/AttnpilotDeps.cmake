@@ -18,23 +18,42 @@ endif()
 if(_torch_manual)
   message(STATUS "LibTorch at ${_torch_root} is a CUDA build and no CUDA toolkit was found: "
                  "importing its CPU libraries directly (CUDA features off)")
-  add_library(torch SHARED IMPORTED)
-  set_target_properties(torch PROPERTIES
-    IMPORTED_LOCATION "${_torch_root}/lib/libtorch.so"
-    INTERFACE_INCLUDE_DIRECTORIES
-      "${_torch_root}/include;${_torch_root}/include/torch/csrc/api/include"
-    INTERFACE_LINK_LIBRARIES "${_torch_root}/lib/libtorch_cpu.so;${_torch_root}/lib/libc10.so"
-    INTERFACE_COMPILE_DEFINITIONS "_GLIBCXX_USE_CXX11_ABI=1")
-  # The CUDA libraries that libtorch.so needs at run time sit in nvidia/ beside torch/.
-  string(APPEND CMAKE_EXE_LINKER_FLAGS " -Wl,-rpath-link,${_torch_root}/lib -Wl,--allow-shlib-undefined")
-  set(TORCH_LIBRARIES torch)
+  add_library(attnpilot_torch INTERFACE)
+  target_include_directories(attnpilot_torch SYSTEM INTERFACE
+    "${_torch_root}/include" "${_torch_root}/include/torch/csrc/api/include")
+  target_compile_definitions(attnpilot_torch INTERFACE _GLIBCXX_USE_CXX11_ABI=1)
+  target_link_libraries(attnpilot_torch INTERFACE
+    "${_torch_root}/lib/libtorch_cpu.so" "${_torch_root}/lib/libc10.so")
+  # The CUDA libraries that libtorch_cpu.so needs at run time sit in nvidia/ beside torch/.
+  string(APPEND CMAKE_EXE_LINKER_FLAGS
+         " -Wl,-rpath,${_torch_root}/lib -Wl,-rpath-link,${_torch_root}/lib -Wl,--allow-shlib-undefined")
 else()
   find_package(Torch REQUIRED)
+  # attnpilot_torch: LibTorch without the thin libtorch.so. PyPI's libtorch.so exports
+  # broken copies of std::filesystem functions (remove_all jumps to address 0; seen with
+  # torch 2.11.0 on Debian 12 and Ubuntu 24.04); libtorch_cpu.so carries working ones and
+  # everything the C++ API needs. libtorch_cuda.so stays linked with --no-as-needed (via
+  # torch's own interface) so CUDA registers itself.
+  get_target_property(_torch_inc torch INTERFACE_INCLUDE_DIRECTORIES)
+  get_target_property(_torch_defs torch INTERFACE_COMPILE_DEFINITIONS)
+  get_target_property(_torch_opts torch INTERFACE_COMPILE_OPTIONS)
+  get_target_property(_torch_libs torch INTERFACE_LINK_LIBRARIES)
+  add_library(attnpilot_torch INTERFACE)
+  target_include_directories(attnpilot_torch SYSTEM INTERFACE ${_torch_inc})
+  if(_torch_defs)
+    target_compile_definitions(attnpilot_torch INTERFACE ${_torch_defs})
+  endif()
+  if(_torch_opts)
+    target_compile_options(attnpilot_torch INTERFACE ${_torch_opts})
+  endif()
+  target_link_libraries(attnpilot_torch INTERFACE ${_torch_libs})
+  foreach(_extra ${TORCH_LIBRARIES})
+    if(NOT _extra STREQUAL "torch")
+      target_link_libraries(attnpilot_torch INTERFACE ${_extra})
+    endif()
+  endforeach()
 endif()
-# PyPI's libtorch.so exports copies of some std::filesystem functions (from a newer
-# libstdc++) that crash when called from our code. Putting the system libstdc++ first in
-# every executable's DT_NEEDED list makes the dynamic linker bind std:: symbols there.
-string(APPEND CMAKE_EXE_LINKER_FLAGS " -Wl,--push-state,--no-as-needed -lstdc++ -Wl,--pop-state")
+add_library(attnpilot::torch ALIAS attnpilot_torch)
 find_package(Threads REQUIRED)
 find_package(Boost 1.74 REQUIRED)
 find_package(CLI11 REQUIRED)
