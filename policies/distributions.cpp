@@ -42,7 +42,14 @@ MaskedCategorical::MaskedCategorical(const torch::Tensor& logits, std::vector<in
       auto allowed = m.defined() ? m.to(logits.dtype()) : torch::ones_like(l);
       auto uniform = allowed / allowed.sum(1, true);
       auto p = (1 - epsilon) * logp.exp() + epsilon * uniform;
-      logp = p.log();  // log(0) = -inf exactly where masked
+      if (m.defined()) {
+        // log(1) where masked, so the backward pass never divides 0 by 0; then -inf there.
+        logp = torch::where(m, p, torch::ones_like(p))
+                   .log()
+                   .masked_fill(m.logical_not(), -std::numeric_limits<float>::infinity());
+      } else {
+        logp = p.log();
+      }
     }
     logp_.push_back(logp);
     mask_.push_back(m);

@@ -75,6 +75,10 @@ TEST(MaskedCategorical, EpsilonMixesOnlyAllowedActions) {
   }
   EXPECT_EQ(p[2].item<float>(), 0.0f);
   EXPECT_THROW(MaskedCategorical(logits, {4}, mask, 1.0), InvalidArgument);
+  auto lg = logits.clone().requires_grad_(true);
+  MaskedCategorical dg(lg, {4}, mask, 0.3);
+  (dg.entropy().sum() + dg.log_prob(torch::tensor({1}, torch::kInt64)).sum()).backward();
+  EXPECT_TRUE(lg.grad().isfinite().all().item<bool>()) << lg.grad();
 }
 
 TEST(MaskedCategorical, MultiDiscreteFactorsAndGradientsStayFinite) {

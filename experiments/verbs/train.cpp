@@ -1,0 +1,82 @@
+// `attnpilot train`: PPO / REINFORCE on a registered environment, with metrics.jsonl,
+// checkpoints (DIR/checkpoint) and resume.
+#include <chrono>
+#include <filesystem>
+#include <iostream>
+
+#include "agent/trainer.h"
+#include "common/config.h"
+#include "common/error.h"
+#include "common/log.h"
+#include "experiments/cli.h"
+
+namespace attnpilot::cli {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct TrainArgs {
+  std::string env, out, config;
+  int64_t total_steps = 0;
+  uint64_t seed = 1;
+  bool resume = false;
+  int threads = 1;
+};
+
+void run_train(const TrainArgs& a) {
+  if (a.threads < 1) throw UsageError(fmt::format("--threads {}: must be >= 1", a.threads));
+  torch::set_num_threads(a.threads);
+  const fs::path out(a.out);
+  const fs::path ckpt = out / "checkpoint";
+  std::unique_ptr<agent::Trainer> trainer;
+  if (a.resume) {
+    if (!a.config.empty())
+      throw UsageError(
+          "--config cannot be combined with --resume: the checkpoint carries its config");
+    if (!fs::exists(ckpt / "manifest.json"))
+      throw UsageError(fmt::format("--resume: no checkpoint at {}", ckpt.string()));
+    trainer = agent::Trainer::resume(ckpt, out);
+    if (trainer->config().env_name != a.env)
+      throw UsageError(fmt::format("--env {}: the checkpoint in {} is for {}", a.env, out.string(),
+                                   trainer->config().env_name));
+    trainer->set_total_steps(a.total_steps);
+    log::info(fmt::format("resumed {} at step {} (update {})", a.env, trainer->global_step(),
+                          trainer->updates()));
+  } else {
+    if (fs::exists(ckpt))
+      throw UsageError(fmt::format("{} already holds a checkpoint; pass --resume or another --out",
+                                   out.string()));
+    Config cfg = a.config.empty() ? Config() : Config::load(a.config);
+    auto tc = agent::TrainerConfig::from_config(a.env, cfg, a.total_steps, a.seed);
+    cfg.check_all_read();
+    trainer = std::make_unique<agent::Trainer>(tc, out);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  trainer->run(-1, &std::cerr);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::cout << fmt::format(
+      "{}: {} steps, {} updates, {} episodes, mean return (last 100) {:.2f}, {:.1f} s; "
+      "checkpoint {}\n",
+      a.env, trainer->global_step(), trainer->updates(), trainer->episodes(),
+      trainer->mean_recent_return(), s, ckpt.string());
+}
+
+void add_train_verb(CLI::App& root) {
+  auto args = std::make_shared<TrainArgs>();
+  auto* cmd = root.add_subcommand("train", "Train a policy with PPO/REINFORCE on a registered env");
+  cmd->add_option("--env", args->env, "Environment name (e.g. CartPole-v1)")->required();
+  cmd->add_option("--total-steps", args->total_steps, "Environment steps to train for")
+      ->required()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--seed", args->seed, "Seed of every RNG (policy, sampling, envs)");
+  cmd->add_option("--out", args->out, "Output folder (metrics.jsonl, checkpoint/)")->required();
+  cmd->add_option("--config", args->config, "YAML config (sections env, policy, ppo, train)")
+      ->check(CLI::ExistingFile);
+  cmd->add_flag("--resume", args->resume, "Continue from OUT/checkpoint");
+  cmd->add_option("--threads", args->threads, "LibTorch CPU threads (1 keeps runs reproducible)");
+  cmd->callback([args] { run_train(*args); });
+}
+
+}  // namespace
+ATTNPILOT_REGISTER_VERB(train, 30, add_train_verb);
+}  // namespace attnpilot::cli
