@@ -144,11 +144,9 @@ ActorResult run_actor(zmq::context_t& ctx, const ActorOptions& opts, ActorBacken
     Message t;
     t.type = MsgType::kTrajectory;
     t.seq = next_seq;
-    nlohmann::json meta{{"actor", opts.actor_id},
-                        {"incarnation", incarnation},
-                        {"version", version},
-                        {"steps", c.steps},
-                        {"episode_returns", c.episode_returns}};
+    nlohmann::json meta{{"actor", opts.actor_id}, {"incarnation", incarnation},
+                        {"version", version},     {"steps", c.steps},
+                        {"episodes", c.episodes}, {"episode_return_sum", c.episode_return_sum}};
     t.meta = meta.dump();
     for (const auto& [name, tensor] : c.tensors) t.tensors.push_back(to_blob(name, tensor));
     std::string bytes = encode(t);

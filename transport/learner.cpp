@@ -29,18 +29,33 @@ struct ActorInfo {
 struct LearnerState {
   int64_t version = 0, steps_used = 0, updates = 0;
   SequenceLedger ledger;
-  std::deque<double> returns;  // last 100 finished episodes
+  // (return sum, episodes) per chunk, the newest chunks covering >= 100 episodes.
+  std::deque<std::pair<double, int64_t>> returns;
   int64_t episodes = 0;
   // (actor, seq, steps) of every chunk used in an update: the audit trail that lets a test
   // check that no trajectory was counted twice across learner restarts.
   std::vector<std::tuple<std::string, uint64_t, int64_t>> used;
 };
 
-double mean_of(const std::deque<double>& v) {
-  if (v.empty()) return 0;
+double mean_of(const std::deque<std::pair<double, int64_t>>& v) {
   double s = 0;
-  for (double x : v) s += x;
-  return s / v.size();
+  int64_t n = 0;
+  for (const auto& [sum, count] : v) {
+    s += sum;
+    n += count;
+  }
+  return n ? s / n : 0.0;
+}
+
+void add_returns(std::deque<std::pair<double, int64_t>>& v, double sum, int64_t count) {
+  if (count <= 0) return;
+  v.emplace_back(sum, count);
+  int64_t n = 0;
+  for (const auto& p : v) n += p.second;
+  while (!v.empty() && n - v.front().second >= 100) {
+    n -= v.front().second;
+    v.pop_front();
+  }
 }
 
 nlohmann::json state_json(const LearnerState& s, uint64_t incarnation) {
@@ -62,7 +77,8 @@ LearnerState state_from_json(const nlohmann::json& j, const fs::path& file) {
     s.steps_used = j.at("steps_used").get<int64_t>();
     s.updates = j.at("updates").get<int64_t>();
     s.ledger = SequenceLedger::from_json(j.at("ledger"));
-    for (double r : j.at("returns")) s.returns.push_back(r);
+    for (const auto& r : j.at("returns"))
+      s.returns.emplace_back(r.at(0).get<double>(), r.at(1).get<int64_t>());
     s.episodes = j.at("episodes").get<int64_t>();
     for (const auto& u : j.at("used_chunks"))
       s.used.emplace_back(u.at(0).get<std::string>(), u.at(1).get<uint64_t>(),
@@ -204,6 +220,7 @@ LearnerResult run_learner(zmq::context_t& ctx, const LearnerOptions& opts,
   int64_t last_accept_ms = now_ms();
   const int64_t silent_ms = 3 * opts.socket.heartbeat_ivl_ms;
   auto t_start = std::chrono::steady_clock::now();
+  const int64_t steps_at_start = st.steps_used;
 
   while (st.steps_used < opts.total_steps) {
     if (opts.stop_flag && opts.stop_flag->load()) {
@@ -268,12 +285,11 @@ LearnerResult run_learner(zmq::context_t& ctx, const LearnerOptions& opts,
             const int64_t ver = meta_get<int64_t>(meta, "version", m);
             const Verdict v =
                 st.ledger.judge(actor, m.seq, inc, incarnation, ver, st.version, opts.max_lag);
-            if (v != Verdict::kDuplicate && meta.contains("episode_returns")) {
-              for (double ret : meta.at("episode_returns")) {
-                st.returns.push_back(ret);
-                if (st.returns.size() > 100) st.returns.pop_front();
-                ++st.episodes;
-              }
+            if (v != Verdict::kDuplicate) {
+              const int64_t eps = meta_get<int64_t>(meta, "episodes", m);
+              ATTNPILOT_CHECK_ARG(eps >= 0, "trajectory seq {} claims {} episodes", m.seq, eps);
+              add_returns(st.returns, meta_get<double>(meta, "episode_return_sum", m), eps);
+              st.episodes += eps;
             }
             if (v == Verdict::kAccepted) {
               Chunk c = chunk_from_message(m, meta);
@@ -322,6 +338,8 @@ LearnerResult run_learner(zmq::context_t& ctx, const LearnerOptions& opts,
       nlohmann::json um = backend.update(pending);
       const double update_s =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      // The learner was not listening during the update: nobody fell silent meanwhile.
+      for (auto& [id, a] : actors) a.last_seen_ms = std::max(a.last_seen_ms, now_ms());
       st.steps_used += pending_steps;
       ++st.updates;
       ++st.version;
@@ -333,12 +351,24 @@ LearnerResult run_learner(zmq::context_t& ctx, const LearnerOptions& opts,
       for (auto& [id, a] : actors) send_weights(a);
       const double elapsed =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-      nlohmann::json line{{"update", st.updates},    {"env_steps", st.steps_used},
-                          {"version", st.version},   {"mean_return", mean_of(st.returns)},
-                          {"episodes", st.episodes}, {"accepted_chunks", accepted},
-                          {"stale_chunks", stale},   {"duplicate_chunks", duplicates},
-                          {"actors", actors.size()}, {"update_s", update_s},
-                          {"elapsed_s", elapsed},    {"decode_errors", sock.counters().total()}};
+      // The keys of `attnpilot train`'s metrics.jsonl (step, update, episodes,
+      // episode_return_mean, fps, the update's metrics) plus the transport's own.
+      const int64_t steps_this_run = st.steps_used - steps_at_start;
+      nlohmann::json line{
+          {"step", st.steps_used},
+          {"update", st.updates},
+          {"episodes", st.episodes},
+          {"episode_return_mean",
+           st.returns.empty() ? nlohmann::json() : nlohmann::json(mean_of(st.returns))},
+          {"fps", elapsed > 0 ? steps_this_run / elapsed : 0.0},
+          {"version", st.version},
+          {"accepted_chunks", accepted},
+          {"stale_chunks", stale},
+          {"duplicate_chunks", duplicates},
+          {"actors", actors.size()},
+          {"update_s", update_s},
+          {"elapsed_s", elapsed},
+          {"decode_errors", sock.counters().total()}};
       for (auto it = um.begin(); it != um.end(); ++it) line[it.key()] = it.value();
       append_line_durable(metrics, line.dump());
       log::info(

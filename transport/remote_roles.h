@@ -26,12 +26,13 @@ namespace attnpilot::transport {
 
 using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
 
-/// One rollout chunk as produced by an actor: named tensors (time-major [T, N, ...]),
-/// the number of environment steps in it (T x N) and the returns of episodes it finished.
+/// One rollout chunk as produced by an actor: named tensors, the number of environment
+/// steps in it, and the number and return sum of the episodes it finished.
 struct Chunk {
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   int64_t steps = 0;
-  std::vector<double> episode_returns;
+  int64_t episodes = 0;
+  double episode_return_sum = 0;
 };
 
 /// What the learner needs from the RL core.
@@ -77,7 +78,7 @@ struct LearnerOptions {
 struct LearnerResult {
   int64_t steps_used = 0, updates = 0, version = 0;
   uint64_t accepted = 0, duplicates = 0, stale = 0;
-  double mean_return = 0;  ///< mean of the last 100 finished episodes
+  double mean_return = 0;  ///< mean return of the last >= 100 finished episodes
 };
 
 /// Runs the learner until total_steps of accepted experience were used for updates.

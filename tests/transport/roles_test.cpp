@@ -49,7 +49,8 @@ class CountingActor : public ActorBackend {
     Chunk c;
     c.tensors.emplace_back("x", torch::ones({steps_}));
     c.steps = steps_;
-    c.episode_returns = {static_cast<double>(steps_)};
+    c.episodes = 1;
+    c.episode_return_sum = static_cast<double>(steps_);
     return c;
   }
   double seen() const { return w_.item<double>(); }
