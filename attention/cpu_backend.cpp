@@ -28,7 +28,9 @@ class CpuBackend final : public Backend {
     KernelOut r;
     r.out = torch::empty({b, h, n, v.size(3)}, v.options());
     const auto qs = q * scale;
-    const auto kt = k.transpose(-2, -1).contiguous();  // [b, h, e, M]: chunks are column slices
+    // [b, h, e, M]; made contiguous only when several chunks reuse it (a decode step's single
+    // chunk reads the transposed view directly instead of copying every key).
+    const auto kt = n > kQueryChunk ? k.transpose(-2, -1).contiguous() : k.transpose(-2, -1);
     // Additive causal mask for the chunk's own diagonal square: only the last `rows` keys of
     // a chunk can lie in a query's future (kend = q_offset + i0 + rows).
     const auto tri = torch::full({kQueryChunk, kQueryChunk},
