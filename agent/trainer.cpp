@@ -120,8 +120,17 @@ double Trainer::mean_recent_return(size_t last) const {
   return s / n;
 }
 
+void Trainer::record_episode_returns(const std::vector<double>& returns) {
+  for (double r : returns) {
+    recent_returns_.push_back(r);
+    if (recent_returns_.size() > 100) recent_returns_.pop_front();
+    ++episodes_;
+  }
+}
+
 void Trainer::collect() {
   torch::NoGradGuard no_grad;
+  rollout_returns_.clear();
   auto& policy = learner_->policy();
   RolloutBuffer& b = *buffer_;
   for (int64_t t = 0; t < b.steps; ++t) {
@@ -146,9 +155,8 @@ void Trainer::collect() {
     for (const auto& info : s.infos) {
       auto it = info.scalars.find("episode_return");
       if (it == info.scalars.end()) continue;
-      recent_returns_.push_back(it->second);
-      if (recent_returns_.size() > 100) recent_returns_.pop_front();
-      ++episodes_;
+      rollout_returns_.push_back(it->second);
+      record_episode_returns({it->second});
     }
     next_obs_ = s.observations;
     next_mask_ = s.action_masks;

@@ -94,6 +94,11 @@ class Trainer {
   int64_t episodes() const { return episodes_; }
   /// Mean of the last `last` finished episode returns (NaN when none finished).
   double mean_recent_return(size_t last = 100) const;
+  /// Returns of the episodes that finished during the last collect() (actors report these).
+  const std::vector<double>& last_rollout_returns() const { return rollout_returns_; }
+  /// Adds externally collected episode returns to the recent-return window and the episode
+  /// count (the remote learner reports actors' episodes this way).
+  void record_episode_returns(const std::vector<double>& returns);
   policies::ActorCritic& policy() { return learner_->policy(); }
   Learner& learner() { return *learner_; }
   env::VectorEnv& envs() { return *envs_; }
@@ -114,6 +119,7 @@ class Trainer {
   torch::Tensor next_obs_, next_mask_;
   int64_t global_step_ = 0, updates_ = 0, episodes_ = 0;
   std::deque<double> recent_returns_;
+  std::vector<double> rollout_returns_;
 };
 
 /// Runs `episodes` episodes of `policy` on a fresh `env_name` env (seeded seed, then

@@ -74,6 +74,8 @@ TEST(Ppo, MaskedBanditNeverSamplesMaskedArmsAndLearnsBestAllowed) {
   Trainer t(cfg);
   int64_t samples = 0, masked_draws = 0;
   t.on_rollout = [&](const RolloutBuffer& b) {
+    // Bandit episodes last one step: every sample finishes an episode.
+    EXPECT_EQ(static_cast<int64_t>(t.last_rollout_returns().size()), b.steps * b.envs);
     auto m = b.masks.reshape({-1, b.masks.size(2)});
     auto a = b.actions.reshape({-1, 1});
     samples += a.size(0);
