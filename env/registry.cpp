@@ -26,6 +26,10 @@ void add_builtins(std::map<std::string, EnvFactory>& f) {
         cfg.get<int64_t>("arms", 10), cfg.get<int64_t>("min_allowed", 2),
         cfg.get<double>("noise", 0.1)));
   };
+  f["TokenChoice-v0"] = [](const Config& cfg) -> std::unique_ptr<Env> {
+    return std::make_unique<EpisodeStatistics>(std::make_unique<TokenChoice>(
+        cfg.get<int64_t>("tokens", 4), cfg.get<int64_t>("choices", 5)));
+  };
   f["Chain-v0"] = [](const Config& cfg) -> std::unique_ptr<Env> {
     auto chain = std::make_unique<Chain>(
         cfg.get<int64_t>("length", 8), cfg.get<double>("slip", 0.1),

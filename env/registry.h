@@ -2,7 +2,9 @@
 /// Environments by name. The built-in ones (see env/toy_envs.h) are registered on first use:
 ///   "CartPole-v1"      CartPole with a 500-step TimeLimit (keys: max_episode_steps)
 ///   "MaskedBandit-v0"  masked multi-armed bandit (keys: arms, min_allowed, noise)
-///   "Chain-v0"         chain MDP with analytic values (keys: length, slip, max_episode_steps)
+///   "Chain-v0"         chain MDP with analytic values (keys: length, slip, step_reward,
+///                      goal_reward, max_episode_steps)
+///   "TokenChoice-v0"   per-token masked MultiDiscrete choice (keys: tokens, choices)
 /// Every env made here is wrapped in EpisodeStatistics (outermost). Each factory reads its
 /// keys from the Config; the caller runs check_all_read() so an unknown key is an error.
 #include <functional>

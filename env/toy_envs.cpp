@@ -310,4 +310,86 @@ void Chain::load_state(const nlohmann::json& s) {
   });
 }
 
+// ---------------------------------------------------------------------------------------
+
+TokenChoice::TokenChoice(int64_t tokens, int64_t choices)
+    : tokens_(tokens), choices_(choices), target_(tokens, 0.0), rng_(0) {
+  ATTNPILOT_CHECK_ARG(tokens >= 2, "TokenChoice: tokens {} must be >= 2", tokens);
+  ATTNPILOT_CHECK_ARG(choices >= 2, "TokenChoice: choices {} must be >= 2", choices);
+  obs_space_ = Space::box({tokens, 2}, 0.0f, 1.0f);
+  act_space_ = Space::multi_discrete(std::vector<int64_t>(tokens, choices));
+}
+
+torch::Tensor TokenChoice::reset(uint64_t seed) {
+  rng_.seed(seed);
+  return reset();
+}
+
+torch::Tensor TokenChoice::reset() {
+  auto obs = torch::empty({tokens_, 2}, torch::kFloat32);
+  float* p = obs.data_ptr<float>();
+  for (int64_t t = 0; t < tokens_; ++t) {
+    // Rounded to float so the observation carries the target exactly.
+    target_[t] = static_cast<float>(uniform(rng_, 0.0, 1.0));
+    p[2 * t] = static_cast<float>(target_[t]);
+    p[2 * t + 1] = static_cast<float>(static_cast<double>(t) / (tokens_ - 1));
+  }
+  pending_ = true;
+  return obs;
+}
+
+torch::Tensor TokenChoice::action_mask() const {
+  auto m = torch::empty({tokens_ * choices_}, torch::kBool);
+  for (int64_t t = 0; t < tokens_; ++t)
+    for (int64_t k = 0; k < choices_; ++k) m.data_ptr<bool>()[t * choices_ + k] = allowed(t, k);
+  return m;
+}
+
+double TokenChoice::oracle_reward() const {
+  double sum = 0;
+  for (int64_t t = 0; t < tokens_; ++t) {
+    double best = -1;
+    for (int64_t k = 0; k < choices_; ++k)
+      if (allowed(t, k)) best = std::max(best, 1.0 - std::abs(level(k) - target_[t]));
+    sum += best;
+  }
+  return sum / tokens_;
+}
+
+StepResult TokenChoice::step(const torch::Tensor& action) {
+  ATTNPILOT_CHECK_ARG(pending_, "TokenChoice-v0: step() without an episode; reset()");
+  act_space_.check(action, "TokenChoice-v0: action");
+  const auto ac = action.contiguous();
+  const int64_t* a = ac.data_ptr<int64_t>();
+  double sum = 0;
+  for (int64_t t = 0; t < tokens_; ++t) {
+    ATTNPILOT_CHECK_ARG(allowed(t, a[t]), "TokenChoice-v0: choice {} of token {} is masked", a[t],
+                        t);
+    sum += 1.0 - std::abs(level(a[t]) - target_[t]);
+  }
+  StepResult r;
+  r.reward = sum / tokens_;
+  r.terminated = true;
+  pending_ = false;
+  r.observation = torch::zeros({tokens_, 2}, torch::kFloat32);
+  return r;
+}
+
+nlohmann::json TokenChoice::save_state() const {
+  return {{"target", target_}, {"pending", pending_}, {"rng", rng_to_string(rng_)}};
+}
+
+void TokenChoice::load_state(const nlohmann::json& s) {
+  with_format_errors("TokenChoice-v0", [&] {
+    auto t = s.at("target").get<std::vector<double>>();
+    if (static_cast<int64_t>(t.size()) != tokens_)
+      throw FormatError(
+          fmt::format("TokenChoice-v0 state: {} tokens, expected {}", t.size(), tokens_));
+    target_ = t;
+    pending_ = s.at("pending").get<bool>();
+    rng_from_string(rng_, s.at("rng").get<std::string>());
+    return 0;
+  });
+}
+
 }  // namespace attnpilot::env

@@ -109,4 +109,36 @@ class Chain : public Env {
   std::mt19937_64 rng_;
 };
 
+/// Per-token choice with masks, the shape of the layer environments (one token per layer or
+/// head, one choice per token): each episode (one step) draws a target d_t ~ U(0, 1) per
+/// token t. Observation float32 [tokens, 2]: (d_t, t / (tokens - 1)). Action MultiDiscrete
+/// [choices] * tokens. Choice k stands for level k / (choices - 1); levels below d_t - 0.5
+/// are masked (a guardrail). Reward: mean over tokens of 1 - |level(k_t) - d_t|, so the
+/// best allowed choice is the level nearest d_t and oracle_reward() is known per episode.
+class TokenChoice : public Env {
+ public:
+  TokenChoice(int64_t tokens = 4, int64_t choices = 5);
+  std::string name() const override { return "TokenChoice-v0"; }
+  const Space& observation_space() const override { return obs_space_; }
+  const Space& action_space() const override { return act_space_; }
+  torch::Tensor reset(uint64_t seed) override;
+  torch::Tensor reset() override;
+  StepResult step(const torch::Tensor& action) override;
+  bool has_action_mask() const override { return true; }
+  torch::Tensor action_mask() const override;
+  nlohmann::json save_state() const override;
+  void load_state(const nlohmann::json& s) override;
+  /// The best achievable reward of the current episode (nearest allowed level per token).
+  double oracle_reward() const;
+
+ private:
+  double level(int64_t k) const { return static_cast<double>(k) / (choices_ - 1); }
+  bool allowed(int64_t t, int64_t k) const { return level(k) >= target_[t] - 0.5; }
+  Space obs_space_, act_space_;
+  int64_t tokens_, choices_;
+  std::vector<double> target_;
+  bool pending_ = false;
+  std::mt19937_64 rng_;
+};
+
 }  // namespace attnpilot::env

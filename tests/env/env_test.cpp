@@ -151,8 +151,16 @@ TEST_P(Conformance, InvalidAndMaskedActionsThrow) {
         continue;
       }
       auto forbidden = (~m).nonzero()[0][0].item<int64_t>();
-      if (as.kind == SpaceKind::kDiscrete)
+      if (as.kind == SpaceKind::kDiscrete) {
         EXPECT_THROW(e->step(torch::tensor(forbidden, torch::kInt64)), InvalidArgument);
+      } else if (as.kind == SpaceKind::kMultiDiscrete) {
+        // An allowed action with one dimension switched to the forbidden choice.
+        auto a = as.sample(gen, m);
+        int64_t dim = 0, off = 0;
+        while (forbidden >= off + as.nvec[dim]) off += as.nvec[dim++];
+        a[dim] = forbidden - off;
+        EXPECT_THROW(e->step(a), InvalidArgument);
+      }
       tested = true;
     }
     EXPECT_TRUE(tested) << "a masked env should forbid some action within 50 episodes";
