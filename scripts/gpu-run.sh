@@ -18,7 +18,7 @@ cat "$OUT/gpu.txt"
 start=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNPILOT_PYTHON="$(command -v python3)" \
   ${CMAKE_ARGS:-} >"$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j "$(nproc)" >"$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
+cmake --build build-gpu -j "$(nproc)" ${BUILD_ARGS:-} >"$OUT/build.log" 2>&1 || { grep -E "error|Error|FAILED" "$OUT/build.log" | head -40; [ -n "${KEEP_GOING:-}" ] || exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 (cd build-gpu && ctest --output-on-failure --timeout 600 -j 4 ${CTEST_ARGS:-} >"$OUT/ctest.log" 2>&1)
 rc=$?
