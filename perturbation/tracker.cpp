@@ -129,7 +129,7 @@ void SubspaceTracker::update(const torch::Tensor& q, const torch::Tensor& k) {
       bound =
           torch::where(gap > 0, (e / gap.clamp_min(1e-300)).clamp_max(1.0), torch::ones_like(e));
     }
-    warm_mask = bound < opts_.max_sin_theta;
+    warm_mask = bound <= opts_.max_sin_theta;
     v0 = v_;
   } else {
     warm_mask = torch::ones({b}, torch::TensorOptions().dtype(torch::kBool));

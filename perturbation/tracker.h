@@ -8,7 +8,7 @@
 ///   C_t = G_Q^½ G_K^½                                (projections.h; continuous in G)
 ///        │   E = β C_t − C_{t−1},  s = ‖E‖_F / (σ_r − σ_{r+1} − ‖E‖_F)  (Wedin a priori, Weyl;
 ///        │   β = ⟨C_t, C_{t−1}⟩/‖C_t‖², since scaling C leaves its singular subspaces unchanged)
-///        ├── s < max_sin_theta: block subspace iteration on C_t from the previous U, V
+///        ├── s ≤ max_sin_theta: block subspace iteration on C_t from the previous U, V
 ///        │      (C V → QR → Cᵀ U → QR → Rayleigh–Ritz), until every leading residual
 ///        │      max(‖C v_i − σ_i u_i‖, ‖Cᵀ u_i − σ_i v_i‖) ≤ tol·σ₁ or max_iters
 ///        └── otherwise, or not converged: recompute the SVD of C_t from scratch (BatchedSvd)
@@ -30,10 +30,12 @@ struct TrackerOptions {
   int64_t oversample = 4;  ///< block size p = min(d, r + oversample)
   double tol = 1e-9;       ///< relative residual for convergence (× σ₁)
   int max_iters = 30;      ///< subspace iterations before falling back to recomputation
-  /// Warm-start only where the Wedin a-priori bound on sin θ(old, new) is below this (it is 1
-  /// where the gap is not positive, so < 1 means "the bound is informative"). Warm starts that
-  /// do not converge within max_iters fall back to recomputation either way.
-  double max_sin_theta = 0.99;
+  /// Gate on the Wedin a-priori bound s (1 where the gap is not positive): elements with
+  /// s > max_sin_theta skip the warm start and recompute at once. The default 1 always tries
+  /// the warm start, because the a-priori bound (with ‖E‖_F) is pessimistic for real streams;
+  /// correctness then rests on the a-posteriori residual test (Wedin's residual form, see
+  /// bounds.h), and warm starts that do not reach it within max_iters are recomputed.
+  double max_sin_theta = 1.0;
   bool warm_start = true;  ///< false: every update iterates from a random block (for tests)
   uint64_t seed = 0;       ///< seed of the random starting block (cold starts)
   ProjectionOptions projection;
