@@ -1,5 +1,6 @@
 /// Conformance suite, in the OpenSpiel manner: every backend configuration runs the same
 /// checks against dense_reference on fresh seeded random inputs.
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <functional>
@@ -94,6 +95,10 @@ std::vector<BackendCase> all_cases() {
 
 class Conformance : public ::testing::TestWithParam<BackendCase> {
  protected:
+  // Correctness only: one intra-op thread keeps the suite fast on shared 2-core CI machines
+  // (two OpenMP threads spin-wait badly when the cores are oversubscribed).
+  static void SetUpTestSuite() { at::set_num_threads(1); }
+
   AttentionResult run(AttentionInputs in, const HeadPlan& p) const {
     in.use_sdpa = GetParam().use_sdpa;
     return run_attention(in, {LayerPlan::uniform(p)});
