@@ -41,7 +41,17 @@ function(attnpilot_test folder name)
   endif()
   gtest_discover_tests(${name}
     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR}
-    PROPERTIES LABELS "${folder};${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
-               ENVIRONMENT "ATTNPILOT_SOURCE_DIR=${PROJECT_SOURCE_DIR};ATTNPILOT_BUILD_DIR=${PROJECT_BINARY_DIR};ATTNPILOT_PYTHON=${ATTNPILOT_PYTHON}"
+    PROPERTIES TIMEOUT ${ARG_TIMEOUT}
     DISCOVERY_TIMEOUT 120)
+  # gtest_discover_tests writes every list element of PROPERTIES as a separate value, so
+  # list-valued properties (labels, environment) are set by a file CTest reads after the
+  # discovered tests, through the <target>_TESTS list that discovery defines.
+  set(_props "${CMAKE_CURRENT_BINARY_DIR}/${name}_properties.cmake")
+  file(WRITE "${_props}" "if(DEFINED ${name}_TESTS)
+  set_tests_properties(\${${name}_TESTS} PROPERTIES
+    LABELS \"${folder};${ARG_LABELS}\"
+    ENVIRONMENT \"ATTNPILOT_SOURCE_DIR=${PROJECT_SOURCE_DIR};ATTNPILOT_BUILD_DIR=${PROJECT_BINARY_DIR};ATTNPILOT_PYTHON=${ATTNPILOT_PYTHON}\")
+endif()
+")
+  set_property(DIRECTORY APPEND PROPERTY TEST_INCLUDE_FILES "${_props}")
 endfunction()
