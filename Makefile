@@ -22,7 +22,7 @@ build: configure
 	@cmake --build $(BUILD) -j $(JOBS)
 
 test: build
-	@cd $(BUILD) && ctest --output-on-failure --timeout 900 $(CTEST_ARGS)
+	@cd $(BUILD) && ctest --output-on-failure --timeout 900 -j $(JOBS) $(CTEST_ARGS)
 
 demo: build
 	@bash scripts/demo.sh $(BUILD)
