@@ -256,6 +256,7 @@ std::string TrainingState::to_json() const {
          {"steps", steps},
          {"finished", finished},
          {"run_fingerprint", run_fingerprint},
+         {"model_fingerprint", model_fingerprint},
          {"sampler_rng", sampler_rng},
          {"corpus", corpus},
          {"validation_fraction", validation_fraction},
@@ -280,6 +281,7 @@ TrainingState TrainingState::from_json(const std::string& text, const std::strin
   s.steps = json_get<int64_t>(j, "steps", origin);
   s.finished = json_get<bool>(j, "finished", origin);
   s.run_fingerprint = json_get<std::string>(j, "run_fingerprint", origin);
+  s.model_fingerprint = json_get<std::string>(j, "model_fingerprint", origin);
   s.sampler_rng = json_get<std::string>(j, "sampler_rng", origin);
   s.corpus = json_get<std::vector<std::string>>(j, "corpus", origin);
   s.validation_fraction = json_get<double>(j, "validation_fraction", origin);
@@ -351,11 +353,32 @@ PretrainResult pretrain(const PretrainConfig& cfg_in, const PretrainRun& run) {
   bool resuming = false;
   if (fs::exists(model_dir, ec)) {
     TrainingState old;
-    const bool has_state = TrainingState::read(model_dir, &old);
-    const bool same = has_state && old.run_fingerprint == run_fp;
+    std::string problem;
+    bool has_state = false;
+    try {
+      has_state = TrainingState::read(model_dir, &old);
+      if (!has_state) problem = "it has no training_state.json";
+    } catch (const Error& e) {
+      problem = e.what();
+    }
+    bool same = has_state && problem.empty() && old.run_fingerprint == run_fp;
+    if (has_state && problem.empty() && !same)
+      problem = "it belongs to another run (different config, corpus or tokenizer)";
+    if (same) {
+      // The folder must still hold the model its state describes.
+      try {
+        if (model_fingerprint(model_dir) != old.model_fingerprint)
+          problem = "its model fingerprint differs from training_state.json";
+      } catch (const Error& e) {
+        problem = fmt::format("it does not validate: {}", e.what());
+      }
+      same = problem.empty();
+    }
     if (same && old.finished && run.resume) {
-      log::info(fmt::format("{} already holds this run, finished at step {}; reusing it",
-                            model_dir.string(), old.step));
+      log::info(
+          fmt::format("{} already holds this run (fingerprint {}), finished at step {}; "
+                      "reusing it",
+                      model_dir.string(), run_fp, old.step));
       result.step = old.step;
       result.finished = true;
       result.reused = true;
@@ -367,16 +390,15 @@ PretrainResult pretrain(const PretrainConfig& cfg_in, const PretrainRun& run) {
       state = old;
       resuming = true;
     } else if (!run.force) {
-      throw InvalidArgument(fmt::format(
-          "{} already holds a checkpoint ({}); pass --resume to continue it{} or --force to "
-          "start over",
-          model_dir.string(),
-          !has_state ? "without training_state.json"
-          : same     ? fmt::format("this run, step {} of {}", old.step, old.steps)
-                     : "of a different config, corpus or tokenizer",
-          same ? "" : " (not possible: it belongs to another run)"));
+      throw InvalidArgument(
+          same ? fmt::format("{} already holds this run at step {} of {}; pass --resume to "
+                             "continue it or --force to start over",
+                             model_dir.string(), old.step, old.steps)
+               : fmt::format("{} cannot be resumed: {}; pass --force to replace it",
+                             model_dir.string(), problem));
     } else {
-      log::warn(fmt::format("--force: discarding {}", model_dir.string()));
+      log::warn(fmt::format("--force: replacing {}{}", model_dir.string(),
+                            problem.empty() ? "" : " (" + problem + ")"));
       fs::remove_all(model_dir);
     }
   }
@@ -430,6 +452,7 @@ PretrainResult pretrain(const PretrainConfig& cfg_in, const PretrainRun& run) {
 
   auto save_checkpoint = [&]() {
     state.sampler_rng = rng_to_string(rng);
+    state.model_fingerprint = model_fingerprint(*model);
     save_model(model_dir, model,
                {{kTokenizerFile, tok->bytes()},
                 {kOptimizerFile, serialize_optimizer(opt)},

@@ -67,6 +67,7 @@ struct TrainingState {
   int64_t step = 0, steps = 0;
   bool finished = false;
   std::string run_fingerprint;      ///< hash of config, corpus and tokenizer
+  std::string model_fingerprint;    ///< model_fingerprint() of the saved model
   std::string sampler_rng;          ///< std::mt19937_64 state, as text
   std::vector<std::string> corpus;  ///< corpus paths as given
   double validation_fraction = 0.05;

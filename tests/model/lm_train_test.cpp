@@ -208,6 +208,14 @@ TEST(Pretrain, ShortRunLowersValidationLossAndBeatsUnigram) {
   EXPECT_GE(e.model.doc_nll.high, e.model.doc_nll.mean);
   EXPECT_LT(e.model.token_ppl, e.unigram.token_ppl);
   EXPECT_FALSE(format_evaluation(e).empty());
+
+  // A damaged checkpoint is not reused: its weights no longer validate.
+  const fs::path weights = dir.path() / "model" / "model.safetensors";
+  const std::string bytes = read_file(weights);
+  write_file_atomic(weights, bytes.substr(0, bytes.size() / 2));
+  run.resume = true;
+  run.force = false;
+  EXPECT_THROW(pretrain(c, run), InvalidArgument);
 }
 
 TEST(Pretrain, ResumeIsBitIdenticalToAnUninterruptedRun) {
