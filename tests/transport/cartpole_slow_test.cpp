@@ -12,7 +12,7 @@ namespace {
 using testing::ChildProcess;
 
 TEST(RemoteTrainingSlow, LearnerAndFourActorsSolveCartPole) {
-  Run r("cartpole");
+  RemoteRun r("cartpole");
   if (!have_binary(r)) GTEST_SKIP() << r.exe << " not built (build the attnpilot target)";
   // rl-zoo's CartPole-v1 PPO settings, split over 4 actors of 8 envs x 32 steps.
   std::ofstream(r.config) << "ppo:\n  num_envs: 8\n  num_steps: 32\n  gamma: 0.98\n"

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -77,6 +78,12 @@ class ChildProcess {
   int status_ = 0;
   std::string log_path_;
 };
+
+/// $name, else the build's default (compile definition), else "".
+inline std::string env_or_default(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return (v && *v) ? std::string(v) : std::string(fallback);
+}
 
 /// Polls `pred` every 20 ms for up to `seconds`.
 template <typename F>

@@ -15,19 +15,20 @@ namespace attnpilot::transport {
 
 namespace fs = std::filesystem;
 
-struct Run {
+struct RemoteRun {
   fs::path dir, exe, config;
   std::string ep;
-  explicit Run(const std::string& name) {
+  explicit RemoteRun(const std::string& name) {
     const char* build = std::getenv("ATTNPILOT_BUILD_DIR");
-    exe = fs::path(build ? build : "") / "experiments" / "attnpilot";
+    exe = fs::path(build && *build ? build : ATTNPILOT_DEFAULT_BUILD_DIR) / "experiments" /
+          "attnpilot";
     dir = fs::temp_directory_path() / fmt::format("attnpilot-remote-{}-{}", name, getpid());
     fs::remove_all(dir);
     fs::create_directories(dir);
     ep = "ipc://" + (dir / "learner.sock").string();
     config = dir / "config.yaml";
   }
-  ~Run() {
+  ~RemoteRun() {
     if (!::testing::Test::HasFailure()) fs::remove_all(dir);
   }
   std::vector<std::string> learner(int64_t total, int64_t per_update, bool resume) const {
@@ -81,7 +82,7 @@ struct Run {
   }
 };
 
-inline bool have_binary(const Run& r) { return fs::exists(r.exe); }
+inline bool have_binary(const RemoteRun& r) { return fs::exists(r.exe); }
 
 inline void expect_exactly_once(const nlohmann::json& st) {
   std::set<std::pair<std::string, uint64_t>> seen;

@@ -22,14 +22,8 @@ namespace fs = std::filesystem;
 using testing::ChildProcess;
 using testing::wait_until;
 
-size_t count(const std::string& hay, const std::string& needle) {
-  size_t n = 0;
-  for (size_t p = hay.find(needle); p != std::string::npos; p = hay.find(needle, p + 1)) ++n;
-  return n;
-}
-
 TEST(RemoteTraining, ActorAndLearnerKillsAreSurvivedWithoutCountingTwice) {
-  Run r("kill");
+  RemoteRun r("kill");
   if (!have_binary(r)) GTEST_SKIP() << r.exe << " not built (build the attnpilot target)";
   std::ofstream(r.config) << "ppo:\n  num_envs: 4\n  num_steps: 32\n";
   const int64_t total = 24 * 1024;
