@@ -51,7 +51,7 @@ void run_spectrum(const SpectrumArgs& a) {
   auto ranks = parse_ranks(a.ranks);
   if (a.max_tokens < 2) throw UsageError(fmt::format("--max-tokens {} < 2", a.max_tokens));
   std::ifstream in(a.text, std::ios::binary);
-  if (!in) throw IoError(fmt::format("cannot read --text {}", a.text));
+  if (!in) throw UsageError(fmt::format("--text {}: cannot read the file", a.text));
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   const std::filesystem::path dir(a.model);
   auto tok = model::Tokenizer::load(dir / "tokenizer.model");
