@@ -339,7 +339,8 @@ LearnerResult run_learner(zmq::context_t& ctx, const LearnerOptions& opts,
       const double update_s =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       // The learner was not listening during the update: nobody fell silent meanwhile.
-      for (auto& [id, a] : actors) a.last_seen_ms = std::max(a.last_seen_ms, now_ms());
+      const int64_t deaf_ms = static_cast<int64_t>(update_s * 1000);
+      for (auto& [id, a] : actors) a.last_seen_ms += deaf_ms;
       st.steps_used += pending_steps;
       ++st.updates;
       ++st.version;

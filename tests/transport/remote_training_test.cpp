@@ -26,12 +26,20 @@ TEST(RemoteTraining, ActorAndLearnerKillsAreSurvivedWithoutCountingTwice) {
   RemoteRun r("kill");
   if (!have_binary(r)) GTEST_SKIP() << r.exe << " not built (build the attnpilot target)";
   std::ofstream(r.config) << "ppo:\n  num_envs: 4\n  num_steps: 32\n";
-  const int64_t total = 24 * 1024;
+  const int64_t total = 1000 * 1000 * 1000;  // never reached: the test stops the run
   auto learner = std::make_unique<ChildProcess>(r.learner(total, 1024, false), r.log("learner1"));
   auto a0 = std::make_unique<ChildProcess>(r.actor(10), r.log("actor0"));
   ChildProcess a1(r.actor(11), r.log("actor1"));
   ASSERT_TRUE(wait_until([&] { return r.metrics_lines() >= 3; }, 90)) << learner->log();
 
+  ASSERT_TRUE(wait_until(
+      [&] {
+        const std::string l = learner->log();
+        return l.find("actor seed-10 joined") != std::string::npos &&
+               l.find("actor seed-11 joined") != std::string::npos;
+      },
+      60))
+      << learner->log();
   // 1. An actor killed with SIGKILL does not stop training.
   a0->signal(SIGKILL);
   a0.reset();
@@ -65,23 +73,31 @@ TEST(RemoteTraining, ActorAndLearnerKillsAreSurvivedWithoutCountingTwice) {
   // 4. The learner killed with SIGKILL restarts from its checkpoint; actors carry on.
   ASSERT_TRUE(wait_until(
       [&] { return fs::exists(r.dir / "out" / "checkpoint" / "remote_state.json"); }, 60));
-  const int64_t ckpt_steps = r.state().at("steps_used").get<int64_t>();
-  ASSERT_LT(ckpt_steps, total) << "training finished before the learner could be killed";
   learner->signal(SIGKILL);
   learner->wait(10);
   learner.reset();
+  const int64_t ckpt_updates = r.state().at("updates").get<int64_t>();
   learner = std::make_unique<ChildProcess>(r.learner(total, 1024, true), r.log("learner2"));
-  EXPECT_EQ(learner->wait(240), 0) << learner->log();
-  const std::string l2 = learner->log();
-  EXPECT_NE(l2.find("resumed from"), std::string::npos) << l2;
-  // Both actors (neither restarted) followed the new learner and finished with it.
+  ASSERT_TRUE(
+      wait_until([&] { return learner->log().find("resumed from") != std::string::npos; }, 60))
+      << learner->log();
+  // Both actors (neither restarted) follow the new learner, which keeps training.
+  ASSERT_TRUE(wait_until([&] { return r.metrics_lines() >= ckpt_updates + 3; }, 90))
+      << learner->log();
+  ASSERT_TRUE(
+      wait_until([&] { return a1.log().find("learner restarted") != std::string::npos; }, 30))
+      << a1.log();
+  EXPECT_NE(a0->log().find("learner restarted"), std::string::npos) << a0->log();
+  // 5. Stop everything cleanly (SIGTERM: the learner writes a final checkpoint).
+  learner->signal(SIGTERM);
+  EXPECT_EQ(learner->wait(60), 0) << learner->log();
+  a0->signal(SIGTERM);
+  a1.signal(SIGTERM);
   EXPECT_EQ(a0->wait(30), 0) << a0->log();
   EXPECT_EQ(a1.wait(30), 0) << a1.log();
-  EXPECT_NE(a1.log().find("learner restarted"), std::string::npos) << a1.log();
-  EXPECT_NE(a1.log().find("learner finished training"), std::string::npos) << a1.log();
 
   const auto st = r.state();
-  EXPECT_GE(st.at("steps_used").get<int64_t>(), total);
+  EXPECT_GT(st.at("updates").get<int64_t>(), ckpt_updates + 2);
   expect_exactly_once(st);
   std::set<std::string> actors;
   for (const auto& u : st.at("used_chunks")) actors.insert(u[0].get<std::string>());
