@@ -7,15 +7,18 @@
 //  3. Learner throughput with 1, 2, 4 actors (see learner_throughput below; needs agent/).
 // Usage: transport_bench [--quick]
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <thread>
 #include <vector>
 
+#include "transport/remote_roles.h"
 #include "transport/socket.h"
 #include "transport/tensor_codec.h"
 
@@ -211,6 +214,73 @@ double broadcast_latency(int64_t n_params, int receivers, int reps, bool raw) {
   return median(times);
 }
 
+// Section 3 backends: the learner sums the chunks (no model) and the actors emit
+// CartPole-shaped chunks without running an environment, so the numbers are the
+// transport's ceiling (protocol, codec, acks, weights) for 1, 2, 4 actors.
+class SumLearner : public LearnerBackend {
+ public:
+  NamedParams parameters() override { return {{"w", w_}}; }
+  nlohmann::json update(const std::vector<Chunk>& chunks) override {
+    for (const auto& c : chunks) w_ += c.tensors.front().second.sum();
+    return {};
+  }
+  void save(const std::filesystem::path& dir) override {}
+  void load(const std::filesystem::path& dir) override {}
+
+ private:
+  torch::Tensor w_ = torch::zeros({64, 64});
+};
+
+class ChunkActor : public ActorBackend {
+ public:
+  NamedParams parameters() override { return {{"w", w_}}; }
+  Chunk collect() override {
+    Chunk c;
+    const Message m = trajectory_chunk(128, 4, 4, 0);
+    for (const auto& b : m.tensors) c.tensors.emplace_back(b.name, to_torch(b));
+    c.steps = 128 * 4;
+    return c;
+  }
+
+ private:
+  torch::Tensor w_ = torch::zeros({64, 64});
+};
+
+double learner_throughput(int n_actors, int64_t total_steps) {
+  zmq::context_t ctx;
+  const auto dir = std::filesystem::temp_directory_path() /
+                   fmt::format("attnpilot-bench-learner-{}-{}", getpid(), n_actors);
+  std::filesystem::remove_all(dir);
+  LearnerOptions lo;
+  lo.endpoint = "tcp://127.0.0.1:47391";
+  lo.env_name = "bench";
+  lo.out_dir = dir;
+  lo.total_steps = total_steps;
+  lo.steps_per_update = 2048;
+  lo.checkpoint_every = 1000000;
+  SumLearner lb;
+  const auto t0 = Clock::now();
+  std::thread learner([&] { run_learner(ctx, lo, lb); });
+  std::vector<std::thread> actors;
+  std::vector<std::unique_ptr<ChunkActor>> backends;
+  for (int i = 0; i < n_actors; ++i) {
+    backends.push_back(std::make_unique<ChunkActor>());
+    actors.emplace_back([&, i] {
+      ActorOptions ao;
+      ao.endpoint = lo.endpoint;
+      ao.env_name = "bench";
+      ao.actor_id = std::to_string(i);
+      ao.max_idle_s = 30;
+      run_actor(ctx, ao, *backends[i]);
+    });
+  }
+  learner.join();
+  const double dt = seconds_since(t0);
+  for (auto& a : actors) a.join();
+  std::filesystem::remove_all(dir);
+  return total_steps / dt;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -251,6 +321,18 @@ int main(int argc, char** argv) {
       std::cout << fmt::format("{:>10} {:>9} {:>12.2f} {:>12.2f} {:>8.2f}\n", n, receivers, c * 1e3,
                                r * 1e3, c / r);
     }
+  }
+
+  std::cout << "\n3. Learner throughput, transport ceiling (no model, no env: chunks of "
+               "128x4 CartPole steps, update = sum)\n";
+  std::cout << fmt::format("{:>8} {:>14} {:>8}\n", "actors", "env steps/s", "vs 1");
+  double one = 0;
+  for (int k : {1, 2, 4}) {
+    std::vector<double> v;
+    for (int rep = 0; rep < 3; ++rep) v.push_back(learner_throughput(k, quick ? 100000 : 400000));
+    const double m = median(v);
+    if (k == 1) one = m;
+    std::cout << fmt::format("{:>8} {:>14.0f} {:>8.2f}\n", k, m, m / one);
   }
   return 0;
 }
