@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
-bin=$build/attnpilot
+bin=$build/experiments/attnpilot
 run=${ATTNPILOT_DEMO_RUN:-runs/default}
 config=experiments/configs/default-model.yaml
 device=${ATTNPILOT_DEMO_DEVICE:-auto}
