@@ -24,7 +24,8 @@ build: configure
 test: build
 	@cd $(BUILD) && ctest --output-on-failure --timeout 900 -j $(JOBS) $(CTEST_ARGS)
 
-demo: build
+demo: configure
+	@cmake --build $(BUILD) -j $(JOBS) --target attnpilot
 	@bash scripts/demo.sh $(BUILD)
 
 format:
