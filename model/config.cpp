@@ -120,7 +120,8 @@ ModelConfig parse_llama_family(const Reader& r, const json& j, const std::string
     c.attention_out_bias = c.attention_bias;
     c.mlp_bias = r.boolean("mlp_bias", false);
   } else {  // qwen2: q/k/v biases, none elsewhere
-    r.require_value("use_sliding_window", false, "sliding-window attention is not implemented");
+    r.require_value("use_sliding_window", false,
+                    "sliding-window attention is not supported by attnpilot");
     if (r.present("layer_types")) {
       const json& lt = r.raw("layer_types");
       if (!lt.is_array()) r.fail("layer_types", "expected an array");
@@ -154,10 +155,10 @@ ModelConfig parse_gpt2(const Reader& r) {
   if (act != "gelu_new" && act != "gelu_pytorch_tanh")
     r.fail("activation_function",
            fmt::format("'{}' is not supported (only gelu_new / gelu_pytorch_tanh)", act));
-  r.require_value("scale_attn_weights", true, "unscaled attention is not implemented");
+  r.require_value("scale_attn_weights", true, "unscaled attention is not supported by attnpilot");
   r.require_value("scale_attn_by_inverse_layer_idx", false,
-                  "per-layer attention scaling is not implemented");
-  r.require_value("add_cross_attention", false, "cross-attention is not implemented");
+                  "per-layer attention scaling is not supported by attnpilot");
+  r.require_value("add_cross_attention", false, "cross-attention is not supported by attnpilot");
   return c;
 }
 
