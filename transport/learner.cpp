@@ -1,6 +1,7 @@
 // The learner role: see remote_roles.h and protocol.h.
 #include <unistd.h>
 
+#include <cmath>
 #include <fstream>
 #include <map>
 #include <random>
@@ -222,7 +223,16 @@ LearnerResult run_learner(zmq::context_t& ctx, const LearnerOptions& opts,
   auto t_start = std::chrono::steady_clock::now();
   const int64_t steps_at_start = st.steps_used;
 
-  while (st.steps_used < opts.total_steps) {
+  // The last 100 episodes (the window of st.returns) reached the target return. Checked
+  // after each update, so the metrics line of that update shows the mean that stopped it.
+  auto target_reached = [&] {
+    if (std::isnan(opts.target_return)) return false;
+    int64_t n = 0;
+    for (const auto& p : st.returns) n += p.second;
+    return n >= 100 && mean_of(st.returns) >= opts.target_return;
+  };
+  bool target_hit = false;
+  while (st.steps_used < opts.total_steps && !target_hit) {
     if (opts.stop_flag && opts.stop_flag->load()) {
       log::warn("learner: stop requested; writing a checkpoint");
       break;
@@ -378,11 +388,15 @@ LearnerResult run_learner(zmq::context_t& ctx, const LearnerOptions& opts,
                       st.updates, st.version, st.steps_used, opts.total_steps, mean_of(st.returns),
                       accepted, stale, duplicates));
       if (st.updates % opts.checkpoint_every == 0) checkpoint();
+      target_hit = target_reached();
     }
   }
   checkpoint();
-  const bool finished = st.steps_used >= opts.total_steps;
+  const bool finished = st.steps_used >= opts.total_steps || target_hit;
   if (finished) {
+    if (st.steps_used < opts.total_steps)
+      log::info(fmt::format("learner: target return {} reached at step {}", opts.target_return,
+                            st.steps_used));
     Message bye;
     bye.type = MsgType::kShutdown;
     for (const auto& [id, a] : actors) sock.send_to(a.envelope, bye);

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <deque>
 #include <filesystem>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -73,6 +74,9 @@ struct LearnerOptions {
   const std::atomic<bool>* stop_flag = nullptr;
   /// Give up when no accepted trajectory arrived for this long (0: wait forever).
   double idle_timeout_s = 0;
+  /// Finish early (checkpoint, actors told to shut down) once the mean return of the last
+  /// 100 episodes reaches this value; NaN: train for total_steps.
+  double target_return = std::numeric_limits<double>::quiet_NaN();
 };
 
 struct LearnerResult {

@@ -4,6 +4,7 @@
 // broadcasts weights with a version, writes metrics.jsonl and an atomic checkpoint/ every
 // --checkpoint-every updates, and resumes from it with --resume (see transport/protocol.h).
 #include <iostream>
+#include <optional>
 
 #include "common/error.h"
 #include "experiments/cli.h"
@@ -34,6 +35,7 @@ struct LearnerArgs {
   uint64_t seed = 1;
   bool resume = false;
   double idle_timeout_s = 0;
+  std::optional<double> target_return;
   transport::EndpointFlags flags;
 };
 
@@ -57,6 +59,8 @@ void add_learner_verb(CLI::App& root) {
       ->check(CLI::PositiveNumber);
   cmd->add_option("--idle-timeout", a->idle_timeout_s,
                   "Give up (exit 1) when no chunk was accepted for this many seconds (0: never)");
+  cmd->add_option("--target-return", a->target_return,
+                  "Finish early once the mean return of the last 100 episodes reaches this");
   transport::add_endpoint_flags(cmd, a->flags, /*server=*/true);
   cmd->callback([a] {
     transport::install_stop_handlers();
@@ -82,6 +86,7 @@ void add_learner_verb(CLI::App& root) {
     o.socket = a->flags.socket();
     o.stop_flag = &transport::stop_requested();
     o.idle_timeout_s = a->idle_timeout_s;
+    if (a->target_return) o.target_return = *a->target_return;
     zmq::context_t ctx;
     const transport::LearnerResult r = transport::run_learner(ctx, o, backend);
     std::cout << fmt::format(

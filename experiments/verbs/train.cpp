@@ -3,6 +3,7 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 
 #include "agent/trainer.h"
 #include "common/config.h"
@@ -21,6 +22,7 @@ struct TrainArgs {
   uint64_t seed = 1;
   bool resume = false;
   int threads = 1;
+  std::optional<double> target_return;
 };
 
 void run_train(const TrainArgs& a) {
@@ -51,6 +53,12 @@ void run_train(const TrainArgs& a) {
     cfg.check_all_read();
     trainer = std::make_unique<agent::Trainer>(tc, out);
   }
+  if (a.target_return) {
+    const double target = *a.target_return;
+    trainer->stop_when = [target](const agent::Trainer& t) {
+      return t.episodes() >= 100 && t.mean_recent_return(100) >= target;
+    };
+  }
   const auto t0 = std::chrono::steady_clock::now();
   trainer->run(-1, &std::cerr);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -74,6 +82,8 @@ void add_train_verb(CLI::App& root) {
       ->check(CLI::ExistingFile);
   cmd->add_flag("--resume", args->resume, "Continue from OUT/checkpoint");
   cmd->add_option("--threads", args->threads, "LibTorch CPU threads (1 keeps runs reproducible)");
+  cmd->add_option("--target-return", args->target_return,
+                  "Stop early once the mean return of the last 100 episodes reaches this");
   cmd->callback([args] { run_train(*args); });
 }
 
