@@ -4,6 +4,7 @@
 
 #ifdef ATTNPILOT_WITH_CUDA
 #include "perturbation/cuda/cusolver_svd.h"
+#include "perturbation/cuda/jacobi_svd.h"
 #endif
 
 namespace attnpilot::perturbation {
@@ -27,6 +28,10 @@ std::string to_string(SvdBackend b) {
       return "cusolver-approx";
     case SvdBackend::kCusolverJacobi:
       return "cusolver-jacobi";
+    case SvdBackend::kJacobiKernel:
+      return "jacobi-kernel";
+    case SvdBackend::kTallQrJacobi:
+      return "tall-qr-jacobi";
   }
   return "unknown";
 }
@@ -39,10 +44,16 @@ bool cusolver_available() {
 #endif
 }
 
+bool jacobi_kernels_available() { return cusolver_available(); }
+
 SvdBackend choose_svd_backend(const torch::Tensor& a, const SvdOptions& opts) {
   if (opts.backend != SvdBackend::kAuto) return opts.backend;
   if (!a.is_cuda()) return SvdBackend::kTorch;
   const int64_t m = a.size(-2), n = a.size(-1);
+#ifdef ATTNPILOT_WITH_CUDA
+  if (cuda::jacobi_supported(m, n, a.scalar_type())) return SvdBackend::kJacobiKernel;
+  if (cuda::tall_qr_supported(m, n, a.scalar_type())) return SvdBackend::kTallQrJacobi;
+#endif
   if (m <= 32 && n <= 32) return SvdBackend::kCusolverBatchedJacobi;
   const int64_t lo = std::min(m, n), hi = std::max(m, n);
   if (opts.rank >= 1 && opts.rank <= lo && hi >= 2 * lo) return SvdBackend::kCusolverApprox;
@@ -83,11 +94,21 @@ SvdResult BatchedSvd::operator()(const torch::Tensor& a) {
 #ifdef ATTNPILOT_WITH_CUDA
     ATTNPILOT_CHECK_ARG(a.is_cuda(), "SVD backend {} needs a CUDA tensor, got one on {}",
                         to_string(backend), a.device().str());
-    if (!cusolver_) cusolver_ = std::make_unique<cuda::CusolverSvd>(opts_);
-    out = cusolver_->run(flat, backend, opts_.rank);
+    if (backend == SvdBackend::kJacobiKernel || backend == SvdBackend::kTallQrJacobi) {
+      cuda::JacobiOptions jo;
+      jo.rank = opts_.rank;
+      jo.tol = opts_.tol;
+      jo.max_sweeps = opts_.max_sweeps;
+      out = backend == SvdBackend::kJacobiKernel ? cuda::jacobi_svd(flat, jo)
+                                                 : cuda::tall_qr_jacobi_svd(flat, jo);
+    } else {
+      if (!cusolver_) cusolver_ = std::make_unique<cuda::CusolverSvd>(opts_);
+      out = cusolver_->run(flat, backend, opts_.rank);
+    }
 #else
     throw Unavailable(
-        fmt::format("SVD backend {} needs cuSOLVER, but this build has ATTNPILOT_CUDA=OFF",
+        fmt::format("SVD backend {} needs CUDA (cuSOLVER or our kernels), but this build has "
+                    "ATTNPILOT_CUDA=OFF",
                     to_string(backend)));
 #endif
   }

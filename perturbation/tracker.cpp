@@ -6,11 +6,18 @@
 
 #include "common/error.h"
 #include "perturbation/bounds.h"
+#ifdef ATTNPILOT_WITH_CUDA
+#include "perturbation/cuda/jacobi_svd.h"
+#endif
 
 namespace attnpilot::perturbation {
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> subspace_iteration_step(
     const torch::Tensor& c, const torch::Tensor& v) {
+#ifdef ATTNPILOT_WITH_CUDA
+  // CUDA: the same step from batched GEMMs and our Jacobi kernel (no per-matrix QR/SVD loop).
+  if (cuda::subspace_step_supported(c, v)) return cuda::subspace_iteration_step_cuda(c, v);
+#endif
   auto u = std::get<0>(torch::linalg_qr(torch::matmul(c, v)));
   auto vn = std::get<0>(torch::linalg_qr(torch::matmul(c.transpose(-1, -2), u)));
   // Rayleigh–Ritz: SVD of the p×p compression Uᵀ C V.

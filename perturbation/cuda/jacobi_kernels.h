@@ -1,0 +1,42 @@
+#pragma once
+/// Raw launcher of the batched one-sided Jacobi SVD kernel (jacobi_svd.cu). No LibTorch types
+/// here, so nvcc never compiles the LibTorch headers; jacobi_svd.h is the tensor-level API.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace attnpilot::perturbation::cuda {
+
+/// Per-matrix status written by the kernel (an int32 per matrix).
+inline constexpr int kJacobiNonFinite = -1;    ///< the input matrix holds NaN or Inf
+inline constexpr int kJacobiNotConverged = 1;  ///< bit: still rotating after max_sweeps
+inline constexpr int kJacobiZeroColumns = 2;   ///< bit: some σ_j = 0, their U columns are 0
+
+/// One launch: X = A (or Aᵀ when transpose) with m ≥ n rows/columns; X = U_X Σ V_Xᵀ.
+struct JacobiLaunch {
+  const void* a = nullptr;  ///< [batch, rows_in, cols_in], contiguous, float or double
+  int64_t batch = 0;
+  int rows_in = 0, cols_in = 0;
+  bool transpose = false;  ///< X = Aᵀ (m = cols_in, n = rows_in); else X = A
+  int k = 0;               ///< output columns, 1 <= k <= n (top-k after sorting)
+  void* ux = nullptr;      ///< U_X [batch, m, k], contiguous
+  void* s = nullptr;       ///< [batch, k], descending
+  void* vx = nullptr;      ///< V_X [batch, n, k], contiguous
+  int* status = nullptr;   ///< [batch], always written
+  double tol = 0;          ///< rotate when |a_pᵀa_q| > tol·‖a_p‖‖a_q‖ (> 0)
+  int max_sweeps = 0;      ///< >= 1
+};
+
+/// Whether the kernel handles X of m×n (m >= n >= 1) in this precision: float m <= 128;
+/// double m <= 64, or m <= 128 with n <= 32 (register and shared-memory limits).
+bool jacobi_kernel_supports(int m, int n, bool is_double);
+
+/// Dynamic shared memory of one block for X of m×n (m >= n), in bytes.
+int64_t jacobi_shared_bytes(int m, int n, bool is_double);
+
+/// Launches on `stream` (one block per matrix). Returns cudaSuccess, or the error of the
+/// first failing CUDA call with that call's name in *failed_call.
+cudaError_t launch_jacobi_svd(const JacobiLaunch& p, bool is_double, cudaStream_t stream,
+                              const char** failed_call);
+
+}  // namespace attnpilot::perturbation::cuda

@@ -1,0 +1,77 @@
+#pragma once
+/// Our own batched SVD on CUDA (compiled only when ATTNPILOT_CUDA is ON):
+///
+///   small  [B, m, n], max(m, n) <= 128 ──► one-sided Jacobi kernel, one block per matrix,
+///                                          matrix + V in shared memory (jacobi_svd.cu)
+///   tall   [B, N, d], N > 128 >= d ─────► Cholesky-QR2 in float64 (batched GEMMs, batched
+///                                          Cholesky; Householder QR for the matrices where it
+///                                          is not accurate) ─► Jacobi kernel on R (d×d)
+///                                          ─► U = Q·U_R
+///   top-r  core C [B, d, d], warm V₀ ───► block subspace iteration, each step two batched
+///                                          GEMMs and two Jacobi calls on d×p blocks
+///
+/// Results: A ≈ U diag(S) Vᵀ, S descending, U [B, m, k], V [B, n, k]. Everything runs on the
+/// caller's current CUDA stream; CUDA errors throw attnpilot::Error naming the call; NaN or
+/// Inf in the input throws attnpilot::InvalidArgument naming the matrix.
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "perturbation/batched_svd.h"
+
+namespace attnpilot::perturbation::cuda {
+
+struct JacobiOptions {
+  int64_t rank = 0;  ///< top-k triplets; 0 = all min(m, n)
+  double tol = 0;    ///< relative orthogonality for convergence; 0 = sqrt(m)·machine ε
+  int max_sweeps = 100;
+};
+
+/// True when jacobi_svd handles [.., m, n] of this dtype: float32 with max(m, n) <= 128;
+/// float64 with max(m, n) <= 64, or max <= 128 and min <= 32.
+bool jacobi_supported(int64_t m, int64_t n, torch::ScalarType dtype);
+
+/// True when tall_qr_jacobi_svd handles it: max(m, n) > 128 and the d×d core (d = min(m, n))
+/// is jacobi_supported.
+bool tall_qr_supported(int64_t m, int64_t n, torch::ScalarType dtype);
+
+/// Small matrices: a [B, m, n] on CUDA, float32/float64, jacobi_supported. Writes into u
+/// [B, m, k], s [B, k], v [B, n, k] (same dtype and device, contiguous; every element is
+/// written); returns the count of matrices that hit max_sweeps.
+int64_t jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch::Tensor& u,
+                       torch::Tensor& s, torch::Tensor& v);
+/// Allocating form; backend = kJacobiKernel.
+SvdResult jacobi_svd(const torch::Tensor& a, const JacobiOptions& opts);
+
+/// Tall (or wide) matrices: a [B, m, n] with max(m, n) > 128, tall_qr_supported.
+int64_t tall_qr_jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch::Tensor& u,
+                               torch::Tensor& s, torch::Tensor& v);
+/// Allocating form; backend = kTallQrJacobi.
+SvdResult tall_qr_jacobi_svd(const torch::Tensor& a, const JacobiOptions& opts);
+
+/// True when subspace_iteration_step_cuda handles c [B, d, d], v [B, d, p] (CUDA tensors,
+/// float32/float64, jacobi_supported(d, p)).
+bool subspace_step_supported(const torch::Tensor& c, const torch::Tensor& v);
+
+/// One block subspace iteration step with Rayleigh–Ritz, the same function as
+/// perturbation::subspace_iteration_step: U = basis(C V) (Jacobi on C V), then the SVD
+/// Cᵀ U = P Σ Qᵀ (Jacobi) gives the Ritz triplets (U Q, Σ, P), descending. Batched, no
+/// per-matrix loop.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> subspace_iteration_step_cuda(
+    const torch::Tensor& c, const torch::Tensor& v);
+
+/// Result of the warm-started top-r iteration.
+struct TopRResult {
+  torch::Tensor u, s, v;     ///< [B, d, p], [B, p], [B, d, p]
+  torch::Tensor iterations;  ///< [B] int64, steps taken per matrix
+  torch::Tensor converged;   ///< [B] bool, residual <= tol reached
+};
+
+/// Leading r triplets of c [B, d, d] by subspace iteration from v0 [B, d, p] (p >= r; the
+/// previous segment's V for a warm start). A matrix stops when
+/// max_{i<r} max(‖C v_i − σ_i u_i‖, ‖Cᵀ u_i − σ_i v_i‖) <= tol·σ₁, or after max_iters steps.
+TopRResult topr_subspace_iteration(const torch::Tensor& c, const torch::Tensor& v0, int64_t r,
+                                   double tol, int max_iters);
+
+}  // namespace attnpilot::perturbation::cuda
