@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -565,5 +566,30 @@ TEST(WriteReport, RejectsBadMetricsAndInconsistentSummary) {
 
   e = error_of([&] { write_report(d / "out", results, summary_for(4), ""); });
   EXPECT_TRUE(contains(e, "eval_sequences = 4") && contains(e, "3 sequences")) << e;
+  fs::remove_all(d);
+}
+
+TEST(WriteReport, WithoutGnuplotTheReportSaysSo) {
+  std::mt19937_64 rng(std::random_device{}());
+  const auto results = random_experiment(rng, 3, 2, 2);
+  const fs::path d = temp_dir("nognuplot");
+  const fs::path metrics = d / "metrics.jsonl";
+  write_file_atomic(metrics, "{\"step\": 1, \"episode_return_mean\": 2}\n");
+  // An empty PATH hides gnuplot from common/plot.h.
+  const char* old = std::getenv("PATH");
+  const std::string saved = old ? old : "";
+  ASSERT_EQ(::setenv("PATH", (d / "empty").c_str(), 1), 0);
+  ASSERT_FALSE(gnuplot_available());
+  write_report(d / "out", results, summary_for(3), metrics);
+  ::setenv("PATH", saved.c_str(), 1);
+  const std::string md = read_file(d / "out" / "report.md");
+  for (const char* name : {"pareto", "rank_heatmap", "training_curve"}) {
+    EXPECT_TRUE(contains(md, std::string(name) + ".png (")) << md;
+    EXPECT_FALSE(fs::exists(d / "out" / (std::string(name) + ".png"))) << name;
+    EXPECT_TRUE(fs::exists(d / "out" / "gnuplot" / (std::string(name) + ".gp"))) << name;
+  }
+  EXPECT_TRUE(contains(md, "was not drawn: gnuplot is not installed")) << md;
+  EXPECT_TRUE(contains(md, "gnuplot is not installed on this machine")) << md;
+  EXPECT_TRUE(fs::exists(d / "out" / "results.csv"));
   fs::remove_all(d);
 }
