@@ -4,6 +4,7 @@
 #include <mutex>
 
 #include "common/error.h"
+#include "env/rank_env.h"
 #include "env/toy_envs.h"
 #include "env/wrappers.h"
 
@@ -16,6 +17,10 @@ struct Registry {
 };
 
 void add_builtins(std::map<std::string, EnvFactory>& f) {
+  f["RankSelection-v0"] = [](const Config& cfg) -> std::unique_ptr<Env> {
+    return std::make_unique<EpisodeStatistics>(
+        std::make_unique<RankEnv>(RankEnvConfig::from_config(cfg)));
+  };
   f["CartPole-v1"] = [](const Config& cfg) -> std::unique_ptr<Env> {
     const auto steps = cfg.get<int64_t>("max_episode_steps", 500);
     return std::make_unique<EpisodeStatistics>(

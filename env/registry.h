@@ -5,6 +5,8 @@
 ///   "Chain-v0"         chain MDP with analytic values (keys: length, slip, step_reward,
 ///                      goal_reward, max_episode_steps)
 ///   "TokenChoice-v0"   per-token masked MultiDiscrete choice (keys: tokens, choices)
+///   "RankSelection-v0" rank selection on a model's attention (env/rank_env.h, keys:
+///                      RankEnvConfig)
 /// Every env made here is wrapped in EpisodeStatistics (outermost). Each factory reads its
 /// keys from the Config; the caller runs check_all_read() so an unknown key is an error.
 #include <functional>

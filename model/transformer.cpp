@@ -196,6 +196,7 @@ ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens, const Forwar
       in.causal = true;
     }
     in.layer = l;
+    if (opts.before_attention) opts.before_attention(l, q, k, in);
     auto res = attention::run_attention(in, opts.plans ? (*opts.plans)[l] : kDense);
     const auto a = res.out.transpose(1, 2).reshape({B, N, Hq * d});
     x = x + layer.o_proj(a);

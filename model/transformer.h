@@ -20,6 +20,7 @@
 ///   layers.L.{fc_in,fc_out}.{weight,bias} (gpt2). Linear weights are [out, in].
 #include <torch/torch.h>
 
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -39,6 +40,13 @@ struct ForwardOptions {
   /// cache->length(0)); every layer appends its keys/values to the cache and attends over
   /// all cached positions. num_layers slots, all of equal length. nullptr = no cache.
   attention::KVCache* cache = nullptr;
+  /// Called for every layer once its queries and keys are ready, just before attention
+  /// runs: q [B,Hq,T,d] and k [B,Hkv,T,d] are this call's new rows (after RoPE), `in` the
+  /// attention inputs (with a cache: every cached key). The callee may set fields of `in`,
+  /// e.g. precomputed score projections a_q/a_k (the rank agent's incremental tracker).
+  std::function<void(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
+                     attention::AttentionInputs& in)>
+      before_attention;
 };
 
 /// One layer's tensors, for observations (not detached: they share the autograd graph

@@ -14,6 +14,7 @@
 #include "env/registry.h"
 #include "env/toy_envs.h"
 #include "env/wrappers.h"
+#include "rank_fixture.h"
 
 namespace attnpilot::env {
 namespace {
@@ -75,10 +76,21 @@ torch::Tensor random_action(const Env& e, torch::Generator& gen) {
   return e.action_space().sample(gen, e.has_action_mask() ? e.action_mask() : torch::Tensor());
 }
 
+/// The config each registered env is checked with: defaults, except the rank environment,
+/// which needs a model (the tiny one of rank_fixture.h).
+Config conformance_config(const std::string& name) {
+  if (name == "RankSelection-v0") return Config::parse(testing::tiny_rank_env_yaml(), "tiny");
+  return Config();
+}
+
+std::unique_ptr<Env> make_conformance_env(const std::string& name) {
+  return make_env(name, conformance_config(name));
+}
+
 class Conformance : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Conformance, SpacesMatchObservationsAndMasks) {
-  auto e = make_env(GetParam());
+  auto e = make_conformance_env(GetParam());
   auto gen = make_gen(1);
   const auto& os = e->observation_space();
   ASSERT_EQ(os.kind, SpaceKind::kBox);
@@ -109,7 +121,7 @@ TEST_P(Conformance, SpacesMatchObservationsAndMasks) {
 
 TEST_P(Conformance, SeededDeterminism) {
   auto run = [&](uint64_t seed) {
-    auto e = make_env(GetParam());
+    auto e = make_conformance_env(GetParam());
     auto gen = make_gen(11);
     std::vector<float> trace;
     auto obs = e->reset(seed);
@@ -132,7 +144,7 @@ TEST_P(Conformance, SeededDeterminism) {
 }
 
 TEST_P(Conformance, InvalidAndMaskedActionsThrow) {
-  auto e = make_env(GetParam());
+  auto e = make_conformance_env(GetParam());
   auto gen = make_gen(2);
   e->reset(3);
   const auto& as = e->action_space();
@@ -169,9 +181,9 @@ TEST_P(Conformance, InvalidAndMaskedActionsThrow) {
 
 TEST_P(Conformance, VectorEnvAutoResetMatchesSingleEnvs) {
   const int n = 3;
-  auto venv = make_vector_env(GetParam(), n);
+  auto venv = make_vector_env(GetParam(), n, conformance_config(GetParam()));
   std::vector<std::unique_ptr<Env>> singles;
-  for (int i = 0; i < n; ++i) singles.push_back(make_env(GetParam()));
+  for (int i = 0; i < n; ++i) singles.push_back(make_conformance_env(GetParam()));
   auto gen = make_gen(4);
   auto obs = venv->reset(100);
   for (int i = 0; i < n; ++i) ASSERT_TRUE(torch::equal(obs[i], singles[i]->reset(100 + i)));
@@ -206,7 +218,7 @@ TEST_P(Conformance, VectorEnvAutoResetMatchesSingleEnvs) {
 }
 
 TEST_P(Conformance, SaveLoadStateResumesExactly) {
-  auto e = make_env(GetParam());
+  auto e = make_conformance_env(GetParam());
   auto gen = make_gen(9);
   e->reset(21);
   for (int t = 0; t < 17; ++t) {
@@ -226,7 +238,7 @@ TEST_P(Conformance, SaveLoadStateResumesExactly) {
     return out;
   };
   auto a = trace(*e);
-  auto e2 = make_env(GetParam());
+  auto e2 = make_conformance_env(GetParam());
   e2->load_state(state);
   gen.set_state(gen_state);
   EXPECT_EQ(trace(*e2), a);
