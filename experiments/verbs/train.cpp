@@ -10,6 +10,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "experiments/cli.h"
+#include "experiments/rank_experiment.h"
 
 namespace attnpilot::cli {
 namespace {
@@ -23,9 +24,27 @@ struct TrainArgs {
   bool resume = false;
   int threads = 1;
   std::optional<double> target_return;
+  std::string task;
 };
 
 void run_train(const TrainArgs& a) {
+  if (!a.task.empty()) {
+    if (!a.env.empty() || a.total_steps > 0 || a.resume || a.target_return)
+      throw UsageError(
+          "--task rank takes its environment, steps and resumption from the experiment config "
+          "(--config) and OUT; drop --env, --total-steps, --resume and --target-return");
+    if (a.config.empty()) throw UsageError("--task rank needs --config (an experiment YAML)");
+    experiments::RunRequest req;
+    req.config = a.config;
+    req.out = a.out;
+    req.eval = false;
+    experiments::run_rank_experiment(req, &std::cerr);
+    std::cout << fmt::format("rank policy: {}\n",
+                             (fs::path(a.out) / "train" / "checkpoint").string());
+    return;
+  }
+  if (a.env.empty()) throw UsageError("--env is required (or --task rank)");
+  if (a.total_steps <= 0) throw UsageError("--total-steps is required (or --task rank)");
   if (a.threads < 1) throw UsageError(fmt::format("--threads {}: must be >= 1", a.threads));
   torch::set_num_threads(a.threads);
   const fs::path out(a.out);
@@ -72,9 +91,13 @@ void run_train(const TrainArgs& a) {
 void add_train_verb(CLI::App& root) {
   auto args = std::make_shared<TrainArgs>();
   auto* cmd = root.add_subcommand("train", "Train a policy with PPO/REINFORCE on a registered env");
-  cmd->add_option("--env", args->env, "Environment name (e.g. CartPole-v1)")->required();
-  cmd->add_option("--total-steps", args->total_steps, "Environment steps to train for")
-      ->required()
+  cmd->add_option("--env", args->env, "Environment name (e.g. CartPole-v1)");
+  cmd->add_option("--task", args->task,
+                  "rank: the training part of `attnpilot run` (rank selection on the config's "
+                  "model; --config is the experiment YAML, the policy goes to OUT/train)")
+      ->check(CLI::IsMember({"rank"}));
+  cmd->add_option("--total-steps", args->total_steps,
+                  "Environment steps to train for (--task rank: experiment.train_steps)")
       ->check(CLI::PositiveNumber);
   cmd->add_option("--seed", args->seed, "Seed of every RNG (policy, sampling, envs)");
   cmd->add_option("--out", args->out, "Output folder (metrics.jsonl, checkpoint/)")->required();
