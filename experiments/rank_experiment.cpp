@@ -266,6 +266,21 @@ std::vector<ResultRow> run_rank_experiment(const RunRequest& req, std::ostream* 
     std::unique_ptr<agent::Trainer> trainer;
     if (fs::exists(train_dir / "checkpoint" / "manifest.json")) {
       trainer = agent::Trainer::resume(train_dir / "checkpoint", train_dir);
+      auto saved = trainer->config().to_json(), now = tc.to_json();
+      saved.erase("total_steps");
+      now.erase("total_steps");
+      if (saved != now) {
+        // Another configuration trained there: keep that work, start afresh beside it.
+        const fs::path aside = out / fmt::format("train.previous-{}", std::time(nullptr));
+        trainer.reset();
+        fs::rename(train_dir, aside);
+        log::warn(
+            fmt::format("run: {} was trained with another config; moved to {}, training "
+                        "afresh",
+                        train_dir.string(), aside.string()));
+      }
+    }
+    if (trainer) {
       trainer->set_total_steps(ec.train_steps);
       log::info(fmt::format("run: resuming training at step {}", trainer->global_step()));
     } else {

@@ -144,6 +144,42 @@ TEST(RunVerb, TinyExperimentWritesEveryFileWithSaneValues) {
   }
 }
 
+TEST(RunVerb, AnotherConfigMovesTheOldTrainingAsideInsteadOfResumingIt) {
+  if (!fs::exists(binary())) GTEST_SKIP() << binary() << " not built";
+  Dir d;
+  const fs::path out = d.path / "out";
+  write_file_atomic(d.path / "a.yaml", tiny_experiment(2));
+  ASSERT_EQ(
+      run("train --task rank --config " + (d.path / "a.yaml").string() + " --out " + out.string(),
+          d.path / "a.log"),
+      0)
+      << slurp(d.path / "a.log");
+  const std::string first = slurp(out / "train" / "metrics.jsonl");
+  // Same config: resumes (nothing left to train), the metrics are untouched.
+  ASSERT_EQ(
+      run("train --task rank --config " + (d.path / "a.yaml").string() + " --out " + out.string(),
+          d.path / "a2.log"),
+      0);
+  EXPECT_EQ(slurp(out / "train" / "metrics.jsonl"), first);
+  // Another seed: the old training is kept beside the new one.
+  std::string b = tiny_experiment(2);
+  b.replace(b.find("seed: 3"), 7, "seed: 4");
+  write_file_atomic(d.path / "b.yaml", b);
+  ASSERT_EQ(
+      run("train --task rank --config " + (d.path / "b.yaml").string() + " --out " + out.string(),
+          d.path / "b.log"),
+      0)
+      << slurp(d.path / "b.log");
+  int aside = 0;
+  for (const auto& e : fs::directory_iterator(out))
+    if (e.path().filename().string().rfind("train.previous-", 0) == 0) {
+      ++aside;
+      EXPECT_EQ(slurp(e.path() / "metrics.jsonl"), first);
+    }
+  EXPECT_EQ(aside, 1);
+  EXPECT_TRUE(fs::exists(out / "train" / "checkpoint" / "manifest.json"));
+}
+
 TEST(RunVerb, BadConfigsExitTwoNamingTheKey) {
   if (!fs::exists(binary())) GTEST_SKIP() << binary() << " not built";
   Dir d;
