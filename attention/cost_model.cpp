@@ -3,10 +3,12 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <fmt/ranges.h>
+#include <gnu/libc-version.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <ctime>
 #include <fstream>
 #include <limits>
@@ -88,6 +90,17 @@ std::string utc_now() {
   char buf[32];
   std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
   return buf;
+}
+
+/// glibc's version and the allocator settings in the environment: the heap's trim and mmap
+/// thresholds decide whether large score buffers are page-faulted afresh on every call,
+/// which changes the measured time of the larger shapes severalfold.
+json allocator() {
+  json j{{"glibc", gnu_get_libc_version()}};
+  for (const char* v : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
+                        "GLIBC_TUNABLES", "LD_PRELOAD"})
+    if (const char* val = std::getenv(v)) j[v] = val;
+  return j;
 }
 
 std::string cpu_model() {
@@ -197,8 +210,10 @@ json CostModel::describe_machine(const CalibrationOptions& o) {
       {"torch_version", TORCH_VERSION},
       {"device", o.device.str()},
       {"date", utc_now()},
-      {"timing", fmt::format("wall time (steady_clock) of one run_attention call, median of {} "
-                             "repeats after one warm-up, {} intra-op thread(s)",
+      {"allocator", allocator()},
+      {"timing", fmt::format("wall time (steady_clock) of one run_attention call, median over {} "
+                             "timed sweeps of the grid after one warm-up sweep, {} intra-op "
+                             "thread(s)",
                              o.repeats, o.threads)}};
 }
 
@@ -209,19 +224,15 @@ CostModel CostModel::calibrate(const CalibrationOptions& o, std::ostream* progre
   torch::NoGradGuard no_grad;
   const int64_t kv = o.kv_heads == 0 ? o.heads : o.kv_heads;
 
-  int64_t total = 0;
-  for (int64_t d : o.head_dims) {
-    int64_t cases = 1;
-    for (int64_t r : o.ranks) cases += r <= d;
-    for (int64_t n : o.query_lengths)
-      for (int64_t m : o.key_lengths)
-        if (m >= n) total += cases * (o.repeats + 1);
-  }
-  std::unique_ptr<Progress> bar;
-  if (progress) bar = std::make_unique<Progress>("calibrate", total, "calls", *progress);
-
-  std::vector<CostPoint> points;
-  int64_t done = 0;
+  // Every shape's inputs first, then whole-grid sweeps (see the header).
+  struct Shape {
+    int64_t d, n, m;
+    std::vector<int64_t> ranks;  // case c >= 1 is ranks[c - 1]; case 0 is dense
+    std::vector<AttentionInputs> xs;
+    std::vector<LayerPlan> plans;
+    std::vector<std::vector<double>> us;
+  };
+  std::vector<Shape> shapes;
   for (int64_t d : o.head_dims) {
     std::vector<int64_t> ranks;
     for (int64_t r : o.ranks)
@@ -239,8 +250,7 @@ CostModel CostModel::calibrate(const CalibrationOptions& o, std::ostream* progre
         in.v = torch::randn({1, kv, m, d}, gen, torch::kFloat).to(o.device);
         in.causal = true;
         in.q_offset = -1;
-        std::vector<AttentionInputs> xs{in};
-        std::vector<LayerPlan> plans{LayerPlan::uniform(HeadPlan::dense())};
+        Shape sh{d, n, m, ranks, {in}, {LayerPlan::uniform(HeadPlan::dense())}, {}};
         if (!ranks.empty()) {
           // Projections per query head (keys shared by a GQA group), not timed.
           const auto proj =
@@ -249,38 +259,55 @@ CostModel CostModel::calibrate(const CalibrationOptions& o, std::ostream* progre
             AttentionInputs x = in;
             x.a_q = proj.a_q;
             x.a_k = proj.a_k;
-            xs.push_back(x);
-            plans.push_back(LayerPlan::uniform(HeadPlan::lowrank(r)));
+            sh.xs.push_back(x);
+            sh.plans.push_back(LayerPlan::uniform(HeadPlan::lowrank(r)));
           }
         }
-        std::vector<std::vector<double>> us(xs.size());
-        for (int rep = -1; rep < o.repeats; ++rep)  // rep -1: warm-up
-          for (size_t c = 0; c < xs.size(); ++c) {
-            const auto t0 = std::chrono::steady_clock::now();
-            const auto res = run_attention(xs[c], {plans[c]});
-            if (o.device.is_cuda()) torch::cuda::synchronize();
-            const auto t1 = std::chrono::steady_clock::now();
-            if (rep >= 0)
-              us[c].push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-            ++done;
-          }
-        for (size_t c = 0; c < xs.size(); ++c) {
-          CostPoint p;
-          p.kind = c == 0 ? Kind::kDense : Kind::kLowRank;
-          p.n_q = n;
-          p.n_k = m;
-          p.rank = c == 0 ? 0 : ranks[c - 1];
-          p.head_dim = d;
-          p.median_us = median(us[c]);
-          p.min_us = *std::min_element(us[c].begin(), us[c].end());
-          p.max_us = *std::max_element(us[c].begin(), us[c].end());
-          points.push_back(p);
-        }
-        if (bar)
-          bar->update(done, fmt::format("d={} N={} M={} dense {:.0f} us", d, n, m,
-                                        points[points.size() - xs.size()].median_us));
+        sh.us.resize(sh.xs.size());
+        shapes.push_back(std::move(sh));
       }
   }
+  int64_t total = 0;
+  for (const auto& sh : shapes)
+    total += (o.repeats + 1) * static_cast<int64_t>(sh.xs.size()) + o.repeats;
+  std::unique_ptr<Progress> bar;
+  if (progress) bar = std::make_unique<Progress>("calibrate", total, "calls", *progress);
+
+  int64_t done = 0;
+  const auto call = [&](const Shape& sh, size_t c) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto res = run_attention(sh.xs[c], {sh.plans[c]});
+    if (o.device.is_cuda()) torch::cuda::synchronize();
+    const auto t1 = std::chrono::steady_clock::now();
+    ++done;
+    return std::chrono::duration<double, std::micro>(t1 - t0).count();
+  };
+  for (int sweep = -1; sweep < o.repeats; ++sweep) {  // sweep -1: warm-up of every case
+    for (auto& sh : shapes) {
+      if (sweep >= 0) call(sh, 0);  // untimed: this shape's inputs back in cache
+      for (size_t c = 0; c < sh.xs.size(); ++c) {
+        const double t = call(sh, c);
+        if (sweep >= 0) sh.us[c].push_back(t);
+      }
+      if (bar)
+        bar->update(done, fmt::format("sweep {}/{} d={} N={} M={}", sweep + 1, o.repeats, sh.d,
+                                      sh.n, sh.m));
+    }
+  }
+  std::vector<CostPoint> points;
+  for (const auto& sh : shapes)
+    for (size_t c = 0; c < sh.xs.size(); ++c) {
+      CostPoint p;
+      p.kind = c == 0 ? Kind::kDense : Kind::kLowRank;
+      p.n_q = sh.n;
+      p.n_k = sh.m;
+      p.rank = c == 0 ? 0 : sh.ranks[c - 1];
+      p.head_dim = sh.d;
+      p.median_us = median(sh.us[c]);
+      p.min_us = *std::min_element(sh.us[c].begin(), sh.us[c].end());
+      p.max_us = *std::max_element(sh.us[c].begin(), sh.us[c].end());
+      points.push_back(p);
+    }
   if (bar) bar->finish(fmt::format("{} points", points.size()));
   return from_points(o, std::move(points), describe_machine(o));
 }

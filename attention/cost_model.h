@@ -32,6 +32,13 @@
 /// a rollout or an evaluation pays (allocation, memory stalls included); thread CPU time
 /// would hide waiting. One thread by default because on a small shared machine several
 /// threads make wall time depend on what else runs; the threads used are recorded.
+///
+/// Memory allocation is part of a call's time. With glibc's default (dynamic) mmap and trim
+/// thresholds, a call whose score buffer lands at the top of the heap after a trim pays
+/// page faults for it, which made single shapes 2-5x slower in measurements on a 2-core
+/// EPYC (e.g. N 128, M 1024, d 32: 1.8 ms vs 0.96 ms with MALLOC_MMAP_THRESHOLD_=1 GiB and
+/// MALLOC_TRIM_THRESHOLD_=4 GiB). Which shapes pay depends on the order of calls, so
+/// calibrate and run the model under the same allocator settings; machine() records them.
 #include <torch/torch.h>
 
 #include <atomic>
@@ -77,13 +84,20 @@ struct CostPoint {
 class CostModel {
  public:
   /// Measures every grid point: for each head dim and each (N, M) with M >= N, q, k, v
-  /// [1, heads, ·, d] float32 from a generator seeded by options.seed (and the shape),
+  /// [1, ·, ·, d] float32 from a generator seeded by options.seed and the shape,
   /// run_attention with causal = true, q_offset = -1 (M − N) and LayerPlan::uniform of
-  /// dense (SDPA where run_attention picks it) and of lowrank(r) for every r <= d, given
-  /// the optimal projections a_q, a_k (lowrank_projections, not timed). Cases are
-  /// interleaved per repeat so that a slow phase of the machine hits them alike. Prints a
-  /// progress line (rate, ETA) to `progress` when given. Throws InvalidArgument for bad
-  /// options and Unavailable for a device without an attention backend.
+  /// dense (SDPA where run_attention picks it: N == M or N == 1) and of lowrank(r) for every
+  /// r <= d, given the optimal projections a_q, a_k (lowrank_projections, not timed).
+  ///
+  /// Order: one untimed sweep over the whole grid, then `repeats` timed sweeps; within a
+  /// sweep each shape gets one untimed dense call (its inputs back in cache, as they are
+  /// when a layer has just produced them) and then every case once. A slow phase of a
+  /// shared machine thus costs each point at most one of its samples (the median drops
+  /// it), instead of all samples of the points measured during it. Every shape's inputs
+  /// are held for the whole calibration (memory: the sum over shapes).
+  ///
+  /// Prints a progress line (rate, ETA) to `progress` when given. Throws InvalidArgument
+  /// for bad options and Unavailable for a device without an attention backend.
   static CostModel calibrate(const CalibrationOptions& options, std::ostream* progress = nullptr);
 
   /// A model from a table (e.g. a synthetic one in tests). `points` must hold exactly one
@@ -121,7 +135,8 @@ class CostModel {
   const std::vector<CostPoint>& points() const { return points_; }
   /// The calibrated ranks usable at head dim d (those <= d), ascending.
   std::vector<int64_t> ranks_for(int64_t head_dim) const;
-  /// CPU model (/proc/cpuinfo), logical cores, threads, torch version, device, UTC date.
+  /// CPU model (/proc/cpuinfo), logical cores, threads, torch version, device, UTC date,
+  /// allocator (glibc version, MALLOC_* / GLIBC_TUNABLES / LD_PRELOAD when set).
   nlohmann::json machine() const { return machine_; }
   /// The description of this machine now (what calibrate() stores).
   static nlohmann::json describe_machine(const CalibrationOptions& options);

@@ -372,7 +372,8 @@ TEST(CostModelCalibration, TinyRealCalibrationIsPositiveAndGrowsWithKeys) {
   ASSERT_EQ(pairs, 6);
   EXPECT_GT(log_ratio / pairs, 0.0) << "dense time does not grow with the key length";
   const auto mach = cm.machine();
-  for (const char* k : {"cpu_model", "logical_cores", "threads", "torch_version", "device", "date"})
+  for (const char* k :
+       {"cpu_model", "logical_cores", "threads", "torch_version", "device", "date", "allocator"})
     EXPECT_TRUE(mach.contains(k)) << k;
   EXPECT_EQ(mach.at("threads"), 1);
   EXPECT_EQ(mach.at("device"), "cpu");
