@@ -62,9 +62,22 @@ int64_t output_rank(const JacobiOptions& o, int64_t kmin) {
   return o.rank > 0 ? o.rank : kmin;
 }
 
-// Replaces the zero columns of ub [m, k] (the kernel writes 0 where σ_j has no direction; they
-// are the last ones, σ being sorted) by an orthonormal completion of the others.
+// Throws InvalidArgument naming the first matrix of `a` [B, m, n] that holds NaN or Inf.
+void check_finite(const torch::Tensor& a, const char* what) {
+  auto finite = torch::isfinite(a).flatten(1).all(1);
+  if (finite.all().item<bool>()) return;
+  const int64_t first = (~finite).nonzero().flatten()[0].item<int64_t>();
+  throw InvalidArgument(fmt::format(
+      "{}: matrix {} of the batch ({} matrices) holds NaN or Inf; the SVD needs finite input", what,
+      first, a.size(0)));
+}
+
+}  // namespace
+
 void complete_zero_columns(torch::Tensor ub, uint64_t seed) {
+  ATTNPILOT_CHECK_ARG(ub.defined() && ub.dim() == 2 && ub.size(0) >= ub.size(1),
+                      "complete_zero_columns expects [m, k] with m >= k, got {}",
+                      ub.defined() ? c10::str(ub.sizes()) : std::string("undefined"));
   const int64_t m = ub.size(0), k = ub.size(1);
   auto norms = torch::linalg_vector_norm(ub.to(torch::kFloat64), 2, {0}, false, c10::nullopt).cpu();
   const double* np = norms.data_ptr<double>();
@@ -78,18 +91,6 @@ void complete_zero_columns(torch::Tensor ub, uint64_t seed) {
       std::get<0>(torch::linalg_qr(torch::cat({ub.narrow(1, 0, g).to(torch::kFloat64), fill}, 1)));
   ub.narrow(1, g, k - g).copy_(q.narrow(1, g, k - g));
 }
-
-// Throws InvalidArgument naming the first matrix of `a` [B, m, n] that holds NaN or Inf.
-void check_finite(const torch::Tensor& a, const char* what) {
-  auto finite = torch::isfinite(a).flatten(1).all(1);
-  if (finite.all().item<bool>()) return;
-  const int64_t first = (~finite).nonzero().flatten()[0].item<int64_t>();
-  throw InvalidArgument(fmt::format(
-      "{}: matrix {} of the batch ({} matrices) holds NaN or Inf; the SVD needs finite input", what,
-      first, a.size(0)));
-}
-
-}  // namespace
 
 bool jacobi_supported(int64_t m, int64_t n, torch::ScalarType dtype) {
   if (dtype != torch::kFloat32 && dtype != torch::kFloat64) return false;
@@ -195,6 +196,51 @@ SvdResult jacobi_svd(const torch::Tensor& a, const JacobiOptions& opts) {
   return r;
 }
 
+TallQr tall_cholesky_qr2(const torch::Tensor& x) {
+  ATTNPILOT_CHECK_ARG(x.defined() && x.dim() == 3 && x.scalar_type() == torch::kFloat64 &&
+                          x.size(1) >= x.size(2) && x.size(2) >= 1,
+                      "tall_cholesky_qr2 expects a float64 [B, m, n] tensor with m >= n >= 1, "
+                      "got {} {}",
+                      x.defined() ? c10::str(x.sizes()) : std::string("undefined"),
+                      x.defined() ? dtype_name(x) : std::string("-"));
+  const int64_t bsz = x.size(0), n = x.size(2);
+  // Cholesky-QR2 in float64: X = Q₁R₁, Q₁ = Q R₂, so X = Q R with R = R₂R₁ and Q = Q₁R₂⁻¹.
+  // Float64 Gram matrices square cond(X) but stay accurate for cond(X) up to about 1e7, far
+  // beyond float32 data; the second pass restores orthogonality to float64 rounding. Where it
+  // cannot (Cholesky fails, or Q₁ is far from orthonormal: ‖Q₁ᵀQ₁ − I‖_max > 0.1), Householder
+  // QR of that matrix is used instead (Q₁ = Q_H, R = R_H, R₂⁻¹ = I).
+  auto o64 = x.options();
+  auto eye = torch::eye(n, o64).expand({bsz, n, n}).contiguous();
+  auto g1 = torch::bmm(x.transpose(1, 2), x);
+  auto [l1, info1] = torch::linalg_cholesky_ex(g1, /*upper=*/false, /*check_errors=*/false);
+  auto r1 = l1.transpose(1, 2);
+  auto r1inv = torch::linalg_solve_triangular(r1, eye, /*upper=*/true, /*left=*/true,
+                                              /*unitriangular=*/false);
+  TallQr out;
+  out.q1 = torch::bmm(x, r1inv).contiguous();
+  auto g2 = torch::bmm(out.q1.transpose(1, 2), out.q1);
+  auto [l2, info2] = torch::linalg_cholesky_ex(g2, /*upper=*/false, /*check_errors=*/false);
+  auto r2 = l2.transpose(1, 2);
+  out.r = torch::bmm(r2, r1).contiguous();
+  out.r2inv = torch::linalg_solve_triangular(r2, eye, /*upper=*/true, /*left=*/true,
+                                             /*unitriangular=*/false)
+                  .contiguous();
+  auto g2_finite = torch::isfinite(g2).flatten(1).all(1);
+  auto g2_far = (g2 - eye).abs().flatten(1).amax(1) > 0.1;
+  auto bad = (info1 != 0) | (info2 != 0) | ~g2_finite | g2_far |
+             ~torch::isfinite(out.r).flatten(1).all(1) |
+             ~torch::isfinite(out.r2inv).flatten(1).all(1);
+  auto bad_idx = bad.nonzero().flatten();
+  out.householder = bad_idx.numel();
+  if (out.householder > 0) {
+    auto [qh, rh] = torch::linalg_qr(x.index_select(0, bad_idx), "reduced");
+    out.q1.index_copy_(0, bad_idx, qh.contiguous());
+    out.r.index_copy_(0, bad_idx, rh.contiguous());
+    out.r2inv.index_copy_(0, bad_idx, eye.index_select(0, bad_idx));
+  }
+  return out;
+}
+
 int64_t tall_qr_jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch::Tensor& u,
                                torch::Tensor& s, torch::Tensor& v) {
   check_input(a, "tall QR + Jacobi SVD");
@@ -212,38 +258,12 @@ int64_t tall_qr_jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts
   if (bsz == 0) return 0;
   c10::cuda::CUDAGuard guard(a.device());
   check_finite(a, "tall QR + Jacobi SVD");
-  // X = A (or Aᵀ) is m×n, m > 128 >= n. Cholesky-QR2 in float64: X = Q₁R₁, Q₁ = Q R₂, so
-  // X = Q R with R = R₂R₁ and Q = Q₁R₂⁻¹. Float64 Gram matrices square cond(X) but stay
-  // accurate for cond(X) up to about 1e7, far beyond float32 data; the second pass restores
-  // orthogonality to float64 rounding. Where it cannot (Cholesky fails, or Q₁ is far from
-  // orthonormal: ‖Q₁ᵀQ₁ − I‖_max > 0.1), Householder QR of that matrix is used instead.
+  // X = A (or Aᵀ) is m×n, m > 128 >= n; X = Q R with Q = Q₁·R₂⁻¹ (tall_cholesky_qr2).
   auto x = (tr ? a.transpose(1, 2) : a).to(torch::kFloat64);
-  auto o64 = x.options();
-  auto eye = torch::eye(n, o64).expand({bsz, n, n});
-  auto g1 = torch::bmm(x.transpose(1, 2), x);
-  auto [l1, info1] = torch::linalg_cholesky_ex(g1, /*upper=*/false, /*check_errors=*/false);
-  auto r1 = l1.transpose(1, 2);
-  auto r1inv = torch::linalg_solve_triangular(r1, eye, /*upper=*/true, /*left=*/true,
-                                              /*unitriangular=*/false);
-  auto q1 = torch::bmm(x, r1inv).contiguous();
-  auto g2 = torch::bmm(q1.transpose(1, 2), q1);
-  auto [l2, info2] = torch::linalg_cholesky_ex(g2, /*upper=*/false, /*check_errors=*/false);
-  auto r2 = l2.transpose(1, 2);
-  auto r = torch::bmm(r2, r1).contiguous();
-  auto r2inv = torch::linalg_solve_triangular(r2, eye, /*upper=*/true, /*left=*/true,
-                                              /*unitriangular=*/false)
-                   .contiguous();
-  auto g2_finite = torch::isfinite(g2).flatten(1).all(1);
-  auto g2_far = (g2 - eye).abs().flatten(1).amax(1) > 0.1;
-  auto bad = (info1 != 0) | (info2 != 0) | ~g2_finite | g2_far |
-             ~torch::isfinite(r).flatten(1).all(1) | ~torch::isfinite(r2inv).flatten(1).all(1);
-  auto bad_idx = bad.nonzero().flatten();
-  if (bad_idx.numel() > 0) {
-    auto [qh, rh] = torch::linalg_qr(x.index_select(0, bad_idx), "reduced");
-    q1.index_copy_(0, bad_idx, qh.contiguous());
-    r.index_copy_(0, bad_idx, rh.contiguous());
-    r2inv.index_copy_(0, bad_idx, torch::eye(n, o64).expand({bad_idx.numel(), n, n}).contiguous());
-  }
+  auto qr = tall_cholesky_qr2(x);
+  auto& q1 = qr.q1;
+  auto& r = qr.r;
+  auto& r2inv = qr.r2inv;
   // SVD of the n×n factor R = U_R Σ V_Rᵀ in the input precision; X = (Q U_R) Σ V_Rᵀ.
   auto rt = r.to(a.scalar_type()).contiguous();
   JacobiOptions ro = opts;

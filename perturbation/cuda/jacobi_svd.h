@@ -50,6 +50,22 @@ int64_t tall_qr_jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts
 /// Allocating form; backend = kTallQrJacobi.
 SvdResult tall_qr_jacobi_svd(const torch::Tensor& a, const JacobiOptions& opts);
 
+/// X = Q R with Q = q1·r2inv (orthonormal columns), R upper triangular, from Cholesky-QR2 in
+/// float64, with Householder QR for the matrices where Cholesky-QR2 is not accurate.
+struct TallQr {
+  torch::Tensor q1;         ///< [B, m, n]
+  torch::Tensor r;          ///< [B, n, n]
+  torch::Tensor r2inv;      ///< [B, n, n]
+  int64_t householder = 0;  ///< matrices that took the Householder fallback
+};
+/// x [B, m, n] float64, m >= n >= 1, on any device (batched GEMMs and Cholesky).
+TallQr tall_cholesky_qr2(const torch::Tensor& x);
+
+/// Replaces the exactly-zero trailing columns of ub [m, k] (m >= k; the Jacobi kernel writes 0
+/// where σ_j has no direction, and σ is sorted, so they are last) by an orthonormal completion
+/// of the leading unit columns: QR of [leading, random] with a fixed-seed random block.
+void complete_zero_columns(torch::Tensor ub, uint64_t seed);
+
 /// True when subspace_iteration_step_cuda handles c [B, d, d], v [B, d, p] (CUDA tensors,
 /// float32/float64, jacobi_supported(d, p)).
 bool subspace_step_supported(const torch::Tensor& c, const torch::Tensor& v);

@@ -148,6 +148,53 @@ Errors run_poisoned(const torch::Tensor& a64, torch::Dtype dtype, int64_t rank, 
   return svd_errors(seen, u, s, v, ref);
 }
 
+// The host-side pieces run on any device, so they are checked on the CPU here too.
+TEST(TallCholeskyQr2, FactorsOnCpuWithHouseholderFallback) {
+  auto gen = make_gen(810);
+  auto check = [](const torch::Tensor& x, const cuda::TallQr& qr, const std::string& what) {
+    const int64_t n = x.size(2);
+    auto q = torch::bmm(qr.q1, qr.r2inv);
+    EXPECT_LE(
+        (torch::bmm(q.transpose(1, 2), q) - torch::eye(n, x.options())).abs().max().item<double>(),
+        1e-12)
+        << what << ": Q orthonormal";
+    auto rel = torch::linalg_matrix_norm(torch::bmm(q, qr.r) - x, "fro") /
+               torch::linalg_matrix_norm(x, "fro");
+    EXPECT_LE(rel.max().item<double>(), 1e-12) << what << ": Q R = X";
+    EXPECT_EQ(torch::tril(qr.r, -1).abs().max().item<double>(), 0.0) << what << ": R triangular";
+  };
+  auto well = make_matrices(Spec::kWell, 3, 700, 24, gen);
+  auto ill = make_matrices(Spec::kCond1e6, 3, 700, 24, gen);
+  auto qw = cuda::tall_cholesky_qr2(well), qi = cuda::tall_cholesky_qr2(ill);
+  EXPECT_EQ(qw.householder, 0);
+  EXPECT_EQ(qi.householder, 0) << "cond 1e6 is within Cholesky-QR2's float64 range";
+  check(well, qw, "well-conditioned");
+  check(ill, qi, "cond 1e6");
+  // A batch mixing full-rank and rank-deficient matrices: only the deficient ones fall back.
+  auto mixed = torch::cat({well, testing::random_matrix(Family::kRankDeficient, 2, 700, 24, gen)});
+  auto qm = cuda::tall_cholesky_qr2(mixed);
+  EXPECT_EQ(qm.householder, 2);
+  check(mixed, qm, "mixed rank-deficient");
+  EXPECT_THROW(cuda::tall_cholesky_qr2(well.to(torch::kFloat32)), InvalidArgument);
+  EXPECT_THROW(cuda::tall_cholesky_qr2(well.transpose(1, 2)), InvalidArgument);
+}
+
+TEST(TallCholeskyQr2, ZeroColumnCompletionOnCpu) {
+  auto gen = make_gen(811);
+  auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  auto q = std::get<0>(torch::linalg_qr(torch::randn({30, 7}, gen, o64)));
+  auto ub = q.clone();
+  ub.narrow(1, 4, 3).zero_();
+  cuda::complete_zero_columns(ub, 1);
+  EXPECT_TRUE(torch::equal(ub.narrow(1, 0, 4), q.narrow(1, 0, 4))) << "leading columns changed";
+  EXPECT_LE((torch::matmul(ub.t(), ub) - torch::eye(7, o64)).abs().max().item<double>(), 1e-12);
+  auto all_zero = torch::zeros({5, 5}, o64);
+  cuda::complete_zero_columns(all_zero, 2);
+  EXPECT_LE((torch::matmul(all_zero.t(), all_zero) - torch::eye(5, o64)).abs().max().item<double>(),
+            1e-12);
+  EXPECT_THROW(cuda::complete_zero_columns(torch::zeros({3, 5}, o64), 3), InvalidArgument);
+}
+
 TEST(JacobiSvdCuda, SquareAndShortMatchFloat64Reference) {
   SKIP_WITHOUT_CUDA();
   auto gen = make_gen(801);
