@@ -1,10 +1,16 @@
 // svd_bench: the perturbation engine's SVD workloads, medians of repeats, side by side with
 // the reference in one run.
 //  1. Batches of square (32, 64, 128) and tall (4096×64, 4096×128) matrices: BatchedSvd
-//     (automatic backend: torch on CPU, cuSOLVER on CUDA) vs torch::linalg_svd, full SVD;
-//     for the tall ones also the top-8 triplets (gesvda on CUDA).
+//     (automatic backend: torch on CPU; on CUDA our Jacobi kernel / tall QR + Jacobi) vs
+//     torch::linalg_svd, full SVD; for the tall ones also the top-8 triplets. On CUDA also
+//     side by side: cuSOLVER gesvda (gesvdaStridedBatched, via AᵀA) and gesvdjBatched
+//     (<= 32×32 only), with ratios other/ours.
+//  1b. (CUDA) Accuracy on the same shapes with condition number 1e6 (log-spaced spectrum):
+//     max |σ − σ_ref| / σ_max against float64 CPU, and orthogonality of U, for ours and gesvda.
 //  2. Per segment of a growing sequence (many heads at once): SubspaceTracker::update with
 //     warm starts vs the same update that always recomputes the SVD from scratch.
+//  3. (CUDA) Top-r warm-started update of 1024 cores of 128×128 (fp32, r = 8 and 16, block
+//     p = r + 4): subspace iteration from the previous V vs a full gesvda and our full kernel.
 // Usage: svd_bench [--device cpu|cuda] [--full] [--repeats N] [--threads N]
 //   Without --full on CPU the batch counts are scaled down (64 square, 8 tall, 64 heads) so it
 //   finishes in about a minute on 2 cores; --full uses the GPU sizes (1024 square, 256 tall).
@@ -19,6 +25,9 @@
 
 #include "perturbation/batched_svd.h"
 #include "perturbation/tracker.h"
+#ifdef ATTNPILOT_WITH_CUDA
+#include "perturbation/cuda/jacobi_svd.h"
+#endif
 
 using namespace attnpilot::perturbation;
 using Clock = std::chrono::steady_clock;
@@ -73,15 +82,22 @@ int main(int argc, char** argv) {
   auto opt = torch::TensorOptions().dtype(torch::kFloat32).device(dev);
   torch::manual_seed(0);
 
-  std::cout << "1. batched SVD, fp32, median ms\n";
+  const bool cuda = dev.is_cuda();
+  std::cout << "1. batched SVD, fp32, median ms (ours = BatchedSvd's automatic backend)\n";
   std::cout << "shape            batch  rank  backend                   ours_ms   torch_ms  "
-               "torch/ours\n";
+               "torch/ours  gesvda_ms gesvda/ours gesvdjB_ms gesvdjB/ours\n";
   struct Shape {
     int64_t m, n, batch, rank;
   };
   std::vector<Shape> shapes = {
       {32, 32, n_square, 0}, {64, 64, n_square, 0},  {128, 128, n_square, 0}, {4096, 64, n_tall, 0},
       {4096, 64, n_tall, 8}, {4096, 128, n_tall, 0}, {4096, 128, n_tall, 8}};
+  auto fmt_ms = [](double t) {
+    return t > 0 ? fmt::format("{:.3f}", t * 1e3) : std::string("n/a");
+  };
+  auto fmt_ratio = [](double t, double ours) {
+    return t > 0 ? fmt::format("{:.2f}", t / ours) : std::string("n/a");
+  };
   for (const auto& s : shapes) {
     auto a = torch::randn({s.batch, s.m, s.n}, opt);
     SvdOptions o;
@@ -93,10 +109,57 @@ int main(int argc, char** argv) {
       auto r = torch::linalg_svd(a, false, c10::nullopt);
       (void)r;
     });
-    std::cout << fmt::format("{:>5}x{:<5}      {:>5}  {:>4}  {:<24} {:>9.3f} {:>10.3f} {:>10.2f}\n",
-                             s.m, s.n, s.batch,
-                             s.rank == 0 ? std::string("all") : std::to_string(s.rank),
-                             to_string(used), ours * 1e3, ref * 1e3, ref / ours);
+    double gesvda = 0, gesvdj_batched = 0;
+    if (cuda) {
+      SvdOptions go = o;
+      go.backend = SvdBackend::kCusolverApprox;
+      BatchedSvd g(go);
+      gesvda = time_it(dev, repeats, [&] { (void)g(a); });
+      if (s.m <= 32 && s.n <= 32) {
+        SvdOptions jo = o;
+        jo.backend = SvdBackend::kCusolverBatchedJacobi;
+        BatchedSvd j(jo);
+        gesvdj_batched = time_it(dev, repeats, [&] { (void)j(a); });
+      }
+    }
+    std::cout << fmt::format(
+        "{:>5}x{:<5}      {:>5}  {:>4}  {:<24} {:>9.3f} {:>10.3f} {:>10.2f} {:>10} {:>11} {:>10} "
+        "{:>12}\n",
+        s.m, s.n, s.batch, s.rank == 0 ? std::string("all") : std::to_string(s.rank),
+        to_string(used), ours * 1e3, ref * 1e3, ref / ours, fmt_ms(gesvda), fmt_ratio(gesvda, ours),
+        fmt_ms(gesvdj_batched), fmt_ratio(gesvdj_batched, ours));
+  }
+
+  if (cuda) {
+    std::cout << "\n1b. accuracy, fp32, condition number 1e6 (σ log-spaced over 6 decades), 16 "
+                 "matrices per shape, vs float64 CPU: max |σ - σ_ref| / σ_max and max |UᵀU - I|\n";
+    std::cout << "shape          ours_sigma_err  ours_orth_U  gesvda_sigma_err  gesvda_orth_U\n";
+    auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+    for (auto [m, n] : std::vector<std::pair<int64_t, int64_t>>{
+             {32, 32}, {64, 64}, {128, 128}, {4096, 64}, {4096, 128}}) {
+      const int64_t b = 16, k = std::min(m, n);
+      auto u = std::get<0>(torch::linalg_qr(torch::randn({b, m, k}, o64)));
+      auto v = std::get<0>(torch::linalg_qr(torch::randn({b, n, k}, o64)));
+      auto sig = torch::pow(10.0, torch::linspace(0, -6, k, o64)).unsqueeze(0).expand({b, k});
+      auto a32 = torch::matmul(u * sig.unsqueeze(-2), v.transpose(-1, -2)).to(torch::kFloat32);
+      auto sref = torch::linalg_svdvals(a32.to(torch::kFloat64));
+      auto ad = a32.to(dev);
+      auto errs = [&](const SvdResult& r) {
+        auto s = r.s.to(torch::kFloat64).cpu(), uu = r.u.to(torch::kFloat64).cpu();
+        const double se = ((s - sref).abs().amax(-1) / sref.select(-1, 0)).max().item<double>();
+        const double oe = (torch::matmul(uu.transpose(-1, -2), uu) - torch::eye(k, o64))
+                              .abs()
+                              .max()
+                              .item<double>();
+        return std::pair<double, double>{se, oe};
+      };
+      auto [se, oe] = errs(batched_svd(ad));
+      SvdOptions go;
+      go.backend = SvdBackend::kCusolverApprox;
+      auto [ge, go_e] = errs(batched_svd(ad, go));
+      std::cout << fmt::format("{:>5}x{:<5}    {:>14.2e} {:>12.2e} {:>17.2e} {:>14.2e}\n", m, n, se,
+                               oe, ge, go_e);
+    }
   }
 
   std::cout << "\n2. incremental tracking per segment (" << heads
@@ -139,5 +202,38 @@ int main(int argc, char** argv) {
                              w * 1e3, r * 1e3, r / w, warm.stats().warm,
                              warm.stats().recomputations, warm.stats().iterations);
   }
+#ifdef ATTNPILOT_WITH_CUDA
+  if (cuda) {
+    std::cout << "\n3. top-r warm-started update, 1024 cores 128x128 fp32 (σ_i = 0.8^i, the new "
+                 "core = old + 1e-3 noise), tol 1e-5·σ₁, median ms\n";
+    std::cout << "r   p   topr_ms  gesvda_full_ms  gesvda/topr  ours_full_ms  ours/topr  "
+                 "iters_mean  iters_max  converged\n";
+    const int64_t b = 1024, d = 128;
+    auto u0 = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, opt)));
+    auto v0f = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, opt)));
+    auto sig = torch::pow(0.8, torch::arange(d, opt)).unsqueeze(0).expand({b, d});
+    auto c0 = torch::matmul(u0 * sig.unsqueeze(-2), v0f.transpose(-1, -2));
+    auto c1 = c0 + 1e-3 * torch::randn({b, d, d}, opt) / std::sqrt(static_cast<double>(d));
+    auto prev = batched_svd(c0);  // the previous segment's factors (our kernel)
+    SvdOptions go;
+    go.backend = SvdBackend::kCusolverApprox;
+    BatchedSvd gesvda(go), ours_full{SvdOptions{}};
+    const double tg = time_it(dev, repeats, [&] { (void)gesvda(c1); });
+    const double to = time_it(dev, repeats, [&] { (void)ours_full(c1); });
+    for (int64_t r : {8, 16}) {
+      const int64_t p = r + 4;
+      auto v0 = prev.v.narrow(2, 0, p).contiguous();
+      cuda::TopRResult res;
+      const double tt =
+          time_it(dev, repeats, [&] { res = cuda::topr_subspace_iteration(c1, v0, r, 1e-5, 20); });
+      auto it = res.iterations.to(torch::kFloat64);
+      std::cout << fmt::format(
+          "{:<3} {:<3} {:>8.3f} {:>15.3f} {:>12.2f} {:>13.3f} {:>10.2f} {:>11.2f} "
+          "{:>10} {:>10}\n",
+          r, p, tt * 1e3, tg * 1e3, tg / tt, to * 1e3, to / tt, it.mean().item<double>(),
+          it.max().item<double>(), res.converged.sum().item<int64_t>());
+    }
+  }
+#endif
   return 0;
 }
