@@ -197,8 +197,9 @@ void add_calibrate_verb(CLI::App& root) {
       ->capture_default_str();
   cmd->add_option("--threads", args->threads, "torch intra-op threads while measuring")
       ->capture_default_str();
-  cmd->add_flag("--quick", args->quick,
-                "small grid (N 16,64; M 64..512; ranks 4..32; head dim 32; 3 repeats), seconds");
+  cmd->add_flag(
+      "--quick", args->quick,
+      "small grid (N 16,64; M 64..512; ranks 4..32; head dim 32; 3 repeats), well under a second");
   cmd->add_option("--head-dims", args->head_dims, "comma-separated head dims (default 32,64)");
   cmd->add_option("--query-lengths", args->query_lengths,
                   "comma-separated queries per call N (default 16,32,64,128)");
@@ -210,8 +211,9 @@ void add_calibrate_verb(CLI::App& root) {
   cmd->add_option("--heads", args->heads, "query heads per call (default 4)");
   cmd->add_option("--kv-heads", args->kv_heads,
                   "key/value heads per call (GQA; a divisor of --heads; default = --heads)");
-  cmd->add_option("--repeats", args->repeats,
-                  "timed repeats per point after one warm-up (default 5)");
+  cmd->add_option(
+      "--repeats", args->repeats,
+      "timed sweeps of the grid after one warm-up sweep; a point keeps the median (default 5)");
   cmd->add_option("--seed", args->seed, "seed of the random inputs")->capture_default_str();
   cmd->callback([args, cmd] { run_calibrate(*args, *cmd); });
 }
