@@ -9,8 +9,9 @@
 //     max |σ − σ_ref| / σ_max against float64 CPU, and orthogonality of U, for ours and gesvda.
 //  2. Per segment of a growing sequence (many heads at once): SubspaceTracker::update with
 //     warm starts vs the same update that always recomputes the SVD from scratch.
-//  3. (CUDA) Top-r warm-started update of 1024 cores of 128×128 (fp32, r = 8 and 16, block
+//  1c. (CUDA) Top-r warm-started update of 1024 cores of 128×128 (fp32, r = 8 and 16, block
 //     p = r + 4): subspace iteration from the previous V vs a full gesvda and our full kernel.
+//     (Printed before section 2, whose CUDA tracker runs are the slowest part of the bench.)
 // Usage: svd_bench [--device cpu|cuda] [--full] [--repeats N] [--threads N]
 //   Without --full on CPU the batch counts are scaled down (64 square, 8 tall, 64 heads) so it
 //   finishes in about a minute on 2 cores; --full uses the GPU sizes (1024 square, 256 tall).
@@ -162,6 +163,39 @@ int main(int argc, char** argv) {
     }
   }
 
+#ifdef ATTNPILOT_WITH_CUDA
+  if (cuda) {
+    std::cout << "\n1c. top-r warm-started update, 1024 cores 128x128 fp32 (σ_i = 0.8^i, the new "
+                 "core = old + 1e-3 noise), tol 1e-5·σ₁, median ms\n";
+    std::cout << "r   p   topr_ms  gesvda_full_ms  gesvda/topr  ours_full_ms  ours/topr  "
+                 "iters_mean  iters_max  converged\n";
+    const int64_t b = 1024, d = 128;
+    auto u0 = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, opt)));
+    auto v0f = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, opt)));
+    auto sig = torch::pow(0.8, torch::arange(d, opt)).unsqueeze(0).expand({b, d});
+    auto c0 = torch::matmul(u0 * sig.unsqueeze(-2), v0f.transpose(-1, -2));
+    auto c1 = c0 + 1e-3 * torch::randn({b, d, d}, opt) / std::sqrt(static_cast<double>(d));
+    auto prev = batched_svd(c0);  // the previous segment's factors (our kernel)
+    SvdOptions go;
+    go.backend = SvdBackend::kCusolverApprox;
+    BatchedSvd gesvda(go), ours_full{SvdOptions{}};
+    const double tg = time_it(dev, repeats, [&] { (void)gesvda(c1); });
+    const double to = time_it(dev, repeats, [&] { (void)ours_full(c1); });
+    for (int64_t r : {8, 16}) {
+      const int64_t p = r + 4;
+      auto v0 = prev.v.narrow(2, 0, p).contiguous();
+      cuda::TopRResult res;
+      const double tt =
+          time_it(dev, repeats, [&] { res = cuda::topr_subspace_iteration(c1, v0, r, 1e-5, 20); });
+      auto it = res.iterations.to(torch::kFloat64);
+      std::cout << fmt::format(
+          "{:<3} {:<3} {:>8.3f} {:>15.3f} {:>12.2f} {:>13.3f} {:>10.2f} {:>11.2f} "
+          "{:>10} {:>10}\n",
+          r, p, tt * 1e3, tg * 1e3, tg / tt, to * 1e3, to / tt, it.mean().item<double>(),
+          it.max().item<double>(), res.converged.sum().item<int64_t>());
+    }
+  }
+#endif
   std::cout << "\n2. incremental tracking per segment (" << heads
             << " heads, T=128 rows per segment, rank 8, 8 segments), median ms per update\n";
   std::cout << "d     warm_ms   recompute_ms  recompute/warm  warm_updates  recomputations  "
@@ -202,38 +236,5 @@ int main(int argc, char** argv) {
                              w * 1e3, r * 1e3, r / w, warm.stats().warm,
                              warm.stats().recomputations, warm.stats().iterations);
   }
-#ifdef ATTNPILOT_WITH_CUDA
-  if (cuda) {
-    std::cout << "\n3. top-r warm-started update, 1024 cores 128x128 fp32 (σ_i = 0.8^i, the new "
-                 "core = old + 1e-3 noise), tol 1e-5·σ₁, median ms\n";
-    std::cout << "r   p   topr_ms  gesvda_full_ms  gesvda/topr  ours_full_ms  ours/topr  "
-                 "iters_mean  iters_max  converged\n";
-    const int64_t b = 1024, d = 128;
-    auto u0 = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, opt)));
-    auto v0f = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, opt)));
-    auto sig = torch::pow(0.8, torch::arange(d, opt)).unsqueeze(0).expand({b, d});
-    auto c0 = torch::matmul(u0 * sig.unsqueeze(-2), v0f.transpose(-1, -2));
-    auto c1 = c0 + 1e-3 * torch::randn({b, d, d}, opt) / std::sqrt(static_cast<double>(d));
-    auto prev = batched_svd(c0);  // the previous segment's factors (our kernel)
-    SvdOptions go;
-    go.backend = SvdBackend::kCusolverApprox;
-    BatchedSvd gesvda(go), ours_full{SvdOptions{}};
-    const double tg = time_it(dev, repeats, [&] { (void)gesvda(c1); });
-    const double to = time_it(dev, repeats, [&] { (void)ours_full(c1); });
-    for (int64_t r : {8, 16}) {
-      const int64_t p = r + 4;
-      auto v0 = prev.v.narrow(2, 0, p).contiguous();
-      cuda::TopRResult res;
-      const double tt =
-          time_it(dev, repeats, [&] { res = cuda::topr_subspace_iteration(c1, v0, r, 1e-5, 20); });
-      auto it = res.iterations.to(torch::kFloat64);
-      std::cout << fmt::format(
-          "{:<3} {:<3} {:>8.3f} {:>15.3f} {:>12.2f} {:>13.3f} {:>10.2f} {:>11.2f} "
-          "{:>10} {:>10}\n",
-          r, p, tt * 1e3, tg * 1e3, tg / tt, to * 1e3, to / tt, it.mean().item<double>(),
-          it.max().item<double>(), res.converged.sum().item<int64_t>());
-    }
-  }
-#endif
   return 0;
 }
