@@ -36,9 +36,10 @@
 /// Memory allocation is part of a call's time. With glibc's default (dynamic) mmap and trim
 /// thresholds, a call whose score buffer lands at the top of the heap after a trim pays
 /// page faults for it, which made single shapes 2-5x slower in measurements on a 2-core
-/// EPYC (e.g. N 128, M 1024, d 32: 1.8 ms vs 0.96 ms with MALLOC_MMAP_THRESHOLD_=1 GiB and
-/// MALLOC_TRIM_THRESHOLD_=4 GiB). Which shapes pay depends on the order of calls, so
-/// calibrate and run the model under the same allocator settings; machine() records them.
+/// EPYC (e.g. N 128, M 1024, d 32: 1.7-2.3 ms, against 0.99-1.05 ms with
+/// MALLOC_MMAP_THRESHOLD_=33554432 and MALLOC_TRIM_THRESHOLD_=268435456). Which shapes pay
+/// depends on the order of calls, so calibrate and run the model under the same allocator
+/// settings; machine() records them.
 #include <torch/torch.h>
 
 #include <atomic>
