@@ -4,10 +4,7 @@
 #include <cmath>
 #include <map>
 
-#if __has_include("attention/cost_model.h")
 #include "attention/cost_model.h"
-#define ATTNPILOT_HAVE_COST_MODEL 1
-#endif
 #include "attention/kv_cache.h"
 #include "attention/plan.h"
 #include "common/error.h"
@@ -199,10 +196,8 @@ RankEnv::RankEnv(RankEnvConfig cfg) : cfg_(std::move(cfg)) {
                         "{}: env.reward.cost is time but env.reward.cost_model (the file "
                         "`attnpilot calibrate` writes) is not set",
                         kName);
-#ifdef ATTNPILOT_HAVE_COST_MODEL
     cost_model_ =
         std::make_unique<attention::CostModel>(attention::CostModel::load(cfg_.cost_model));
-#endif
   }
 
   const auto tok = model::Tokenizer::load(dir / "tokenizer.model");
@@ -510,7 +505,6 @@ StepResult RankEnv::do_step(const torch::Tensor& action, bool record_action) {
       trackers_.empty() ? 0.0
                         : layers_ * tracker_flops(heads_, T, head_dim_, p, 0, 0) +
                               tracker_flops(0, T, head_dim_, p, iters1 - iters0, recomp1 - recomp0);
-#ifdef ATTNPILOT_HAVE_COST_MODEL
   if (cost_model_) {
     for (int64_t l = 0; l < layers_; ++l) {
       std::map<int64_t, int64_t> count;  // rank -> heads
@@ -523,9 +517,7 @@ StepResult RankEnv::do_step(const torch::Tensor& action, bool record_action) {
           cost_model_->time_us(HeadPlan::dense(), T, M, head_dim_, heads_);
     }
     rec.cost = rec.predicted_time_us / rec.predicted_dense_time_us;
-  } else
-#endif
-  {
+  } else {
     rec.cost = rec.score_flops / rec.dense_score_flops;
   }
   rec.reward = cfg_.alpha * rec.fidelity - cfg_.beta * rec.cost - cfg_.gamma * rec.perturbation;

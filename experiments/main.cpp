@@ -1,4 +1,6 @@
 // attnpilot: the experiment runner CLI. See README.md for every verb with an example.
+#include <malloc.h>
+
 #include <iostream>
 
 #include "common/error.h"
@@ -6,6 +8,12 @@
 #include "experiments/cli.h"
 
 int main(int argc, char** argv) {
+  // glibc's default heap trimming returns the large attention temporaries to the kernel
+  // after every call, so some shapes page-fault on every call and run 2-5x slower
+  // depending on call order (measured by `calibrate`, attention/cost_model.h). Keep them:
+  // both thresholds are needed.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
   CLI::App app{
       "attnpilot: a reinforcement-learning control plane for adaptive attention.\n"
       "Agents choose per layer and head the rank, sparsity or routing of attention,\n"

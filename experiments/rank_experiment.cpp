@@ -233,6 +233,7 @@ std::vector<ResultRow> run_rank_experiment(const RunRequest& req, std::ostream* 
     attention::CalibrationOptions co = attention::CalibrationOptions::quick();
     co.head_dims = {mc.head_dim};
     co.heads = mc.num_heads;
+    co.kv_heads = mc.num_kv_heads;
     co.query_lengths = {base.segment};
     co.key_lengths.clear();
     for (int64_t m = base.segment; m <= base.sequence_length; m += base.segment)

@@ -2,7 +2,8 @@
 # `make demo` (after the build): trains the tokenizer and the default model into
 # runs/default/ (cached: a finished run with the same config, corpus and tokenizer
 # fingerprint is reused, an interrupted one resumed), then prints validation perplexity
-# beside the unigram baseline.
+# beside the unigram baseline, then runs the rank-selection experiment
+# (experiments/quickstart.yaml) into runs/quickstart and prints its results table.
 #   bash scripts/demo.sh BUILD_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +31,9 @@ echo "== pretraining step took $(( $(date +%s) - start )) s"
 
 echo "== validation perplexity (held-out fortunes) beside an add-one unigram model"
 "$bin" eval-lm --model "$run/model" --device "$device"
+
+echo "== rank selection (experiments/quickstart.yaml): calibrate, train a PPO policy on the"
+echo "   train split, evaluate it and every baseline on held-out windows, write the report"
+start=$(date +%s)
+"$bin" run experiments/quickstart.yaml --out "${ATTNPILOT_DEMO_RANK_RUN:-runs/quickstart}"
+echo "== rank experiment took $(( $(date +%s) - start )) s"
