@@ -122,14 +122,14 @@ TEST(BatchedSvdCuda, CusolverBackendsMatchCpu) {
         fmt::format("{} {}x{} rank {}", to_string(c.backend), c.m, c.n, c.rank);
     expect_valid_svd(a, r, c.tol, what);
   }
-  // The automatic choice on CUDA.
+  // The automatic choice on CUDA: our Jacobi kernel (square/short) and QR + Jacobi (tall).
   auto small = torch::zeros({2, 32, 32}, torch::kCUDA);
   auto tall = torch::zeros({2, 4096, 64}, torch::kCUDA);
-  EXPECT_EQ(choose_svd_backend(small, {}), SvdBackend::kCusolverBatchedJacobi);
+  EXPECT_EQ(choose_svd_backend(small, {}), SvdBackend::kJacobiKernel);
   SvdOptions top;
   top.rank = 8;
-  EXPECT_EQ(choose_svd_backend(tall, top), SvdBackend::kCusolverApprox);
-  EXPECT_EQ(choose_svd_backend(tall, {}), SvdBackend::kCusolverJacobi);
+  EXPECT_EQ(choose_svd_backend(tall, top), SvdBackend::kTallQrJacobi);
+  EXPECT_EQ(choose_svd_backend(tall, {}), SvdBackend::kTallQrJacobi);
 }
 
 // Segments of a sequence whose queries/keys share a fixed low-rank structure plus noise, so
