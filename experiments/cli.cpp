@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <sstream>
 
 namespace attnpilot::cli {
 namespace {
@@ -42,6 +43,24 @@ torch::Device parse_device(const std::string& s) {
     }
   }
   throw UsageError(fmt::format("--device {}: expected cpu, cuda, cuda:N or auto", s));
+}
+
+std::vector<int64_t> parse_positive_list(const std::string& flag, const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t pos = 0;
+      const long long v = std::stoll(item, &pos);
+      if (pos != item.size() || v < 1) throw std::invalid_argument(item);
+      out.push_back(v);
+    } catch (const std::exception&) {
+      throw UsageError(fmt::format("{}: '{}' is not a positive integer", flag, item));
+    }
+  }
+  if (out.empty()) throw UsageError(fmt::format("{} is empty, expected e.g. 4,8,16", flag));
+  return out;
 }
 
 }  // namespace attnpilot::cli

@@ -49,4 +49,8 @@ namespace attnpilot::cli {
 /// Throws UsageError naming the value, or when CUDA is asked for and absent.
 torch::Device parse_device(const std::string& s);
 
+/// Parses a comma-separated list of positive integers ("4,8,16"), in the given order.
+/// Throws UsageError naming `flag` and the bad item, or when the list is empty.
+std::vector<int64_t> parse_positive_list(const std::string& flag, const std::string& s);
+
 }  // namespace attnpilot::cli

@@ -39,20 +39,7 @@ struct CalibrateArgs {
 
 /// "32,64" ─► {32, 64}, sorted and without repeats; UsageError naming the flag otherwise.
 std::vector<int64_t> parse_list(const std::string& flag, const std::string& s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    try {
-      size_t pos = 0;
-      const long long v = std::stoll(item, &pos);
-      if (pos != item.size() || v < 1) throw std::invalid_argument(item);
-      out.push_back(v);
-    } catch (const std::exception&) {
-      throw UsageError(fmt::format("{}: '{}' is not a positive integer", flag, item));
-    }
-  }
-  if (out.empty()) throw UsageError(fmt::format("{} is empty, expected e.g. 32,64", flag));
+  auto out = parse_positive_list(flag, s);
   std::sort(out.begin(), out.end());
   out.erase(std::unique(out.begin(), out.end()), out.end());
   return out;

@@ -28,27 +28,9 @@ struct SpectrumArgs {
   int64_t max_tokens = 512;
 };
 
-std::vector<int64_t> parse_ranks(const std::string& s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    try {
-      size_t pos = 0;
-      const long long v = std::stoll(item, &pos);
-      if (pos != item.size() || v < 1) throw std::invalid_argument(item);
-      out.push_back(v);
-    } catch (const std::exception&) {
-      throw UsageError(fmt::format("--ranks: '{}' is not a positive integer", item));
-    }
-  }
-  if (out.empty()) throw UsageError("--ranks is empty, expected e.g. 4,8,16");
-  return out;
-}
-
 void run_spectrum(const SpectrumArgs& a) {
   const auto device = parse_device(a.device);
-  auto ranks = parse_ranks(a.ranks);
+  auto ranks = parse_positive_list("--ranks", a.ranks);
   if (a.max_tokens < 2) throw UsageError(fmt::format("--max-tokens {} < 2", a.max_tokens));
   std::ifstream in(a.text, std::ios::binary);
   if (!in) throw UsageError(fmt::format("--text {}: cannot read the file", a.text));
