@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include "attention/cost_model.h"
 #include "attention/plan.h"
 #include "common/error.h"
 #include "env/registry.h"
@@ -233,6 +234,36 @@ TEST(RankEnv, EnergyMatchesTheExactSpectrumOfTheScores) {
                 s[h].narrow(0, 0, 4).square().sum().item<double>() / total, 1e-6);
     EXPECT_EQ(energy[0][h][2].item<double>(), 1.0);
   }
+}
+
+TEST(RankEnv, TimeCostComesFromTheCalibratedModel) {
+  attention::CalibrationOptions co;
+  co.query_lengths = {8};
+  co.key_lengths = {8, 16, 24, 32};
+  co.ranks = {2, 4};
+  co.head_dims = {8};
+  co.heads = 4;
+  co.kv_heads = 2;
+  co.repeats = 1;
+  const auto file = testing::tiny_rank_model().parent_path() / "cost_model.json";
+  attention::CostModel::calibrate(co).save(file);
+  const auto cm = attention::CostModel::load(file);
+  RankEnv e(tiny_config(
+      "guardrail: {enabled: false}\nreward: {cost: time, cost_model: " + file.string() + "}\n"));
+  e.reset_to_window(1);
+  e.step(e.uniform_action(e.full_rank_index()));
+  EXPECT_NEAR(e.last().cost, 1.0, 1e-12);
+  // Layer 0: heads at ranks 2, 2, 4, 8; layer 1: 4, 4, 4, 4 (second segment: 16 keys).
+  const auto r = e.step(torch::tensor({0, 0, 1, 2, 1, 1, 1, 1}, torch::kInt64));
+  using attention::HeadPlan;
+  const double dense = cm.time_us(HeadPlan::dense(), 8, 16, 8, 4);
+  const double l0 = cm.time_us(HeadPlan::lowrank(2), 8, 16, 8, 2) +
+                    cm.time_us(HeadPlan::lowrank(4), 8, 16, 8, 1) +
+                    cm.time_us(HeadPlan::dense(), 8, 16, 8, 1);
+  const double l1 = cm.time_us(HeadPlan::lowrank(4), 8, 16, 8, 4);
+  EXPECT_NEAR(e.last().cost, (l0 + l1) / (2 * dense), 1e-12);
+  EXPECT_NEAR(e.last().predicted_time_us, l0 + l1, 1e-9);
+  EXPECT_GT(r.info.scalars.at("attn_time_us"), 0.0);
 }
 
 TEST(RankEnv, ConfigErrorsNameTheKey) {
