@@ -116,13 +116,25 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
+#ifdef ATTNPILOT_WITH_CUDA
+/// The CUDA backend (attention/cuda/cuda_backend.cpp).
+const Backend& cuda_backend();
+#endif
+
 const Backend& backend_for(const torch::Device& device) {
   static const CpuBackend cpu;
   if (device.is_cpu()) return cpu;
+#ifdef ATTNPILOT_WITH_CUDA
+  if (device.is_cuda()) return cuda_backend();
+  throw Unavailable(
+      fmt::format("attention: no backend for device {} (this build has the CPU and CUDA backends)",
+                  device.str()));
+#else
   throw Unavailable(fmt::format(
       "attention: no backend for device {} (only the CPU backend is built; CUDA attention "
       "kernels are a separate issue)",
       device.str()));
+#endif
 }
 
 }  // namespace attnpilot::attention

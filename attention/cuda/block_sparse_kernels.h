@@ -1,0 +1,61 @@
+#pragma once
+/// Raw launcher of the block-sparse flash-attention forward kernel (block_sparse_attention.cu).
+/// No LibTorch types here, so nvcc never compiles the LibTorch headers; cuda_backend.cpp is the
+/// tensor-level code (checks, layouts, streams, the Backend interface).
+///
+///   q [B, Hq, N, D] ─┐  one CTA per (64-query tile, query head, batch entry)
+///   k [B, Hkv, M, D] ├─► for each key block listed in the CSR row of (b, h, query block):
+///   v [B, Hkv, M, D] ┘     64-key tiles: S = scale·QKᵀ, online softmax (fp32), O += P V
+///                      ──► out [B, Hq, N, D] (contiguous), rows that see no key are zero
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace attnpilot::attention::cuda {
+
+/// Element type of q, k, v and out (fp32 accumulation in every case).
+enum class ElemType { kBFloat16, kFloat16 };
+
+/// One launch. Tensors are given by pointer and element strides (the last dimension is
+/// contiguous); pointers 16-byte aligned and the strides multiples of 8 elements.
+struct BlockSparseLaunch {
+  const void* q = nullptr;          ///< [batch, heads, n, d]
+  const void* k = nullptr;          ///< [batch, kv_heads, m, d]
+  const void* v = nullptr;          ///< [batch, kv_heads, m, d]
+  void* out = nullptr;              ///< [batch, heads, n, d], contiguous; every element written
+  int64_t q_stride[3] = {0, 0, 0};  ///< element strides of q over (batch, head, row)
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  int batch = 0, heads = 0, kv_heads = 0;  ///< heads a multiple of kv_heads (GQA)
+  int64_t n = 0, m = 0;                    ///< queries, keys (>= 1)
+  int d = 0;                               ///< head dim of q, k and v: 64 or 128
+  int64_t q_offset = 0;                    ///< query i sits at key position q_offset + i (>= 0)
+  /// CSR block lists on the device (block_mask.h's layout over batch x heads x q_blocks
+  /// rows); both null: every key block is listed (dense, with the causal cut-off).
+  const int64_t* row_ptr = nullptr;
+  const int64_t* col_idx = nullptr;
+  int64_t q_blocks = 0, k_blocks = 0;
+  int block_size = 64;  ///< a multiple of 64 (the kernel's tile)
+  float scale = 0;      ///< softmax(scale · q kᵀ)
+  bool causal = false;  ///< key j visible to query i only when j <= q_offset + i
+  /// Streaming window (window > 0): key j is also hidden from query position p when
+  /// j >= sinks and j <= p - window (the CPU backend's rule).
+  int64_t sinks = 0, window = 0;
+};
+
+/// Query rows and key columns of one tile (a CTA's queries; one step of the key loop).
+inline constexpr int kBlockSparseTile = 64;
+
+/// Whether the kernel handles head dim d (q, k and v alike) with blocks of block_size.
+bool block_sparse_kernel_supports(int d, int block_size);
+
+/// Dynamic shared memory of one CTA for head dim d, in bytes.
+int64_t block_sparse_shared_bytes(int d);
+
+/// Launches on `stream`. Returns cudaSuccess, or the error of the first failing CUDA call with
+/// that call's name in *failed_call (cudaErrorInvalidValue for arguments outside the kernel's
+/// range, named likewise).
+cudaError_t launch_block_sparse_attention(const BlockSparseLaunch& p, ElemType type,
+                                          cudaStream_t stream, const char** failed_call);
+
+}  // namespace attnpilot::attention::cuda
