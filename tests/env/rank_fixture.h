@@ -19,8 +19,17 @@
 
 namespace attnpilot::testing {
 
+/// Removes the fixture's folder when the test process exits.
+struct TinyRankFixtureFolder {
+  std::filesystem::path root, model;
+  ~TinyRankFixtureFolder() {
+    std::error_code ec;
+    std::filesystem::remove_all(root, ec);
+  }
+};
+
 inline const std::filesystem::path& tiny_rank_model() {
-  static const std::filesystem::path dir = [] {
+  static const TinyRankFixtureFolder folder = [] {
     namespace fs = std::filesystem;
     const fs::path root =
         fs::temp_directory_path() / ("attnpilot-rank-fixture-" + std::to_string(getpid()));
@@ -60,9 +69,9 @@ inline const std::filesystem::path& tiny_rank_model() {
     st.step = 1;
     st.finished = true;
     write_file_atomic(root / "model" / "training_state.json", st.to_json());
-    return root / "model";
+    return TinyRankFixtureFolder{root, root / "model"};
   }();
-  return dir;
+  return folder.model;
 }
 
 /// The env section for the tiny model: windows of 32 tokens in 4 segments of 8, ranks
