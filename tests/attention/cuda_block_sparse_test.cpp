@@ -29,8 +29,9 @@ namespace {
                   "the GPU machine)"
 
 /// Tolerances against the float32 CPU backend on the same (rounded) inputs: bf16 / fp16 P and
-/// output rounding with fp32 accumulation. Measured in the CPU emulation of the kernel: worst
-/// relative 2.1e-3 (bf16) and 2.7e-4 (fp16), worst absolute 8.5e-3 and 9.4e-4.
+/// output rounding with fp32 accumulation. Measured in a CPU emulation of the kernel (560 random
+/// cases, 2026-11-29): worst relative 2.3e-3 (bf16) and 2.8e-4 (fp16), worst absolute 1.25e-2
+/// and 1.8e-3.
 struct Tol {
   double rel, abs;
 };
