@@ -87,7 +87,10 @@ TEST(RemoteTraining, ActorAndLearnerKillsAreSurvivedWithoutCountingTwice) {
   ASSERT_TRUE(
       wait_until([&] { return a1.log().find("learner restarted") != std::string::npos; }, 30))
       << a1.log();
-  EXPECT_NE(a0->log().find("learner restarted"), std::string::npos) << a0->log();
+  // Each actor notices on its own reconnect schedule (a CI run saw a0 a moment after a1).
+  EXPECT_TRUE(
+      wait_until([&] { return a0->log().find("learner restarted") != std::string::npos; }, 30))
+      << a0->log();
   // 5. Stop everything cleanly (SIGTERM: the learner writes a final checkpoint).
   learner->signal(SIGTERM);
   EXPECT_EQ(learner->wait(60), 0) << learner->log();
