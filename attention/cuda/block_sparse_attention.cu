@@ -9,8 +9,14 @@
 //     warp: S = Q Kᵀ (wmma, fp32) ──► warp's smem scratch
 //     lane pair per row: scale, mask (only tiles that need it), row max, p = 2^(s - m),
 //                        l = l·α + Σp ──► P (bf16/fp16) to the warp's smem
-//     warp: PV = P V (wmma, fp32) ──► warp's smem scratch ──► O = O·α + PV (registers)
+//     warp: if a row's reference max m moved: O ──smem──► O·α ──► O (accumulator fragments)
+//           O += P V (wmma, fp32 accumulators held across the whole key loop)
 //   out = O / l (0 when l = 0: a row whose listed blocks hold no visible key)
+//
+// Lazy rescaling. A row's reference max m moves only when a tile's row max exceeds it by more
+// than 8 (log2 units), so P <= 2^8 (no overflow in fp32, bf16 or fp16; the relative rounding of P
+// does not depend on its magnitude) and softmax, invariant to the reference, is unchanged. Most
+// tiles then need no O·α pass, which is the one step that must leave the opaque accumulators.
 //
 // Masking. A tile is skipped when no query of the CTA can see any of its keys (past M, wholly in
 // the causal future, or wholly left of every query's streaming window): skipping equals adding
@@ -28,16 +34,18 @@
 // ~990 TFLOP/s dense bf16 (cuDNN measured 14 ms, ~600 TFLOP/s). Bytes (Q, K, V read once, O
 // written once) are 4·32·32k·128·2 = 1.1 GB, 0.22 ms at 4.8 TB/s: compute-bound. At density δ
 // both scale with δ (plus the per-query-tile Q and O traffic, 0.5 GB at any δ).
-// This first version goes through shared memory for every matrix operand (wmma cannot expose
-// the accumulator layout for the online softmax): per 64×64 tile and d = 128 a CTA moves about
-// 260 KB through shared memory (K and V fragments read by each of 4 warps, S and PV stored and
-// re-read, the K/V tile stores) for 2.1 MFLOP of mma. At 128 B/clk·SM that is ~1 µs per tile
-// against 0.28 µs of tensor-core time, so expected ~25-30% of the tensor peak: about 30 ms for
-// the L = 32k causal case (0.4-0.5x cuDNN) and, at 10% density, ~3-4 ms. Register-resident S/P
-// (mma.sync with the known fragment layout) and cp.async double buffering are the next steps.
+// K and V tiles are re-read from L2 by each query tile of a head (a head's K and V are 16 MB at
+// 32k; the query tiles of one head are consecutive in the grid, so they run side by side).
+// This first version goes through shared memory for S and P (wmma cannot expose the accumulator
+// layout for the online softmax): per 64×64 tile and d = 128 a CTA moves about 200 KB through
+// shared memory (K and V fragments read by each of 4 warps, S stored and re-read, P, the K/V
+// tile stores) for 2.1 MFLOP of mma. At 128 B/clk·SM that is ~0.8 µs per tile against 0.28 µs
+// of tensor-core time, so expected ~30-40% of the tensor peak: about 25 ms for the L = 32k
+// causal case (~0.55x cuDNN) and, at 10% density, ~2.5-3 ms. Register-resident S/P (mma.sync
+// with its documented fragment layout) and cp.async double buffering are the next steps.
 //
-// Resources: d = 128: 94 KB shared memory (Q, K, V tiles 17 KB each, fp32 scratch 34 KB, P 9 KB),
-// 2 CTAs per SM; d = 64: 54 KB, 4 CTAs per SM.
+// Resources (ptxas, sm_90): d = 128: 94 KB shared memory (Q, K, V tiles 17 KB each, fp32 scratch
+// 34 KB, P 9 KB) and 206-254 registers, 2 CTAs per SM; d = 64: 54 KB, ~166 registers, 3 per SM.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -106,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) block_sparse_fwd_kernel(BlockSparseL
   constexpr int kLd = tile_ld(D);
   constexpr int kDf = D / 16;  // 16-wide fragments along d
   constexpr int kTf = kTile / 16;
-  constexpr int kPvChunk = 4;  // PV accumulators live at once (64 output columns)
+  constexpr float kSlack = 8.f;  // log2 headroom of the lazily moved reference max
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);
   T* ks = qs + kTile * kLd;
@@ -140,9 +148,11 @@ __global__ void __launch_bounds__(kThreads) block_sparse_fwd_kernel(BlockSparseL
   const int64_t cta_last = p.q_offset + (q0 + kTile < p.n ? q0 + kTile : p.n) - 1;
   const float scale_log2 = p.scale * 1.4426950408889634f;  // exp(x) = 2^(x·log2 e)
   const float kNegInf = -__int_as_float(0x7f800000);
-  float o[D / 2];
+  // O (unnormalised) in accumulators for the whole key loop; m_i is the row's reference max (log2
+  // units) and l_i the sum of P under it.
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> of[kDf];
 #pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  for (int nn = 0; nn < kDf; ++nn) wmma::fill_fragment(of[nn], 0.f);
   float m_i = kNegInf, l_i = 0.f;
 
   // The key tiles to visit: listed blocks split into 64-key tiles, or every tile up to the
@@ -229,9 +239,13 @@ __global__ void __launch_bounds__(kThreads) block_sparse_fwd_kernel(BlockSparseL
 #pragma unroll
     for (int i = 0; i < kTile / 2; ++i) mx = fmaxf(mx, s[i]);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m_i, mx);
-    // m_new = -inf: nothing visible yet in this row; P is zero and O, l stay zero.
-    const float alpha = m_new == kNegInf ? 1.f : exp2f(m_i - m_new);
+    // The reference max moves only when the row max passes it by more than kSlack (P stays
+    // <= 2^kSlack: no overflow in fp32, bf16 or fp16, and the same relative rounding), so most
+    // tiles need no rescaling of O. m_new = -inf: nothing visible yet; P, O and l stay zero.
+    const float m_new = mx > m_i + kSlack ? mx : m_i;
+    const float alpha = m_new == m_i ? 1.f : exp2f(m_i - m_new);  // m_i = -inf: 0 (O is 0)
+    // O is nonzero only once m_i is finite; only then does a moving max rescale it.
+    const bool rescale = m_new != m_i && m_i != kNegInf;
     float rs = 0.f;
 #pragma unroll
     for (int j = 0; j < kTile / 8; ++j) {
@@ -248,41 +262,46 @@ __global__ void __launch_bounds__(kThreads) block_sparse_fwd_kernel(BlockSparseL
     m_i = m_new;
     __syncwarp();
 
-    // PV = P V (fresh accumulators), through the scratch, then O = O·α + PV in registers. The
-    // columns go in chunks of 64 (4 accumulators) to keep registers under the 255 limit.
+    // O = O·α when some row of the warp moved its reference max: through the scratch (the
+    // accumulator layout is opaque), rows scaled by their lane pair.
+    if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
-    for (int c0 = 0; c0 < kDf; c0 += kPvChunk) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> of[kPvChunk];
+      for (int nn = 0; nn < kDf; ++nn)
+        wmma::store_matrix_sync(sw + nn * 16, of[nn], kLd, wmma::mem_row_major);
+      __syncwarp();
 #pragma unroll
-      for (int nn = 0; nn < kPvChunk; ++nn) wmma::fill_fragment(of[nn], 0.f);
-#pragma unroll
-      for (int kk = 0; kk < kTf; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
-        wmma::load_matrix_sync(pf, pw + kk * 16, kLdS);
-#pragma unroll
-        for (int nn = 0; nn < kPvChunk; ++nn) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
-          wmma::load_matrix_sync(vf, vs + kk * 16 * kLd + (c0 + nn) * 16, kLd);
-          wmma::mma_sync(of[nn], pf, vf, of[nn]);
-        }
+      for (int j = 0; j < D / 8; ++j) {
+        float4* x = reinterpret_cast<float4*>(sw + r * kLd + 8 * j + 4 * hh);
+        const float4 y = *x;
+        *x = make_float4(y.x * alpha, y.y * alpha, y.z * alpha, y.w * alpha);
       }
+      __syncwarp();
 #pragma unroll
-      for (int nn = 0; nn < kPvChunk; ++nn)
-        wmma::store_matrix_sync(sw + (c0 + nn) * 16, of[nn], kLd, wmma::mem_row_major);
+      for (int nn = 0; nn < kDf; ++nn)
+        wmma::load_matrix_sync(of[nn], sw + nn * 16, kLd, wmma::mem_row_major);
+      __syncwarp();  // reloaded before the next tile's S overwrites the scratch
     }
-    __syncwarp();
+
+    // O += P V.
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const float4 x = *reinterpret_cast<const float4*>(sw + r * kLd + 8 * j + 4 * hh);
-      o[4 * j + 0] = o[4 * j + 0] * alpha + x.x;
-      o[4 * j + 1] = o[4 * j + 1] * alpha + x.y;
-      o[4 * j + 2] = o[4 * j + 2] * alpha + x.z;
-      o[4 * j + 3] = o[4 * j + 3] * alpha + x.w;
+    for (int kk = 0; kk < kTf; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
+      wmma::load_matrix_sync(pf, pw + kk * 16, kLdS);
+#pragma unroll
+      for (int nn = 0; nn < kDf; ++nn) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
+        wmma::load_matrix_sync(vf, vs + kk * 16 * kLd + nn * 16, kLd);
+        wmma::mma_sync(of[nn], pf, vf, of[nn]);
+      }
     }
-    __syncwarp();  // the scratch is read before the next tile's S overwrites it
   }
 
   // out = O / l; rows with l = 0 (no visible key) are zero.
+  __syncwarp();  // every lane is done reading this warp's S scratch of the last tile
+#pragma unroll
+  for (int nn = 0; nn < kDf; ++nn)
+    wmma::store_matrix_sync(sw + nn * 16, of[nn], kLd, wmma::mem_row_major);
+  __syncwarp();
   const int64_t qi = q0 + warp * 16 + r;
   if (qi < p.n) {
     const float inv = l_i > 0.f ? 1.f / l_i : 0.f;
@@ -290,7 +309,8 @@ __global__ void __launch_bounds__(kThreads) block_sparse_fwd_kernel(BlockSparseL
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dst[8 * j + 4 * hh + e] = from_float<T>(o[4 * j + e] * inv);
+      for (int e = 0; e < 4; ++e)
+        dst[8 * j + 4 * hh + e] = from_float<T>(sw[r * kLd + 8 * j + 4 * hh + e] * inv);
   }
 }
 

@@ -29,9 +29,9 @@ namespace {
                   "the GPU machine)"
 
 /// Tolerances against the float32 CPU backend on the same (rounded) inputs: bf16 / fp16 P and
-/// output rounding with fp32 accumulation. Measured in a CPU emulation of the kernel (560 random
-/// cases, 2026-11-29): worst relative 2.3e-3 (bf16) and 2.8e-4 (fp16), worst absolute 1.25e-2
-/// and 1.8e-3.
+/// output rounding with fp32 accumulation. Measured in a CPU emulation of the kernel (352 random
+/// cases, some with peaked scores, 2026-11-29): worst relative 2.3e-3 (bf16) and 3.1e-4 (fp16),
+/// worst absolute 1.5e-2 and 1.9e-3.
 struct Tol {
   double rel, abs;
 };
@@ -160,7 +160,10 @@ TEST(CudaBlockSparse, KernelMatchesCpuBackend) {
             const int64_t m = causal ? n + len(rng) / 2 : len(rng);
             const int64_t q_offset = causal ? m - n : len(rng) / 4;
             auto gen = at::make_generator<at::CPUGeneratorImpl>(1000 + seed++);
-            const auto q = torch::randn({b, h, n, d}, gen).to(kCuda, dt);
+            // Half the cases with peaked scores (queries x4): row maxima move by more than the
+            // kernel's lazy-rescale slack, so O is rescaled mid-loop.
+            const double q_scale = groups == 4 ? 4.0 : 1.0;
+            const auto q = (torch::randn({b, h, n, d}, gen) * q_scale).to(kCuda, dt);
             const auto k = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
             const auto v = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
             const auto rm = random_mask(rng, b, h, n, m, bs);
