@@ -185,6 +185,7 @@ int main(int argc, char** argv) {
     }
   }
 #ifndef ATTNPILOT_WITH_CUDA
+  (void)quick;
   fmt::print("attention_cuda_bench: built without CUDA (ATTNPILOT_CUDA=OFF); nothing measured\n");
   return 0;
 #else
