@@ -6,7 +6,8 @@
 ///   run_attention ──groups──► Backend::{sdpa, attend, block_sparse}   (CPU: cpu_backend.cpp;
 ///                                                                        CUDA: attention/cuda/)
 ///
-/// All tensors are [b, h, L, e] with key/value heads already expanded to the query heads.
+/// The executor passes tensors [b, h, L, e] with key/value heads already expanded to the
+/// query heads (the CUDA backend also accepts fewer key/value heads: GQA, read in place).
 #include <torch/torch.h>
 
 #include <memory>
@@ -42,8 +43,8 @@ class Backend {
                                  int64_t window) const = 0;
 };
 
-/// The backend for tensors on `device`: CPU always; CUDA throws Unavailable until the CUDA
-/// kernels exist.
+/// The backend for tensors on `device`: CPU always; CUDA when this build has the CUDA kernels
+/// (attention/cuda/), else Unavailable naming the device.
 const Backend& backend_for(const torch::Device& device);
 
 }  // namespace attnpilot::attention
