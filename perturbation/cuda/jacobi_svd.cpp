@@ -183,17 +183,24 @@ int64_t jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch:
   return not_converged;
 }
 
-SvdResult jacobi_svd(const torch::Tensor& a, const JacobiOptions& opts) {
-  check_input(a, "Jacobi SVD kernel");
+/// Allocates U, S, V for `a` [B, m, n] and fills them with `run` (one of the *_out calls).
+template <class Run>
+SvdResult allocate_and_run(const torch::Tensor& a, const JacobiOptions& opts, const char* what,
+                           SvdBackend backend, Run run) {
+  check_input(a, what);
   const int64_t bsz = a.size(0), m = a.size(1), n = a.size(2);
   const int64_t k = output_rank(opts, std::min(m, n));
   SvdResult r;
   r.u = torch::empty({bsz, m, k}, a.options());
   r.s = torch::empty({bsz, k}, a.options());
   r.v = torch::empty({bsz, n, k}, a.options());
-  r.not_converged = jacobi_svd_out(a, opts, r.u, r.s, r.v);
-  r.backend = SvdBackend::kJacobiKernel;
+  r.not_converged = run(a, opts, r.u, r.s, r.v);
+  r.backend = backend;
   return r;
+}
+
+SvdResult jacobi_svd(const torch::Tensor& a, const JacobiOptions& opts) {
+  return allocate_and_run(a, opts, "Jacobi SVD kernel", SvdBackend::kJacobiKernel, jacobi_svd_out);
 }
 
 TallQr tall_cholesky_qr2(const torch::Tensor& x) {
@@ -278,16 +285,8 @@ int64_t tall_qr_jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts
 }
 
 SvdResult tall_qr_jacobi_svd(const torch::Tensor& a, const JacobiOptions& opts) {
-  check_input(a, "tall QR + Jacobi SVD");
-  const int64_t bsz = a.size(0), m = a.size(1), n = a.size(2);
-  const int64_t k = output_rank(opts, std::min(m, n));
-  SvdResult r;
-  r.u = torch::empty({bsz, m, k}, a.options());
-  r.s = torch::empty({bsz, k}, a.options());
-  r.v = torch::empty({bsz, n, k}, a.options());
-  r.not_converged = tall_qr_jacobi_svd_out(a, opts, r.u, r.s, r.v);
-  r.backend = SvdBackend::kTallQrJacobi;
-  return r;
+  return allocate_and_run(a, opts, "tall QR + Jacobi SVD", SvdBackend::kTallQrJacobi,
+                          tall_qr_jacobi_svd_out);
 }
 
 bool subspace_step_supported(const torch::Tensor& c, const torch::Tensor& v) {
