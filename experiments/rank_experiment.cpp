@@ -5,8 +5,6 @@
 #include <chrono>
 #include <cmath>
 #include <ctime>
-#include <fstream>
-#include <sstream>
 
 #include "agent/trainer.h"
 #include "attention/cost_model.h"
@@ -16,6 +14,7 @@
 #include "common/progress.h"
 #include "env/wrappers.h"
 #include "model/checkpoint.h"
+#include "model/config.h"
 #include "policies/actor_critic.h"
 
 namespace attnpilot::experiments {
@@ -217,19 +216,15 @@ std::vector<ResultRow> run_rank_experiment(const RunRequest& req, std::ostream* 
 
   const fs::path out = req.out;
   fs::create_directories(out);
-  {
-    std::ifstream in(req.config, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    write_file_atomic(out / "config.yaml", ss.str());
-  }
+  const std::string config_text = read_file(req.config);
+  write_file_atomic(out / "config.yaml", config_text);
 
   // 1. The cost model (always calibrated for the report's machine line; used by the reward
   //    when env.reward.cost is time and no file was given).
   const fs::path cost_file = out / "cost_model.json";
   nlohmann::json machine = attention::CostModel::describe_machine(attention::CalibrationOptions());
   if (req.calibrate && ec.calibrate) {
-    const auto mc = model::load_model(base.model, torch::kCPU)->config();
+    const auto mc = model::ModelConfig::load(fs::path(base.model) / "config.json");
     attention::CalibrationOptions co = attention::CalibrationOptions::quick();
     co.head_dims = {mc.head_dim};
     co.heads = mc.num_heads;
@@ -335,12 +330,7 @@ std::vector<ResultRow> run_rank_experiment(const RunRequest& req, std::ostream* 
   }
 
   ExperimentSummary s;
-  {
-    std::ifstream in(req.config, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    s.config_text = ss.str();
-  }
+  s.config_text = config_text;
   s.model_dir = base.model;
   s.model_fingerprint = model::model_fingerprint(base.model);
   s.machine = machine.dump(2);
