@@ -36,7 +36,8 @@ class Backend {
   virtual KernelOut attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                            double scale, bool causal, int64_t q_offset) const = 0;
   /// Attention restricted to the key blocks of `mask` (rows for this b x h), plus, when
-  /// window > 0, a token-level streaming mask (key < sinks or key > query - window).
+  /// window > 0, a token-level streaming mask (key < sinks or key > query - window). A query
+  /// that sees no listed key gets a zero output row (every backend).
   virtual KernelOut block_sparse(const torch::Tensor& q, const torch::Tensor& k,
                                  const torch::Tensor& v, const BlockMask& mask, double scale,
                                  bool causal, int64_t q_offset, int64_t sinks,

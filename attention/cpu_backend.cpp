@@ -107,7 +107,11 @@ class CpuBackend final : public Backend {
         const auto vg = v[bi].gather(1, pos_d.unsqueeze(-1).expand({h, max_keys, dv}));
         auto s = torch::matmul(qs[bi].narrow(1, i0, rows), kg.transpose(-2, -1));  // [h,rows,K]
         s.add_(bias.to(s.device(), s.scalar_type()));
-        r.out[bi].narrow(1, i0, rows).copy_(torch::matmul(torch::softmax(s, -1), vg));
+        auto p = torch::softmax(s, -1);
+        // A query that sees no listed key (every score -inf) gets zeros, as from the CUDA
+        // kernel, not softmax's NaN; a NaN score (bad input) still propagates.
+        if (max_keys > 0) p.masked_fill_(std::get<0>(s.max(-1, true)) == ninf, 0.0);
+        r.out[bi].narrow(1, i0, rows).copy_(torch::matmul(p, vg));
       }
     }
     return r;

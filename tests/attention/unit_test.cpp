@@ -2,7 +2,10 @@
 /// estimators, projections and the low-rank key cache.
 #include <gtest/gtest.h>
 
+#include <limits>
+
 #include "attention/attention.h"
+#include "attention/backend.h"
 #include "attention/estimators.h"
 #include "attention/kv_cache.h"
 #include "attention/lowrank.h"
@@ -142,6 +145,28 @@ TEST(BlockMasks, ValidationNamesTheProblem) {
   auto two = BlockMask::from_rows(1, 2, 1, 2, 8, {{0}, {0, 1}});
   const auto sel = two.select({0}, {1});
   EXPECT_EQ(sel.row(0, 0, 0), (std::vector<int64_t>{0, 1}));
+}
+
+TEST(BlockMasks, QueriesThatSeeNoKeyGetZerosFromTheCpuBackend) {
+  // Head 0 lists nothing for query block 1; head 1 lists block 1 (in the causal future of
+  // nothing: its own positions). Backends give zero rows there, never softmax's NaN.
+  auto in = random_inputs(11, 1, 2, 2, 16, 16, 8);
+  const auto mask = BlockMask::from_rows(1, 2, 2, 2, 8, {{0}, {}, {0}, {1}});
+  const auto& cpu = backend_for(torch::Device(torch::kCPU));
+  const auto out = cpu.block_sparse(in.q, in.k, in.v, mask, 0.5, true, 0, 0, 0).out;
+  ASSERT_TRUE(torch::isfinite(out).all().item<bool>());
+  EXPECT_EQ(out[0][0].narrow(0, 8, 8).abs().max().item<double>(), 0.0);
+  // Head 1, block 1: attends only to keys 8..i, so row 8 is v[8] exactly.
+  EXPECT_LT((out[0][1][8] - in.v[0][1][8]).abs().max().item<double>(), 1e-6);
+  // Rows with keys are unaffected: head 0, query 3 attends to keys 0..3.
+  const auto s = torch::matmul(in.q[0][0][3], in.k[0][0].narrow(0, 0, 4).t()) * 0.5;
+  const auto want = torch::matmul(torch::softmax(s, -1), in.v[0][0].narrow(0, 0, 4));
+  EXPECT_LT((out[0][0][3] - want).abs().max().item<double>(), 1e-6);
+  // A NaN input still propagates (bad input is never silently zeroed).
+  auto bad = in.q.clone();
+  bad[0][0][3][0] = std::numeric_limits<float>::quiet_NaN();
+  const auto nan_out = cpu.block_sparse(bad, in.k, in.v, mask, 0.5, true, 0, 0, 0).out;
+  EXPECT_TRUE(torch::isnan(nan_out[0][0][3]).all().item<bool>());
 }
 
 /// Keys of block `hot` point along the mean query direction, so every query attends there.
