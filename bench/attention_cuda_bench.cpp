@@ -1,5 +1,6 @@
 // attention_cuda_bench: our CUDA block-sparse flash-attention kernel against LibTorch's dense
-// at::scaled_dot_product_attention (cuDNN on the H200), side by side in one run.
+// at::scaled_dot_product_attention (cuDNN on the H200) and FlexAttention (torch.compile'd, run by
+// bench/flex_attention_ref.py through python3 on the same block lists), side by side in one run.
 //   B = 1, 32 heads, d = 128, bf16, causal, block 128; L in {8k, 32k, 128k (when memory allows)};
 //   block lists of density 100%, 10%, 5% of the causally visible blocks (each query block keeps
 //   its diagonal block and the first block, the rest drawn at random).
@@ -9,7 +10,7 @@
 // (query, key) pairs (4·d FLOPs each) and its floor at 990 TFLOP/s (the datasheet's dense bf16
 // rate, a lead); at density 100% the relative error against SDPA.
 // On a machine without a CUDA device it says so and exits 0.
-// Usage: attention_cuda_bench [--quick]
+// Usage: attention_cuda_bench [--quick] [--no-flex]   (python: $ATTNPILOT_BENCH_PYTHON or python3)
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -18,9 +19,13 @@
 #ifdef ATTNPILOT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_runtime.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <random>
 #include <stdexcept>
@@ -99,7 +104,50 @@ BlockMask causal_mask(int64_t heads, int64_t len, int64_t bs, double density, ui
   return BlockMask::from_rows(1, heads, qbn, qbn, bs, rows);
 }
 
-void run(bool quick) {
+/// FlexAttention (torch.compile'd, bench/flex_attention_ref.py) on the same block lists, timed
+/// by the GPU machine's python3 (or $ATTNPILOT_BENCH_PYTHON) in this run. Returns the median ms
+/// and, at density 1, its error against SDPA; NaN with the reason printed when it cannot run.
+double flex_ms(const BlockMask& mask, int64_t len, int64_t heads, int64_t d, int64_t bs,
+               std::string* err) {
+  char path[] = "/tmp/attnpilot-flex-XXXXXX";
+  const int fd = mkstemp(path);
+  if (fd < 0) throw std::runtime_error("mkstemp failed for the FlexAttention block lists");
+  close(fd);
+  {
+    std::ofstream f(path, std::ios::binary);
+    const int64_t header[4] = {mask.heads, mask.q_blocks, mask.k_blocks, mask.nnz()};
+    f.write(reinterpret_cast<const char*>(header), sizeof(header));
+    const auto rp = mask.row_ptr.contiguous(), ci = mask.col_idx.contiguous();
+    f.write(reinterpret_cast<const char*>(rp.data_ptr<int64_t>()), rp.numel() * 8);
+    f.write(reinterpret_cast<const char*>(ci.data_ptr<int64_t>()), ci.numel() * 8);
+    if (!f) throw std::runtime_error(fmt::format("cannot write {}", path));
+  }
+  const char* py = std::getenv("ATTNPILOT_BENCH_PYTHON");
+  const std::string cmd = fmt::format(
+      "{} {}/bench/flex_attention_ref.py --csr {} --len {} --heads {} --dim {} "
+      "--block {} --reps {} 2>&1",
+      py != nullptr ? py : "python3", ATTNPILOT_SOURCE_DIR, path, len, heads, d, bs,
+      len >= 131072 ? 3 : 10);
+  std::string text;
+  if (FILE* pipe = popen(cmd.c_str(), "r")) {
+    char buf[512];
+    while (fgets(buf, sizeof(buf), pipe) != nullptr) text += buf;
+    pclose(pipe);
+  }
+  std::remove(path);
+  const auto at = text.rfind("flex_ms=");
+  if (at == std::string::npos) {
+    fmt::print("   (FlexAttention did not run: {})\n",
+               text.size() > 400 ? text.substr(text.size() - 400) : text);
+    return std::nan("");
+  }
+  const auto e = text.find("rel_err_vs_sdpa=", at);
+  *err = e == std::string::npos ? "-"
+                                : text.substr(e + 16, text.find_first_of(" \n", e + 16) - e - 16);
+  return std::atof(text.c_str() + at + 8);
+}
+
+void run(bool quick, bool with_flex) {
   const int64_t heads = 32, d = 128, bs = 128;
   const auto dev = torch::Device(torch::kCUDA, 0);
   const auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(dev);
@@ -111,8 +159,9 @@ void run(bool quick) {
   if (!quick && free_b > (12ull << 30)) lens.push_back(131072);
   fmt::print("== block-sparse attention on {}: B=1, H={}, d={}, bf16, causal, block {} ==\n",
              at::cuda::getCurrentDeviceProperties()->name, heads, d, bs);
-  fmt::print("{:>7} {:>8} {:>9} {:>10} {:>10} {:>10} {:>9} {:>8} {:>9} {:>9}\n", "L", "density",
-             "blocks", "sdpa ms", "ours ms", "call ms", "x sdpa", "TFLOP/s", "floor ms", "rel err");
+  fmt::print("{:>7} {:>8} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}\n",
+             "L", "density", "blocks", "sdpa ms", "flex ms", "ours ms", "call ms", "x sdpa",
+             "x flex", "TFLOP/s", "floor ms", "rel err", "flex err");
   EventPair ev;
   for (int64_t len : lens) {
     torch::manual_seed(1000 + len);
@@ -162,10 +211,14 @@ void run(bool quick) {
         err = fmt::format("{:.2e}", ((out.to(torch::kFloat) - dense.to(torch::kFloat)).norm() /
                                      dense.to(torch::kFloat).norm())
                                         .item<double>());
+      std::string flex_err = "-";
+      const double t_flex = with_flex ? flex_ms(mask, len, heads, d, bs, &flex_err) : std::nan("");
       fmt::print(
-          "{:>7} {:>7.0f}% {:>9} {:>10.3f} {:>10.3f} {:>10.3f} {:>9.2f} {:>8.0f} {:>9.3f} {:>9}\n",
-          len, 100 * density, mask.nnz(), t_sdpa, t_ours, t_call, t_sdpa / t_ours,
-          flops / (t_ours * 1e-3) / 1e12, flops / 990e12 * 1e3, err);
+          "{:>7} {:>7.0f}% {:>9} {:>10.3f} {:>10.3f} {:>10.3f} {:>10.3f} {:>9.2f} {:>9.2f} "
+          "{:>8.0f} "
+          "{:>9.3f} {:>9} {:>9}\n",
+          len, 100 * density, mask.nnz(), t_sdpa, t_flex, t_ours, t_call, t_sdpa / t_ours,
+          t_flex / t_ours, flops / (t_ours * 1e-3) / 1e12, flops / 990e12 * 1e3, err, flex_err);
       std::fflush(stdout);
     }
   }
@@ -175,17 +228,20 @@ void run(bool quick) {
 #endif  // ATTNPILOT_WITH_CUDA
 
 int main(int argc, char** argv) {
-  bool quick = false;
+  bool quick = false, with_flex = true;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strcmp(argv[i], "--no-flex") == 0) {
+      with_flex = false;
     } else {
-      fmt::print(stderr, "usage: attention_cuda_bench [--quick]\n");
+      fmt::print(stderr, "usage: attention_cuda_bench [--quick] [--no-flex]\n");
       return 2;
     }
   }
 #ifndef ATTNPILOT_WITH_CUDA
   (void)quick;
+  (void)with_flex;
   fmt::print("attention_cuda_bench: built without CUDA (ATTNPILOT_CUDA=OFF); nothing measured\n");
   return 0;
 #else
@@ -194,7 +250,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
-    run(quick);
+    run(quick, with_flex);
   } catch (const std::exception& e) {
     fmt::print(stderr, "attention_cuda_bench: {}\n", e.what());
     return 1;

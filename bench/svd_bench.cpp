@@ -3,7 +3,8 @@
 //  1. Batches of square (32, 64, 128) and tall (4096×64, 4096×128) matrices: BatchedSvd
 //     (automatic backend: torch on CPU; on CUDA our Jacobi kernel / tall QR + Jacobi) vs
 //     torch::linalg_svd, full SVD; for the tall ones also the top-8 triplets. On CUDA also
-//     side by side: cuSOLVER gesvda (gesvdaStridedBatched, via AᵀA) and gesvdjBatched
+//     side by side: cuSOLVER gesvda (gesvdaStridedBatched, via AᵀA; our wrapper and PyTorch's
+//     torch::linalg_svd(driver="gesvda"), the reference) and gesvdjBatched
 //     (<= 32×32 only), with ratios other/ours.
 //  1b. (CUDA) Accuracy on the same shapes with condition number 1e6 (log-spaced spectrum):
 //     max |σ − σ_ref| / σ_max against float64 CPU, and orthogonality of U, for ours and gesvda.
@@ -85,8 +86,9 @@ int main(int argc, char** argv) {
 
   const bool cuda = dev.is_cuda();
   std::cout << "1. batched SVD, fp32, median ms (ours = BatchedSvd's automatic backend)\n";
-  std::cout << "shape            batch  rank  backend                   ours_ms   torch_ms  "
-               "torch/ours  gesvda_ms gesvda/ours gesvdjB_ms gesvdjB/ours\n";
+  std::cout
+      << "shape            batch  rank  backend                   ours_ms   torch_ms  "
+         "torch/ours  gesvda_ms gesvda/ours torch_gesvda_ms tgesvda/ours gesvdjB_ms gesvdjB/ours\n";
   struct Shape {
     int64_t m, n, batch, rank;
   };
@@ -110,8 +112,13 @@ int main(int argc, char** argv) {
       auto r = torch::linalg_svd(a, false, c10::nullopt);
       (void)r;
     });
-    double gesvda = 0, gesvdj_batched = 0;
+    double gesvda = 0, torch_gesvda = 0, gesvdj_batched = 0;
     if (cuda) {
+      // PyTorch's own gesvda call (the reference column), beside our wrapper of it.
+      torch_gesvda = time_it(dev, repeats, [&] {
+        auto r = torch::linalg_svd(a, false, c10::string_view("gesvda"));
+        (void)r;
+      });
       SvdOptions go = o;
       go.backend = SvdBackend::kCusolverApprox;
       BatchedSvd g(go);
@@ -124,11 +131,12 @@ int main(int argc, char** argv) {
       }
     }
     std::cout << fmt::format(
-        "{:>5}x{:<5}      {:>5}  {:>4}  {:<24} {:>9.3f} {:>10.3f} {:>10.2f} {:>10} {:>11} {:>10} "
-        "{:>12}\n",
+        "{:>5}x{:<5}      {:>5}  {:>4}  {:<24} {:>9.3f} {:>10.3f} {:>10.2f} {:>10} {:>11} {:>15} "
+        "{:>12} {:>10} {:>12}\n",
         s.m, s.n, s.batch, s.rank == 0 ? std::string("all") : std::to_string(s.rank),
         to_string(used), ours * 1e3, ref * 1e3, ref / ours, fmt_ms(gesvda), fmt_ratio(gesvda, ours),
-        fmt_ms(gesvdj_batched), fmt_ratio(gesvdj_batched, ours));
+        fmt_ms(torch_gesvda), fmt_ratio(torch_gesvda, ours), fmt_ms(gesvdj_batched),
+        fmt_ratio(gesvdj_batched, ours));
   }
 
   if (cuda) {
