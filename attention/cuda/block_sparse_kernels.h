@@ -3,7 +3,7 @@
 /// No LibTorch types here, so nvcc never compiles the LibTorch headers; cuda_backend.cpp is the
 /// tensor-level code (checks, layouts, streams, the Backend interface).
 ///
-///   q [B, Hq, N, D] ─┐  one CTA per (64-query tile, query head, batch entry)
+///   q [B, Hq, N, D] ─┐  one CTA per (128- or 64-query tile, query head, batch entry)
 ///   k [B, Hkv, M, D] ├─► for each key block listed in the CSR row of (b, h, query block):
 ///   v [B, Hkv, M, D] ┘     64-key tiles: S = scale·QKᵀ, online softmax (fp32), O += P V
 ///                      ──► out [B, Hq, N, D] (contiguous), rows that see no key are zero
@@ -43,13 +43,14 @@ struct BlockSparseLaunch {
   int64_t sinks = 0, window = 0;
 };
 
-/// Query rows and key columns of one tile (a CTA's queries; one step of the key loop).
+/// Keys per step of the kernel's key loop, and the granularity of block sizes. A CTA takes 128
+/// queries when the block size is a multiple of 128 (or there are no block lists), else 64.
 inline constexpr int kBlockSparseTile = 64;
 
 /// Whether the kernel handles head dim d (q, k and v alike) with blocks of block_size.
 bool block_sparse_kernel_supports(int d, int block_size);
 
-/// Dynamic shared memory of one CTA for head dim d, in bytes.
+/// Dynamic shared memory of one CTA for head dim d, in bytes (the larger, 128-query CTA).
 int64_t block_sparse_shared_bytes(int d);
 
 /// Launches on `stream`. Returns cudaSuccess, or the error of the first failing CUDA call with
