@@ -1,0 +1,97 @@
+#pragma once
+/// Raw launchers of the CUDA low-rank block estimator (block_estimator.cu): the GPU twin of
+/// estimators.cpp's lowrank_block_scores + select_blocks. No LibTorch types here (nvcc never
+/// compiles the LibTorch headers); cuda_estimator.cpp is the tensor-level code.
+///
+///   k [B, Hkv, M, d] ──(1) key projection──► kp [B, H, M, R] fp32     (k · a_k, N×r work)
+///   q ──(torch: gather 8 sampled rows per query block, · a_q·log2e/√d)──► qs [B, H, QB, 8, R]
+///   qs, kp ──(2) block scores──► scores [B, H, QB, KB] fp32 (rows sum to 1 over visible blocks)
+///   scores ──(3) selection (one warp per row) ──► bitmap [rows, ⌈KB/32⌉] + counts [rows]
+///          ──(4) CUB exclusive scan──► row_ptr [rows+1] ──(5) scatter──► col_idx (ascending)
+///
+/// Everything stays on the device: no host synchronisation and no host copy of any list.
+/// R (the padded rank) is 8, 16, 32 or 64: the caller pads a_q and a_k with zero columns.
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace attnpilot::attention::cuda {
+
+/// Element type of k (the key projection reads it in place and computes in fp32).
+enum class KeyType { kFloat32, kBFloat16, kFloat16 };
+
+/// Sampled query rows per query block (estimators.cpp's kLowRankSampleRows).
+inline constexpr int kEstimatorSampleRows = 8;
+/// Keys per tile of the score kernel; block sizes must be multiples of it.
+inline constexpr int kEstimatorKeyTile = 64;
+/// Largest key-block count the selection kernel sorts in shared memory (per row).
+inline constexpr int64_t kEstimatorMaxKeyBlocks = 16384;
+
+/// (1) kp[b, h, j, :] = k[b, h / (H / Hkv), j, :] · a_k[b or 0, h] for every key j.
+struct KeyProjectionLaunch {
+  const void* k = nullptr;          ///< [batch, kv_heads, m, d], last dim contiguous
+  int64_t k_stride[3] = {0, 0, 0};  ///< element strides over (batch, head, row)
+  const float* a_k = nullptr;       ///< [a_batch, heads, d, rank_pad] contiguous fp32
+  int a_batch = 1;                  ///< 1 (shared by the batch) or batch
+  float* kp = nullptr;              ///< [batch, heads, m, rank_pad] contiguous fp32 (written)
+  int batch = 0, heads = 0, kv_heads = 0;
+  int64_t m = 0;
+  int d = 0;         ///< 1 .. 256
+  int rank_pad = 0;  ///< 8, 16, 32 or 64
+};
+
+/// (2) Block scores of lowrank_block_scores, from sampled projected queries.
+struct BlockScoresLaunch {
+  /// [batch, heads, q_blocks, 8, rank_pad] fp32: row t of query block qb is query
+  /// qb·bs + rows-1 - (t·rows)/ns projected and scaled by log2(e)/√d (rows t >= ns unused).
+  const float* qs = nullptr;
+  const float* kp = nullptr;  ///< [batch, heads, m, rank_pad] fp32
+  float* scores = nullptr;    ///< [batch, heads, q_blocks, k_blocks] fp32, every element written
+  /// Scratch of lowrank_block_scores_workspace_bytes(p) bytes when that is > 0, else null.
+  float* workspace = nullptr;
+  int batch = 0, heads = 0;
+  int64_t n = 0, m = 0, q_offset = 0;
+  int64_t q_blocks = 0, k_blocks = 0;
+  int block_size = 0;  ///< multiple of kEstimatorKeyTile
+  int rank_pad = 0;    ///< 8, 16, 32 or 64
+  bool causal = false;
+};
+
+/// (3)-(5) select_blocks on device-resident scores, written as CSR lists.
+struct SelectLaunch {
+  const float* scores = nullptr;  ///< [rows, k_blocks] (rows = batch·heads·q_blocks)
+  int64_t rows = 0;
+  int64_t n = 0, m = 0, q_offset = 0;
+  int64_t q_blocks = 0, k_blocks = 0;
+  int block_size = 0;
+  bool causal = false;
+  double gamma = 0;            ///< > 0: fewest blocks reaching gamma·total mass
+  int64_t top_k = 0;           ///< else > 0: top_k blocks
+  double density = 1;          ///< else ceil(density·visible - 1e-9) blocks
+  int64_t* row_ptr = nullptr;  ///< [rows + 1] (written)
+  int64_t* col_idx = nullptr;  ///< [col_capacity] (the first row_ptr[rows] written)
+  int64_t col_capacity = 0;    ///< entries past it are never written
+  void* temp = nullptr;        ///< select_blocks_temp_bytes(rows, k_blocks) bytes
+  size_t temp_bytes = 0;
+};
+
+/// Shared memory or scratch the score kernel needs beyond its tiles: 0 when its per-warp
+/// log-sum-exp rows fit in shared memory, else the bytes of a global workspace (a persistent
+/// grid of CTAs, each with its own slice). Queries the current device.
+cudaError_t lowrank_block_scores_workspace_bytes(const BlockScoresLaunch& p, size_t* bytes,
+                                                 const char** failed_call);
+/// Scratch of the selection: bitmap, counts and CUB's scan storage.
+cudaError_t select_blocks_temp_bytes(int64_t rows, int64_t k_blocks, size_t* bytes,
+                                     const char** failed_call);
+
+/// Each returns cudaSuccess, or the error of the first failing CUDA call with that call's name
+/// in *failed_call (cudaErrorInvalidValue, named likewise, for arguments outside the range).
+cudaError_t launch_key_projection(const KeyProjectionLaunch& p, KeyType type, cudaStream_t stream,
+                                  const char** failed_call);
+cudaError_t launch_lowrank_block_scores(const BlockScoresLaunch& p, cudaStream_t stream,
+                                        const char** failed_call);
+cudaError_t launch_select_blocks(const SelectLaunch& p, cudaStream_t stream,
+                                 const char** failed_call);
+
+}  // namespace attnpilot::attention::cuda

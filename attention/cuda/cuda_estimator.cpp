@@ -1,0 +1,290 @@
+// Tensor-level code of the CUDA low-rank block estimator (cuda_estimator.h): argument checks,
+// the sampled-row gather and query projection (LibTorch ops on the device), padding of the
+// projections to the kernels' rank, and the launches of block_estimator.cu on the current stream.
+#include "attention/cuda/cuda_estimator.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "attention/cuda/block_estimator_kernels.h"
+#include "common/error.h"
+
+namespace attnpilot::attention {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+
+std::string shape_of(const torch::Tensor& t) {
+  return t.defined() ? c10::str(t.sizes()) : std::string("undefined");
+}
+
+bool io_dtype(torch::ScalarType t) {
+  return t == torch::kFloat || t == torch::kBFloat16 || t == torch::kHalf;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/// The kernels' rank: 8, 16, 32 or 64.
+int64_t padded_rank(int64_t r) {
+  int64_t p = 8;
+  while (p < r) p *= 2;
+  return p;
+}
+
+void check_cuda(cudaError_t e, const char* failed, const torch::Tensor& q, const torch::Tensor& k,
+                int64_t bs) {
+  if (e != cudaSuccess)
+    throw Error(fmt::format("cuda estimator: {} failed: {} ({}) for q {}, k {}, block size {}",
+                            failed, cudaGetErrorName(e), cudaGetErrorString(e), shape_of(q),
+                            shape_of(k), bs));
+}
+
+/// Shapes, dtypes, rank and block size first, the device last: every check but the device one
+/// also fires for CPU tensors.
+void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& a_q,
+                  const torch::Tensor& a_k, int64_t block_size, int64_t q_offset) {
+  ATTNPILOT_CHECK_ARG(q.defined() && k.defined() && q.dim() == 4 && k.dim() == 4,
+                      "cuda estimator: q and k must be 4-D [b, h, L, d]; got {} and {}",
+                      shape_of(q), shape_of(k));
+  ATTNPILOT_CHECK_ARG(io_dtype(q.scalar_type()) && io_dtype(k.scalar_type()),
+                      "cuda estimator: q and k must be float32, bfloat16 or float16; got {} and {}",
+                      c10::toString(q.scalar_type()), c10::toString(k.scalar_type()));
+  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3);
+  ATTNPILOT_CHECK_ARG(k.size(0) == b && k.size(3) == d && k.size(1) >= 1 && h % k.size(1) == 0,
+                      "cuda estimator: expected q [b, h, N, d] and k [b, hkv, M, d] with h a "
+                      "multiple of hkv; got {} and {}",
+                      shape_of(q), shape_of(k));
+  ATTNPILOT_CHECK_ARG(b >= 1 && b <= 65535 && h >= 1 && h <= 65535 && n >= 1 && k.size(2) >= 1,
+                      "cuda estimator: batch {} and heads {} must be in [1, 65535] and N {}, M {} "
+                      ">= 1",
+                      b, h, n, k.size(2));
+  ATTNPILOT_CHECK_ARG(d >= 1 && d <= 256, "cuda estimator: head dim {} must be in [1, 256]", d);
+  ATTNPILOT_CHECK_ARG(a_q.defined() && a_k.defined() && a_q.dim() == 4 &&
+                          a_k.sizes() == a_q.sizes() && (a_q.size(0) == 1 || a_q.size(0) == b) &&
+                          a_q.size(1) == h && a_q.size(2) == d,
+                      "cuda estimator: a_q and a_k must both be [1 or b={}, h={}, d={}, r]; got {} "
+                      "and {}",
+                      b, h, d, shape_of(a_q), shape_of(a_k));
+  ATTNPILOT_CHECK_ARG(a_q.is_floating_point() && a_k.is_floating_point(),
+                      "cuda estimator: a_q and a_k must be floating point; got {} and {}",
+                      c10::toString(a_q.scalar_type()), c10::toString(a_k.scalar_type()));
+  ATTNPILOT_CHECK_ARG(a_q.size(3) >= 1 && a_q.size(3) <= 64,
+                      "cuda estimator: rank {} must be in [1, 64]", a_q.size(3));
+  ATTNPILOT_CHECK_ARG(
+      block_size >= cuda::kEstimatorKeyTile && block_size % cuda::kEstimatorKeyTile == 0 &&
+          block_size <= HeadPlan::kMaxBlockSize,
+      "cuda estimator: block size {} must be a multiple of {} in [{}, {}]", block_size,
+      cuda::kEstimatorKeyTile, cuda::kEstimatorKeyTile, HeadPlan::kMaxBlockSize);
+  ATTNPILOT_CHECK_ARG(ceil_div(k.size(2), block_size) <= cuda::kEstimatorMaxKeyBlocks,
+                      "cuda estimator: {} keys make {} key blocks of {}; at most {} are supported",
+                      k.size(2), ceil_div(k.size(2), block_size), block_size,
+                      cuda::kEstimatorMaxKeyBlocks);
+  ATTNPILOT_CHECK_ARG(q_offset >= 0, "cuda estimator: q_offset {} must be >= 0", q_offset);
+  ATTNPILOT_CHECK_ARG(q.is_cuda() && k.device() == q.device() && a_q.device() == q.device() &&
+                          a_k.device() == q.device(),
+                      "cuda estimator: q, k, a_q and a_k must be on one CUDA device; got {}, {}, "
+                      "{} and {}",
+                      q.device().str(), k.device().str(), a_q.device().str(), a_k.device().str());
+}
+
+/// Rows of query block qb and its visible key count (the CPU twin's kend).
+int64_t block_rows(int64_t qb, int64_t n, int64_t bs) { return std::min(bs, n - qb * bs); }
+int64_t visible_keys(int64_t qb, int64_t n, int64_t m, int64_t bs, bool causal, int64_t q_offset) {
+  return causal ? std::min(m, q_offset + qb * bs + block_rows(qb, n, bs)) : m;
+}
+
+/// a [ab, h, d, r] as contiguous fp32 [ab, h, d, rp] with zero columns past r, times `scale`.
+torch::Tensor pad_projection(const torch::Tensor& a, int64_t rp, double scale) {
+  auto out = torch::zeros({a.size(0), a.size(1), a.size(2), rp}, a.options().dtype(torch::kFloat));
+  out.narrow(3, 0, a.size(3)).copy_(a.to(torch::kFloat) * scale);
+  return out;
+}
+
+/// Scores on the device; see lowrank_block_scores_cuda.
+torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k_in,
+                               const torch::Tensor& a_q, const torch::Tensor& a_k, int64_t bs,
+                               bool causal, int64_t q_offset, double* flops) {
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const auto stream = at::cuda::getCurrentCUDAStream(q_in.get_device()).stream();
+  const int64_t b = q_in.size(0), h = q_in.size(1), n = q_in.size(2), d = q_in.size(3);
+  const int64_t m = k_in.size(2), r = a_q.size(3), rp = padded_rank(r);
+  const int64_t qbn = ceil_div(n, bs), kbn = ceil_div(m, bs);
+  const auto dev = q_in.device();
+  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
+
+  // Sampled rows: slot (qb, t) holds row qb·bs + rows-1 - (t'·rows)/ns, t' = min(t, ns-1).
+  const auto qb = torch::arange(qbn, lopt).unsqueeze(1);
+  const auto t = torch::arange(cuda::kEstimatorSampleRows, lopt).unsqueeze(0);
+  const auto rows = torch::clamp_max(n - qb * bs, bs);
+  const auto ns = torch::clamp_max(rows, cuda::kEstimatorSampleRows);
+  const auto tt = torch::minimum(t, ns - 1);
+  const auto idx = (qb * bs + rows - 1 - torch::div(tt * rows, ns, "floor")).reshape({-1});
+  const auto qs = torch::matmul(q_in.index_select(2, idx).to(torch::kFloat),
+                                pad_projection(a_q, rp, kLog2e / std::sqrt(double(d))))
+                      .contiguous();  // [b, h, qbn·8, rp]
+
+  const auto k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const auto ak = pad_projection(a_k, rp, 1.0);
+  auto kp = torch::empty({b, h, m, rp}, q_in.options().dtype(torch::kFloat));
+  cuda::KeyProjectionLaunch kl;
+  kl.k = k.data_ptr();
+  for (int i = 0; i < 3; ++i) kl.k_stride[i] = k.stride(i);
+  kl.a_k = ak.data_ptr<float>();
+  kl.a_batch = static_cast<int>(ak.size(0));
+  kl.kp = kp.data_ptr<float>();
+  kl.batch = static_cast<int>(b);
+  kl.heads = static_cast<int>(h);
+  kl.kv_heads = static_cast<int>(k.size(1));
+  kl.m = m;
+  kl.d = static_cast<int>(d);
+  kl.rank_pad = static_cast<int>(rp);
+  const auto kt = k.scalar_type() == torch::kFloat      ? cuda::KeyType::kFloat32
+                  : k.scalar_type() == torch::kBFloat16 ? cuda::KeyType::kBFloat16
+                                                        : cuda::KeyType::kFloat16;
+  const char* failed = "launch_key_projection";
+  check_cuda(cuda::launch_key_projection(kl, kt, stream, &failed), failed, q_in, k_in, bs);
+
+  auto scores = torch::empty({b, h, qbn, kbn}, q_in.options().dtype(torch::kFloat));
+  cuda::BlockScoresLaunch sl;
+  sl.qs = qs.data_ptr<float>();
+  sl.kp = kp.data_ptr<float>();
+  sl.scores = scores.data_ptr<float>();
+  sl.batch = static_cast<int>(b);
+  sl.heads = static_cast<int>(h);
+  sl.n = n;
+  sl.m = m;
+  sl.q_offset = q_offset;
+  sl.q_blocks = qbn;
+  sl.k_blocks = kbn;
+  sl.block_size = static_cast<int>(bs);
+  sl.rank_pad = static_cast<int>(rp);
+  sl.causal = causal;
+  size_t ws_bytes = 0;
+  failed = "lowrank_block_scores_workspace_bytes";
+  check_cuda(cuda::lowrank_block_scores_workspace_bytes(sl, &ws_bytes, &failed), failed, q_in, k_in,
+             bs);
+  torch::Tensor ws;
+  if (ws_bytes > 0) {
+    ws = torch::empty({static_cast<int64_t>(ws_bytes / sizeof(float))},
+                      q_in.options().dtype(torch::kFloat));
+    sl.workspace = ws.data_ptr<float>();
+  }
+  failed = "launch_lowrank_block_scores";
+  check_cuda(cuda::launch_lowrank_block_scores(sl, stream, &failed), failed, q_in, k_in, bs);
+
+  // FLOPs: the sampled rows' and the keys' projections, then 2r+1 per (sampled row, key) pair.
+  double pairs = 0, sampled = 0;
+  for (int64_t i = 0; i < qbn; ++i) {
+    const double s =
+        static_cast<double>(std::min<int64_t>(cuda::kEstimatorSampleRows, block_rows(i, n, bs)));
+    sampled += s;
+    pairs += s * static_cast<double>(visible_keys(i, n, m, bs, causal, q_offset));
+  }
+  *flops +=
+      2.0 * b * h * (sampled + m) * d * r + static_cast<double>(b) * h * pairs * (2.0 * r + 1);
+  return scores;
+}
+
+}  // namespace
+
+torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Tensor& k,
+                                        const torch::Tensor& a_q, const torch::Tensor& a_k,
+                                        int64_t block_size, bool causal, int64_t q_offset,
+                                        double* flops) {
+  check_inputs(q, k, a_q, a_k, block_size, q_offset);
+  return scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops);
+}
+
+BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& k,
+                                   const torch::Tensor& a_q, const torch::Tensor& a_k,
+                                   const HeadPlan& plan, bool causal, int64_t q_offset,
+                                   double* flops, bool exact_nnz) {
+  ATTNPILOT_CHECK_ARG(q.defined() && q.dim() == 4, "cuda estimator: q must be 4-D; got {}",
+                      shape_of(q));
+  ATTNPILOT_CHECK_ARG(plan.kind == Kind::kBlockSparse && plan.estimator == BlockEstimator::kLowRank,
+                      "cuda estimator: plan {} is not a block_sparse plan with the lowrank "
+                      "estimator",
+                      plan.to_string());
+  plan.validate(q.size(3));
+  ATTNPILOT_CHECK_ARG(a_q.defined() && a_k.defined() && a_q.dim() == 4 && a_k.dim() == 4 &&
+                          plan.rank <= a_q.size(3) && plan.rank <= a_k.size(3),
+                      "cuda estimator: projections a_q {} and a_k {} must be 4-D with at least "
+                      "the plan's rank {} columns",
+                      shape_of(a_q), shape_of(a_k), plan.rank);
+  const int64_t bs = plan.block_size;
+  const auto aq = a_q.narrow(3, 0, plan.rank), ak = a_k.narrow(3, 0, plan.rank);
+  check_inputs(q, k, aq, ak, bs, q_offset);
+  const auto scores = scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops);
+
+  c10::cuda::CUDAGuard guard(q.device());
+  const auto stream = at::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), m = k.size(2);
+  const int64_t qbn = scores.size(2), kbn = scores.size(3), rows = b * h * qbn;
+  // Entries per row: known in advance for a top_k or density budget (select_blocks keeps
+  // max(forced, min(budget, visible))), at most the visible blocks with gamma.
+  int64_t capacity = 0;
+  for (int64_t i = 0; i < qbn; ++i) {
+    const int64_t first_q = q_offset + i * bs,
+                  last_q = q_offset + i * bs + block_rows(i, n, bs) - 1;
+    const int64_t vis = causal ? std::min(kbn, last_q / bs + 1) : kbn;
+    int64_t keep = vis;
+    if (plan.gamma <= 0) {
+      const int64_t d0 = std::min(first_q, m - 1) / bs, d1 = std::min(last_q, m - 1) / bs;
+      int64_t forced = 1;  // block 0
+      for (int64_t kb = std::max<int64_t>(d0, 1); kb <= d1; ++kb) forced += kb < vis ? 1 : 0;
+      const int64_t budget =
+          plan.top_k > 0 ? plan.top_k : static_cast<int64_t>(std::ceil(plan.density * vis - 1e-9));
+      keep = std::max(forced, std::min(budget, vis));
+    }
+    capacity += keep;
+  }
+  capacity *= b * h;
+  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(q.device());
+  auto row_ptr = torch::empty({rows + 1}, lopt);
+  auto col_idx =
+      plan.gamma > 0 ? torch::full({capacity}, -1, lopt) : torch::empty({capacity}, lopt);
+  size_t temp_bytes = 0;
+  const char* failed = "select_blocks_temp_bytes";
+  check_cuda(cuda::select_blocks_temp_bytes(rows, kbn, &temp_bytes, &failed), failed, q, k, bs);
+  auto temp = torch::empty({static_cast<int64_t>(temp_bytes)},
+                           torch::TensorOptions().dtype(torch::kUInt8).device(q.device()));
+  cuda::SelectLaunch p;
+  p.scores = scores.data_ptr<float>();
+  p.rows = rows;
+  p.n = n;
+  p.m = m;
+  p.q_offset = q_offset;
+  p.q_blocks = qbn;
+  p.k_blocks = kbn;
+  p.block_size = static_cast<int>(bs);
+  p.causal = causal;
+  p.gamma = plan.gamma;
+  p.top_k = plan.top_k;
+  p.density = plan.density;
+  p.row_ptr = row_ptr.data_ptr<int64_t>();
+  p.col_idx = capacity > 0 ? col_idx.data_ptr<int64_t>() : nullptr;
+  p.col_capacity = capacity;
+  p.temp = temp.data_ptr();
+  p.temp_bytes = temp_bytes;
+  failed = "launch_select_blocks";
+  check_cuda(cuda::launch_select_blocks(p, stream, &failed), failed, q, k, bs);
+
+  BlockMask mask;
+  mask.batch = b;
+  mask.heads = h;
+  mask.q_blocks = qbn;
+  mask.k_blocks = kbn;
+  mask.block_size = bs;
+  mask.row_ptr = row_ptr;
+  mask.col_idx = col_idx;
+  if (exact_nnz && plan.gamma > 0)
+    mask.col_idx = col_idx.narrow(0, 0, row_ptr[rows].item<int64_t>());
+  return mask;
+}
+
+}  // namespace attnpilot::attention

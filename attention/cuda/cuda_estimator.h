@@ -1,0 +1,46 @@
+#pragma once
+/// The low-rank block estimator on the GPU (block_estimator.cu): the CUDA twin of
+/// estimators.h's lowrank_block_scores + select_blocks, for CUDA tensors.
+///
+///   q [B, H, N, d], k [B, Hkv, M, d] (fp32 / bf16 / fp16; fp32 math), a_q, a_k [1 or B, H, d, R]
+///     ──► lowrank_block_scores_cuda: scores [B, H, q_blocks, k_blocks] fp32 on q's device
+///     ──► estimate_block_mask_cuda: BlockMask whose row_ptr / col_idx are CUDA int64 tensors
+///
+/// No host synchronisation: the sampled-row indices, projections, scores, selection, scan and
+/// scatter all run on the caller's current stream. Note that BlockMask's own comment says its
+/// lists are CPU tensors; the masks returned here are not (see estimate_block_mask_cuda).
+/// Limits of the kernels: block size a multiple of 64, head dim <= 256, rank <= 64 (padded to 8,
+/// 16, 32 or 64 with zero columns), at most 16384 key blocks. Outside them: InvalidArgument.
+#include <torch/torch.h>
+
+#include <cstdint>
+
+#include "attention/block_mask.h"
+#include "attention/plan.h"
+
+namespace attnpilot::attention {
+
+/// lowrank_block_scores (estimators.h) on CUDA tensors, rank r = a_q.size(3): block sums of
+/// softmax((q a_q)(k a_k)ᵀ/√d) averaged over up to 8 evenly spaced rows of each query block
+/// (its last row included); zero past a query block's last visible key block. GQA: query head
+/// h reads key head h / (H / Hkv). Adds the FLOPs spent (projections of the sampled rows and the
+/// keys, 2r+1 per sampled (row, visible key) pair) to *flops.
+torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Tensor& k,
+                                        const torch::Tensor& a_q, const torch::Tensor& a_k,
+                                        int64_t block_size, bool causal, int64_t q_offset,
+                                        double* flops);
+
+/// The low-rank estimator of `plan` (kind block_sparse, estimator lowrank, rank <= a_q.size(3):
+/// the first plan.rank columns of a_q and a_k are used) followed by select_blocks' rule, all on
+/// the GPU. The returned mask's row_ptr [rows + 1] and col_idx are int64 tensors on q's device.
+/// With a top_k or density budget the per-row counts are known in advance and col_idx has
+/// exactly row_ptr[rows] entries. With gamma > 0 they depend on the scores: col_idx then has
+/// room for every visible block (the sum over rows of visible blocks), its first row_ptr[rows]
+/// entries are the lists and the rest are -1, unless exact_nnz is true, which reads
+/// row_ptr[rows] back to the host (one synchronisation) and trims col_idx to it.
+BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& k,
+                                   const torch::Tensor& a_q, const torch::Tensor& a_k,
+                                   const HeadPlan& plan, bool causal, int64_t q_offset,
+                                   double* flops, bool exact_nnz = false);
+
+}  // namespace attnpilot::attention

@@ -1,0 +1,370 @@
+/// The CUDA low-rank block estimator against its CPU twin (estimators.h): block scores against
+/// lowrank_block_scores on fresh random inputs of many shapes (N != M, q_offset > 0, causal and
+/// not, blocks 64 and 128, ranks 4/16/32, GQA, fp32/bf16/fp16, batch and heads > 1), and the CSR
+/// masks against select_blocks run on the same scores copied to the CPU (then the masks must be
+/// identical) for gamma, top_k and density budgets. Outputs are poisoned before each run. GPU
+/// tests skip without a CUDA device; the argument checks run everywhere.
+#include "attention/cuda/cuda_estimator.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention/cuda/block_estimator_kernels.h"
+#include "attention/estimators.h"
+#include "common/error.h"
+
+namespace attnpilot::attention {
+namespace {
+
+#define SKIP_WITHOUT_CUDA()                                                                  \
+  if (!torch::cuda::is_available())                                                          \
+  GTEST_SKIP() << "no CUDA device: the CUDA block estimator needs a GPU (this test runs on " \
+                  "the GPU machine)"
+
+const torch::Device kCuda(torch::kCUDA, 0);
+
+/// Scores are probabilities (each row sums to 1). Against the float32 CPU twin on the same
+/// (rounded) inputs the kernel differs by fp32 rounding (3xTF32 products, exp2/log2 of the
+/// per-block log-sum-exp); a CPU emulation of the kernels measured at most 1.5e-6 absolute and
+/// 1.2e-6 relative (norm) over 250 random cases (2026-11-29). One tf32 product instead of three
+/// would give ~1e-3.
+constexpr double kAbsTol = 5e-5;
+constexpr double kRelTol = 5e-5;
+
+struct Case {
+  int64_t b, h, hkv, n, m, q_offset, d, r, bs;
+  bool causal;
+  torch::ScalarType dt;
+  std::string str() const {
+    return fmt::format("b={} h={} hkv={} n={} m={} q_offset={} d={} r={} bs={} causal={} {}", b, h,
+                       hkv, n, m, q_offset, d, r, bs, causal, c10::toString(dt));
+  }
+};
+
+struct Inputs {
+  torch::Tensor q, k, a_q, a_k;  // on the GPU
+};
+
+Inputs make_inputs(const Case& c, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  Inputs in;
+  in.q = torch::randn({c.b, c.h, c.n, c.d}, gen).to(kCuda, c.dt);
+  in.k = torch::randn({c.b, c.hkv, c.m, c.d}, gen).to(kCuda, c.dt);
+  const int64_t ab = seed % 2 == 0 ? 1 : c.b;  // shared or per-batch projections
+  in.a_q = (torch::randn({ab, c.h, c.d, c.r}, gen) / std::sqrt(double(c.r))).to(kCuda);
+  in.a_k = torch::randn({ab, c.h, c.d, c.r}, gen).to(kCuda);
+  return in;
+}
+
+/// lowrank_block_scores on float32 CPU copies (key heads expanded for the CPU's matmul).
+torch::Tensor cpu_scores(const Case& c, const Inputs& in, double* flops) {
+  const auto f = [](const torch::Tensor& t) { return t.to(torch::kCPU, torch::kFloat); };
+  return lowrank_block_scores(f(in.q), f(in.k).repeat_interleave(c.h / c.hkv, 1), f(in.a_q),
+                              f(in.a_k), c.bs, c.causal, c.q_offset, flops);
+}
+
+/// Fills the caching allocator's next blocks of these sizes with `value`, so an element the
+/// kernels leave unwritten shows.
+void poison(const std::vector<int64_t>& numels, double value, torch::ScalarType dt) {
+  std::vector<torch::Tensor> held;
+  for (int64_t e : numels) held.push_back(torch::full({e}, value, torch::dtype(dt).device(kCuda)));
+  torch::cuda::synchronize();
+}
+
+/// Random shapes covering the brief's grid: blocks 64/128, ranks 4/16/32, causal and not,
+/// N != M with q_offset > 0, GQA, every input dtype.
+std::vector<Case> random_cases(std::mt19937_64& rng) {
+  std::vector<Case> cases;
+  std::uniform_int_distribution<int64_t> len(1, 700);
+  int i = 0;
+  for (int64_t bs : {64, 128})
+    for (int64_t r : {4, 16, 32})
+      for (bool causal : {true, false}) {
+        Case c;
+        c.b = 2;
+        c.hkv = 2;
+        c.h = i % 2 == 0 ? 4 : 2;
+        c.d = i % 3 == 0 ? 64 : 128;
+        c.r = r;
+        c.bs = bs;
+        c.causal = causal;
+        c.dt = std::vector<torch::ScalarType>{torch::kFloat, torch::kBFloat16, torch::kHalf}[i % 3];
+        c.n = len(rng);
+        if (causal) {
+          c.m = c.n + (i % 4 == 0 ? 0 : len(rng));
+          c.q_offset = i % 4 == 1 ? (c.m - c.n) / 2 : c.m - c.n;  // queries mid-cache or at the end
+        } else {
+          c.m = len(rng);
+          c.q_offset = len(rng) / 5;
+        }
+        cases.push_back(c);
+        ++i;
+      }
+  // Short query blocks (fewer than 8 rows to sample) and a single key block.
+  cases.push_back(Case{1, 3, 1, 5, 70, 65, 64, 16, 64, true, torch::kBFloat16});
+  cases.push_back(Case{2, 2, 2, 130, 20, 0, 128, 4, 128, false, torch::kHalf});
+  return cases;
+}
+
+TEST(CudaEstimator, ScoresMatchCpuTwin) {
+  SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(20261129);
+  uint64_t seed = 100;
+  for (const Case& c : random_cases(rng)) {
+    const auto in = make_inputs(c, seed++);
+    double cpu_flops = 0, gpu_flops = 0;
+    const auto want = cpu_scores(c, in, &cpu_flops);
+    poison({want.numel()}, std::nan(""), torch::kFloat);
+    const auto got = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                               c.q_offset, &gpu_flops);
+    ASSERT_TRUE(got.is_cuda()) << c.str();
+    ASSERT_EQ(got.sizes(), want.sizes()) << c.str();
+    const auto g = got.cpu().to(torch::kDouble), w = want.to(torch::kDouble);
+    ASSERT_TRUE(torch::isfinite(g).all().item<bool>()) << c.str() << ": unwritten or NaN scores";
+    const double abs_err = (g - w).abs().max().item<double>();
+    const double rel_err = ((g - w).norm() / w.norm()).item<double>();
+    EXPECT_LE(abs_err, kAbsTol) << c.str();
+    EXPECT_LE(rel_err, kRelTol) << c.str();
+    // Every row is a distribution over its visible blocks.
+    EXPECT_LE((g.sum(-1) - 1.0).abs().max().item<double>(), 1e-4) << c.str();
+    // The CPU projects every query row, the kernel only the sampled ones.
+    const int64_t qbn = (c.n + c.bs - 1) / c.bs;
+    double sampled = 0;
+    for (int64_t qb = 0; qb < qbn; ++qb)
+      sampled += std::min<int64_t>(8, std::min(c.bs, c.n - qb * c.bs));
+    EXPECT_NEAR(gpu_flops, cpu_flops - 2.0 * c.b * c.h * (c.n - sampled) * c.d * c.r,
+                1e-9 * cpu_flops)
+        << c.str();
+    // Same inputs, same bits: a race would show as a difference between runs.
+    EXPECT_TRUE(torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs,
+                                                            c.causal, c.q_offset, &gpu_flops)))
+        << c.str() << ": two runs differ";
+  }
+}
+
+TEST(CudaEstimator, ManyKeyBlocksUseTheWorkspace) {
+  SKIP_WITHOUT_CUDA();
+  // 400+ key blocks: the per-row log-sum-exp rows no longer fit in shared memory.
+  for (bool causal : {false, true}) {
+    const Case c{1, 2, 1, 200, 26000, causal ? 25800 : 7, 64, 16, 64, causal, torch::kBFloat16};
+    const auto in = make_inputs(c, causal ? 7 : 8);
+    double fl = 0;
+    const auto want = cpu_scores(c, in, &fl).to(torch::kDouble);
+    const auto got =
+        lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal, c.q_offset, &fl)
+            .cpu()
+            .to(torch::kDouble);
+    ASSERT_TRUE(torch::isfinite(got).all().item<bool>()) << c.str();
+    EXPECT_LE((got - want).abs().max().item<double>(), kAbsTol) << c.str();
+  }
+}
+
+/// The GPU mask equals select_blocks on the GPU's own scores (the kernels are deterministic, so
+/// estimate_block_mask_cuda recomputes exactly these scores).
+void expect_same_mask(const Case& c, const Inputs& in, const HeadPlan& plan) {
+  const std::string what = c.str() + " plan " + plan.to_string();
+  double fl = 0;
+  const auto scores =
+      lowrank_block_scores_cuda(in.q, in.k, in.a_q.narrow(3, 0, plan.rank),
+                                in.a_k.narrow(3, 0, plan.rank), c.bs, c.causal, c.q_offset, &fl);
+  const auto want = select_blocks(scores.cpu(), plan, c.n, c.m, c.causal, c.q_offset);
+  const int64_t rows = want.rows();
+  poison({rows + 1, rows * want.k_blocks}, -77.0, torch::kLong);
+  const auto got =
+      estimate_block_mask_cuda(in.q, in.k, in.a_q, in.a_k, plan, c.causal, c.q_offset, &fl);
+  ASSERT_TRUE(got.row_ptr.is_cuda() && got.col_idx.is_cuda()) << what;
+  EXPECT_EQ(got.batch, want.batch);
+  EXPECT_EQ(got.heads, want.heads);
+  EXPECT_EQ(got.q_blocks, want.q_blocks);
+  EXPECT_EQ(got.k_blocks, want.k_blocks);
+  EXPECT_EQ(got.block_size, want.block_size);
+  const auto ptr = got.row_ptr.cpu();
+  ASSERT_TRUE(torch::equal(ptr, want.row_ptr)) << what << ": row_ptr differs";
+  const int64_t nnz = ptr[rows].item<int64_t>();
+  ASSERT_LE(nnz, got.col_idx.numel()) << what;
+  const auto col = got.col_idx.cpu();
+  EXPECT_TRUE(torch::equal(col.narrow(0, 0, nnz), want.col_idx)) << what << ": col_idx differs";
+  if (plan.gamma > 0) {
+    // Room for every visible block; the unused tail is -1.
+    EXPECT_TRUE((col.narrow(0, nnz, col.numel() - nnz) == -1).all().item<bool>()) << what;
+    const auto exact = estimate_block_mask_cuda(in.q, in.k, in.a_q, in.a_k, plan, c.causal,
+                                                c.q_offset, &fl, /*exact_nnz=*/true);
+    EXPECT_EQ(exact.col_idx.numel(), nnz) << what;
+    EXPECT_TRUE(torch::equal(exact.col_idx.cpu(), want.col_idx)) << what;
+  } else {
+    EXPECT_EQ(col.numel(), nnz) << what << ": a budget's counts are known in advance";
+  }
+  BlockMask host = got;
+  host.row_ptr = ptr;
+  host.col_idx = col.narrow(0, 0, nnz).contiguous();
+  EXPECT_NO_THROW(host.validate(c.n, c.m, c.causal, c.q_offset)) << what;
+}
+
+TEST(CudaEstimator, MasksMatchCpuSelectionOnTheSameScores) {
+  SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(77);
+  uint64_t seed = 900;
+  for (const Case& base : random_cases(rng)) {
+    Case c = base;
+    c.r = 32;  // the projections carry 32 columns; plans use the first plan.rank of them
+    const auto in = make_inputs(c, seed++);
+    std::vector<HeadPlan> plans;
+    for (double gamma : {0.5, 0.9, 0.99}) {
+      HeadPlan p = HeadPlan::block_sparse(0.5, c.bs);
+      p.gamma = gamma;
+      plans.push_back(p);
+    }
+    for (int64_t top_k : {1, 3, 8}) {
+      HeadPlan p = HeadPlan::block_sparse(0.5, c.bs);
+      p.top_k = top_k;
+      plans.push_back(p);
+    }
+    for (double density : {0.1, 0.3, 1.0}) plans.push_back(HeadPlan::block_sparse(density, c.bs));
+    int i = 0;
+    for (HeadPlan& p : plans) {
+      p.estimator = BlockEstimator::kLowRank;
+      p.rank = std::vector<int64_t>{4, 16, 32}[i++ % 3];
+      expect_same_mask(c, in, p);
+    }
+  }
+}
+
+// ---- argument checks: these run everywhere (CPU tensors fail the shape, dtype, rank, block
+// size and plan checks before the device check) ----
+
+HeadPlan lowrank_plan(double density, int64_t bs, int64_t rank) {
+  HeadPlan p = HeadPlan::block_sparse(density, bs);
+  p.estimator = BlockEstimator::kLowRank;
+  p.rank = rank;
+  return p;
+}
+
+/// Runs f, expecting InvalidArgument whose message contains `needle`.
+template <typename F>
+void expect_invalid(F f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "no InvalidArgument (expected one mentioning '" << needle << "')";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+TEST(CudaEstimator, BadArgumentsAreRefused) {
+  const auto q = torch::randn({1, 2, 100, 64}), k = torch::randn({1, 2, 120, 64});
+  const auto a = torch::randn({1, 2, 64, 16});
+  double fl = 0;
+  expect_invalid([&] { lowrank_block_scores_cuda(q.to(torch::kInt), k, a, a, 64, true, 0, &fl); },
+                 "Int");
+  expect_invalid(
+      [&] {
+        lowrank_block_scores_cuda(q, torch::randn({1, 2, 120, 32}), a, a, 64, true, 0, &fl);
+      },
+      "[1, 2, 120, 32]");
+  expect_invalid(
+      [&] {
+        lowrank_block_scores_cuda(q, torch::randn({1, 3, 120, 64}), a, a, 64, true, 0, &fl);
+      },
+      "multiple of hkv");
+  expect_invalid([&] { lowrank_block_scores_cuda(q[0], k, a, a, 64, true, 0, &fl); }, "4-D");
+  expect_invalid(
+      [&] {
+        lowrank_block_scores_cuda(q, k, torch::randn({1, 2, 64, 80}), torch::randn({1, 2, 64, 80}),
+                                  64, true, 0, &fl);
+      },
+      "rank 80");
+  expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a.narrow(3, 0, 8), 64, true, 0, &fl); },
+                 "a_q and a_k");
+  expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 96, true, 0, &fl); }, "block size 96");
+  expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, -3, &fl); }, "q_offset -3");
+  expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl); }, "CUDA device");
+  // Plans: wrong estimator, rank above the projections, a budget outside its range.
+  auto pooled = lowrank_plan(0.5, 64, 8);
+  pooled.estimator = BlockEstimator::kPooled;
+  expect_invalid([&] { estimate_block_mask_cuda(q, k, a, a, pooled, true, 0, &fl); },
+                 "lowrank estimator");
+  expect_invalid(
+      [&] { estimate_block_mask_cuda(q, k, a, a, lowrank_plan(0.5, 64, 32), true, 0, &fl); },
+      "rank 32");
+  auto gamma = lowrank_plan(0.5, 64, 8);
+  gamma.gamma = 1.5;
+  EXPECT_THROW(estimate_block_mask_cuda(q, k, a, a, gamma, true, 0, &fl), InvalidArgument);
+  EXPECT_THROW(estimate_block_mask_cuda(q, k, a, a, lowrank_plan(0.0, 64, 8), true, 0, &fl),
+               InvalidArgument);
+  expect_invalid(
+      [&] { estimate_block_mask_cuda(q, k, a, a, lowrank_plan(0.5, 64, 8), true, 0, &fl); },
+      "CUDA device");
+}
+
+TEST(CudaEstimator, LaunchersRefuseArgumentsOutsideTheirRange) {
+  alignas(16) static float buf[1024];
+  // Runs the call, then checks its error and the call it names (in that order).
+  const auto refused = [](const std::function<cudaError_t(const char**)>& call, const char* name) {
+    const char* failed = "";
+    const cudaError_t e = call(&failed);
+    return e == cudaErrorInvalidValue && std::string(failed).find(name) != std::string::npos;
+  };
+  cuda::KeyProjectionLaunch kp;
+  kp.k = kp.a_k = buf;
+  kp.kp = buf;
+  kp.batch = kp.heads = kp.kv_heads = 1;
+  kp.m = 10;
+  kp.d = 64;
+  kp.rank_pad = 12;  // not 8, 16, 32 or 64
+  const auto project = [&](const char** f) {
+    return cuda::launch_key_projection(kp, cuda::KeyType::kFloat32, nullptr, f);
+  };
+  EXPECT_TRUE(refused(project, "launch_key_projection")) << "rank 12";
+  kp.rank_pad = 16;
+  kp.d = 300;
+  EXPECT_TRUE(refused(project, "launch_key_projection")) << "head dim 300";
+
+  cuda::BlockScoresLaunch sl;
+  sl.qs = sl.kp = buf;
+  sl.scores = buf;
+  sl.batch = sl.heads = 1;
+  sl.n = sl.m = 100;
+  sl.q_blocks = sl.k_blocks = 2;
+  sl.block_size = 96;  // not a multiple of 64
+  sl.rank_pad = 16;
+  size_t bytes = 0;
+  const auto workspace = [&](const char** f) {
+    return cuda::lowrank_block_scores_workspace_bytes(sl, &bytes, f);
+  };
+  const auto scores = [&](const char** f) {
+    return cuda::launch_lowrank_block_scores(sl, nullptr, f);
+  };
+  EXPECT_TRUE(refused(workspace, "lowrank_block_scores_workspace_bytes")) << "block size 96";
+  EXPECT_TRUE(refused(scores, "launch_lowrank_block_scores")) << "block size 96";
+  sl.block_size = 64;
+  sl.q_blocks = 3;  // 100 queries in blocks of 64 make 2
+  EXPECT_TRUE(refused(scores, "launch_lowrank_block_scores")) << "3 query blocks for 100 rows";
+
+  cuda::SelectLaunch p;
+  int64_t ptr[8];
+  p.scores = buf;
+  p.row_ptr = ptr;
+  p.temp = buf;
+  p.temp_bytes = sizeof(buf);
+  p.n = 100;
+  p.m = 64 * (cuda::kEstimatorMaxKeyBlocks + 1);  // too many key blocks to sort
+  p.block_size = 64;
+  p.q_blocks = 2;
+  p.k_blocks = cuda::kEstimatorMaxKeyBlocks + 1;
+  p.rows = 2;
+  const auto select = [&](const char** f) { return cuda::launch_select_blocks(p, nullptr, f); };
+  EXPECT_TRUE(refused(select, "launch_select_blocks")) << "too many key blocks";
+}
+
+}  // namespace
+}  // namespace attnpilot::attention
