@@ -13,7 +13,7 @@
 //  1c. (CUDA) Top-r warm-started update of 1024 cores of 128×128 (fp32, r = 8 and 16, block
 //     p = r + 4): subspace iteration from the previous V vs a full gesvda and our full kernel.
 //     (Printed before section 2, whose CUDA tracker runs are the slowest part of the bench.)
-// Usage: svd_bench [--device cpu|cuda] [--full] [--repeats N] [--threads N]
+// Usage: svd_bench [--device cpu|cuda] [--full] [--repeats N] [--threads N] [--no-tracking]
 //   Without --full on CPU the batch counts are scaled down (64 square, 8 tall, 64 heads) so it
 //   finishes in about a minute on 2 cores; --full uses the GPU sizes (1024 square, 256 tall).
 #include <torch/torch.h>
@@ -64,10 +64,11 @@ double time_it(const torch::Device& dev, int repeats, const std::function<void()
 int main(int argc, char** argv) {
   CLI::App app{"svd_bench: BatchedSvd and SubspaceTracker vs torch::linalg_svd / recomputation"};
   std::string device = "cpu";
-  bool full = false;
+  bool full = false, no_tracking = false;
   int repeats = 5, threads = 1;
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--full", full, "GPU batch sizes (1024 square, 256 tall, 1024 heads)");
+  app.add_flag("--no-tracking", no_tracking, "skip section 2 (the slowest part on the GPU)");
   app.add_option("--repeats", repeats, "timed repeats (median reported)")
       ->check(CLI::Range(1, 1000));
   app.add_option("--threads", threads, "CPU threads for LibTorch")->check(CLI::Range(1, 256));
@@ -204,6 +205,7 @@ int main(int argc, char** argv) {
     }
   }
 #endif
+  if (no_tracking) return 0;
   std::cout << "\n2. incremental tracking per segment (" << heads
             << " heads, T=128 rows per segment, rank 8, 8 segments), median ms per update\n";
   std::cout << "d     warm_ms   recompute_ms  recompute/warm  warm_updates  recomputations  "
