@@ -192,6 +192,16 @@ torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k
 
 }  // namespace
 
+bool cuda_estimator_handles(const torch::Tensor& q, const torch::Tensor& k, int64_t rank,
+                            int64_t block_size) {
+  return q.defined() && k.defined() && q.dim() == 4 && k.dim() == 4 && q.is_cuda() &&
+         k.device() == q.device() && io_dtype(q.scalar_type()) && io_dtype(k.scalar_type()) &&
+         q.size(3) >= 1 && q.size(3) <= 256 && rank >= 1 && rank <= 64 &&
+         block_size >= cuda::kEstimatorKeyTile && block_size % cuda::kEstimatorKeyTile == 0 &&
+         block_size <= HeadPlan::kMaxBlockSize &&
+         ceil_div(k.size(2), block_size) <= cuda::kEstimatorMaxKeyBlocks;
+}
+
 torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Tensor& k,
                                         const torch::Tensor& a_q, const torch::Tensor& a_k,
                                         int64_t block_size, bool causal, int64_t q_offset,
@@ -219,7 +229,13 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
   const int64_t bs = plan.block_size;
   const auto aq = a_q.narrow(3, 0, plan.rank), ak = a_k.narrow(3, 0, plan.rank);
   check_inputs(q, k, aq, ak, bs, q_offset);
-  const auto scores = scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops);
+  // Density 1 without gamma or top_k keeps every visible block whatever the scores: no estimate.
+  const bool everything = plan.gamma <= 0 && plan.top_k <= 0 && plan.density >= 1.0;
+  const auto scores =
+      everything
+          ? torch::zeros({q.size(0), q.size(1), ceil_div(q.size(2), bs), ceil_div(k.size(2), bs)},
+                         q.options().dtype(torch::kFloat))
+          : scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops);
 
   c10::cuda::CUDAGuard guard(q.device());
   const auto stream = at::cuda::getCurrentCUDAStream(q.get_device()).stream();

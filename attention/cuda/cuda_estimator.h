@@ -20,6 +20,13 @@
 
 namespace attnpilot::attention {
 
+/// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one
+/// device, head dim <= 256, a_q with 1..64 columns (after narrowing to the rank used), block
+/// size a multiple of 64, at most 16384 key blocks. The argument checks of the functions below
+/// refuse the rest; a caller dispatching on this can run the CPU twin's LibTorch code otherwise.
+bool cuda_estimator_handles(const torch::Tensor& q, const torch::Tensor& k, int64_t rank,
+                            int64_t block_size);
+
 /// lowrank_block_scores (estimators.h) on CUDA tensors, rank r = a_q.size(3): block sums of
 /// softmax((q a_q)(k a_k)ᵀ/√d) averaged over up to 8 evenly spaced rows of each query block
 /// (its last row included); zero past a query block's last visible key block. GQA: query head
@@ -37,7 +44,9 @@ torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Ten
 /// exactly row_ptr[rows] entries. With gamma > 0 they depend on the scores: col_idx then has
 /// room for every visible block (the sum over rows of visible blocks), its first row_ptr[rows]
 /// entries are the lists and the rest are -1, unless exact_nnz is true, which reads
-/// row_ptr[rows] back to the host (one synchronisation) and trims col_idx to it.
+/// row_ptr[rows] back to the host (one synchronisation) and trims col_idx to it. A plan that
+/// keeps everything (density 1, no gamma or top_k) skips the scores, as the CPU path does, and
+/// lists every visible block (no FLOPs counted).
 BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& k,
                                    const torch::Tensor& a_q, const torch::Tensor& a_k,
                                    const HeadPlan& plan, bool causal, int64_t q_offset,

@@ -128,6 +128,9 @@ TEST(CudaEstimator, ScoresMatchCpuTwin) {
     const auto got = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
                                                c.q_offset, &gpu_flops);
     ASSERT_TRUE(got.is_cuda()) << c.str();
+    EXPECT_TRUE(cuda_estimator_handles(in.q, in.k, c.r, c.bs)) << c.str();
+    EXPECT_FALSE(cuda_estimator_handles(in.q, in.k, 80, c.bs)) << c.str() << " rank 80";
+    EXPECT_FALSE(cuda_estimator_handles(in.q, in.k, c.r, 96)) << c.str() << " block 96";
     ASSERT_EQ(got.sizes(), want.sizes()) << c.str();
     const auto g = got.cpu().to(torch::kDouble), w = want.to(torch::kDouble);
     ASSERT_TRUE(torch::isfinite(g).all().item<bool>()) << c.str() << ": unwritten or NaN scores";
@@ -180,8 +183,14 @@ void expect_same_mask(const Case& c, const Inputs& in, const HeadPlan& plan) {
   const auto want = select_blocks(scores.cpu(), plan, c.n, c.m, c.causal, c.q_offset);
   const int64_t rows = want.rows();
   poison({rows + 1, rows * want.k_blocks}, -77.0, torch::kLong);
+  double est_flops = 0;
   const auto got =
-      estimate_block_mask_cuda(in.q, in.k, in.a_q, in.a_k, plan, c.causal, c.q_offset, &fl);
+      estimate_block_mask_cuda(in.q, in.k, in.a_q, in.a_k, plan, c.causal, c.q_offset, &est_flops);
+  // A plan that keeps everything needs no estimate (as on the CPU); the others count theirs.
+  if (plan.gamma <= 0 && plan.top_k <= 0 && plan.density >= 1.0)
+    EXPECT_EQ(est_flops, 0.0) << what;
+  else
+    EXPECT_GT(est_flops, 0.0) << what;
   ASSERT_TRUE(got.row_ptr.is_cuda() && got.col_idx.is_cuda()) << what;
   EXPECT_EQ(got.batch, want.batch);
   EXPECT_EQ(got.heads, want.heads);
@@ -264,6 +273,7 @@ TEST(CudaEstimator, BadArgumentsAreRefused) {
   const auto q = torch::randn({1, 2, 100, 64}), k = torch::randn({1, 2, 120, 64});
   const auto a = torch::randn({1, 2, 64, 16});
   double fl = 0;
+  EXPECT_FALSE(cuda_estimator_handles(q, k, 16, 64)) << "CPU tensors";
   expect_invalid([&] { lowrank_block_scores_cuda(q.to(torch::kInt), k, a, a, 64, true, 0, &fl); },
                  "Int");
   expect_invalid(
