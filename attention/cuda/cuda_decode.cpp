@@ -106,10 +106,19 @@ torch::Tensor decode_attention_cuda(const torch::Tensor& q_in, const torch::Tens
   auto out = torch::empty({b, hq, dv}, q_in.options());
   if (b == 0) return out;
   const auto q = q_in.stride(2) == 1 ? q_in : q_in.contiguous();
-  const auto dev_len =
-      lengths.is_cuda() && lengths.scalar_type() == torch::kInt && lengths.is_contiguous()
-          ? lengths
-          : lengths.to(q.device(), torch::kInt).contiguous();
+  // Device lengths as int32: a CPU tensor goes through pinned memory with an asynchronous copy
+  // (the caching host allocator keeps the pinned buffer until the copy has run).
+  torch::Tensor dev_len;
+  if (lengths.is_cuda()) {
+    dev_len = lengths.scalar_type() == torch::kInt && lengths.is_contiguous()
+                  ? lengths
+                  : lengths.to(torch::kInt).contiguous();
+  } else {
+    dev_len = host_len.to(torch::kInt)
+                  .pin_memory()
+                  .to(q.device(), torch::kInt,
+                      /*non_blocking=*/true);
+  }
 
   cuda::DecodeLaunch p;
   p.q = q.data_ptr();

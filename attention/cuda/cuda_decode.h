@@ -20,8 +20,9 @@ bool decode_attention_cuda_supports(int64_t e, int64_t dv);
 /// out [B, Hq, dv] in q's dtype. q, k, v: bf16 or fp16 alike, on one CUDA device; k and v with
 /// a unit last stride, 16-byte aligned, other strides multiples of 8 elements (any view of a
 /// contiguous cache buffer with e, dv multiples of 8); Hq a multiple of Hk and of Hkv. lengths:
-/// int32 or int64, each in [0, cap]; on the CPU (checked there, copied to the GPU without a
-/// synchronisation) or on q's device (read back once to check them: synchronises the stream).
+/// int32 or int64, each in [0, cap]; on the CPU (checked there, copied to the GPU through pinned
+/// memory without a synchronisation: the decode-loop choice) or on q's device (read back once to
+/// check them, which synchronises the stream).
 /// Runs on the current CUDA stream of q's device. Throws InvalidArgument naming the offending
 /// value, Error when a CUDA call fails.
 torch::Tensor decode_attention_cuda(const torch::Tensor& q, const torch::Tensor& k,

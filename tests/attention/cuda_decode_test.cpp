@@ -38,7 +38,9 @@ const torch::Device kCuda(torch::kCUDA, 0);
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 /// Tolerances against the float64 reference on the same (rounded) inputs: fp32 arithmetic, the
-/// output rounded once to bf16 (2^-9 relative) or fp16 (2^-12).
+/// output rounded once to bf16 (2^-9 relative) or fp16 (2^-12). A CPU emulation of the kernel
+/// (2026-11-29, 180 random shapes incl. peaked scores) measured at worst: relative 1.8e-3 (bf16)
+/// and 2.3e-4 (fp16), absolute 7.8e-3 and 9.8e-4.
 struct Tol {
   double rel, abs;
 };
