@@ -96,9 +96,10 @@ torch::Tensor decode_attention_cuda(const torch::Tensor& q_in, const torch::Tens
   const int64_t* len = host_len.data_ptr<int64_t>();
   int64_t longest = 0;
   for (int64_t i = 0; i < b; ++i) {
-    ATTNPILOT_CHECK_ARG(len[i] >= 0 && len[i] <= cap,
-                        "decode_attention_cuda: lengths[{}] = {} outside [0, capacity {}]", i,
-                        len[i], cap);
+    ATTNPILOT_CHECK_ARG(len[i] >= 0 && len[i] <= cap && len[i] <= INT32_MAX,
+                        "decode_attention_cuda: lengths[{}] = {} outside [0, capacity {}] (or "
+                        "past the kernel's int32 lengths)",
+                        i, len[i], cap);
     longest = std::max(longest, len[i]);
   }
 

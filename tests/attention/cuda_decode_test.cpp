@@ -166,8 +166,9 @@ TEST(CudaDecode, KernelMatchesFloat64Reference) {
           for (int64_t l : lengths) longest = std::max(longest, l);
           const int64_t cap = longest + 1 + static_cast<int64_t>(rng() % 100);
           const double scale = 1.0 / std::sqrt(static_cast<double>(e));
-          // Every third case with peaked scores (queries x 6): chunk maxima far apart.
-          const double q_mult = seed % 3 == 0 ? 6.0 : 1.0;
+          // Peaked scores: queries x 6 (chunk maxima far apart) or x 40 (logits past 2^128 in
+          // log2 units: the combine must shift by the global max).
+          const double q_mult = seed % 5 == 0 ? 40.0 : seed % 3 == 0 ? 6.0 : 1.0;
           const auto q = (torch::randn({b, hc.hq, e}, gen) * q_mult).to(kCuda, dt);
           const auto k = cache_view(b, hc.hk, cap, e, 8 * (seed % 2), dt);
           const auto v = cache_view(b, hc.hkv, cap, dv, 8 * ((seed / 2) % 2), dt);
