@@ -328,6 +328,9 @@ __global__ void __launch_bounds__(kThreads) block_sparse_fwd_kernel(BlockSparseL
 
 #pragma unroll 1
     for (int sub = 0; sub < kBN / kSub; ++sub) {
+      // Causal: a warp whose last query precedes the sub-tile's first key sees none of it (the
+      // upper-right part of a diagonal block); it skips the work (no CTA barrier in here).
+      if (p.causal && k0 + sub * kSub > cta_first + wrow + 16 * kM - 1) continue;
       // S = Q Kᵀ.
       float s[kM][kNt][4];
 #pragma unroll
