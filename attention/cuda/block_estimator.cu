@@ -20,7 +20,9 @@
 //   for each 64-key tile up to the tile's last visible key:
 //     kp tile ──smem (fp32 split into tf32 hi + lo, rows past m zero)
 //     S[16 × 64] = qs·kpᵀ by mma.sync m16n8k8 tf32, three products (hi·hi + hi·lo + lo·hi:
-//                  "3xTF32", about fp32 accuracy; one tf32 product would err by ~1e-3·|s|)
+//                  "3xTF32", about fp32 accuracy) or, with split_tf32 = false, one (scores
+//                  within ~2e-3 of the fp32 twin in the emulation; a third of the mma and
+//                  shared-memory work)
 //     mask (only tiles that cross a row's causal limit, m, or hold unused rows), tile max per row
 //     (quad shuffles), per-lane Σ 2^(s - max) folded into the key block's running (max, sum)
 //   at each key block's end: L_t[kb] = max + log2(quad sum)
@@ -157,7 +159,8 @@ __host__ __device__ constexpr int64_t score_tile_bytes(int r) {
   return int64_t(2) * kKeyTile * key_ld(r) * 4;
 }
 
-template <int R>
+// kSplit: three tf32 products per score (about fp32), else one (tf32: ~1e-3 relative).
+template <int R, bool kSplit>
 __global__ void __launch_bounds__(kScoreThreads) block_scores_kernel(BlockScoresLaunch p) {
   constexpr int kLd = key_ld(R);
   constexpr int kKs = R / 8;  // k-steps of the mma
@@ -239,7 +242,7 @@ __global__ void __launch_bounds__(kScoreThreads) block_scores_kernel(BlockScores
           const int hf = e % 2, col = ks * 8 + tig + (e / 2) * 4;
           const float x = qrow[hf] != nullptr ? qrow[hf][col] : 0.f;
           ahi[ks][e] = to_tf32(x);
-          alo[ks][e] = to_tf32(x - __uint_as_float(ahi[ks][e]));
+          alo[ks][e] = kSplit ? to_tf32(x - __uint_as_float(ahi[ks][e])) : 0u;
         }
       }
     }
@@ -260,7 +263,7 @@ __global__ void __launch_bounds__(kScoreThreads) block_scores_kernel(BlockScores
         for (int i = 0; i < 4; ++i) {
           const uint32_t hi = to_tf32(v[i]);
           khi[row * kLd + col + i] = hi;
-          klo[row * kLd + col + i] = to_tf32(v[i] - __uint_as_float(hi));
+          if (kSplit) klo[row * kLd + col + i] = to_tf32(v[i] - __uint_as_float(hi));
         }
       }
       __syncthreads();
@@ -275,9 +278,10 @@ __global__ void __launch_bounds__(kScoreThreads) block_scores_kernel(BlockScores
           for (int nt = 0; nt < 8; ++nt) {
             const int off = (nt * 8 + g) * kLd + ks * 8 + tig;
             const uint32_t bh0 = khi[off], bh1 = khi[off + 4];
-            const uint32_t bl0 = klo[off], bl1 = klo[off + 4];
-            mma_tf32(s[nt], alo[ks], bh0, bh1);
-            mma_tf32(s[nt], ahi[ks], bl0, bl1);
+            if (kSplit) {
+              mma_tf32(s[nt], alo[ks], bh0, bh1);
+              mma_tf32(s[nt], ahi[ks], klo[off], klo[off + 4]);
+            }
             mma_tf32(s[nt], ahi[ks], bh0, bh1);
           }
         }
@@ -550,7 +554,7 @@ struct ScorePlan {
 template <int R>
 cudaError_t plan_scores_typed(const BlockScoresLaunch& p, ScorePlan* plan,
                               const char** failed_call) {
-  auto kernel = block_scores_kernel<R>;
+  auto kernel = p.split_tf32 ? block_scores_kernel<R, true> : block_scores_kernel<R, false>;
   const bool in_smem = p.k_blocks <= kLseSmemMaxBlocks;
   plan->smem = score_tile_bytes(R) + (in_smem ? int64_t(kScoreWarps) * 16 * p.k_blocks * 4 : 0);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -680,18 +684,20 @@ cudaError_t launch_lowrank_block_scores(const BlockScoresLaunch& p, cudaStream_t
     return cudaErrorInvalidValue;
   }
   const size_t smem = static_cast<size_t>(plan.smem);
+  const auto run = [&](auto kernel) { kernel<<<plan.grid, kScoreThreads, smem, stream>>>(p); };
+  const bool split = p.split_tf32;
   switch (p.rank_pad) {
     case 8:
-      block_scores_kernel<8><<<plan.grid, kScoreThreads, smem, stream>>>(p);
+      split ? run(block_scores_kernel<8, true>) : run(block_scores_kernel<8, false>);
       break;
     case 16:
-      block_scores_kernel<16><<<plan.grid, kScoreThreads, smem, stream>>>(p);
+      split ? run(block_scores_kernel<16, true>) : run(block_scores_kernel<16, false>);
       break;
     case 32:
-      block_scores_kernel<32><<<plan.grid, kScoreThreads, smem, stream>>>(p);
+      split ? run(block_scores_kernel<32, true>) : run(block_scores_kernel<32, false>);
       break;
     default:
-      block_scores_kernel<64><<<plan.grid, kScoreThreads, smem, stream>>>(p);
+      split ? run(block_scores_kernel<64, true>) : run(block_scores_kernel<64, false>);
       break;
   }
   e = cudaGetLastError();

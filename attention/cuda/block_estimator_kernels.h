@@ -56,6 +56,9 @@ struct BlockScoresLaunch {
   int block_size = 0;  ///< multiple of kEstimatorKeyTile
   int rank_pad = 0;    ///< 8, 16, 32 or 64
   bool causal = false;
+  /// true: three tf32 products per score (hi·hi + hi·lo + lo·hi, about fp32 accuracy);
+  /// false: one (3x less tensor-core work and shared-memory traffic, scores within ~1e-3).
+  bool split_tf32 = true;
 };
 
 /// (3)-(5) select_blocks on device-resident scores, written as CSR lists.

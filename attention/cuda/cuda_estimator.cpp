@@ -108,7 +108,7 @@ torch::Tensor pad_projection(const torch::Tensor& a, int64_t rp, double scale) {
 /// Scores on the device; see lowrank_block_scores_cuda.
 torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k_in,
                                const torch::Tensor& a_q, const torch::Tensor& a_k, int64_t bs,
-                               bool causal, int64_t q_offset, double* flops) {
+                               bool causal, int64_t q_offset, double* flops, bool tf32) {
   c10::cuda::CUDAGuard guard(q_in.device());
   const auto stream = at::cuda::getCurrentCUDAStream(q_in.get_device()).stream();
   const int64_t b = q_in.size(0), h = q_in.size(1), n = q_in.size(2), d = q_in.size(3);
@@ -164,6 +164,7 @@ torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k
   sl.block_size = static_cast<int>(bs);
   sl.rank_pad = static_cast<int>(rp);
   sl.causal = causal;
+  sl.split_tf32 = !tf32;
   size_t ws_bytes = 0;
   failed = "lowrank_block_scores_workspace_bytes";
   check_cuda(cuda::lowrank_block_scores_workspace_bytes(sl, &ws_bytes, &failed), failed, q_in, k_in,
@@ -205,15 +206,15 @@ bool cuda_estimator_handles(const torch::Tensor& q, const torch::Tensor& k, int6
 torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Tensor& k,
                                         const torch::Tensor& a_q, const torch::Tensor& a_k,
                                         int64_t block_size, bool causal, int64_t q_offset,
-                                        double* flops) {
+                                        double* flops, const CudaEstimatorOptions& options) {
   check_inputs(q, k, a_q, a_k, block_size, q_offset);
-  return scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops);
+  return scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops, options.tf32);
 }
 
 BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& k,
                                    const torch::Tensor& a_q, const torch::Tensor& a_k,
                                    const HeadPlan& plan, bool causal, int64_t q_offset,
-                                   double* flops, bool exact_nnz) {
+                                   double* flops, const CudaEstimatorOptions& options) {
   ATTNPILOT_CHECK_ARG(q.defined() && q.dim() == 4, "cuda estimator: q must be 4-D; got {}",
                       shape_of(q));
   ATTNPILOT_CHECK_ARG(plan.kind == Kind::kBlockSparse && plan.estimator == BlockEstimator::kLowRank,
@@ -235,7 +236,7 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
       everything
           ? torch::zeros({q.size(0), q.size(1), ceil_div(q.size(2), bs), ceil_div(k.size(2), bs)},
                          q.options().dtype(torch::kFloat))
-          : scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops);
+          : scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.tf32);
 
   c10::cuda::CUDAGuard guard(q.device());
   const auto stream = at::cuda::getCurrentCUDAStream(q.get_device()).stream();
@@ -298,7 +299,7 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
   mask.block_size = bs;
   mask.row_ptr = row_ptr;
   mask.col_idx = col_idx;
-  if (exact_nnz && plan.gamma > 0)
+  if (options.exact_nnz && plan.gamma > 0)
     mask.col_idx = col_idx.narrow(0, 0, row_ptr[rows].item<int64_t>());
   return mask;
 }

@@ -20,6 +20,16 @@
 
 namespace attnpilot::attention {
 
+/// Options of the CUDA estimator.
+struct CudaEstimatorOptions {
+  /// Score products in one tf32 pass (about 3x less tensor-core work; scores within ~1e-3 of
+  /// the fp32 twin) instead of three (hi·hi + hi·lo + lo·hi: about fp32 accuracy, the default).
+  bool tf32 = false;
+  /// estimate_block_mask_cuda with gamma > 0: read nnz back to the host (one synchronisation)
+  /// and trim col_idx to it.
+  bool exact_nnz = false;
+};
+
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one
 /// device, head dim <= 256, a_q with 1..64 columns (after narrowing to the rank used), block
 /// size a multiple of 64, at most 16384 key blocks. The argument checks of the functions below
@@ -35,7 +45,7 @@ bool cuda_estimator_handles(const torch::Tensor& q, const torch::Tensor& k, int6
 torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Tensor& k,
                                         const torch::Tensor& a_q, const torch::Tensor& a_k,
                                         int64_t block_size, bool causal, int64_t q_offset,
-                                        double* flops);
+                                        double* flops, const CudaEstimatorOptions& options = {});
 
 /// The low-rank estimator of `plan` (kind block_sparse, estimator lowrank, rank <= a_q.size(3):
 /// the first plan.rank columns of a_q and a_k are used) followed by select_blocks' rule, all on
@@ -43,13 +53,13 @@ torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Ten
 /// With a top_k or density budget the per-row counts are known in advance and col_idx has
 /// exactly row_ptr[rows] entries. With gamma > 0 they depend on the scores: col_idx then has
 /// room for every visible block (the sum over rows of visible blocks), its first row_ptr[rows]
-/// entries are the lists and the rest are -1, unless exact_nnz is true, which reads
+/// entries are the lists and the rest are -1, unless options.exact_nnz is true, which reads
 /// row_ptr[rows] back to the host (one synchronisation) and trims col_idx to it. A plan that
 /// keeps everything (density 1, no gamma or top_k) skips the scores, as the CPU path does, and
 /// lists every visible block (no FLOPs counted).
 BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& k,
                                    const torch::Tensor& a_q, const torch::Tensor& a_k,
                                    const HeadPlan& plan, bool causal, int64_t q_offset,
-                                   double* flops, bool exact_nnz = false);
+                                   double* flops, const CudaEstimatorOptions& options = {});
 
 }  // namespace attnpilot::attention

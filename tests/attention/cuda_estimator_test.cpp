@@ -40,6 +40,10 @@ const torch::Device kCuda(torch::kCUDA, 0);
 /// would give ~1e-3.
 constexpr double kAbsTol = 5e-5;
 constexpr double kRelTol = 5e-5;
+/// The one-pass tf32 mode (CudaEstimatorOptions::tf32): scores from 10-bit-mantissa products;
+/// the emulation measured at most 2.2e-3 absolute and 1.9e-3 relative error (30 cases).
+constexpr double kTf32AbsTol = 1e-2;
+constexpr double kTf32RelTol = 1e-2;
 
 struct Case {
   int64_t b, h, hkv, n, m, q_offset, d, r, bs;
@@ -148,6 +152,16 @@ TEST(CudaEstimator, ScoresMatchCpuTwin) {
     EXPECT_NEAR(gpu_flops, cpu_flops - 2.0 * c.b * c.h * (c.n - sampled) * c.d * c.r,
                 1e-9 * cpu_flops)
         << c.str();
+    // The one-pass tf32 mode: same function, looser tolerance.
+    CudaEstimatorOptions fast;
+    fast.tf32 = true;
+    const auto g32 = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                               c.q_offset, &gpu_flops, fast)
+                         .cpu()
+                         .to(torch::kDouble);
+    ASSERT_TRUE(torch::isfinite(g32).all().item<bool>()) << c.str() << " tf32";
+    EXPECT_LE((g32 - w).abs().max().item<double>(), kTf32AbsTol) << c.str() << " tf32";
+    EXPECT_LE(((g32 - w).norm() / w.norm()).item<double>(), kTf32RelTol) << c.str() << " tf32";
     // Same inputs, same bits: a race would show as a difference between runs.
     EXPECT_TRUE(torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs,
                                                             c.causal, c.q_offset, &gpu_flops)))
@@ -174,18 +188,20 @@ TEST(CudaEstimator, ManyKeyBlocksUseTheWorkspace) {
 
 /// The GPU mask equals select_blocks on the GPU's own scores (the kernels are deterministic, so
 /// estimate_block_mask_cuda recomputes exactly these scores).
-void expect_same_mask(const Case& c, const Inputs& in, const HeadPlan& plan) {
-  const std::string what = c.str() + " plan " + plan.to_string();
+void expect_same_mask(const Case& c, const Inputs& in, const HeadPlan& plan, bool tf32) {
+  const std::string what = c.str() + " plan " + plan.to_string() + (tf32 ? " tf32" : "");
+  CudaEstimatorOptions opt;
+  opt.tf32 = tf32;
   double fl = 0;
-  const auto scores =
-      lowrank_block_scores_cuda(in.q, in.k, in.a_q.narrow(3, 0, plan.rank),
-                                in.a_k.narrow(3, 0, plan.rank), c.bs, c.causal, c.q_offset, &fl);
+  const auto scores = lowrank_block_scores_cuda(in.q, in.k, in.a_q.narrow(3, 0, plan.rank),
+                                                in.a_k.narrow(3, 0, plan.rank), c.bs, c.causal,
+                                                c.q_offset, &fl, opt);
   const auto want = select_blocks(scores.cpu(), plan, c.n, c.m, c.causal, c.q_offset);
   const int64_t rows = want.rows();
   poison({rows + 1, rows * want.k_blocks}, -77.0, torch::kLong);
   double est_flops = 0;
-  const auto got =
-      estimate_block_mask_cuda(in.q, in.k, in.a_q, in.a_k, plan, c.causal, c.q_offset, &est_flops);
+  const auto got = estimate_block_mask_cuda(in.q, in.k, in.a_q, in.a_k, plan, c.causal, c.q_offset,
+                                            &est_flops, opt);
   // A plan that keeps everything needs no estimate (as on the CPU); the others count theirs.
   if (plan.gamma <= 0 && plan.top_k <= 0 && plan.density >= 1.0)
     EXPECT_EQ(est_flops, 0.0) << what;
@@ -206,8 +222,10 @@ void expect_same_mask(const Case& c, const Inputs& in, const HeadPlan& plan) {
   if (plan.gamma > 0) {
     // Room for every visible block; the unused tail is -1.
     EXPECT_TRUE((col.narrow(0, nnz, col.numel() - nnz) == -1).all().item<bool>()) << what;
+    CudaEstimatorOptions exact_opt = opt;
+    exact_opt.exact_nnz = true;
     const auto exact = estimate_block_mask_cuda(in.q, in.k, in.a_q, in.a_k, plan, c.causal,
-                                                c.q_offset, &fl, /*exact_nnz=*/true);
+                                                c.q_offset, &fl, exact_opt);
     EXPECT_EQ(exact.col_idx.numel(), nnz) << what;
     EXPECT_TRUE(torch::equal(exact.col_idx.cpu(), want.col_idx)) << what;
   } else {
@@ -243,7 +261,7 @@ TEST(CudaEstimator, MasksMatchCpuSelectionOnTheSameScores) {
     for (HeadPlan& p : plans) {
       p.estimator = BlockEstimator::kLowRank;
       p.rank = std::vector<int64_t>{4, 16, 32}[i++ % 3];
-      expect_same_mask(c, in, p);
+      expect_same_mask(c, in, p, /*tf32=*/i % 2 == 0);
     }
   }
 }
