@@ -115,16 +115,6 @@ std::vector<Group> make_groups(const std::vector<LayerPlan>& plans, const Shape&
   return groups;
 }
 
-/// Key positions read per (b, h): the listed blocks' lengths summed over query blocks.
-double listed_keys(const BlockMask& mask, int64_t m) {
-  const int64_t* ptr = mask.row_ptr.data_ptr<int64_t>();
-  const int64_t* col = mask.col_idx.data_ptr<int64_t>();
-  double keys = 0;
-  for (int64_t e = 0; e < ptr[mask.rows()]; ++e)
-    keys += std::min(m, (col[e] + 1) * mask.block_size) - col[e] * mask.block_size;
-  return keys;
-}
-
 }  // namespace
 
 torch::Tensor dense_reference(const AttentionInputs& in) {
@@ -250,7 +240,7 @@ AttentionResult run_attention(const AttentionInputs& in, const std::vector<Layer
               estimate_block_mask(q, k, hp, in.causal, s.q_offset, &r.stats.other_flops, a_q, a_k);
         }
         ko = backend.block_sparse(q, k, v, mask, scale, in.causal, s.q_offset, 0, 0);
-        kv_bytes = listed_keys(mask, s.M) * (s.d + s.dv);
+        kv_bytes = mask.listed_keys(s.M) * (s.d + s.dv);
         break;
       }
       case Kind::kStreaming: {
@@ -258,7 +248,7 @@ AttentionResult run_attention(const AttentionInputs& in, const std::vector<Layer
                                                static_cast<int64_t>(g.heads.size()), s.N, s.M,
                                                hp.block_size, s.q_offset, hp.sinks, hp.window);
         ko = backend.block_sparse(q, k, v, mask, scale, in.causal, s.q_offset, hp.sinks, hp.window);
-        kv_bytes = listed_keys(mask, s.M) * (s.d + s.dv);
+        kv_bytes = mask.listed_keys(s.M) * (s.d + s.dv);
         break;
       }
     }

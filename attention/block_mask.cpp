@@ -63,6 +63,7 @@ void BlockMask::validate(int64_t n, int64_t m, bool causal, int64_t q_offset) co
   ATTNPILOT_CHECK_ARG(row_ptr.numel() == rows() + 1,
                       "block mask: row_ptr has {} entries; expected rows+1 = {}", row_ptr.numel(),
                       rows() + 1);
+  if (!row_ptr.device().is_cpu()) return on_host().validate(n, m, causal, q_offset);
   const auto ptr = row_ptr.contiguous().cpu();
   const auto col = col_idx.contiguous().cpu();
   const int64_t* p = ptr.data_ptr<int64_t>();
@@ -94,6 +95,7 @@ void BlockMask::validate(int64_t n, int64_t m, bool causal, int64_t q_offset) co
 
 BlockMask BlockMask::select(const std::vector<int64_t>& batch_idx,
                             const std::vector<int64_t>& head_idx) const {
+  if (!row_ptr.device().is_cpu()) return on_host().select(batch_idx, head_idx);
   std::vector<std::vector<int64_t>> rows;
   for (int64_t b : batch_idx)
     for (int64_t h : head_idx) {
@@ -106,13 +108,58 @@ BlockMask BlockMask::select(const std::vector<int64_t>& batch_idx,
 }
 
 std::vector<int64_t> BlockMask::row(int64_t b, int64_t h, int64_t qb) const {
+  if (!row_ptr.device().is_cpu()) return on_host().row(b, h, qb);
   const int64_t r = (b * heads + h) * q_blocks + qb;
   const int64_t* p = row_ptr.data_ptr<int64_t>();
   const int64_t* c = col_idx.data_ptr<int64_t>();
   return std::vector<int64_t>(c + p[r], c + p[r + 1]);
 }
 
+BlockMask BlockMask::on_host() const {
+  if (row_ptr.device().is_cpu() && col_idx.device().is_cpu()) return *this;
+  BlockMask h = *this;
+  h.row_ptr = row_ptr.to(torch::kCPU).contiguous();
+  const int64_t nnz = h.row_ptr[rows()].item<int64_t>();
+  ATTNPILOT_CHECK_ARG(nnz >= 0 && nnz <= col_idx.numel(),
+                      "block mask: row_ptr ends at {}, outside col_idx's {} entries", nnz,
+                      col_idx.numel());
+  h.col_idx = col_idx.narrow(0, 0, nnz).to(torch::kCPU).contiguous();
+  return h;
+}
+
+namespace {
+/// Keys each listed entry covers (clipped to m; 0 for the unused entries of device lists) and,
+/// when n > 0, times the rows of its query block: the device form of listed_pairs/listed_keys.
+double device_listed_sum(const BlockMask& mk, int64_t n, int64_t m) {
+  const auto dev = mk.col_idx.device();
+  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
+  const int64_t bs = mk.block_size;
+  const auto ptr = mk.row_ptr.to(dev, torch::kLong).contiguous();
+  const auto col = mk.col_idx.to(torch::kLong);
+  const auto e = torch::arange(col.numel(), lopt);
+  const auto used = (e < ptr.narrow(0, mk.rows(), 1)) & (col >= 0);
+  auto keys = (torch::clamp_max((col + 1) * bs, m) - col * bs).clamp_min(0) * used;
+  if (n > 0) {
+    const auto row = torch::searchsorted(ptr, e, /*out_int32=*/false, /*right=*/true) - 1;
+    const auto qb = row.remainder(mk.q_blocks);
+    keys = keys * (torch::clamp_max((qb + 1) * bs, n) - qb * bs).clamp_min(0);
+  }
+  return keys.sum().to(torch::kDouble).item<double>();
+}
+}  // namespace
+
+double BlockMask::listed_keys(int64_t m) const {
+  if (!col_idx.device().is_cpu()) return device_listed_sum(*this, 0, m);
+  const int64_t* p = row_ptr.data_ptr<int64_t>();
+  const int64_t* c = col_idx.data_ptr<int64_t>();
+  double keys = 0;
+  for (int64_t e = 0; e < p[rows()]; ++e)
+    keys += std::min(m, (c[e] + 1) * block_size) - c[e] * block_size;
+  return keys;
+}
+
 double BlockMask::listed_pairs(int64_t n, int64_t m) const {
+  if (!col_idx.device().is_cpu()) return device_listed_sum(*this, n, m);
   const int64_t* p = row_ptr.data_ptr<int64_t>();
   const int64_t* c = col_idx.data_ptr<int64_t>();
   double pairs = 0;

@@ -13,11 +13,15 @@
 
 namespace attnpilot::attention {
 
+///   The lists are CPU tensors, except in masks made on the GPU by the CUDA estimator
+///   (cuda/cuda_estimator.h): there both are CUDA tensors, and col_idx may hold unused
+///   entries (-1) past row_ptr[rows]. listed_pairs and listed_keys take either; the other
+///   methods read the lists on the host (device lists are copied there).
 struct BlockMask {
   int64_t batch = 0, heads = 0, q_blocks = 0, k_blocks = 0;
   int64_t block_size = 0;
-  torch::Tensor row_ptr;  ///< int64 [batch*heads*q_blocks + 1], CPU
-  torch::Tensor col_idx;  ///< int64 [nnz], CPU
+  torch::Tensor row_ptr;  ///< int64 [batch*heads*q_blocks + 1], CPU (or CUDA, see above)
+  torch::Tensor col_idx;  ///< int64 [>= nnz], CPU (or CUDA, see above)
 
   /// Builds from per-row lists (rows ordered as above); sorts and checks nothing else.
   static BlockMask from_rows(int64_t batch, int64_t heads, int64_t q_blocks, int64_t k_blocks,
@@ -38,8 +42,13 @@ struct BlockMask {
   int64_t nnz() const { return col_idx.numel(); }
   /// Key blocks in row (b, h, qb).
   std::vector<int64_t> row(int64_t b, int64_t h, int64_t qb) const;
-  /// Listed (query, key) pairs, clipped to the n x m sequence (the work a kernel does).
+  /// Listed (query, key) pairs, clipped to the n x m sequence (the work a kernel does). For
+  /// device lists it is summed on the device and one scalar is read back.
   double listed_pairs(int64_t n, int64_t m) const;
+  /// Listed keys summed over rows, clipped to m keys (the key/value rows a kernel reads).
+  double listed_keys(int64_t m) const;
+  /// This mask with its lists on the host (itself when they are already there).
+  BlockMask on_host() const;
   /// Listed blocks over the causally visible blocks (1 = every visible block).
   double density(int64_t n, int64_t m, bool causal, int64_t q_offset) const;
 };

@@ -7,6 +7,9 @@
 
 #include "attention/lowrank.h"
 #include "common/error.h"
+#ifdef ATTNPILOT_WITH_CUDA
+#include "attention/cuda/cuda_estimator.h"
+#endif
 
 namespace attnpilot::attention {
 namespace {
@@ -204,6 +207,21 @@ BlockMask estimate_block_mask(const torch::Tensor& q, const torch::Tensor& k, co
       scores = pooled_block_scores(q, k, bs, causal, q_offset, flops);
       break;
     case BlockEstimator::kLowRank: {
+#ifdef ATTNPILOT_WITH_CUDA
+      // CUDA tensors: the GPU twin (cuda/cuda_estimator.h) scores, selects and writes the
+      // lists on the device; the returned mask's row_ptr / col_idx are CUDA tensors.
+      if (cuda_estimator_handles(q, k, plan.rank, bs)) {
+        if (a_q.defined()) {
+          ATTNPILOT_CHECK_ARG(a_q.size(-1) >= plan.rank,
+                              "lowrank estimator: projections have rank {} < plan rank {}",
+                              a_q.size(-1), plan.rank);
+          return estimate_block_mask_cuda(q, k, a_q, a_k, plan, causal, q_offset, flops);
+        }
+        const auto p = lowrank_projections(q, k, plan.rank);
+        *flops += p.flops;
+        return estimate_block_mask_cuda(q, k, p.a_q, p.a_k, plan, causal, q_offset, flops);
+      }
+#endif
       if (a_q.defined()) {
         ATTNPILOT_CHECK_ARG(a_q.size(-1) >= plan.rank,
                             "lowrank estimator: projections have rank {} < plan rank {}",

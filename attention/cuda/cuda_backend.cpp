@@ -2,8 +2,12 @@
 // block-sparse flash-attention kernel (block_sparse_attention.cu), on the caller's current stream.
 //
 //   sdpa          at::scaled_dot_product_attention (cuDNN / flash on the GPU)
-//   attend        our kernel with every causally visible block, when it handles the shape
-//   block_sparse  our kernel over the CSR block lists
+//   attend        one query per sequence (decoding): the split-K decode kernel
+//                 (decode_attention.cu), which also reads rank-r projected keys;
+//                 from 16 queries on: our kernel with every causally visible block
+//   block_sparse  our kernel over the CSR block lists (host lists are copied over; device
+//                 lists, as the CUDA estimator writes them, are used in place with no host
+//                 round trip, except one scalar read back for the pair count)
 //
 // Shapes the kernel does not handle (dtypes other than bf16/fp16, head dims other than 64 and
 // 128, q and k dims that differ from v's as in low-rank scores, block sizes that are not
@@ -21,13 +25,14 @@
 
 #include "attention/backend.h"
 #include "attention/cuda/block_sparse_kernels.h"
+#include "attention/cuda/cuda_decode.h"
 #include "common/error.h"
 
 namespace attnpilot::attention {
 namespace {
 
-/// attend() uses the kernel from this many queries on; fewer (decoding steps) waste most of a
-/// 64-query tile, and the LibTorch matmul path is the better choice until a decode kernel exists.
+/// attend() uses the block-sparse kernel from this many queries on; one query goes to the
+/// decode kernel; 2-15 queries would waste most of a query tile and take the LibTorch path.
 constexpr int64_t kMinKernelQueries = 16;
 
 std::string shape_of(const torch::Tensor& t) {
@@ -149,6 +154,21 @@ class CudaBackend final : public Backend {
                    double scale, bool causal, int64_t q_offset) const override {
     check_inputs(q, k, v, "attend");
     const int64_t b = q.size(0), h = q.size(1), n = q.size(2), m = k.size(2);
+    const auto dt = q.scalar_type();
+    if (n == 1 && q_offset >= 0 && (dt == torch::kBFloat16 || dt == torch::kHalf) &&
+        k.scalar_type() == dt && v.scalar_type() == dt &&
+        decode_attention_cuda_supports(q.size(3), v.size(3))) {
+      // Decoding: the query sits at key position q_offset and sees keys 0..q_offset (causal),
+      // or every key; the same length for every sequence of the batch here.
+      const int64_t len = causal ? std::min(m, q_offset + 1) : m;
+      const auto lengths = torch::full({b}, len, torch::TensorOptions().dtype(torch::kLong));
+      KernelOut r;
+      r.out = decode_attention_cuda(q.select(2, 0).contiguous(), kernel_layout(k), kernel_layout(v),
+                                    lengths, scale)
+                  .unsqueeze(2);
+      r.pairs = static_cast<double>(b) * h * len;
+      return r;
+    }
     if (!kernel_handles(q, k, v, cuda::kBlockSparseTile) || n < kMinKernelQueries || q_offset < 0)
       return generic().attend(q, expand_heads(k, h), expand_heads(v, h), scale, causal, q_offset);
     ATTNPILOT_CHECK_ARG(!causal || q_offset + n <= m,
@@ -187,7 +207,23 @@ class CudaBackend final : public Backend {
     ATTNPILOT_CHECK_ARG(q_offset >= 0 && sinks >= 0 && window >= 0,
                         "cuda block_sparse: q_offset {}, sinks {}, window {} must be >= 0",
                         q_offset, sinks, window);
-    // The pair count (and the generic path) read the lists on the host.
+    if (!mask.row_ptr.device().is_cpu()) {
+      // Device-resident lists (the CUDA estimator's): used in place, taken as valid (they are
+      // built valid; checking them here would need the host round trip this path avoids). The
+      // kernel skips listed blocks outside the keys.
+      ATTNPILOT_CHECK_ARG(
+          mask.row_ptr.device() == q.device() && mask.col_idx.device() == q.device(),
+          "cuda block_sparse: device block lists on {} and {}, queries on {}",
+          mask.row_ptr.device().str(), mask.col_idx.device().str(), q.device().str());
+      if (!kernel_handles(q, k, v, bs))
+        return generic().block_sparse(q, expand_heads(k, h), expand_heads(v, h), mask.on_host(),
+                                      scale, causal, q_offset, sinks, window);
+      KernelOut r;
+      r.out = run_kernel(q, k, v, &mask, scale, causal, q_offset, sinks, window);
+      r.pairs = mask.listed_pairs(n, m);
+      return r;
+    }
+    // Host lists: checked, then copied to the device for the kernel.
     BlockMask host = mask;
     host.row_ptr = mask.row_ptr.cpu().contiguous();
     host.col_idx = mask.col_idx.cpu().contiguous();
@@ -203,9 +239,7 @@ class CudaBackend final : public Backend {
       return generic().block_sparse(q, expand_heads(k, h), expand_heads(v, h), host, scale, causal,
                                     q_offset, sinks, window);
     KernelOut r;
-    // Device-resident lists are used as given; host lists are copied over.
-    r.out = run_kernel(q, k, v, mask.row_ptr.is_cuda() ? &mask : &host, scale, causal, q_offset,
-                       sinks, window);
+    r.out = run_kernel(q, k, v, &host, scale, causal, q_offset, sinks, window);
     r.pairs = host.listed_pairs(n, m);
     return r;
   }

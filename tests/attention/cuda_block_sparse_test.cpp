@@ -232,7 +232,7 @@ TEST(CudaBlockSparse, AttendMatchesCpu) {
   for (auto dt : {torch::kBFloat16, torch::kHalf})
     for (int64_t d : {64, 128})
       // (n, m, causal, q_offset): square causal, queries at the end of a cache, ragged
-      // non-causal, a decoding step (n = 1: the LibTorch path).
+      // non-causal, a decoding step (n = 1: the decode kernel).
       for (auto [n, m, causal, off] :
            {std::tuple<int64_t, int64_t, bool, int64_t>{300, 300, true, 0},
             {77, 450, true, 373},
