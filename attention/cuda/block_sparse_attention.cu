@@ -8,7 +8,9 @@
 //
 //   Q tile ──cp.async──► smem ──ldmatrix──► A fragments (kept in registers when kM·d <= 128)
 //   K, V tile t+1 ──cp.async (16 B, zero-fill past M)──► the other smem stage, while tile t runs
-//   for each visited 64-key tile (CSR blocks split in 64-key tiles, whole-tile skips):
+//   for each visited 64-key tile (CSR blocks split in 64-key tiles, whole-tile skips), in
+//   sub-tiles of 32 keys for kM = 2, d = 128 (registers), else the whole tile; a warp skips a
+//   causal sub-tile wholly in its own queries' future:
 //     S = Q Kᵀ     mma.sync; K by ldmatrix (non-transposed: K rows are Bᵀ columns)
 //     softmax      S in registers: scale, mask (only tiles that need it), row max over the
 //                  lane quad (__shfl_xor 1, 2), P = 2^(S - m), per-lane partial row sums l
@@ -63,8 +65,8 @@
 // Resources (ptxas 13.0, sm_90, no spills, 0-byte stack), shared memory (kBM + 4·kBN)·(d + 8)·2
 // bytes with padded rows (d + 8 elements: consecutive rows start 16 bytes apart modulo 128, so
 // each 8-row ldmatrix phase covers all 32 banks once; the CPU emulation counts 0 conflicted
-// phases): d = 128, kM = 2: 255 registers, 102 KB, 2 CTAs per SM; d = 128, kM = 1: 214, 85 KB,
-// 2 per SM; d = 64, kM = 2: 244, 54 KB, 2 per SM; d = 64, kM = 1: 133, 45 KB, 3 per SM.
+// phases): d = 128, kM = 2: 255 registers, 102 KB, 2 CTAs per SM; d = 128, kM = 1: 220, 85 KB,
+// 2 per SM; d = 64, kM = 2: 255, 54 KB, 2 per SM; d = 64, kM = 1: 135, 45 KB, 3 per SM.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
