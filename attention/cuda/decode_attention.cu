@@ -21,7 +21,7 @@
 // here copies (cuDNN SDPA decode measured 1.95 ms: ~4.4 TB/s of reads). Rank r = 32 keys:
 // 16 · 32 · 32768 · 32 · 2 = 1.07 GB + 4.29 GB of values = 5.37 GB, 62.5% of the full read:
 // 1.22 ms at 4.4 TB/s, i.e. 1.6x cuDNN at the floor; the 1.4x target (1.39 ms) needs 3.9 TB/s,
-// 88% of cuDNN's read rate. Arithmetic is ~2 FLOP per byte (e + dv MACs per (e + dv)·2 bytes),
+// 88% of cuDNN's read rate. Arithmetic is ~1 FLOP per byte (one multiply-add per 2-byte element),
 // far under the H200's ~14 FLOP/B fp32 balance point: bandwidth bound. Workspace traffic: 32
 // splits × 512 (b, h) × 130 floats = 8.5 MB written and read once, 0.16% of the 5.37 GB.
 // What keeps the memory system busy: every global load of k and v is 16 bytes and coalesced
@@ -29,6 +29,11 @@
 // thread has 8 such loads (128 B) in flight per phase, 32 KB per CTA, and the grid has >= 16 CTAs
 // per SM (chunk chosen from the longest sequence, the number of (b, head block) pairs and the SM
 // count; 8·dv keys at most so the score buffer fits the 8·HG·dv-float reduction buffer).
+// In flight per SM in the issue's case (HG = 1, 64 registers, 4 CTAs of 256 threads): 128 KB,
+// against the ~33 KB that 4.4 TB/s / 132 SMs needs at ~1 µs of loaded memory latency.
+// Resources (ptxas, sm_90): HG = 1: 61-64 registers, 4.1 KB shared memory; HG = 2: 72-76;
+// HG = 4: 102-110; HG = 8: 128-140 (8-16 B of spills in some key dims), 32.8 KB shared memory.
+// SASS: every k and v load is LDG.E.128.CONSTANT, 8 issued back to back per phase.
 //
 // GQA: HG = the largest of 8, 4, 2, 1 dividing Hq/Hkv, so one CTA reads each value row once for
 // HG query heads; when the HG heads also share the key head (Hk = Hkv, full keys) each key row is
@@ -137,8 +142,10 @@ __device__ __forceinline__ void score_rows(const T* const (&kbase)[KH], int64_t 
   }
 }
 
+// HG = 1 (no GQA, the common case) is held to 64 registers (ptxas: no spills) so 4 CTAs fit an
+// SM instead of 3: a third more loads in flight.
 template <typename T, int TPR, int DV, int HG>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, HG == 1 ? 4 : 1)
     decode_split_kernel(DecodeLaunch p, int64_t chunk, int64_t splits, float* ws) {
   extern __shared__ __align__(16) unsigned char smem[];
   float* sc = reinterpret_cast<float*>(smem);  // [HG][chunk] scores, then [kWarps][HG][DV]
