@@ -9,6 +9,11 @@
 // host, pair count); the speed-up over SDPA dense; our kernel's rate in TFLOP/s over the listed
 // (query, key) pairs (4·d FLOPs each) and its floor at 990 TFLOP/s (the datasheet's dense bf16
 // rate, a lead); at density 100% the relative error against SDPA.
+// 2. The low-rank block estimator (cuda/cuda_estimator.h; key projection, rank-r scores of 8
+//    sampled rows per query block, selection, CSR lists on the device) at L = 32k, r = 16 and 32,
+//    density 10% and 5%, 3xTF32 and one-pass TF32 scores, against the attention it plans.
+// 3. Decoding, batch 16, 32 heads, 32k cache, d = 128: SDPA over the full cache, our split-K
+//    decode kernel over full keys and over rank-32 and rank-16 key caches, with byte floors.
 // On a machine without a CUDA device it says so and exits 0.
 // Usage: attention_cuda_bench [--quick] [--no-flex]   (python: $ATTNPILOT_BENCH_PYTHON or python3)
 #include <fmt/format.h>
@@ -35,6 +40,9 @@
 #include "attention/backend.h"
 #include "attention/block_mask.h"
 #include "attention/cuda/block_sparse_kernels.h"
+#include "attention/cuda/cuda_decode.h"
+#include "attention/cuda/cuda_estimator.h"
+#include "attention/plan.h"
 
 using namespace attnpilot::attention;
 
@@ -224,6 +232,109 @@ void run(bool quick, bool with_flex) {
   }
 }
 
+/// Orthonormal d x r columns per (batch, head): random projections for the estimator and the
+/// rank-r key cache (timing does not depend on which subspace).
+torch::Tensor random_basis(int64_t b, int64_t h, int64_t d, int64_t r, const torch::Device& dev) {
+  return std::get<0>(torch::linalg_qr(torch::randn({b, h, d, r}, torch::dtype(torch::kFloat))))
+      .to(dev);
+}
+
+/// 2. The low-rank block estimator (rank r, 8 sampled rows per query block, key projection
+/// included) against the block-sparse attention it plans, L = 32k, 32 heads, d = 128, bf16.
+void run_estimator(bool quick) {
+  const int64_t heads = 32, d = 128, bs = 128, len = quick ? 8192 : 32768;
+  const auto dev = torch::Device(torch::kCUDA, 0);
+  const auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(dev);
+  torch::manual_seed(5);
+  const auto q = torch::randn({1, heads, len, d}, opts);
+  const auto k = torch::randn({1, heads, len, d}, opts);
+  const auto v = torch::randn({1, heads, len, d}, opts);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  EventPair ev;
+  const auto& backend = backend_for(dev);
+  fmt::print(
+      "\n== low-rank block estimator (CSR lists written on the GPU) vs the sparse attention "
+      "it plans: L={}, H={}, d={}, bf16, causal, block {} ==\n",
+      len, heads, d, bs);
+  fmt::print("{:>4} {:>8} {:>6} {:>13} {:>13} {:>11} {:>10}\n", "r", "budget", "mode",
+             "estimator ms", "attention ms", "est/attn", "density");
+  for (int64_t r : {16, 32}) {
+    const auto a_q = random_basis(1, heads, d, r, dev), a_k = random_basis(1, heads, d, r, dev);
+    for (double density : {0.10, 0.05}) {
+      HeadPlan plan = HeadPlan::block_sparse(density, bs);
+      plan.estimator = BlockEstimator::kLowRank;
+      plan.rank = r;
+      for (bool tf32 : {false, true}) {
+        CudaEstimatorOptions eo;
+        eo.tf32 = tf32;
+        double flops = 0;
+        BlockMask mask;
+        const double t_est = ev.median_ms(
+            [&] { mask = estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, eo); }, 2,
+            10);
+        const double t_att = ev.median_ms(
+            [&] { (void)backend.block_sparse(q, k, v, mask, scale, true, 0, 0, 0); }, 2, 10);
+        fmt::print("{:>4} {:>7.0f}% {:>6} {:>13.3f} {:>13.3f} {:>11.3f} {:>10.3f}\n", r,
+                   100 * density, tf32 ? "tf32" : "3xtf32", t_est, t_att, t_est / t_att,
+                   mask.on_host().density(len, len, true, 0));
+        std::fflush(stdout);
+      }
+    }
+  }
+}
+
+/// 3. Decoding: one query per sequence, batch 16, 32 heads, 32k cache, d = dv = 128, bf16:
+/// SDPA over the full cache, our decode kernel over the full keys, and over a rank-r key cache
+/// (r = d/4 and d/8) with full values. Floors: the bytes each must read at 4.8 TB/s.
+void run_decode(bool quick) {
+  const int64_t b = 16, heads = 32, d = 128, len = quick ? 8192 : 32768;
+  const auto dev = torch::Device(torch::kCUDA, 0);
+  const auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(dev);
+  torch::manual_seed(6);
+  const auto q = torch::randn({b, heads, 1, d}, opts);
+  const auto k = torch::randn({b, heads, len, d}, opts);
+  const auto v = torch::randn({b, heads, len, d}, opts);
+  const auto lengths = torch::full({b}, len, torch::dtype(torch::kLong));
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  EventPair ev;
+  fmt::print("\n== decode: B={}, H={}, cache {}, d={}, bf16 (floors at 4.8 TB/s) ==\n", b, heads,
+             len, d);
+  fmt::print("{:<28} {:>9} {:>10} {:>9} {:>10} {:>9}\n", "method", "ms", "floor ms", "x sdpa",
+             "GB/s", "rel err");
+  torch::Tensor ref;
+  const double t_sdpa =
+      ev.median_ms([&] { ref = at::scaled_dot_product_attention(q, k, v, {}, 0.0, false); }, 3, 20);
+  const double full_bytes = 2.0 * b * heads * len * d * 2;
+  const auto row = [&](const std::string& name, double t, double bytes, const std::string& err) {
+    fmt::print("{:<28} {:>9.3f} {:>10.3f} {:>9.2f} {:>10.0f} {:>9}\n", name, t,
+               bytes / 4.8e12 * 1e3, t_sdpa / t, bytes / (t * 1e-3) / 1e9, err);
+    std::fflush(stdout);
+  };
+  row("sdpa, full cache", t_sdpa, full_bytes, "-");
+  const auto rel = [&](const torch::Tensor& out, const torch::Tensor& want) {
+    return fmt::format("{:.2e}", ((out.to(torch::kFloat) - want.to(torch::kFloat)).norm() /
+                                  want.to(torch::kFloat).norm())
+                                     .item<double>());
+  };
+  torch::Tensor out;
+  const auto q3 = q.select(2, 0).contiguous();
+  const double t_full =
+      ev.median_ms([&] { out = decode_attention_cuda(q3, k, v, lengths, scale); }, 3, 20);
+  row("ours, full keys", t_full, full_bytes, rel(out.unsqueeze(2), ref));
+  for (int64_t r : {d / 4, d / 8}) {
+    const auto a = random_basis(b, heads, d, r, dev).to(torch::kBFloat16);
+    const auto kp = torch::matmul(k, a).contiguous();  // the rank-r key cache K A
+    const auto qp = torch::matmul(q, a).select(2, 0).contiguous();
+    // Reference on the same projected keys: SDPA with e = r queries and keys.
+    const auto want =
+        at::scaled_dot_product_attention(torch::matmul(q, a), kp, v, {}, 0.0, false, scale);
+    const double t =
+        ev.median_ms([&] { out = decode_attention_cuda(qp, kp, v, lengths, scale); }, 3, 20);
+    row(fmt::format("ours, rank-{} keys", r), t, 1.0 * b * heads * len * (r + d) * 2,
+        rel(out.unsqueeze(2), want));
+  }
+}
+
 }  // namespace
 #endif  // ATTNPILOT_WITH_CUDA
 
@@ -251,6 +362,8 @@ int main(int argc, char** argv) {
   }
   try {
     run(quick, with_flex);
+    run_estimator(quick);
+    run_decode(quick);
   } catch (const std::exception& e) {
     fmt::print(stderr, "attention_cuda_bench: {}\n", e.what());
     return 1;
