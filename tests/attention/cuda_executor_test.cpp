@@ -82,7 +82,9 @@ TEST(CudaExecutor, EstimatorMasksStayOnTheDeviceAndFeedTheKernel) {
       const auto host = mask.on_host();
       EXPECT_FALSE(host.row_ptr.is_cuda());
       EXPECT_NO_THROW(host.validate(n, m, true, 0)) << what;
-      EXPECT_LT(host.density(n, m, true, 0), 1.0) << what;
+      // Random keys spread the mass, so a gamma budget may keep every block; the others
+      // must leave some out.
+      if (budget != 1) EXPECT_LT(host.density(n, m, true, 0), 1.0) << what;
       // Pair and key counts summed on the device equal the host loops.
       EXPECT_DOUBLE_EQ(mask.listed_pairs(n, m), host.listed_pairs(n, m)) << what;
       EXPECT_DOUBLE_EQ(mask.listed_keys(m), host.listed_keys(m)) << what;
