@@ -66,8 +66,8 @@ constexpr int kScoreWarps = 4;               // each warp: 2 query blocks (16 mm
 constexpr int kScoreThreads = 32 * kScoreWarps;
 constexpr int kTileQueryBlocks = 2 * kScoreWarps;  // query blocks per CTA work item
 constexpr int64_t kLseSmemMaxBlocks = 128;         // L rows in shared memory up to this KB
-constexpr int kProjKeys = 64;                      // keys per CTA of the key projection
-constexpr int kProjThreads = 256;
+constexpr int kProjKeys = 128;  // keys per CTA of the key projection (one per thread)
+constexpr int kProjThreads = kProjKeys;
 
 // ---- tensor-core helpers ----
 __device__ __forceinline__ uint32_t to_tf32(float x) {
@@ -114,41 +114,65 @@ __device__ __forceinline__ int64_t visible_blocks(int64_t qb, int64_t n, int64_t
 
 // ---- (1) key projection ----
 
-// One CTA per (64 keys, query head, batch entry): the key tile in fp32 and a_k in shared memory;
-// thread (key = tid / 4, quarter = tid % 4) computes R/4 outputs of its key.
+// One thread per key (CTAs of 128 keys of one query head): the thread streams its key's row from
+// global memory in 16-byte loads, kProjBatch of them in flight, and accumulates the R outputs
+// against a_k, which every thread reads from shared memory as broadcasts. Rows that are not
+// 16-byte aligned (head dims or strides that are not multiples of 16 bytes) take scalar loads.
+constexpr int kProjBatch = 8;
+
 template <typename T, int R>
-__global__ void __launch_bounds__(kProjThreads) key_projection_kernel(KeyProjectionLaunch p) {
+__global__ void __launch_bounds__(kProjThreads)
+    key_projection_kernel(KeyProjectionLaunch p, bool vectorized) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int d = p.d, ld = d + 1;               // +1: threads of one quarter read different rows
-  float* ks = reinterpret_cast<float*>(smem);  // [kProjKeys][ld]
-  float* as = ks + kProjKeys * ld;             // [d][R]
-  const int tid = threadIdx.x;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kProjKeys;
+  float* as = reinterpret_cast<float*>(smem);  // [d][R]
+  const int tid = threadIdx.x, d = p.d;
   const int h = blockIdx.y, b = blockIdx.z;
-  const int kvh = h / (p.heads / p.kv_heads);
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
-  for (int e = tid; e < kProjKeys * d; e += kProjThreads) {
-    const int row = e / d, col = e % d;
-    ks[row * ld + col] = j0 + row < p.m ? load_elem(kg + (j0 + row) * p.k_stride[2] + col) : 0.f;
-  }
   const float* ag = p.a_k + (static_cast<int64_t>(p.a_batch == 1 ? 0 : b) * p.heads + h) * d * R;
   for (int e = tid; e < d * R; e += kProjThreads) as[e] = ag[e];
   __syncthreads();
-  constexpr int kCols = R / 4;
-  const int key = tid / 4, c0 = (tid % 4) * kCols;
-  float acc[kCols];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kProjKeys + tid;
+  if (j >= p.m) return;  // no barrier below
+  const int kvh = h / (p.heads / p.kv_heads);
+  const T* row =
+      static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1] + j * p.k_stride[2];
+  float acc[R];
 #pragma unroll
-  for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
-  for (int i = 0; i < d; ++i) {
-    const float kv = ks[key * ld + i];
+  for (int c = 0; c < R; ++c) acc[c] = 0.f;
+  const auto accumulate = [&](float x, int i) {
+    const float4* a4 = reinterpret_cast<const float4*>(as + i * R);
 #pragma unroll
-    for (int c = 0; c < kCols; ++c) acc[c] = fmaf(kv, as[i * R + c0 + c], acc[c]);
+    for (int q = 0; q < R / 4; ++q) {
+      const float4 w = a4[q];
+      acc[4 * q + 0] = fmaf(x, w.x, acc[4 * q + 0]);
+      acc[4 * q + 1] = fmaf(x, w.y, acc[4 * q + 1]);
+      acc[4 * q + 2] = fmaf(x, w.z, acc[4 * q + 2]);
+      acc[4 * q + 3] = fmaf(x, w.w, acc[4 * q + 3]);
+    }
+  };
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
+  if (vectorized) {
+    for (int c0 = 0; c0 < d; c0 += kVec * kProjBatch) {
+      uint4 buf[kProjBatch];
+#pragma unroll
+      for (int u = 0; u < kProjBatch; ++u)
+        buf[u] = c0 + u * kVec < d ? *reinterpret_cast<const uint4*>(row + c0 + u * kVec)
+                                   : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int u = 0; u < kProjBatch; ++u) {
+        if (c0 + u * kVec >= d) break;
+        const T* e = reinterpret_cast<const T*>(&buf[u]);
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) accumulate(load_elem(e + v), c0 + u * kVec + v);
+      }
+    }
+  } else {
+    for (int i = 0; i < d; ++i) accumulate(load_elem(row + i), i);
   }
-  if (j0 + key < p.m) {
-    float* out = p.kp + ((static_cast<int64_t>(b) * p.heads + h) * p.m + j0 + key) * R + c0;
+  float4* out =
+      reinterpret_cast<float4*>(p.kp + ((static_cast<int64_t>(b) * p.heads + h) * p.m + j) * R);
 #pragma unroll
-    for (int c = 0; c < kCols; ++c) out[c] = acc[c];
-  }
+  for (int q = 0; q < R / 4; ++q)
+    out[q] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
 }
 
 // ---- (2) block scores ----
@@ -516,7 +540,11 @@ bool rank_ok(int r) { return r == 8 || r == 16 || r == 32 || r == 64; }
 template <typename T>
 cudaError_t launch_projection_typed(const KeyProjectionLaunch& p, cudaStream_t stream,
                                     const char** failed_call) {
-  const int64_t bytes = (int64_t(kProjKeys) * (p.d + 1) + int64_t(p.d) * p.rank_pad) * 4;
+  const int64_t bytes = int64_t(p.d) * p.rank_pad * 4;
+  constexpr int64_t kVec = 16 / sizeof(T);
+  const bool vectorized = reinterpret_cast<uintptr_t>(p.k) % 16 == 0 && p.d % kVec == 0 &&
+                          p.k_stride[0] % kVec == 0 && p.k_stride[1] % kVec == 0 &&
+                          p.k_stride[2] % kVec == 0;
   auto run = [&](auto kernel) -> cudaError_t {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(bytes));
@@ -526,10 +554,10 @@ cudaError_t launch_projection_typed(const KeyProjectionLaunch& p, cudaStream_t s
     }
     const dim3 grid(static_cast<unsigned>(ceil_div(p.m, kProjKeys)), static_cast<unsigned>(p.heads),
                     static_cast<unsigned>(p.batch));
-    kernel<<<grid, kProjThreads, static_cast<size_t>(bytes), stream>>>(p);
+    kernel<<<grid, kProjThreads, static_cast<size_t>(bytes), stream>>>(p, vectorized);
     e = cudaGetLastError();
     if (e != cudaSuccess)
-      *failed_call = "key_projection_kernel<<<(key tiles, heads, batch), 256>>>";
+      *failed_call = "key_projection_kernel<<<(key tiles, heads, batch), 128>>>";
     return e;
   };
   switch (p.rank_pad) {
@@ -650,8 +678,9 @@ cudaError_t select_blocks_temp_bytes(int64_t rows, int64_t k_blocks, size_t* byt
 
 cudaError_t launch_key_projection(const KeyProjectionLaunch& p, KeyType type, cudaStream_t stream,
                                   const char** failed_call) {
-  const bool ok = p.k != nullptr && p.a_k != nullptr && p.kp != nullptr && p.batch >= 1 &&
-                  p.batch <= 65535 && p.heads >= 1 && p.heads <= 65535 && p.kv_heads >= 1 &&
+  const bool ok = p.k != nullptr && p.a_k != nullptr && p.kp != nullptr &&
+                  reinterpret_cast<uintptr_t>(p.kp) % 16 == 0 && p.batch >= 1 && p.batch <= 65535 &&
+                  p.heads >= 1 && p.heads <= 65535 && p.kv_heads >= 1 &&
                   p.heads % p.kv_heads == 0 && (p.a_batch == 1 || p.a_batch == p.batch) &&
                   p.m >= 1 && ceil_div(p.m, kProjKeys) <= 0x7fffffff && p.d >= 1 && p.d <= 256 &&
                   rank_ok(p.rank_pad);
