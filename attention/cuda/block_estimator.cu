@@ -66,8 +66,7 @@ constexpr int kScoreWarps = 4;               // each warp: 2 query blocks (16 mm
 constexpr int kScoreThreads = 32 * kScoreWarps;
 constexpr int kTileQueryBlocks = 2 * kScoreWarps;  // query blocks per CTA work item
 constexpr int64_t kLseSmemMaxBlocks = 128;         // L rows in shared memory up to this KB
-constexpr int kProjKeys = 128;  // keys per CTA of the key projection (one per thread)
-constexpr int kProjThreads = kProjKeys;
+constexpr int kProjThreads = 128;  // output rows per CTA of the projections (one per thread)
 
 // ---- tensor-core helpers ----
 __device__ __forceinline__ uint32_t to_tf32(float x) {
@@ -112,29 +111,41 @@ __device__ __forceinline__ int64_t visible_blocks(int64_t qb, int64_t n, int64_t
   return ceil_div(end < m ? end : m, bs);
 }
 
-// ---- (1) key projection ----
+// ---- (1) projections ----
 
-// One thread per key (CTAs of 128 keys of one query head): the thread streams its key's row from
-// global memory in 16-byte loads, kProjBatch of them in flight, and accumulates the R outputs
-// against a_k, which every thread reads from shared memory as broadcasts. Rows that are not
-// 16-byte aligned (head dims or strides that are not multiples of 16 bytes) take scalar loads.
+// One thread per output row (CTAs of 128 rows of one head): the thread streams its input row
+// from global memory in 16-byte loads, kProjBatch of them in flight, and accumulates the R
+// outputs against a·scale, which every thread reads from shared memory as broadcasts. Rows that
+// are not 16-byte aligned (head dims or strides that are not multiples of 16 bytes) take scalar
+// loads.
 constexpr int kProjBatch = 8;
 
 template <typename T, int R>
 __global__ void __launch_bounds__(kProjThreads)
-    key_projection_kernel(KeyProjectionLaunch p, bool vectorized) {
+    projection_kernel(ProjectionLaunch p, bool vectorized) {
   extern __shared__ __align__(16) unsigned char smem[];
-  float* as = reinterpret_cast<float*>(smem);  // [d][R]
+  float* as = reinterpret_cast<float*>(smem);  // [d][R], zero past column rank
   const int tid = threadIdx.x, d = p.d;
   const int h = blockIdx.y, b = blockIdx.z;
-  const float* ag = p.a_k + (static_cast<int64_t>(p.a_batch == 1 ? 0 : b) * p.heads + h) * d * R;
-  for (int e = tid; e < d * R; e += kProjThreads) as[e] = ag[e];
+  const float* ag = p.a + (p.a_batch == 1 ? 0 : b) * p.a_stride[0] + h * p.a_stride[1];
+  for (int e = tid; e < d * R; e += kProjThreads) {
+    const int i = e / R, c = e % R;
+    as[e] = c < p.rank ? ag[i * p.a_stride[2] + c] * p.scale : 0.f;
+  }
   __syncthreads();
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kProjKeys + tid;
-  if (j >= p.m) return;  // no barrier below
-  const int kvh = h / (p.heads / p.kv_heads);
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kProjThreads + tid;
+  if (j >= p.rows_out) return;  // no barrier below
+  int64_t src = j;
+  if (p.sample_block > 0) {  // slot (qb, t) of the sampled query rows
+    const int64_t qb = j / kRows, t = j % kRows, bs = p.sample_block;
+    const int64_t rows = p.n_in - qb * bs < bs ? p.n_in - qb * bs : bs;
+    const int64_t ns = rows < kRows ? rows : kRows;
+    const int64_t tt = t < ns - 1 ? t : ns - 1;
+    src = qb * bs + rows - 1 - (tt * rows) / ns;
+  }
+  const int xh = h / (p.heads / p.x_heads);
   const T* row =
-      static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1] + j * p.k_stride[2];
+      static_cast<const T*>(p.x) + b * p.x_stride[0] + xh * p.x_stride[1] + src * p.x_stride[2];
   float acc[R];
 #pragma unroll
   for (int c = 0; c < R; ++c) acc[c] = 0.f;
@@ -168,8 +179,8 @@ __global__ void __launch_bounds__(kProjThreads)
   } else {
     for (int i = 0; i < d; ++i) accumulate(load_elem(row + i), i);
   }
-  float4* out =
-      reinterpret_cast<float4*>(p.kp + ((static_cast<int64_t>(b) * p.heads + h) * p.m + j) * R);
+  float4* out = reinterpret_cast<float4*>(
+      p.out + ((static_cast<int64_t>(b) * p.heads + h) * p.rows_out + j) * R);
 #pragma unroll
   for (int q = 0; q < R / 4; ++q)
     out[q] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
@@ -538,37 +549,36 @@ __global__ void __launch_bounds__(128) scatter_kernel(SelectLaunch p, const uint
 bool rank_ok(int r) { return r == 8 || r == 16 || r == 32 || r == 64; }
 
 template <typename T>
-cudaError_t launch_projection_typed(const KeyProjectionLaunch& p, cudaStream_t stream,
+cudaError_t launch_projection_typed(const ProjectionLaunch& p, cudaStream_t stream,
                                     const char** failed_call) {
   const int64_t bytes = int64_t(p.d) * p.rank_pad * 4;
   constexpr int64_t kVec = 16 / sizeof(T);
-  const bool vectorized = reinterpret_cast<uintptr_t>(p.k) % 16 == 0 && p.d % kVec == 0 &&
-                          p.k_stride[0] % kVec == 0 && p.k_stride[1] % kVec == 0 &&
-                          p.k_stride[2] % kVec == 0;
+  const bool vectorized = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && p.d % kVec == 0 &&
+                          p.x_stride[0] % kVec == 0 && p.x_stride[1] % kVec == 0 &&
+                          p.x_stride[2] % kVec == 0;
   auto run = [&](auto kernel) -> cudaError_t {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(bytes));
     if (e != cudaSuccess) {
-      *failed_call = "cudaFuncSetAttribute(key_projection_kernel, MaxDynamicSharedMemorySize)";
+      *failed_call = "cudaFuncSetAttribute(projection_kernel, MaxDynamicSharedMemorySize)";
       return e;
     }
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.m, kProjKeys)), static_cast<unsigned>(p.heads),
-                    static_cast<unsigned>(p.batch));
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.rows_out, kProjThreads)),
+                    static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
     kernel<<<grid, kProjThreads, static_cast<size_t>(bytes), stream>>>(p, vectorized);
     e = cudaGetLastError();
-    if (e != cudaSuccess)
-      *failed_call = "key_projection_kernel<<<(key tiles, heads, batch), 128>>>";
+    if (e != cudaSuccess) *failed_call = "projection_kernel<<<(row tiles, heads, batch), 128>>>";
     return e;
   };
   switch (p.rank_pad) {
     case 8:
-      return run(key_projection_kernel<T, 8>);
+      return run(projection_kernel<T, 8>);
     case 16:
-      return run(key_projection_kernel<T, 16>);
+      return run(projection_kernel<T, 16>);
     case 32:
-      return run(key_projection_kernel<T, 32>);
+      return run(projection_kernel<T, 32>);
     default:
-      return run(key_projection_kernel<T, 64>);
+      return run(projection_kernel<T, 64>);
   }
 }
 
@@ -676,22 +686,25 @@ cudaError_t select_blocks_temp_bytes(int64_t rows, int64_t k_blocks, size_t* byt
   return cudaSuccess;
 }
 
-cudaError_t launch_key_projection(const KeyProjectionLaunch& p, KeyType type, cudaStream_t stream,
-                                  const char** failed_call) {
-  const bool ok = p.k != nullptr && p.a_k != nullptr && p.kp != nullptr &&
-                  reinterpret_cast<uintptr_t>(p.kp) % 16 == 0 && p.batch >= 1 && p.batch <= 65535 &&
-                  p.heads >= 1 && p.heads <= 65535 && p.kv_heads >= 1 &&
-                  p.heads % p.kv_heads == 0 && (p.a_batch == 1 || p.a_batch == p.batch) &&
-                  p.m >= 1 && ceil_div(p.m, kProjKeys) <= 0x7fffffff && p.d >= 1 && p.d <= 256 &&
-                  rank_ok(p.rank_pad);
+cudaError_t launch_projection(const ProjectionLaunch& p, InputType type, cudaStream_t stream,
+                              const char** failed_call) {
+  const int64_t expect_rows =
+      p.sample_block > 0 ? kRows * ceil_div(p.n_in, p.sample_block) : p.n_in;
+  const bool ok = p.x != nullptr && p.a != nullptr && p.out != nullptr &&
+                  reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && p.batch >= 1 &&
+                  p.batch <= 65535 && p.heads >= 1 && p.heads <= 65535 && p.x_heads >= 1 &&
+                  p.heads % p.x_heads == 0 && (p.a_batch == 1 || p.a_batch == p.batch) &&
+                  p.n_in >= 1 && p.sample_block >= 0 && p.rows_out == expect_rows &&
+                  ceil_div(p.rows_out, kProjThreads) <= 0x7fffffff && p.d >= 1 && p.d <= 256 &&
+                  rank_ok(p.rank_pad) && p.rank >= 1 && p.rank <= p.rank_pad;
   if (!ok) {
-    *failed_call = "launch_key_projection (arguments outside the kernel's range)";
+    *failed_call = "launch_projection (arguments outside the kernel's range)";
     return cudaErrorInvalidValue;
   }
   switch (type) {
-    case KeyType::kFloat32:
+    case InputType::kFloat32:
       return launch_projection_typed<float>(p, stream, failed_call);
-    case KeyType::kBFloat16:
+    case InputType::kBFloat16:
       return launch_projection_typed<__nv_bfloat16>(p, stream, failed_call);
     default:
       return launch_projection_typed<__half>(p, stream, failed_call);

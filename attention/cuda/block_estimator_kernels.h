@@ -3,14 +3,15 @@
 /// estimators.cpp's lowrank_block_scores + select_blocks. No LibTorch types here (nvcc never
 /// compiles the LibTorch headers); cuda_estimator.cpp is the tensor-level code.
 ///
-///   k [B, Hkv, M, d] ──(1) key projection──► kp [B, H, M, R] fp32     (k · a_k, N×r work)
-///   q ──(torch: gather 8 sampled rows per query block, · a_q·log2e/√d)──► qs [B, H, QB, 8, R]
+///   k [B, Hkv, M, d] ──(1) projection──► kp [B, H, M, R] fp32               (k · a_k, N×r work)
+///   q [B, H, N, d] ──(1) projection of 8 sampled rows per query block──► qs [B, H, QB, 8, R]
+///                    (q · a_q · log2(e)/√d)
 ///   qs, kp ──(2) block scores──► scores [B, H, QB, KB] fp32 (rows sum to 1 over visible blocks)
 ///   scores ──(3) selection (one warp per row) ──► bitmap [rows, ⌈KB/32⌉] + counts [rows]
 ///          ──(4) CUB exclusive scan──► row_ptr [rows+1] ──(5) scatter──► col_idx (ascending)
 ///
 /// Everything stays on the device: no host synchronisation and no host copy of any list.
-/// R (the padded rank) is 8, 16, 32 or 64: the caller pads a_q and a_k with zero columns.
+/// R (the padded rank) is 8, 16, 32 or 64: the projections fill the columns past r with zeros.
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -18,8 +19,8 @@
 
 namespace attnpilot::attention::cuda {
 
-/// Element type of k (the key projection reads it in place and computes in fp32).
-enum class KeyType { kFloat32, kBFloat16, kFloat16 };
+/// Element type of the projected rows, q or k (read in place, fp32 math).
+enum class InputType { kFloat32, kBFloat16, kFloat16 };
 
 /// Sampled query rows per query block (estimators.cpp's kLowRankSampleRows).
 inline constexpr int kEstimatorSampleRows = 8;
@@ -28,17 +29,26 @@ inline constexpr int kEstimatorKeyTile = 64;
 /// Largest key-block count the selection kernel sorts in shared memory (per row).
 inline constexpr int64_t kEstimatorMaxKeyBlocks = 16384;
 
-/// (1) kp[b, h, j, :] = k[b, h / (H / Hkv), j, :] · a_k[b or 0, h] for every key j.
-struct KeyProjectionLaunch {
-  const void* k = nullptr;          ///< [batch, kv_heads, m, d], last dim contiguous
-  int64_t k_stride[3] = {0, 0, 0};  ///< element strides over (batch, head, row)
-  const float* a_k = nullptr;       ///< [a_batch, heads, d, rank_pad] contiguous fp32
+/// (1) out[b, h, j, :] = x[b, h / (heads / x_heads), row(j), :] · a[b or 0, h, :, :rank] · scale,
+/// zero in the columns past rank. row(j) = j (the keys), or with sample_block = bs > 0 the
+/// sampled query row of slot j = 8·qb + t: qb·bs + rows-1 - (t'·rows)/ns, t' = min(t, ns-1),
+/// rows = min(bs, n_in - qb·bs), ns = min(8, rows) (estimators.cpp's sample; t >= ns repeat
+/// the last sample).
+struct ProjectionLaunch {
+  const void* x = nullptr;          ///< [batch, x_heads, n_in, d], last dim contiguous
+  int64_t x_stride[3] = {0, 0, 0};  ///< element strides over (batch, head, row)
+  const float* a = nullptr;         ///< [a_batch, heads, d, >= rank] fp32, last dim contiguous
+  int64_t a_stride[3] = {0, 0, 0};  ///< element strides over (batch, head, d row)
   int a_batch = 1;                  ///< 1 (shared by the batch) or batch
-  float* kp = nullptr;              ///< [batch, heads, m, rank_pad] contiguous fp32 (written)
-  int batch = 0, heads = 0, kv_heads = 0;
-  int64_t m = 0;
-  int d = 0;         ///< 1 .. 256
-  int rank_pad = 0;  ///< 8, 16, 32 or 64
+  int rank = 0;                     ///< 1 .. rank_pad
+  float scale = 1.f;
+  float* out = nullptr;  ///< [batch, heads, rows_out, rank_pad] contiguous fp32 (written)
+  int batch = 0, heads = 0, x_heads = 0;
+  int64_t n_in = 0;          ///< rows of x
+  int64_t rows_out = 0;      ///< n_in, or 8·ceil(n_in / sample_block)
+  int64_t sample_block = 0;  ///< 0: every row; > 0: the sampled rows of blocks of this size
+  int d = 0;                 ///< 1 .. 256
+  int rank_pad = 0;          ///< 8, 16, 32 or 64
 };
 
 /// (2) Block scores of lowrank_block_scores, from sampled projected queries.
@@ -90,8 +100,8 @@ cudaError_t select_blocks_temp_bytes(int64_t rows, int64_t k_blocks, size_t* byt
 
 /// Each returns cudaSuccess, or the error of the first failing CUDA call with that call's name
 /// in *failed_call (cudaErrorInvalidValue, named likewise, for arguments outside the range).
-cudaError_t launch_key_projection(const KeyProjectionLaunch& p, KeyType type, cudaStream_t stream,
-                                  const char** failed_call);
+cudaError_t launch_projection(const ProjectionLaunch& p, InputType type, cudaStream_t stream,
+                              const char** failed_call);
 cudaError_t launch_lowrank_block_scores(const BlockScoresLaunch& p, cudaStream_t stream,
                                         const char** failed_call);
 cudaError_t launch_select_blocks(const SelectLaunch& p, cudaStream_t stream,

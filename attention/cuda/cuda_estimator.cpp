@@ -98,11 +98,44 @@ int64_t visible_keys(int64_t qb, int64_t n, int64_t m, int64_t bs, bool causal, 
   return causal ? std::min(m, q_offset + qb * bs + block_rows(qb, n, bs)) : m;
 }
 
-/// a [ab, h, d, r] as contiguous fp32 [ab, h, d, rp] with zero columns past r, times `scale`.
-torch::Tensor pad_projection(const torch::Tensor& a, int64_t rp, double scale) {
-  auto out = torch::zeros({a.size(0), a.size(1), a.size(2), rp}, a.options().dtype(torch::kFloat));
-  out.narrow(3, 0, a.size(3)).copy_(a.to(torch::kFloat) * scale);
-  return out;
+cuda::InputType input_type(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat      ? cuda::InputType::kFloat32
+         : t.scalar_type() == torch::kBFloat16 ? cuda::InputType::kBFloat16
+                                               : cuda::InputType::kFloat16;
+}
+
+/// out [b, h, rows, rp] = rows of x (every row, or the sampled rows of blocks of sample_block)
+/// times a·scale, zero past a's columns.
+void project(const torch::Tensor& x_in, const torch::Tensor& a_in, double scale,
+             int64_t sample_block, const torch::Tensor& out, cudaStream_t stream) {
+  const auto x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+  auto a = a_in.to(torch::kFloat);
+  if (a.stride(3) != 1) a = a.contiguous();
+  cuda::ProjectionLaunch p;
+  p.x = x.data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    p.x_stride[i] = x.stride(i);
+    p.a_stride[i] = a.stride(i);
+  }
+  p.a = a.data_ptr<float>();
+  p.a_batch = static_cast<int>(a.size(0));
+  p.rank = static_cast<int>(a.size(3));
+  p.scale = static_cast<float>(scale);
+  p.out = out.data_ptr<float>();
+  p.batch = static_cast<int>(out.size(0));
+  p.heads = static_cast<int>(out.size(1));
+  p.x_heads = static_cast<int>(x.size(1));
+  p.n_in = x.size(2);
+  p.rows_out = out.size(2);
+  p.sample_block = sample_block;
+  p.d = static_cast<int>(x.size(3));
+  p.rank_pad = static_cast<int>(out.size(3));
+  const char* failed = "launch_projection";
+  const cudaError_t e = cuda::launch_projection(p, input_type(x), stream, &failed);
+  if (e != cudaSuccess)
+    throw Error(fmt::format("cuda estimator: {} failed: {} ({}) projecting {} by {}", failed,
+                            cudaGetErrorName(e), cudaGetErrorString(e), shape_of(x_in),
+                            shape_of(a_in)));
 }
 
 /// Scores on the device; see lowrank_block_scores_cuda.
@@ -114,42 +147,16 @@ torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k
   const int64_t b = q_in.size(0), h = q_in.size(1), n = q_in.size(2), d = q_in.size(3);
   const int64_t m = k_in.size(2), r = a_q.size(3), rp = padded_rank(r);
   const int64_t qbn = ceil_div(n, bs), kbn = ceil_div(m, bs);
-  const auto dev = q_in.device();
-  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
+  const auto fopt = q_in.options().dtype(torch::kFloat);
 
-  // Sampled rows: slot (qb, t) holds row qb·bs + rows-1 - (t'·rows)/ns, t' = min(t, ns-1).
-  const auto qb = torch::arange(qbn, lopt).unsqueeze(1);
-  const auto t = torch::arange(cuda::kEstimatorSampleRows, lopt).unsqueeze(0);
-  const auto rows = torch::clamp_max(n - qb * bs, bs);
-  const auto ns = torch::clamp_max(rows, cuda::kEstimatorSampleRows);
-  const auto tt = torch::minimum(t, ns - 1);
-  const auto idx = (qb * bs + rows - 1 - torch::div(tt * rows, ns, "floor")).reshape({-1});
-  const auto qs = torch::matmul(q_in.index_select(2, idx).to(torch::kFloat),
-                                pad_projection(a_q, rp, kLog2e / std::sqrt(double(d))))
-                      .contiguous();  // [b, h, qbn·8, rp]
+  // Projections (one kernel each): the 8 sampled rows of every query block, scaled by
+  // log2(e)/√d (the score kernel works in base 2), and every key.
+  const auto qs = torch::empty({b, h, qbn * cuda::kEstimatorSampleRows, rp}, fopt);
+  const auto kp = torch::empty({b, h, m, rp}, fopt);
+  project(q_in, a_q, kLog2e / std::sqrt(static_cast<double>(d)), bs, qs, stream);
+  project(k_in, a_k, 1.0, 0, kp, stream);
 
-  const auto k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
-  const auto ak = pad_projection(a_k, rp, 1.0);
-  auto kp = torch::empty({b, h, m, rp}, q_in.options().dtype(torch::kFloat));
-  cuda::KeyProjectionLaunch kl;
-  kl.k = k.data_ptr();
-  for (int i = 0; i < 3; ++i) kl.k_stride[i] = k.stride(i);
-  kl.a_k = ak.data_ptr<float>();
-  kl.a_batch = static_cast<int>(ak.size(0));
-  kl.kp = kp.data_ptr<float>();
-  kl.batch = static_cast<int>(b);
-  kl.heads = static_cast<int>(h);
-  kl.kv_heads = static_cast<int>(k.size(1));
-  kl.m = m;
-  kl.d = static_cast<int>(d);
-  kl.rank_pad = static_cast<int>(rp);
-  const auto kt = k.scalar_type() == torch::kFloat      ? cuda::KeyType::kFloat32
-                  : k.scalar_type() == torch::kBFloat16 ? cuda::KeyType::kBFloat16
-                                                        : cuda::KeyType::kFloat16;
-  const char* failed = "launch_key_projection";
-  check_cuda(cuda::launch_key_projection(kl, kt, stream, &failed), failed, q_in, k_in, bs);
-
-  auto scores = torch::empty({b, h, qbn, kbn}, q_in.options().dtype(torch::kFloat));
+  auto scores = torch::empty({b, h, qbn, kbn}, fopt);
   cuda::BlockScoresLaunch sl;
   sl.qs = qs.data_ptr<float>();
   sl.kp = kp.data_ptr<float>();
@@ -166,13 +173,12 @@ torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k
   sl.causal = causal;
   sl.split_tf32 = !tf32;
   size_t ws_bytes = 0;
-  failed = "lowrank_block_scores_workspace_bytes";
+  const char* failed = "lowrank_block_scores_workspace_bytes";
   check_cuda(cuda::lowrank_block_scores_workspace_bytes(sl, &ws_bytes, &failed), failed, q_in, k_in,
              bs);
   torch::Tensor ws;
   if (ws_bytes > 0) {
-    ws = torch::empty({static_cast<int64_t>(ws_bytes / sizeof(float))},
-                      q_in.options().dtype(torch::kFloat));
+    ws = torch::empty({static_cast<int64_t>(ws_bytes / sizeof(float))}, fopt);
     sl.workspace = ws.data_ptr<float>();
   }
   failed = "launch_lowrank_block_scores";

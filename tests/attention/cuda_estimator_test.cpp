@@ -41,8 +41,8 @@ const torch::Device kCuda(torch::kCUDA, 0);
 constexpr double kAbsTol = 5e-5;
 constexpr double kRelTol = 5e-5;
 /// The one-pass tf32 mode (CudaEstimatorOptions::tf32): scores from 10-bit-mantissa products;
-/// the emulation measured at most 2.2e-3 absolute and 1.9e-3 relative error (30 cases).
-constexpr double kTf32AbsTol = 1e-2;
+/// the emulation measured at most 6.6e-3 absolute and 2.7e-3 relative error (130 cases).
+constexpr double kTf32AbsTol = 3e-2;
 constexpr double kTf32RelTol = 1e-2;
 
 struct Case {
@@ -346,20 +346,24 @@ TEST(CudaEstimator, LaunchersRefuseArgumentsOutsideTheirRange) {
     const cudaError_t e = call(&failed);
     return e == cudaErrorInvalidValue && std::string(failed).find(name) != std::string::npos;
   };
-  cuda::KeyProjectionLaunch kp;
-  kp.k = kp.a_k = buf;
-  kp.kp = buf;
-  kp.batch = kp.heads = kp.kv_heads = 1;
-  kp.m = 10;
-  kp.d = 64;
-  kp.rank_pad = 12;  // not 8, 16, 32 or 64
+  cuda::ProjectionLaunch pl;
+  pl.x = pl.a = buf;
+  pl.out = buf;
+  pl.batch = pl.heads = pl.x_heads = 1;
+  pl.n_in = pl.rows_out = 10;
+  pl.d = 64;
+  pl.rank = 4;
+  pl.rank_pad = 12;  // not 8, 16, 32 or 64
   const auto project = [&](const char** f) {
-    return cuda::launch_key_projection(kp, cuda::KeyType::kFloat32, nullptr, f);
+    return cuda::launch_projection(pl, cuda::InputType::kFloat32, nullptr, f);
   };
-  EXPECT_TRUE(refused(project, "launch_key_projection")) << "rank 12";
-  kp.rank_pad = 16;
-  kp.d = 300;
-  EXPECT_TRUE(refused(project, "launch_key_projection")) << "head dim 300";
+  EXPECT_TRUE(refused(project, "launch_projection")) << "rank 12";
+  pl.rank_pad = 16;
+  pl.d = 300;
+  EXPECT_TRUE(refused(project, "launch_projection")) << "head dim 300";
+  pl.d = 64;
+  pl.sample_block = 64;  // 10 rows in blocks of 64 give 8 sampled slots, not 10
+  EXPECT_TRUE(refused(project, "launch_projection")) << "sampled rows 10";
 
   cuda::BlockScoresLaunch sl;
   sl.qs = sl.kp = buf;
