@@ -19,27 +19,22 @@
 #include "attention/backend.h"
 #include "attention/cuda/block_sparse_kernels.h"
 #include "common/error.h"
+#include "tests/attention/cuda_test_util.h"
 
 namespace attnpilot::attention {
 namespace {
 
-#define SKIP_WITHOUT_CUDA()                                                                   \
-  if (!torch::cuda::is_available())                                                           \
-  GTEST_SKIP() << "no CUDA device: the CUDA attention kernels need a GPU (this test runs on " \
-                  "the GPU machine)"
+using testing::expect_close;
+using testing::kCuda;
+using testing::Tol;
 
 /// Tolerances against the float32 CPU backend on the same (rounded) inputs: bf16 / fp16 P and
 /// output rounding with fp32 accumulation. Measured in a CPU emulation of the kernel (352 random
 /// cases, some with peaked scores, 2026-11-29): worst relative 2.3e-3 (bf16) and 3.1e-4 (fp16),
 /// worst absolute 1.5e-2 and 1.9e-3.
-struct Tol {
-  double rel, abs;
-};
 Tol tolerance(torch::ScalarType dt) {
   return dt == torch::kBFloat16 ? Tol{1e-2, 5e-2} : Tol{2e-3, 1e-2};
 }
-
-const torch::Device kCuda(torch::kCUDA, 0);
 
 /// Random CSR lists over batch x heads x q_blocks rows: about 12% empty, 18% every key block,
 /// the rest a random subset of density 5-70%.
@@ -79,19 +74,6 @@ torch::Tensor cpu_expected(const torch::Tensor& q, const torch::Tensor& k, const
       .block_sparse(f(q), f(k).repeat_interleave(g, 1), f(v).repeat_interleave(g, 1), mask, scale,
                     causal, q_offset, sinks, window)
       .out;
-}
-
-/// Fails the test unless `got` (any device) is finite everywhere and within tol of `want`.
-void expect_close(const torch::Tensor& got, const torch::Tensor& want, Tol tol,
-                  const std::string& what) {
-  const auto g = got.to(torch::kCPU, torch::kDouble), w = want.to(torch::kDouble);
-  ASSERT_EQ(g.sizes(), w.sizes()) << what;
-  EXPECT_TRUE(torch::isfinite(g).all().item<bool>())
-      << what << ": some output elements are NaN/Inf (unwritten poison or a bad softmax)";
-  const double rel = ((g - w).norm() / w.norm().clamp_min(1e-30)).item<double>();
-  const double mabs = (g - w).abs().max().item<double>();
-  EXPECT_LE(rel, tol.rel) << what << " relative error";
-  EXPECT_LE(mabs, tol.abs) << what << " max abs error";
 }
 
 /// Launches the raw kernel into a NaN-poisoned output; checks every CUDA call.
@@ -144,7 +126,7 @@ torch::Tensor launch(const torch::Tensor& q, const torch::Tensor& k, const torch
 }
 
 TEST(CudaBlockSparse, KernelMatchesCpuBackend) {
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
   std::mt19937_64 rng(20261129);
   int seed = 0;
   for (auto dt : {torch::kBFloat16, torch::kHalf})
@@ -187,7 +169,7 @@ TEST(CudaBlockSparse, KernelMatchesCpuBackend) {
 }
 
 TEST(CudaBlockSparse, BackendStridedStreamingAndGqaMatchCpu) {
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
   std::mt19937_64 rng(7);
   const auto& cuda_backend = backend_for(kCuda);
   EXPECT_EQ(cuda_backend.name(), "cuda");
@@ -225,7 +207,7 @@ TEST(CudaBlockSparse, BackendStridedStreamingAndGqaMatchCpu) {
 }
 
 TEST(CudaBlockSparse, AttendMatchesCpu) {
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
   const auto& cuda_backend = backend_for(kCuda);
   const auto& cpu_backend = backend_for(torch::Device(torch::kCPU));
   int seed = 0;
@@ -254,7 +236,7 @@ TEST(CudaBlockSparse, AttendMatchesCpu) {
 }
 
 TEST(CudaBlockSparse, RunAttentionPlansOnCudaMatchCpu) {
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
   const int64_t b = 2, h = 8, hkv = 2, n = 384, m = 384, d = 128, bs = 128;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(4242);
   AttentionInputs cpu_in;
@@ -298,7 +280,7 @@ TEST(CudaBlockSparse, RunAttentionPlansOnCudaMatchCpu) {
 }
 
 TEST(CudaBlockSparse, UnsupportedShapesUseTheLibTorchPath) {
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
   // float32, head dim 32, block 32: outside the kernel; the backend still computes the function.
   const int64_t b = 1, h = 4, n = 100, m = 100, d = 32, bs = 32;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
@@ -319,7 +301,7 @@ TEST(CudaBlockSparse, UnsupportedShapesUseTheLibTorchPath) {
 }
 
 TEST(CudaBlockSparse, BadMasksRefused) {
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
   const auto q = torch::randn({1, 2, 128, 64}).to(kCuda, torch::kBFloat16);
   const auto& be = backend_for(kCuda);
   auto wrong_grid = BlockMask::all_visible(1, 2, 256, 128, 64, false, 0);  // 4 query blocks

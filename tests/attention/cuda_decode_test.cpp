@@ -25,25 +25,21 @@
 #include "attention/cuda/decode_kernels.h"
 #include "attention/kv_cache.h"
 #include "common/error.h"
+#include "tests/attention/cuda_test_util.h"
 
 namespace attnpilot::attention {
 namespace {
 
-#define SKIP_WITHOUT_CUDA()                                                                \
-  if (!torch::cuda::is_available())                                                        \
-  GTEST_SKIP() << "no CUDA device: the CUDA decode kernel needs a GPU (this test runs on " \
-                  "the GPU machine)"
+using testing::expect_close;
+using testing::kCuda;
+using testing::Tol;
 
-const torch::Device kCuda(torch::kCUDA, 0);
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 /// Tolerances against the float64 reference on the same (rounded) inputs: fp32 arithmetic, the
 /// output rounded once to bf16 (2^-9 relative) or fp16 (2^-12). A CPU emulation of the kernel
 /// (2026-11-29, 180 random shapes incl. peaked scores) measured at worst: relative 1.8e-3 (bf16)
 /// and 2.3e-4 (fp16), absolute 7.8e-3 and 9.8e-4.
-struct Tol {
-  double rel, abs;
-};
 Tol tolerance(torch::ScalarType dt) {
   return dt == torch::kBFloat16 ? Tol{6e-3, 2.5e-2} : Tol{1.5e-3, 4e-3};
 }
@@ -67,19 +63,6 @@ torch::Tensor reference(const torch::Tensor& q, const torch::Tensor& k, const to
     }
   }
   return out;
-}
-
-/// Fails unless `got` is finite everywhere and within tol of `want`.
-void expect_close(const torch::Tensor& got, const torch::Tensor& want, Tol tol,
-                  const std::string& what) {
-  const auto g = got.to(torch::kCPU, torch::kDouble), w = want.to(torch::kDouble);
-  ASSERT_EQ(g.sizes(), w.sizes()) << what;
-  ASSERT_TRUE(torch::isfinite(g).all().item<bool>())
-      << what << ": some output elements are NaN/Inf (unwritten poison or a bad softmax)";
-  const double rel = ((g - w).norm() / w.norm().clamp_min(1e-30)).item<double>();
-  const double mabs = (g - w).abs().max().item<double>();
-  EXPECT_LE(rel, tol.rel) << what << " relative error";
-  EXPECT_LE(mabs, tol.abs) << what << " max abs error";
 }
 
 /// The raw launcher into a NaN-poisoned output and workspace; every CUDA call checked.
@@ -144,7 +127,7 @@ struct HeadCase {
 };
 
 TEST(CudaDecode, KernelMatchesFloat64Reference) {
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA decode kernel");
   std::mt19937_64 rng(20261129);
   int seed = 0, multi_split = 0;
   for (auto dt : {torch::kBFloat16, torch::kHalf})
@@ -206,7 +189,7 @@ TEST(CudaDecode, KernelMatchesFloat64Reference) {
 // Long caches: chunks of the maximum size (8·dv keys); hundreds of splits; one split per
 // (b, head block) for a short cache; the first sequence of each batch much shorter.
 TEST(CudaDecode, LongCachesAndFullGrids) {
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA decode kernel");
   int seed = 0;
   for (auto dt : {torch::kBFloat16, torch::kHalf}) {
     for (const auto& [b, hc, e, dv, longest] :
@@ -244,7 +227,7 @@ TEST(CudaDecode, LongCachesAndFullGrids) {
 // The end-to-end twin: one decode step of a low-rank KVCache through run_attention on the CPU
 // against q·A_Q and the cache's projected keys and values through the CUDA kernel.
 TEST(CudaDecode, MatchesLowRankKvCacheDecodeOnCpu) {
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA decode kernel");
   const int64_t b = 2, hq = 8, hkv = 2, d = 64, r = 16, prefill = 300;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(4242);
   for (auto dt : {torch::kBFloat16, torch::kHalf}) {
@@ -282,7 +265,7 @@ TEST(CudaDecode, TensorEntryRefusesBadArguments) {
                InvalidArgument);
   EXPECT_THROW(decode_attention_cuda(qc.unsqueeze(0), kc, kc, torch::ones({1}, torch::kInt), 0.25),
                InvalidArgument);
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA decode kernel");
   const auto opt = torch::TensorOptions().dtype(torch::kBFloat16).device(kCuda);
   const auto q = torch::randn({2, 4, 32}, opt), k = torch::randn({2, 4, 50, 32}, opt);
   const auto v = torch::randn({2, 2, 50, 64}, opt);

@@ -16,16 +16,12 @@
 #include "attention/estimators.h"
 #include "attention/kv_cache.h"
 #include "attention/lowrank.h"
+#include "tests/attention/cuda_test_util.h"
 
 namespace attnpilot::attention {
 namespace {
 
-#define SKIP_WITHOUT_CUDA()                                                                     \
-  if (!torch::cuda::is_available())                                                             \
-  GTEST_SKIP() << "no CUDA device: the CUDA attention paths need a GPU (this test runs on the " \
-                  "GPU machine)"
-
-const torch::Device kCuda(torch::kCUDA, 0);
+using testing::kCuda;
 
 /// bf16 output and P against float32 on the same bf16-rounded inputs (cuda_block_sparse_test's
 /// measured bound, with the same margin).
@@ -64,7 +60,7 @@ Pair random_pair(uint64_t seed, int64_t b, int64_t h, int64_t hkv, int64_t n, in
 }
 
 TEST(CudaExecutor, EstimatorMasksStayOnTheDeviceAndFeedTheKernel) {
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA attention executor");
   const int64_t b = 2, h = 4, n = 640, m = 640, d = 128;
   auto io = random_pair(71, b, h, h, n, m, d);
   for (int64_t bs : {64, 128}) {
@@ -84,7 +80,9 @@ TEST(CudaExecutor, EstimatorMasksStayOnTheDeviceAndFeedTheKernel) {
       EXPECT_NO_THROW(host.validate(n, m, true, 0)) << what;
       // Random keys spread the mass, so a gamma budget may keep every block; the others
       // must leave some out.
-      if (budget != 1) EXPECT_LT(host.density(n, m, true, 0), 1.0) << what;
+      if (budget != 1) {
+        EXPECT_LT(host.density(n, m, true, 0), 1.0) << what;
+      }
       // Pair and key counts summed on the device equal the host loops.
       EXPECT_DOUBLE_EQ(mask.listed_pairs(n, m), host.listed_pairs(n, m)) << what;
       EXPECT_DOUBLE_EQ(mask.listed_keys(m), host.listed_keys(m)) << what;
@@ -111,7 +109,7 @@ TEST(CudaExecutor, EstimatorMasksStayOnTheDeviceAndFeedTheKernel) {
 }
 
 TEST(CudaExecutor, DecodeStepsRunTheDecodeKernelAndMatchCpu) {
-  SKIP_WITHOUT_CUDA();
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA attention executor");
   const int64_t b = 3, h = 4, hkv = 2, prefix = 333, d = 64, r = 16;
   auto io = random_pair(72, b, h, hkv, prefix + 1, prefix + 1, d);
   // Full keys: one query at the end of the cache (q_offset = M - 1), GQA read in place.
