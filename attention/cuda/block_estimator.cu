@@ -39,14 +39,16 @@
 //
 // Operation count and floor (L = 32k, 32 heads, d = 128, r = 16, block 128, causal): sampled
 // (row, key) pairs 32 · 8 · Σ_qb kend ≈ 1.07e9; the scores are 16 FMA per pair (34 GFLOP;
-// 3xTF32 triples the tensor-core work to ~100 GFLOP, ~0.2 ms of mma.sync at ~500 TFLOP/s tf32)
+// 3xTF32 triples the tensor-core work to ~100 GFLOP: 0.2 ms at the datasheet's ~495 TFLOP/s
+// dense tf32, more through mma.sync, which reaches only part of it; one tf32 pass is a third)
 // and one exp2 per pair: 1.07e9 MUFU ops at 16/clk/SM (132 SMs, ~1.9 GHz) ≈ 0.27 ms — the
 // floor of this design (exp2 throughput). The mask/max/sum epilogue adds ~4 fp32 ops per pair
-// (~0.13 ms at 128/clk/SM, overlappable). The key projection reads k once (268 MB bf16, 56 µs
-// at 4.8 TB/s) and writes kp (67 MB fp32). Plain fp32 FMAs instead of the tensor cores would be
-// 0.5 ms of FFMA alone. Expected: ~0.4-0.5 ms in all at 32k/128 (block 64 doubles the sampled
-// rows and so the pairs); a key-tile double buffer and exp2 on the FMA pipe for part of the
-// elements (FlashAttention-3's trick) are the next steps if the measurement says so.
+// (~0.13 ms at 128/clk/SM, overlappable). The projection kernel reads k once (268 MB bf16,
+// 56 µs at 4.8 TB/s) and writes kp (67 MB fp32); the sampled query rows are 1/16 of q at block
+// 128. Plain fp32 FMAs instead of the tensor cores would be 0.5 ms of FFMA alone. Expected:
+// ~0.4-0.5 ms in all at 32k/128 (block 64 doubles the sampled rows and so the pairs); a key-tile
+// double buffer and exp2 on the FMA pipe for part of the elements (FlashAttention-3's trick) are
+// the next steps if the measurement says so.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -119,6 +119,8 @@ std::vector<Case> random_cases(std::mt19937_64& rng) {
   // Short query blocks (fewer than 8 rows to sample) and a single key block.
   cases.push_back(Case{1, 3, 1, 5, 70, 65, 64, 16, 64, true, torch::kBFloat16});
   cases.push_back(Case{2, 2, 2, 130, 20, 0, 128, 4, 128, false, torch::kHalf});
+  // A query whose causal limit is the first key of a 64-key tile (it sees one key of it).
+  cases.push_back(Case{1, 2, 1, 1, 129, 128, 64, 16, 128, true, torch::kFloat});
   // Head dim 36: rows that are not 16-byte multiples take the projection's scalar loads.
   cases.push_back(Case{2, 4, 2, 150, 300, 150, 36, 16, 64, true, torch::kHalf});
   return cases;
