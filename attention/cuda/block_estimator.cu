@@ -87,6 +87,14 @@ __device__ __forceinline__ void mma_tf32(float c[4], const uint32_t a[4], uint32
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// 2^x on the special-function unit, denormal results flushed to zero (a single MUFU.EX2; plain
+// exp2f adds range scaling around it). Used for the per-(row, key) terms, each <= 1 and summed
+// with at least one term equal to 1, so a flushed 2^-126 changes nothing visible.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
 // ---- end of tensor-core helpers ----
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
@@ -342,7 +350,7 @@ __global__ void __launch_bounds__(kScoreThreads) block_scores_kernel(BlockScores
             float ts = 0.f;
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt)
-              ts += exp2f(s[nt][2 * hf] - tm) + exp2f(s[nt][2 * hf + 1] - tm);
+              ts += exp2_ftz(s[nt][2 * hf] - tm) + exp2_ftz(s[nt][2 * hf + 1] - tm);
             if (tm > bm[hf]) {
               be[hf] = be[hf] * exp2f(bm[hf] - tm) + ts;  // bm = -inf: be is 0
               bm[hf] = tm;

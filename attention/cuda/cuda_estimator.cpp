@@ -27,7 +27,8 @@ bool io_dtype(torch::ScalarType t) {
   return t == torch::kFloat || t == torch::kBFloat16 || t == torch::kHalf;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+/// ceil(a / b) (named apart from block_mask.h's ceil_div, which this file also sees).
+int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /// The kernels' rank: 8, 16, 32 or 64.
 int64_t padded_rank(int64_t r) {
@@ -80,9 +81,9 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
           block_size <= HeadPlan::kMaxBlockSize,
       "cuda estimator: block size {} must be a multiple of {} in [{}, {}]", block_size,
       cuda::kEstimatorKeyTile, cuda::kEstimatorKeyTile, HeadPlan::kMaxBlockSize);
-  ATTNPILOT_CHECK_ARG(ceil_div(k.size(2), block_size) <= cuda::kEstimatorMaxKeyBlocks,
+  ATTNPILOT_CHECK_ARG(div_up(k.size(2), block_size) <= cuda::kEstimatorMaxKeyBlocks,
                       "cuda estimator: {} keys make {} key blocks of {}; at most {} are supported",
-                      k.size(2), ceil_div(k.size(2), block_size), block_size,
+                      k.size(2), div_up(k.size(2), block_size), block_size,
                       cuda::kEstimatorMaxKeyBlocks);
   ATTNPILOT_CHECK_ARG(q_offset >= 0, "cuda estimator: q_offset {} must be >= 0", q_offset);
   ATTNPILOT_CHECK_ARG(q.is_cuda() && k.device() == q.device() && a_q.device() == q.device() &&
@@ -146,7 +147,7 @@ torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k
   const auto stream = at::cuda::getCurrentCUDAStream(q_in.get_device()).stream();
   const int64_t b = q_in.size(0), h = q_in.size(1), n = q_in.size(2), d = q_in.size(3);
   const int64_t m = k_in.size(2), r = a_q.size(3), rp = padded_rank(r);
-  const int64_t qbn = ceil_div(n, bs), kbn = ceil_div(m, bs);
+  const int64_t qbn = div_up(n, bs), kbn = div_up(m, bs);
   const auto fopt = q_in.options().dtype(torch::kFloat);
 
   // Projections (one kernel each): the 8 sampled rows of every query block, scaled by
@@ -206,7 +207,7 @@ bool cuda_estimator_handles(const torch::Tensor& q, const torch::Tensor& k, int6
          q.size(3) >= 1 && q.size(3) <= 256 && rank >= 1 && rank <= 64 &&
          block_size >= cuda::kEstimatorKeyTile && block_size % cuda::kEstimatorKeyTile == 0 &&
          block_size <= HeadPlan::kMaxBlockSize &&
-         ceil_div(k.size(2), block_size) <= cuda::kEstimatorMaxKeyBlocks;
+         div_up(k.size(2), block_size) <= cuda::kEstimatorMaxKeyBlocks;
 }
 
 torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Tensor& k,
@@ -240,7 +241,7 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
   const bool everything = plan.gamma <= 0 && plan.top_k <= 0 && plan.density >= 1.0;
   const auto scores =
       everything
-          ? torch::zeros({q.size(0), q.size(1), ceil_div(q.size(2), bs), ceil_div(k.size(2), bs)},
+          ? torch::zeros({q.size(0), q.size(1), div_up(q.size(2), bs), div_up(k.size(2), bs)},
                          q.options().dtype(torch::kFloat))
           : scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.tf32);
 
