@@ -9,14 +9,10 @@
 #include "attention/estimators.h"
 #include "attention/lowrank.h"
 #include "common/error.h"
+#include "common/tensor_str.h"
 
 namespace attnpilot::attention {
 namespace {
-
-/// "[2, 3, 4]" or "undefined", for error messages.
-std::string shape_str(const torch::Tensor& t) {
-  return t.defined() ? c10::str(t.sizes()) : std::string("undefined");
-}
 
 struct Shape {
   int64_t B, Hq, Hkv, N, M, d, dv, q_offset;

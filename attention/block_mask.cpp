@@ -5,11 +5,6 @@
 #include "common/error.h"
 
 namespace attnpilot::attention {
-namespace {
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-}  // namespace
 
 BlockMask BlockMask::from_rows(int64_t batch, int64_t heads, int64_t q_blocks, int64_t k_blocks,
                                int64_t block_size, const std::vector<std::vector<int64_t>>& rows) {

@@ -17,6 +17,9 @@ namespace attnpilot::attention {
 ///   (cuda/cuda_estimator.h): there both are CUDA tensors, and col_idx may hold unused
 ///   entries (-1) past row_ptr[rows]. listed_pairs and listed_keys take either; the other
 ///   methods read the lists on the host (device lists are copied there).
+/// Blocks of `b` positions that cover `a` positions: ceil(a / b), for a >= 0, b >= 1.
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 struct BlockMask {
   int64_t batch = 0, heads = 0, q_blocks = 0, k_blocks = 0;
   int64_t block_size = 0;

@@ -17,7 +17,6 @@ namespace {
 constexpr int64_t kVerticalSlashQueries = 64;
 constexpr int64_t kLowRankSampleRows = 8;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /// Last visible key block of each query block (causal), else k_blocks - 1.
 torch::Tensor last_visible_block(int64_t n, int64_t m, int64_t bs, bool causal, int64_t q_offset) {

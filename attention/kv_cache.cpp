@@ -3,14 +3,10 @@
 #include <algorithm>
 
 #include "common/error.h"
+#include "common/tensor_str.h"
 
 namespace attnpilot::attention {
 namespace {
-
-/// "[2, 3, 4]" or "undefined", for error messages.
-std::string shape_str(const torch::Tensor& t) {
-  return t.defined() ? c10::str(t.sizes()) : std::string("undefined");
-}
 
 /// Writes x [B, H, T, e] at positions [len, len+T) of buf, growing capacity by doubling.
 void put(torch::Tensor& buf, int64_t len, const torch::Tensor& x) {

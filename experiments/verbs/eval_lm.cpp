@@ -8,14 +8,14 @@
 namespace attnpilot::cli {
 namespace {
 
-struct EvalArgs {
+struct LmEvalArgs {
   std::string model;
   std::vector<std::string> text;
   std::string device = "auto";
 };
 
 void add_eval_lm_verb(CLI::App& root) {
-  auto a = std::make_shared<EvalArgs>();
+  auto a = std::make_shared<LmEvalArgs>();
   auto* cmd = root.add_subcommand(
       "eval-lm", "Perplexity of a checkpoint (95% CI over documents) beside a unigram baseline");
   cmd->add_option("--model", a->model, "Checkpoint folder (e.g. runs/default/model)")

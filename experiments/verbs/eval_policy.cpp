@@ -15,14 +15,14 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct EvalArgs {
+struct PolicyEvalArgs {
   std::string env, checkpoint;
   int64_t episodes = 100;
   uint64_t seed = 12345;
   bool stochastic = false;
 };
 
-void run_eval(const EvalArgs& a) {
+void run_eval(const PolicyEvalArgs& a) {
   torch::set_num_threads(1);
   fs::path dir(a.checkpoint);
   if (!fs::exists(dir / "policy.json") && fs::exists(dir / "checkpoint" / "policy.json"))
@@ -50,7 +50,7 @@ void run_eval(const EvalArgs& a) {
 }
 
 void add_eval_policy_verb(CLI::App& root) {
-  auto args = std::make_shared<EvalArgs>();
+  auto args = std::make_shared<PolicyEvalArgs>();
   auto* cmd = root.add_subcommand("eval-policy", "Mean return of a trained policy (95% CI)");
   cmd->add_option("--env", args->env, "Environment name the policy was trained on")->required();
   cmd->add_option("--checkpoint", args->checkpoint, "Checkpoint folder (or a train --out folder)")
