@@ -11,7 +11,8 @@
 // rate, a lead); at density 100% the relative error against SDPA.
 // 2. The low-rank block estimator (cuda/cuda_estimator.h; key projection, rank-r scores of 8
 //    sampled rows per query block, selection, CSR lists on the device) at L = 32k, r = 16 and 32,
-//    density 10% and 5%, 3xTF32 and one-pass TF32 scores, against the attention it plans.
+//    density 10% and 5%, 3xTF32 and one-pass TF32 scores, against the attention it plans and
+//    against the CPU twin's LibTorch code (estimators.cpp) run on the same GPU tensors.
 // 3. Decoding, batch 16, 32 heads, 32k cache, d = 128: SDPA over the full cache, our split-K
 //    decode kernel over full keys and over rank-32 and rank-16 key caches, with byte floors.
 // On a machine without a CUDA device it says so and exits 0.
@@ -42,6 +43,7 @@
 #include "attention/cuda/block_sparse_kernels.h"
 #include "attention/cuda/cuda_decode.h"
 #include "attention/cuda/cuda_estimator.h"
+#include "attention/estimators.h"
 #include "attention/plan.h"
 
 using namespace attnpilot::attention;
@@ -256,14 +258,24 @@ void run_estimator(bool quick) {
       "\n== low-rank block estimator (CSR lists written on the GPU) vs the sparse attention "
       "it plans: L={}, H={}, d={}, bf16, causal, block {} ==\n",
       len, heads, d, bs);
-  fmt::print("{:>4} {:>8} {:>6} {:>13} {:>13} {:>11} {:>10}\n", "r", "budget", "mode",
-             "estimator ms", "attention ms", "est/attn", "density");
+  fmt::print("{:>4} {:>8} {:>6} {:>13} {:>13} {:>11} {:>10} {:>14} {:>10}\n", "r", "budget", "mode",
+             "estimator ms", "attention ms", "est/attn", "density", "libtorch ms", "x libtorch");
   for (int64_t r : {16, 32}) {
     const auto a_q = random_basis(1, heads, d, r, dev), a_k = random_basis(1, heads, d, r, dev);
     for (double density : {0.10, 0.05}) {
       HeadPlan plan = HeadPlan::block_sparse(density, bs);
       plan.estimator = BlockEstimator::kLowRank;
       plan.rank = r;
+      // The reference: the CPU twin's LibTorch code (estimators.cpp) on the same GPU tensors,
+      // its selection on the host.
+      const double t_ref = ev.median_ms(
+          [&] {
+            double f = 0;
+            const auto sc = lowrank_block_scores(q, k, a_q.to(q.scalar_type()),
+                                                 a_k.to(q.scalar_type()), bs, true, 0, &f);
+            (void)select_blocks(sc, plan, len, len, true, 0);
+          },
+          1, 3);
       for (bool tf32 : {false, true}) {
         CudaEstimatorOptions eo;
         eo.tf32 = tf32;
@@ -274,9 +286,10 @@ void run_estimator(bool quick) {
             10);
         const double t_att = ev.median_ms(
             [&] { (void)backend.block_sparse(q, k, v, mask, scale, true, 0, 0, 0); }, 2, 10);
-        fmt::print("{:>4} {:>7.0f}% {:>6} {:>13.3f} {:>13.3f} {:>11.3f} {:>10.3f}\n", r,
-                   100 * density, tf32 ? "tf32" : "3xtf32", t_est, t_att, t_est / t_att,
-                   mask.on_host().density(len, len, true, 0));
+        fmt::print(
+            "{:>4} {:>7.0f}% {:>6} {:>13.3f} {:>13.3f} {:>11.3f} {:>10.3f} {:>14.3f} {:>10.1f}\n",
+            r, 100 * density, tf32 ? "tf32" : "3xtf32", t_est, t_att, t_est / t_att,
+            mask.on_host().density(len, len, true, 0), t_ref, t_ref / t_est);
         std::fflush(stdout);
       }
     }
