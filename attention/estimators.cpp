@@ -17,7 +17,6 @@ namespace {
 constexpr int64_t kVerticalSlashQueries = 64;
 constexpr int64_t kLowRankSampleRows = 8;
 
-
 /// Last visible key block of each query block (causal), else k_blocks - 1.
 torch::Tensor last_visible_block(int64_t n, int64_t m, int64_t bs, bool causal, int64_t q_offset) {
   const int64_t qb_n = ceil_div(n, bs), kb_n = ceil_div(m, bs);
@@ -206,32 +205,27 @@ BlockMask estimate_block_mask(const torch::Tensor& q, const torch::Tensor& k, co
       scores = pooled_block_scores(q, k, bs, causal, q_offset, flops);
       break;
     case BlockEstimator::kLowRank: {
-#ifdef ATTNPILOT_WITH_CUDA
-      // CUDA tensors: the GPU twin (cuda/cuda_estimator.h) scores, selects and writes the
-      // lists on the device; the returned mask's row_ptr / col_idx are CUDA tensors.
-      if (cuda_estimator_handles(q, k, plan.rank, bs)) {
-        if (a_q.defined()) {
-          ATTNPILOT_CHECK_ARG(a_q.size(-1) >= plan.rank,
-                              "lowrank estimator: projections have rank {} < plan rank {}",
-                              a_q.size(-1), plan.rank);
-          return estimate_block_mask_cuda(q, k, a_q, a_k, plan, causal, q_offset, flops);
-        }
-        const auto p = lowrank_projections(q, k, plan.rank);
-        *flops += p.flops;
-        return estimate_block_mask_cuda(q, k, p.a_q, p.a_k, plan, causal, q_offset, flops);
-      }
-#endif
-      if (a_q.defined()) {
-        ATTNPILOT_CHECK_ARG(a_q.size(-1) >= plan.rank,
+      // Given projections (their first plan.rank columns), or optimal ones for this call.
+      torch::Tensor pq = a_q, pk = a_k;
+      if (pq.defined()) {
+        ATTNPILOT_CHECK_ARG(pq.size(-1) >= plan.rank,
                             "lowrank estimator: projections have rank {} < plan rank {}",
-                            a_q.size(-1), plan.rank);
-        scores = lowrank_block_scores(q, k, a_q.narrow(-1, 0, plan.rank),
-                                      a_k.narrow(-1, 0, plan.rank), bs, causal, q_offset, flops);
+                            pq.size(-1), plan.rank);
+        pq = pq.narrow(-1, 0, plan.rank);
+        pk = pk.narrow(-1, 0, plan.rank);
       } else {
         const auto p = lowrank_projections(q, k, plan.rank);
         *flops += p.flops;
-        scores = lowrank_block_scores(q, k, p.a_q, p.a_k, bs, causal, q_offset, flops);
+        pq = p.a_q;
+        pk = p.a_k;
       }
+#ifdef ATTNPILOT_WITH_CUDA
+      // CUDA tensors: the GPU twin (cuda/cuda_estimator.h) scores, selects and writes the
+      // lists on the device; the returned mask's row_ptr / col_idx are CUDA tensors.
+      if (cuda_estimator_handles(q, k, plan.rank, bs))
+        return estimate_block_mask_cuda(q, k, pq, pk, plan, causal, q_offset, flops);
+#endif
+      scores = lowrank_block_scores(q, k, pq, pk, bs, causal, q_offset, flops);
       break;
     }
     case BlockEstimator::kVerticalSlash:
