@@ -16,11 +16,13 @@
 // 3. Decoding, batch 16, 32 heads, 32k cache, d = 128: SDPA over the full cache, our split-K
 //    decode kernel over full keys and over rank-32 and rank-16 key caches, with byte floors.
 // On a machine without a CUDA device it says so and exits 0.
-// Usage: attention_cuda_bench [--quick] [--no-flex]   (python: $ATTNPILOT_BENCH_PYTHON or python3)
+// Usage: attention_cuda_bench [--quick] [--no-flex] [--only sparse|estimator|decode]   (python:
+// $ATTNPILOT_BENCH_PYTHON or python3)
 #include <fmt/format.h>
 #include <torch/torch.h>
 
 #include <cstring>
+#include <string>
 
 #ifdef ATTNPILOT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -353,13 +355,22 @@ void run_decode(bool quick) {
 
 int main(int argc, char** argv) {
   bool quick = false, with_flex = true;
+  std::string only;  // empty: every section
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
     } else if (std::strcmp(argv[i], "--no-flex") == 0) {
       with_flex = false;
+    } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc &&
+               (std::strcmp(argv[i + 1], "sparse") == 0 ||
+                std::strcmp(argv[i + 1], "estimator") == 0 ||
+                std::strcmp(argv[i + 1], "decode") == 0)) {
+      only = argv[++i];
     } else {
-      fmt::print(stderr, "usage: attention_cuda_bench [--quick] [--no-flex]\n");
+      fmt::print(stderr,
+                 "usage: attention_cuda_bench [--quick] [--no-flex] "
+                 "[--only sparse|estimator|decode]\n(got '{}')\n",
+                 argv[i]);
       return 2;
     }
   }
@@ -374,9 +385,9 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
-    run(quick, with_flex);
-    run_estimator(quick);
-    run_decode(quick);
+    if (only.empty() || only == "sparse") run(quick, with_flex);
+    if (only.empty() || only == "estimator") run_estimator(quick);
+    if (only.empty() || only == "decode") run_decode(quick);
   } catch (const std::exception& e) {
     fmt::print(stderr, "attention_cuda_bench: {}\n", e.what());
     return 1;

@@ -25,14 +25,19 @@ struct JacobiLaunch {
   int* status = nullptr;   ///< [batch], always written
   double tol = 0;          ///< rotate when |a_pᵀa_q| > tol·‖a_p‖‖a_q‖ (> 0)
   int max_sweeps = 0;      ///< >= 1
+  int lanes = 0;  ///< lanes per column pair, 4 or 8 (float with m > 64 only); 0 = jacobi_lanes
 };
 
 /// Whether the kernel handles X of m×n (m >= n >= 1) in this precision: float m <= 128;
 /// double m <= 64, or m <= 128 with n <= 32 (register and shared-memory limits).
 bool jacobi_kernel_supports(int m, int n, bool is_double);
 
-/// Dynamic shared memory of one block for X of m×n (m >= n), in bytes.
-int64_t jacobi_shared_bytes(int m, int n, bool is_double);
+/// Lanes per column pair the kernel uses for X with m rows: 8, or for float with m > 64 the
+/// requested 4 or 8 (0 or anything else: 4, fewer redundant angle computations per pair).
+int jacobi_lanes(int m, bool is_double, int requested);
+
+/// Dynamic shared memory of one block for X of m×n (m >= n) with `lanes` lanes per pair, bytes.
+int64_t jacobi_shared_bytes(int m, int n, bool is_double, int lanes);
 
 /// Launches on `stream` (one block per matrix). Returns cudaSuccess, or the error of the
 /// first failing CUDA call with that call's name in *failed_call.

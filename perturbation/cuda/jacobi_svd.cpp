@@ -59,6 +59,8 @@ int64_t output_rank(const JacobiOptions& o, int64_t kmin) {
                       "SVD rank = {}, expected 0 (all) or 1..{} (= min(m, n))", o.rank, kmin);
   ATTNPILOT_CHECK_ARG(o.tol >= 0 && o.tol < 1, "Jacobi tol = {}, expected in [0, 1)", o.tol);
   ATTNPILOT_CHECK_ARG(o.max_sweeps >= 1, "Jacobi max_sweeps = {}, expected >= 1", o.max_sweeps);
+  ATTNPILOT_CHECK_ARG(o.lanes == 0 || o.lanes == 4 || o.lanes == 8,
+                      "Jacobi lanes = {}, expected 0 (by shape), 4 or 8", o.lanes);
   return o.rank > 0 ? o.rank : kmin;
 }
 
@@ -127,7 +129,8 @@ int64_t jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch:
   const bool dbl = a.scalar_type() == torch::kFloat64;
   auto ac = a.contiguous();
   auto status = torch::empty({bsz}, a.options().dtype(torch::kInt32));
-  const int64_t bytes = jacobi_shared_bytes(static_cast<int>(m), static_cast<int>(n), dbl);
+  const int lanes = jacobi_lanes(static_cast<int>(m), dbl, opts.lanes);
+  const int64_t bytes = jacobi_shared_bytes(static_cast<int>(m), static_cast<int>(n), dbl, lanes);
   int optin = 0;
   ATTNPILOT_CUDA_CHECK(
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, a.get_device()));
@@ -152,6 +155,7 @@ int64_t jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch:
                          : static_cast<double>(std::numeric_limits<float>::epsilon());
   p.tol = opts.tol > 0 ? opts.tol : std::sqrt(static_cast<double>(m)) * eps;
   p.max_sweeps = opts.max_sweeps;
+  p.lanes = lanes;
   const char* failed = "launch_jacobi_svd";
   const cudaError_t err =
       launch_jacobi_svd(p, dbl, at::cuda::getCurrentCUDAStream(a.get_device()).stream(), &failed);

@@ -14,18 +14,24 @@
 // A sweep has log2(npad) levels with h = npad/2, npad/4, ..., 1: at level h, the columns fall
 // into chunks of 2h, and in each chunk column `base + k` (k < h, the fixed column) meets the
 // columns `base + h + (k + s) mod h` for s = 0..h-1, one per step. Every pair meets exactly
-// once per sweep, in npad - 1 steps of npad/2 disjoint pairs. A group of 8 lanes owns one pair;
+// once per sweep, in npad - 1 steps of npad/2 disjoint pairs. A group of LANES lanes owns a pair;
 // its fixed column (of X and of V) stays in registers for the whole level and only the moving
 // column goes through shared memory each step, which halves the shared-memory traffic of the
 // classic round-robin ordering (where both columns move every step).
 //
-// Each lane holds 4 consecutive rows per 32-row tile (16-byte vector loads: the 8 lanes of a
-// quarter warp read 128 contiguous bytes, conflict-free). The three dot products are summed in
-// the working precision per lane and reduced over the 8 lanes by shuffles (an xor butterfly,
-// so all lanes get bitwise-equal sums and take the same decision); the rotation angle is
-// computed in double (Rutishauser's formulas), and each rotation leaves the larger column at
-// the lower index. Sweeps measured by emulating this exact algorithm in numpy (fp32 data):
-// 7–9 for random or well-conditioned matrices of 32–128 columns, 5 for clustered spectra,
+// Each lane holds 4 consecutive rows per tile of 4·LANES rows (16-byte vector loads; with 8
+// lanes a quarter warp reads 128 contiguous bytes of one column, with 4 lanes 64 bytes of each
+// of two columns placed in disjoint bank halves by the leading dimension). LANES is 8, or 4 for
+// float with more than 64 rows: the angle and the shuffle reduction are computed redundantly
+// by every lane of a group, so 4 lanes (256 threads at 128 columns, 32 rows per lane) issue
+// fewer instructions per rotation than 8 (512 threads); the 8-lane layout stays selectable.
+// The three dot products are summed in the working precision per lane and reduced over the
+// lanes by shuffles (an xor butterfly, so all lanes get bitwise-equal sums and take the same
+// decision); the rotation angle is computed in the working precision with IEEE sqrt and
+// division (Rutishauser's formulas, as LAPACK's sgesvj/dgesvj; an earlier version computed it
+// in double, a long FP64 latency chain in every step), and each rotation leaves the larger
+// column at the lower index. Sweeps measured by emulating this exact algorithm in numpy (fp32
+// data): 7–9 for random or well-conditioned matrices of 32–128 columns, 5 for clustered spectra,
 // 14–21 for spectra log-spaced over 6 decades (graded matrices converge slowly without QR
 // preconditioning).
 //
@@ -46,17 +52,23 @@
 namespace attnpilot::perturbation::cuda {
 namespace {
 
-constexpr int kLanes = 8;  // lanes per column pair
-
 __host__ __device__ inline int next_pow2(int x) {
   int p = 1;
   while (p < x) p <<= 1;
   return p;
 }
 
-// Leading dimension of a column of `rows` rows: whole 32-row tiles plus 16 bytes, so columns
-// start on 16-byte boundaries and consecutive columns fall in different banks.
-__host__ __device__ inline int leading_dim(int rows, int elem_bytes) {
+// Leading dimension (elements) of a column of `rows` rows for a kernel with `lanes` lanes per
+// column pair. Columns start on 16-byte boundaries. 8 lanes: whole 32-row tiles plus 16 bytes,
+// so consecutive columns fall in different banks (a quarter warp reads 128 contiguous bytes
+// of one column). 4 lanes (float only): whole 16-row tiles padded to 16 mod 32 elements, so
+// the two groups of a quarter warp, which read 64 bytes each of columns an odd distance
+// apart (consecutive in this ordering), use disjoint halves of the 32 banks.
+__host__ __device__ inline int leading_dim(int rows, int elem_bytes, int lanes) {
+  if (lanes == 4) {
+    const int r = 16 * ((rows + 15) / 16);
+    return (r / 16) % 2 == 0 ? r + 16 : r;
+  }
   return 32 * ((rows + 31) / 32) + 16 / elem_bytes;
 }
 
@@ -83,18 +95,31 @@ __device__ __forceinline__ void store4(double* p, const double* r) {
   *reinterpret_cast<double2*>(p + 2) = make_double2(r[2], r[3]);
 }
 
-// Lane l of a group holds rows 32t + 4l .. 32t + 4l + 3 of a column, t < tiles <= TM.
-template <int TM, typename T>
+// Lane l of a group of LANES holds rows TH·t + 4l .. TH·t + 4l + 3 of a column (TH = 4·LANES
+// rows per tile), t < tiles <= TM.
+template <int LANES, int TM, typename T>
 __device__ __forceinline__ void load_col(const T* col, int tiles, int l, T* r) {
 #pragma unroll
   for (int t = 0; t < TM; ++t)
-    if (t < tiles) load4(col + 32 * t + 4 * l, r + 4 * t);
+    if (t < tiles) load4(col + 4 * LANES * t + 4 * l, r + 4 * t);
 }
-template <int TM, typename T>
+template <int LANES, int TM, typename T>
 __device__ __forceinline__ void store_col(T* col, int tiles, int l, const T* r) {
 #pragma unroll
   for (int t = 0; t < TM; ++t)
-    if (t < tiles) store4(col + 32 * t + 4 * l, r + 4 * t);
+    if (t < tiles) store4(col + 4 * LANES * t + 4 * l, r + 4 * t);
+}
+
+// Beyond this |ζ| the rotation's tan θ is 1/(2ζ) to working precision (and ζ² would overflow).
+template <typename T>
+__device__ __forceinline__ T zeta_big();
+template <>
+__device__ __forceinline__ float zeta_big<float>() {
+  return 1e18f;
+}
+template <>
+__device__ __forceinline__ double zeta_big<double>() {
+  return 1e100;
 }
 
 // x' = c11 x + c12 y, y' = c21 x + c22 y on the lane's rows.
@@ -113,8 +138,9 @@ __device__ __forceinline__ void rotate(T* x, T* y, int tiles, T c11, T c12, T c2
   }
 }
 
-template <typename T, int TM, int MAXT>
+template <typename T, int LANES, int TM, int MAXT>
 __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
+  constexpr int TH = 4 * LANES;  // rows per tile
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int rotated[2];
   __shared__ unsigned long long max_bits;
@@ -125,8 +151,8 @@ __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
   const int n = p.transpose ? p.rows_in : p.cols_in;
   const int k = p.k;
   const int npad = next_pow2(n < 2 ? 2 : n);
-  const int ta = (m + 31) / 32, tv = (n + 31) / 32;
-  const int lda = leading_dim(m, sizeof(T)), ldv = leading_dim(n, sizeof(T));
+  const int ta = (m + TH - 1) / TH, tv = (n + TH - 1) / TH;
+  const int lda = leading_dim(m, sizeof(T), LANES), ldv = leading_dim(n, sizeof(T), LANES);
   T* A = reinterpret_cast<T*>(smem);  // column j at A + j*lda
   T* V = A + static_cast<int64_t>(npad) * lda;
   double* sig = reinterpret_cast<double*>(V + static_cast<int64_t>(npad) * ldv);
@@ -177,7 +203,8 @@ __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
 
   // 2. Sweeps.
   const int P = npad / 2;
-  const int g = tid / kLanes, l = tid % kLanes;
+  const int g = tid / LANES, l = tid % LANES;
+  const T tol = static_cast<T>(p.tol);
   const bool active = g < P;
   T fa[4 * TM], fv[4 * TM], ma[4 * TM], mv[4 * TM];
 #pragma unroll
@@ -191,14 +218,14 @@ __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
       const int fcol = base + kk;
       bool dirty = false;
       if (active) {
-        load_col<TM>(A + fcol * lda, ta, l, fa);
-        load_col<TM>(V + fcol * ldv, tv, l, fv);
+        load_col<LANES, TM>(A + fcol * lda, ta, l, fa);
+        load_col<LANES, TM>(V + fcol * ldv, tv, l, fv);
       }
       for (int s = 0; s < h; ++s) {
         const int mcol = base + h + ((kk + s) & (h - 1));
         if (active) {
-          load_col<TM>(A + mcol * lda, ta, l, ma);
-          load_col<TM>(V + mcol * ldv, tv, l, mv);
+          load_col<LANES, TM>(A + mcol * lda, ta, l, ma);
+          load_col<LANES, TM>(V + mcol * ldv, tv, l, mv);
         }
         T app = 0, aqq = 0, apq = 0;
 #pragma unroll
@@ -215,35 +242,35 @@ __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
         }
         // Every thread of the block takes part (idle groups add zeros), so the full mask holds.
 #pragma unroll
-        for (int off = 1; off < kLanes; off <<= 1) {
+        for (int off = 1; off < LANES; off <<= 1) {
           app += __shfl_xor_sync(0xffffffffu, app, off);
           aqq += __shfl_xor_sync(0xffffffffu, aqq, off);
           apq += __shfl_xor_sync(0xffffffffu, apq, off);
         }
         bool rot = false;
         if (active && apq != T(0)) {
-          const double dpp = app, dqq = aqq, dpq = apq;
-          if (fabs(dpq) > p.tol * sqrt(dpp) * sqrt(dqq)) {
-            const double zeta = (dqq - dpp) / (2.0 * dpq);
-            const double t = fabs(zeta) > 1e100
-                                 ? 0.5 / zeta
-                                 : copysign(1.0, zeta) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
-            const double c = 1.0 / sqrt(1.0 + t * t);
-            const double sn = c * t;
+          // In the working precision with IEEE sqrt and division, as LAPACK's sgesvj/dgesvj.
+          if (fabs(apq) > tol * sqrt(app) * sqrt(aqq)) {
+            const T zeta = (aqq - app) / (T(2) * apq);
+            const T t = fabs(zeta) > zeta_big<T>()
+                            ? T(0.5) / zeta
+                            : copysign(T(1), zeta) / (fabs(zeta) + sqrt(T(1) + zeta * zeta));
+            const T c = T(1) / sqrt(T(1) + t * t);
+            const T sn = c * t;
             // (c x − s y, s x + c y) has squared norms app − t·apq and aqq + t·apq. Keep the
             // larger column at the lower index (fixed < moving always) by swapping the two
             // outputs when needed: columns stay roughly sorted by norm, which cuts the sweeps
             // for clustered spectra (de Rijk's idea, inside the rotation).
-            const T cc = static_cast<T>(c), ss = static_cast<T>(sn);
-            if (dpp - t * dpq >= dqq + t * dpq) {
+            const T cc = c, ss = sn;
+            if (app - t * apq >= aqq + t * apq) {
               rotate<TM>(fa, ma, ta, cc, -ss, ss, cc);
               rotate<TM>(fv, mv, tv, cc, -ss, ss, cc);
             } else {
               rotate<TM>(fa, ma, ta, ss, cc, cc, -ss);
               rotate<TM>(fv, mv, tv, ss, cc, cc, -ss);
             }
-            store_col<TM>(A + mcol * lda, ta, l, ma);
-            store_col<TM>(V + mcol * ldv, tv, l, mv);
+            store_col<LANES, TM>(A + mcol * lda, ta, l, ma);
+            store_col<LANES, TM>(V + mcol * ldv, tv, l, mv);
             rot = true;
             dirty = true;
           }
@@ -252,8 +279,8 @@ __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
         __syncthreads();
       }
       if (active && dirty) {
-        store_col<TM>(A + fcol * lda, ta, l, fa);
-        store_col<TM>(V + fcol * ldv, tv, l, fv);
+        store_col<LANES, TM>(A + fcol * lda, ta, l, fa);
+        store_col<LANES, TM>(V + fcol * ldv, tv, l, fv);
       }
       __syncthreads();
     }
@@ -314,20 +341,21 @@ __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
   }
 }
 
-int threads_for(int n) {
-  return 4 * next_pow2(n < 2 ? 2 : n) < 32 ? 32 : 4 * next_pow2(n < 2 ? 2 : n);
+int threads_for(int n, int lanes) {
+  const int t = lanes * (next_pow2(n < 2 ? 2 : n) / 2);
+  return t < 32 ? 32 : t;
 }
 
-template <typename T, int TM, int MAXT>
+template <typename T, int LANES, int TM, int MAXT>
 cudaError_t launch_typed(const JacobiLaunch& p, cudaStream_t stream, const char** failed_call) {
   const int m = p.transpose ? p.cols_in : p.rows_in, n = p.transpose ? p.rows_in : p.cols_in;
-  const int threads = threads_for(n);
-  if (threads > MAXT || (m + 31) / 32 > TM) {
+  const int threads = threads_for(n, LANES);
+  if (threads > MAXT || (m + 4 * LANES - 1) / (4 * LANES) > TM) {
     *failed_call = "jacobi_svd_kernel (shape outside the instantiated kernel)";
     return cudaErrorInvalidValue;
   }
-  const int64_t bytes = jacobi_shared_bytes(m, n, sizeof(T) == 8);
-  auto kernel = jacobi_svd_kernel<T, TM, MAXT>;
+  const int64_t bytes = jacobi_shared_bytes(m, n, sizeof(T) == 8, LANES);
+  auto kernel = jacobi_svd_kernel<T, LANES, TM, MAXT>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(bytes));
   if (e != cudaSuccess) {
@@ -351,29 +379,37 @@ bool jacobi_kernel_supports(int m, int n, bool is_double) {
   return m <= 64 || (m <= 128 && n <= 32);
 }
 
-int64_t jacobi_shared_bytes(int m, int n, bool is_double) {
+int jacobi_lanes(int m, bool is_double, int requested) {
+  if (is_double || m <= 64) return 8;
+  return requested == 8 ? 8 : 4;
+}
+
+int64_t jacobi_shared_bytes(int m, int n, bool is_double, int lanes) {
   const int eb = is_double ? 8 : 4;
   const int64_t npad = next_pow2(n < 2 ? 2 : n);
-  return npad * (leading_dim(m, eb) + leading_dim(n, eb)) * eb + npad * 8 + npad * 4;
+  return npad * (leading_dim(m, eb, lanes) + leading_dim(n, eb, lanes)) * eb + npad * 8 + npad * 4;
 }
 
 cudaError_t launch_jacobi_svd(const JacobiLaunch& p, bool is_double, cudaStream_t stream,
                               const char** failed_call) {
   const int m = p.transpose ? p.cols_in : p.rows_in, n = p.transpose ? p.rows_in : p.cols_in;
   if (!jacobi_kernel_supports(m, n, is_double) || p.batch < 1 || p.batch > 0x7fffffff || p.k < 1 ||
-      p.k > n || p.max_sweeps < 1 || !(p.tol > 0)) {
+      p.k > n || p.max_sweeps < 1 || !(p.tol > 0) ||
+      (p.lanes != 0 && p.lanes != 4 && p.lanes != 8)) {
     *failed_call = "launch_jacobi_svd (arguments outside the kernel's range)";
     return cudaErrorInvalidValue;
   }
   const int tiles = (m + 31) / 32;
   if (!is_double) {
-    if (tiles <= 1) return launch_typed<float, 1, 512>(p, stream, failed_call);
-    if (tiles <= 2) return launch_typed<float, 2, 512>(p, stream, failed_call);
-    return launch_typed<float, 4, 512>(p, stream, failed_call);
+    if (tiles <= 1) return launch_typed<float, 8, 1, 512>(p, stream, failed_call);
+    if (tiles <= 2) return launch_typed<float, 8, 2, 512>(p, stream, failed_call);
+    if (jacobi_lanes(m, false, p.lanes) == 8)
+      return launch_typed<float, 8, 4, 512>(p, stream, failed_call);
+    return launch_typed<float, 4, 8, 256>(p, stream, failed_call);
   }
-  if (tiles <= 1) return launch_typed<double, 1, 256>(p, stream, failed_call);
-  if (tiles <= 2) return launch_typed<double, 2, 256>(p, stream, failed_call);
-  return launch_typed<double, 4, 128>(p, stream, failed_call);
+  if (tiles <= 1) return launch_typed<double, 8, 1, 256>(p, stream, failed_call);
+  if (tiles <= 2) return launch_typed<double, 8, 2, 256>(p, stream, failed_call);
+  return launch_typed<double, 8, 4, 128>(p, stream, failed_call);
 }
 
 }  // namespace attnpilot::perturbation::cuda

@@ -26,6 +26,9 @@ struct JacobiOptions {
   int64_t rank = 0;  ///< top-k triplets; 0 = all min(m, n)
   double tol = 0;    ///< relative orthogonality for convergence; 0 = sqrt(m)·machine ε
   int max_sweeps = 100;
+  /// Lanes per column pair in the kernel: 0 = by shape (4 for float with max(m, n) > 64, else
+  /// 8); 8 forces the 8-lane layout there (a tuning and testing knob; doubles always use 8).
+  int lanes = 0;
 };
 
 /// True when jacobi_svd handles [.., m, n] of this dtype: float32 with max(m, n) <= 128;

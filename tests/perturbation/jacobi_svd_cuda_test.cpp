@@ -126,7 +126,7 @@ void expect_descending(const torch::Tensor& s, const std::string& what) {
 
 // Runs the Jacobi kernel (or the tall path) into NaN-poisoned outputs and checks them.
 Errors run_poisoned(const torch::Tensor& a64, torch::Dtype dtype, int64_t rank, bool tall,
-                    const std::string& what, torch::Tensor* ref_out = nullptr) {
+                    const std::string& what, torch::Tensor* ref_out = nullptr, int lanes = 0) {
   auto a = a64.to(torch::kCUDA).to(dtype);
   const int64_t b = a.size(0), m = a.size(1), n = a.size(2);
   const int64_t k = rank > 0 ? rank : std::min(m, n);
@@ -135,6 +135,7 @@ Errors run_poisoned(const torch::Tensor& a64, torch::Dtype dtype, int64_t rank, 
        v = torch::full({b, n, k}, kNaN, opt);
   cuda::JacobiOptions o;
   o.rank = rank;
+  o.lanes = lanes;
   const int64_t nc =
       tall ? cuda::tall_qr_jacobi_svd_out(a, o, u, s, v) : cuda::jacobi_svd_out(a, o, u, s, v);
   EXPECT_EQ(nc, 0) << what << ": matrices that hit the sweep limit";
@@ -211,6 +212,11 @@ TEST(JacobiSvdCuda, SquareAndShortMatchFloat64Reference) {
       const std::string what =
           fmt::format("{}x{} batch {} {}", sh.m, sh.n, sh.batch, spec_name(spec));
       expect_within(run_poisoned(a, torch::kFloat32, 0, false, what), kTol, what);
+      // Above 64 rows the default layout is 4 lanes per column pair; the 8-lane one stays
+      // selectable and must give the same accuracy.
+      if (std::max(sh.m, sh.n) > 64)
+        expect_within(run_poisoned(a, torch::kFloat32, 0, false, what + " 8 lanes", nullptr, 8),
+                      kTol, what + " 8 lanes");
     }
   }
 }
@@ -326,6 +332,9 @@ TEST(JacobiSvdCuda, NonFiniteInputAndBadArgumentsThrow) {
   cuda::JacobiOptions o;
   o.rank = 25;
   EXPECT_THROW(cuda::jacobi_svd(a, o), InvalidArgument);
+  cuda::JacobiOptions bad_lanes;
+  bad_lanes.lanes = 5;
+  EXPECT_THROW(cuda::jacobi_svd(a, bad_lanes), InvalidArgument);
   EXPECT_THROW(cuda::jacobi_svd(a.cpu(), {}), InvalidArgument);
   EXPECT_THROW(cuda::jacobi_svd(torch::zeros({2, 129, 129}, torch::kCUDA), {}), InvalidArgument);
   EXPECT_THROW(cuda::jacobi_svd(torch::zeros({2, 100, 100}, torch::kCUDA).to(torch::kFloat64), {}),
