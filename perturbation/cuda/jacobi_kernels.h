@@ -44,4 +44,39 @@ int64_t jacobi_shared_bytes(int m, int n, bool is_double, int lanes);
 cudaError_t launch_jacobi_svd(const JacobiLaunch& p, bool is_double, cudaStream_t stream,
                               const char** failed_call);
 
+/// Status bit of the fused top-r kernel: a Jacobi step inside it hit max_sweeps or met a column
+/// with no direction (C V or Cᵀ U rank-deficient); the caller redoes that matrix on the
+/// unfused path, which handles both.
+inline constexpr int kToprFallback = 4;
+
+/// One launch of the fused top-r subspace iteration (topr_svd.cu): one block per matrix runs
+/// every step of topr_subspace_iteration for it with C streamed from global memory and the d×p
+/// blocks in shared memory.
+struct ToprLaunch {
+  const void* c = nullptr;   ///< [batch, d, d], contiguous, float or double
+  const void* v0 = nullptr;  ///< [batch, d, p], contiguous, the warm start
+  int64_t batch = 0;
+  int d = 0, p = 0, r = 0;        ///< 1 <= r <= p <= min(d, 32), d <= 128
+  double tol = 0;                 ///< stop when the top-r triplet residual <= tol·σ₁
+  int max_iters = 0;              ///< >= 1
+  double jacobi_tol = 0;          ///< the Jacobi steps' orthogonality tolerance (> 0)
+  int max_sweeps = 0;             ///< per Jacobi step, >= 1
+  void* u = nullptr;              ///< [batch, d, p]
+  void* s = nullptr;              ///< [batch, p], descending
+  void* v = nullptr;              ///< [batch, d, p]
+  int64_t* iterations = nullptr;  ///< [batch], steps taken
+  bool* converged = nullptr;      ///< [batch]
+  int* status = nullptr;          ///< [batch]: 0, kJacobiNonFinite, or kToprFallback
+};
+
+/// Whether the fused kernel handles d, p in this precision (d <= 128, p <= 32, p <= d).
+bool topr_kernel_supports(int d, int p, bool is_double);
+
+/// Dynamic shared memory of one block of the fused top-r kernel, in bytes.
+int64_t topr_shared_bytes(int d, int p, bool is_double);
+
+/// Launches the fused top-r kernel on `stream`; errors as launch_jacobi_svd.
+cudaError_t launch_topr(const ToprLaunch& p, bool is_double, cudaStream_t stream,
+                        const char** failed_call);
+
 }  // namespace attnpilot::perturbation::cuda

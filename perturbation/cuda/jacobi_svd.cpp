@@ -317,19 +317,13 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> subspace_iteration_step_
   return {torch::bmm(uy, z.v), z.s, z.u};
 }
 
-TopRResult topr_subspace_iteration(const torch::Tensor& c, const torch::Tensor& v0, int64_t r,
-                                   double tol, int max_iters) {
-  ATTNPILOT_CHECK_ARG(subspace_step_supported(c, v0),
-                      "top-r subspace iteration expects c [B, d, d] and v0 [B, d, p] on CUDA, "
-                      "same float dtype, p <= d <= 128 (float64: d <= 64 or p <= 32), got {} "
-                      "and {}",
-                      c.defined() ? c10::str(c.sizes()) : std::string("undefined"),
-                      v0.defined() ? c10::str(v0.sizes()) : std::string("undefined"));
+namespace {
+
+// The step-by-step iteration: per step subspace_iteration_step_cuda (two Jacobi launches and
+// batched GEMMs) and the residual, the active set shrinking on the host.
+TopRResult topr_unfused(const torch::Tensor& c, const torch::Tensor& v0, int64_t r, double tol,
+                        int max_iters) {
   const int64_t bsz = c.size(0), d = c.size(1), p = v0.size(2);
-  ATTNPILOT_CHECK_ARG(r >= 1 && r <= p, "top-r rank r = {}, expected 1..{} (block size)", r, p);
-  ATTNPILOT_CHECK_ARG(tol > 0 && tol < 1, "top-r tol = {}, expected in (0, 1)", tol);
-  ATTNPILOT_CHECK_ARG(max_iters >= 1, "top-r max_iters = {}, expected >= 1", max_iters);
-  c10::cuda::CUDAGuard guard(c.device());
   TopRResult out;
   out.u = torch::zeros({bsz, d, p}, c.options());
   out.s = torch::zeros({bsz, p}, c.options());
@@ -350,6 +344,93 @@ TopRResult topr_subspace_iteration(const torch::Tensor& c, const torch::Tensor& 
     auto done = triplet_residual(ca, u1, s1, v1, r) <= tol;
     out.converged.index_fill_(0, active.masked_select(done), true);
     active = active.masked_select(~done);  // synchronises (size known on the host)
+  }
+  return out;
+}
+
+}  // namespace
+
+TopRResult topr_subspace_iteration(const torch::Tensor& c, const torch::Tensor& v0, int64_t r,
+                                   double tol, int max_iters, bool fused) {
+  ATTNPILOT_CHECK_ARG(subspace_step_supported(c, v0),
+                      "top-r subspace iteration expects c [B, d, d] and v0 [B, d, p] on CUDA, "
+                      "same float dtype, p <= d <= 128 (float64: d <= 64 or p <= 32), got {} "
+                      "and {}",
+                      c.defined() ? c10::str(c.sizes()) : std::string("undefined"),
+                      v0.defined() ? c10::str(v0.sizes()) : std::string("undefined"));
+  const int64_t bsz = c.size(0), d = c.size(1), p = v0.size(2);
+  ATTNPILOT_CHECK_ARG(r >= 1 && r <= p, "top-r rank r = {}, expected 1..{} (block size)", r, p);
+  ATTNPILOT_CHECK_ARG(tol > 0 && tol < 1, "top-r tol = {}, expected in (0, 1)", tol);
+  ATTNPILOT_CHECK_ARG(max_iters >= 1, "top-r max_iters = {}, expected >= 1", max_iters);
+  ATTNPILOT_CHECK_ARG(bsz <= std::numeric_limits<int>::max(),
+                      "top-r: batch {} exceeds the grid limit {}", bsz,
+                      std::numeric_limits<int>::max());
+  c10::cuda::CUDAGuard guard(c.device());
+  const bool dbl = c.scalar_type() == torch::kFloat64;
+  int optin = 0;
+  ATTNPILOT_CUDA_CHECK(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c.get_device()));
+  if (!fused || bsz == 0 || !topr_kernel_supports(static_cast<int>(d), static_cast<int>(p), dbl) ||
+      topr_shared_bytes(static_cast<int>(d), static_cast<int>(p), dbl) > optin)
+    return topr_unfused(c, v0, r, tol, max_iters);
+
+  auto cc = c.contiguous(), vc = v0.contiguous();
+  TopRResult out;
+  out.u = torch::empty({bsz, d, p}, c.options());
+  out.s = torch::empty({bsz, p}, c.options());
+  out.v = torch::empty({bsz, d, p}, c.options());
+  out.iterations = torch::empty({bsz}, c.options().dtype(torch::kLong));
+  out.converged = torch::empty({bsz}, c.options().dtype(torch::kBool));
+  auto status = torch::empty({bsz}, c.options().dtype(torch::kInt32));
+  ToprLaunch l;
+  l.c = cc.data_ptr();
+  l.v0 = vc.data_ptr();
+  l.batch = bsz;
+  l.d = static_cast<int>(d);
+  l.p = static_cast<int>(p);
+  l.r = static_cast<int>(r);
+  l.tol = tol;
+  l.max_iters = max_iters;
+  const double eps = dbl ? std::numeric_limits<double>::epsilon()
+                         : static_cast<double>(std::numeric_limits<float>::epsilon());
+  const JacobiOptions jo;  // the unfused steps' Jacobi settings
+  l.jacobi_tol = std::sqrt(static_cast<double>(d)) * eps;
+  l.max_sweeps = jo.max_sweeps;
+  l.u = out.u.data_ptr();
+  l.s = out.s.data_ptr();
+  l.v = out.v.data_ptr();
+  l.iterations = out.iterations.data_ptr<int64_t>();
+  l.converged = out.converged.data_ptr<bool>();
+  l.status = status.data_ptr<int>();
+  const char* failed = "launch_topr";
+  const cudaError_t err =
+      launch_topr(l, dbl, at::cuda::getCurrentCUDAStream(c.get_device()).stream(), &failed);
+  if (err != cudaSuccess)
+    throw Error(
+        fmt::format("{} failed: {} ({})", failed, cudaGetErrorName(err), cudaGetErrorString(err)));
+  // One read-back: NaN/Inf, and the matrices to redo on the unfused path.
+  auto st = status.cpu();
+  const int* sp = st.data_ptr<int>();
+  std::vector<int64_t> redo;
+  for (int64_t i = 0; i < bsz; ++i) {
+    if (sp[i] == kJacobiNonFinite)
+      throw InvalidArgument(fmt::format(
+          "top-r subspace iteration: core {} of the batch ({} matrices, {}x{}) or its warm start "
+          "holds NaN or Inf",
+          i, bsz, d, d));
+    ATTNPILOT_CHECK_ARG(sp[i] == 0 || sp[i] == kToprFallback,
+                        "top-r kernel wrote status {} for matrix {}, expected 0 or {}", sp[i], i,
+                        kToprFallback);
+    if (sp[i] == kToprFallback) redo.push_back(i);
+  }
+  if (!redo.empty()) {
+    auto idx = torch::tensor(redo, torch::TensorOptions().dtype(torch::kLong)).to(c.device());
+    auto re = topr_unfused(cc.index_select(0, idx), vc.index_select(0, idx), r, tol, max_iters);
+    out.u.index_copy_(0, idx, re.u);
+    out.s.index_copy_(0, idx, re.s);
+    out.v.index_copy_(0, idx, re.v);
+    out.iterations.index_copy_(0, idx, re.iterations);
+    out.converged.index_copy_(0, idx, re.converged);
   }
   return out;
 }

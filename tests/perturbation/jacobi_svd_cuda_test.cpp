@@ -435,6 +435,101 @@ TEST(TopRCuda, WarmStartedSubspaceIterationMatchesReference) {
   }
 }
 
+// The fused kernel (one block per matrix runs every step) against the step-by-step path from the
+// same warm start: same triplets up to rounding, same stopping, every output written.
+TEST(TopRCuda, FusedKernelMatchesStepByStep) {
+  SKIP_WITHOUT_CUDA();
+  auto gen = make_gen(809);
+  auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  for (auto [dtype, d, r, tol] : std::vector<std::tuple<torch::Dtype, int64_t, int64_t, double>>{
+           {torch::kFloat32, 128, 8, 1e-5},
+           {torch::kFloat32, 128, 13, 1e-5},  // p = 17: 32 padded columns
+           {torch::kFloat32, 48, 4, 1e-5},
+           {torch::kFloat32, 64, 16, 1e-5},
+           {torch::kFloat64, 64, 8, 1e-10},
+           {torch::kFloat64, 100, 5, 1e-10}}) {
+    const int64_t b = 37, p = r + 4;
+    auto u = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
+    auto v = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
+    auto sig = torch::pow(0.85, torch::arange(d, o64)).unsqueeze(0).expand({b, d});
+    auto c0 = torch::matmul(u * sig.unsqueeze(-2), v.transpose(-1, -2));
+    auto c1 = c0 + 1e-3 * torch::randn({b, d, d}, gen, o64) / std::sqrt(static_cast<double>(d));
+    auto c1d = c1.to(torch::kCUDA).to(dtype);
+    auto v0 = std::get<2>(torch::linalg_svd(c0, false, c10::nullopt))
+                  .transpose(1, 2)
+                  .narrow(2, 0, p)
+                  .contiguous()
+                  .to(torch::kCUDA)
+                  .to(dtype);
+    const std::string what =
+        fmt::format("top-{} (p {}) of {} cores {}x{} {}", r, p, b, d, d, c10::toString(dtype));
+    for (int max_iters : {50, 1}) {
+      auto f = cuda::topr_subspace_iteration(c1d, v0, r, tol, max_iters, true);
+      auto s = cuda::topr_subspace_iteration(c1d, v0, r, tol, max_iters, false);
+      const std::string w = what + fmt::format(" max_iters {}", max_iters);
+      EXPECT_TRUE(all_finite(f.u) && all_finite(f.s) && all_finite(f.v)) << w;
+      EXPECT_TRUE(torch::equal(f.converged.cpu(), s.converged.cpu())) << w;
+      EXPECT_LE((f.iterations - s.iterations).abs().max().item<int64_t>(), max_iters > 1 ? 1 : 0)
+          << w;
+      if (max_iters > 1) EXPECT_TRUE(f.converged.all().item<bool>()) << w;
+      // Same Ritz values, and the same leading subspaces (|cos| of the angles near 1).
+      const double s1 = s.s.select(1, 0).abs().max().item<double>();
+      EXPECT_LE((f.s.narrow(1, 0, r) - s.s.narrow(1, 0, r)).abs().max().item<double>() / s1,
+                10 * tol)
+          << w << ": σ";
+      auto fu = f.u.narrow(2, 0, r).to(torch::kFloat64),
+           su = s.u.narrow(2, 0, r).to(torch::kFloat64);
+      auto fv = f.v.narrow(2, 0, r).to(torch::kFloat64),
+           sv = s.v.narrow(2, 0, r).to(torch::kFloat64);
+      const double su_angle = sin_theta(su.cpu(), fu.cpu()).max().item<double>();
+      const double sv_angle = sin_theta(sv.cpu(), fv.cpu()).max().item<double>();
+      EXPECT_LE(su_angle, max_iters > 1 ? 1e-2 : 1e-3) << w << ": U subspace";
+      EXPECT_LE(sv_angle, max_iters > 1 ? 1e-2 : 1e-3) << w << ": V subspace";
+      auto eye = torch::eye(p, f.u.options());
+      EXPECT_LE((torch::matmul(f.u.transpose(1, 2), f.u) - eye).abs().max().item<double>(),
+                dtype == torch::kFloat32 ? 1e-5 : 1e-12)
+          << w << ": U orthonormal";
+      EXPECT_LE((torch::matmul(f.v.transpose(1, 2), f.v) - eye).abs().max().item<double>(),
+                dtype == torch::kFloat32 ? 1e-5 : 1e-12)
+          << w << ": V orthonormal";
+    }
+  }
+}
+
+// Matrices the fused kernel cannot finish (a zero core: C V has no direction) are redone step by
+// step; NaN/Inf in a core or a warm start throws naming the matrix.
+TEST(TopRCuda, FusedKernelFallbackAndBadInput) {
+  SKIP_WITHOUT_CUDA();
+  auto gen = make_gen(810);
+  const int64_t b = 9, d = 64, p = 8, r = 4;
+  // Columns scaled by 0.7^j: a decaying spectrum, so the top 4 converge in a few steps.
+  auto c = (torch::randn({b, d, d}, gen) * torch::pow(0.7, torch::arange(d).to(torch::kFloat32)))
+               .to(torch::kCUDA);
+  c[3].zero_();
+  auto v0 = std::get<0>(torch::linalg_qr(torch::randn({b, d, p}, gen))).to(torch::kCUDA);
+  auto f = cuda::topr_subspace_iteration(c, v0, r, 1e-4, 200, true);
+  auto s = cuda::topr_subspace_iteration(c, v0, r, 1e-4, 200, false);
+  EXPECT_TRUE(all_finite(f.u) && all_finite(f.s) && all_finite(f.v));
+  EXPECT_TRUE(torch::equal(f.converged.cpu(), s.converged.cpu()));
+  EXPECT_EQ(f.iterations[3].item<int64_t>(), 1);
+  EXPECT_EQ(f.s[3].abs().max().item<float>(), 0.f);
+  auto eye = torch::eye(p, f.u.options());
+  EXPECT_LE((torch::matmul(f.u[3].t(), f.u[3]) - eye).abs().max().item<double>(), 1e-5);
+  EXPECT_LE((f.s - s.s).abs().max().item<double>() / s.s.select(1, 0).max().item<double>(), 1e-3);
+
+  auto bad_c = c.clone();
+  bad_c.index_put_({5, 7, 9}, std::numeric_limits<float>::quiet_NaN());
+  try {
+    (void)cuda::topr_subspace_iteration(bad_c, v0, r, 1e-4, 10);
+    ADD_FAILURE() << "NaN in a core did not throw";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("core 5"), std::string::npos) << e.what();
+  }
+  auto bad_v = v0.clone();
+  bad_v.index_put_({2, 0, 0}, std::numeric_limits<float>::infinity());
+  EXPECT_THROW((void)cuda::topr_subspace_iteration(c, bad_v, r, 1e-4, 10), InvalidArgument);
+}
+
 // The tracker on CUDA tensors (warm steps through subspace_iteration_step_cuda) vs on the CPU.
 TEST(TrackerCuda, MatchesCpuTracker) {
   SKIP_WITHOUT_CUDA();

@@ -1,0 +1,256 @@
+#pragma once
+/// Block-level building blocks of the one-sided Jacobi SVD on a column-major matrix resident in
+/// shared memory, shared by the batched kernel (jacobi_svd.cu) and the fused top-r iteration
+/// (topr_svd.cu). Internal to perturbation/cuda; the algorithm, its ordering and its operation
+/// count are described at the top of jacobi_svd.cu. Every function here is called by every
+/// thread of the block (they contain barriers).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace attnpilot::perturbation::cuda::jacobi {
+
+__host__ __device__ inline int next_pow2(int x) {
+  int p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+// Leading dimension (elements) of a column of `rows` rows for a kernel with `lanes` lanes per
+// column pair. Columns start on 16-byte boundaries. 8 lanes: whole 32-row tiles plus 16 bytes,
+// so consecutive columns fall in different banks (a quarter warp reads 128 contiguous bytes
+// of one column). 4 lanes (float only): whole 16-row tiles padded to 16 mod 32 elements, so
+// the two groups of a quarter warp, which read 64 bytes each of columns an odd distance
+// apart (consecutive in this ordering), use disjoint halves of the 32 banks.
+__host__ __device__ inline int leading_dim(int rows, int elem_bytes, int lanes) {
+  if (lanes == 4) {
+    const int r = 16 * ((rows + 15) / 16);
+    return (r / 16) % 2 == 0 ? r + 16 : r;
+  }
+  return 32 * ((rows + 31) / 32) + 16 / elem_bytes;
+}
+
+__device__ __forceinline__ void load4(const float* p, float* r) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  r[0] = v.x;
+  r[1] = v.y;
+  r[2] = v.z;
+  r[3] = v.w;
+}
+__device__ __forceinline__ void store4(float* p, const float* r) {
+  *reinterpret_cast<float4*>(p) = make_float4(r[0], r[1], r[2], r[3]);
+}
+__device__ __forceinline__ void load4(const double* p, double* r) {
+  const double2 v0 = *reinterpret_cast<const double2*>(p);
+  const double2 v1 = *reinterpret_cast<const double2*>(p + 2);
+  r[0] = v0.x;
+  r[1] = v0.y;
+  r[2] = v1.x;
+  r[3] = v1.y;
+}
+__device__ __forceinline__ void store4(double* p, const double* r) {
+  *reinterpret_cast<double2*>(p) = make_double2(r[0], r[1]);
+  *reinterpret_cast<double2*>(p + 2) = make_double2(r[2], r[3]);
+}
+
+// Lane l of a group of LANES holds rows TH·t + 4l .. TH·t + 4l + 3 of a column (TH = 4·LANES
+// rows per tile), t < tiles <= TM.
+template <int LANES, int TM, typename T>
+__device__ __forceinline__ void load_col(const T* col, int tiles, int l, T* r) {
+#pragma unroll
+  for (int t = 0; t < TM; ++t)
+    if (t < tiles) load4(col + 4 * LANES * t + 4 * l, r + 4 * t);
+}
+template <int LANES, int TM, typename T>
+__device__ __forceinline__ void store_col(T* col, int tiles, int l, const T* r) {
+#pragma unroll
+  for (int t = 0; t < TM; ++t)
+    if (t < tiles) store4(col + 4 * LANES * t + 4 * l, r + 4 * t);
+}
+
+// Beyond this |ζ| the rotation's tan θ is 1/(2ζ) to working precision (and ζ² would overflow).
+template <typename T>
+__device__ __forceinline__ T zeta_big();
+template <>
+__device__ __forceinline__ float zeta_big<float>() {
+  return 1e18f;
+}
+template <>
+__device__ __forceinline__ double zeta_big<double>() {
+  return 1e100;
+}
+
+// x' = c11 x + c12 y, y' = c21 x + c22 y on the lane's rows.
+template <int TM, typename T>
+__device__ __forceinline__ void rotate(T* x, T* y, int tiles, T c11, T c12, T c21, T c22) {
+#pragma unroll
+  for (int t = 0; t < TM; ++t) {
+    if (t < tiles) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const T xi = x[4 * t + e], yi = y[4 * t + e];
+        x[4 * t + e] = fma(c11, xi, c12 * yi);
+        y[4 * t + e] = fma(c21, xi, c22 * yi);
+      }
+    }
+  }
+}
+
+/// Scales the first `count` elements of A by 2^-e so that max |a| (whose per-thread part is
+/// local_max, finite) lies in [0.5, 1), and returns e (0 for an all-zero A). *max_bits is a
+/// shared word that is 0 and visible to every thread on entry; it is left holding the max.
+template <typename T>
+__device__ int scale_pow2(T* A, int count, double local_max, unsigned long long* max_bits) {
+  // Non-negative doubles order like their bit patterns as unsigned integers.
+  if (local_max > 0)
+    atomicMax(max_bits, static_cast<unsigned long long>(__double_as_longlong(local_max)));
+  __syncthreads();
+  const double amax = __longlong_as_double(static_cast<long long>(*max_bits));
+  int expo = 0;
+  if (amax > 0) frexp(amax, &expo);  // amax = f·2^expo, f in [0.5, 1)
+  if (expo != 0) {
+    for (int idx = threadIdx.x; idx < count; idx += blockDim.x) A[idx] = ldexp(A[idx], -expo);
+  }
+  __syncthreads();
+  return expo;
+}
+
+/// Sweeps of one-sided Jacobi on X = A[:, 0..npad) (m rows, leading dimension lda; columns past
+/// n are zero) accumulating the rotations into V (n rows, ldv; the caller initialises it),
+/// until a sweep rotates nothing (returns true) or after max_sweeps (false). Groups of LANES
+/// lanes own a column pair; TM tiles of 4·LANES rows cover m, TMV cover n. `rotated` is a shared
+/// int[2]. Threads past LANES·npad/2 take part in the barriers and shuffles only.
+template <typename T, int LANES, int TM, int TMV = TM>
+__device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T tol, int max_sweeps,
+                       int* rotated) {
+  constexpr int TH = 4 * LANES;  // rows per tile
+  const int tid = threadIdx.x;
+  const int ta = (m + TH - 1) / TH, tv = (n + TH - 1) / TH;
+  if (tid == 0) {
+    rotated[0] = 0;
+    rotated[1] = 0;
+  }
+  __syncthreads();
+  const int P = npad / 2;
+  const int g = tid / LANES, l = tid % LANES;
+  const bool active = g < P;
+  T fa[4 * TM], ma[4 * TM], fv[4 * TMV], mv[4 * TMV];
+#pragma unroll
+  for (int i = 0; i < 4 * TM; ++i) fa[i] = ma[i] = T(0);
+#pragma unroll
+  for (int i = 0; i < 4 * TMV; ++i) fv[i] = mv[i] = T(0);
+  bool converged = false;
+  for (int sweep = 0; sweep < max_sweeps; ++sweep) {
+    const int slot = sweep & 1;
+    for (int h = P; h >= 1; h >>= 1) {
+      const int base = active ? 2 * h * (g / h) : 0;
+      const int kk = g & (h - 1);
+      const int fcol = base + kk;
+      bool dirty = false;
+      if (active) {
+        load_col<LANES, TM>(A + fcol * lda, ta, l, fa);
+        load_col<LANES, TMV>(V + fcol * ldv, tv, l, fv);
+      }
+      for (int s = 0; s < h; ++s) {
+        const int mcol = base + h + ((kk + s) & (h - 1));
+        if (active) {
+          load_col<LANES, TM>(A + mcol * lda, ta, l, ma);
+          load_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
+        }
+        T app = 0, aqq = 0, apq = 0;
+#pragma unroll
+        for (int t = 0; t < TM; ++t) {
+          if (t < ta && active) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const T x = fa[4 * t + e], y = ma[4 * t + e];
+              app = fma(x, x, app);
+              aqq = fma(y, y, aqq);
+              apq = fma(x, y, apq);
+            }
+          }
+        }
+        // Every thread of the block takes part (idle groups add zeros), so the full mask holds.
+#pragma unroll
+        for (int off = 1; off < LANES; off <<= 1) {
+          app += __shfl_xor_sync(0xffffffffu, app, off);
+          aqq += __shfl_xor_sync(0xffffffffu, aqq, off);
+          apq += __shfl_xor_sync(0xffffffffu, apq, off);
+        }
+        bool rot = false;
+        if (active && apq != T(0)) {
+          // In the working precision with IEEE sqrt and division, as LAPACK's sgesvj/dgesvj.
+          if (fabs(apq) > tol * sqrt(app) * sqrt(aqq)) {
+            const T zeta = (aqq - app) / (T(2) * apq);
+            const T t = fabs(zeta) > zeta_big<T>()
+                            ? T(0.5) / zeta
+                            : copysign(T(1), zeta) / (fabs(zeta) + sqrt(T(1) + zeta * zeta));
+            const T c = T(1) / sqrt(T(1) + t * t);
+            const T sn = c * t;
+            // (c x − s y, s x + c y) has squared norms app − t·apq and aqq + t·apq. Keep the
+            // larger column at the lower index (fixed < moving always) by swapping the two
+            // outputs when needed: columns stay roughly sorted by norm, which cuts the sweeps
+            // for clustered spectra (de Rijk's idea, inside the rotation).
+            const T cc = c, ss = sn;
+            if (app - t * apq >= aqq + t * apq) {
+              rotate<TM>(fa, ma, ta, cc, -ss, ss, cc);
+              rotate<TMV>(fv, mv, tv, cc, -ss, ss, cc);
+            } else {
+              rotate<TM>(fa, ma, ta, ss, cc, cc, -ss);
+              rotate<TMV>(fv, mv, tv, ss, cc, cc, -ss);
+            }
+            store_col<LANES, TM>(A + mcol * lda, ta, l, ma);
+            store_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
+            rot = true;
+            dirty = true;
+          }
+        }
+        if (rot) rotated[slot] = 1;
+        __syncthreads();
+      }
+      if (active && dirty) {
+        store_col<LANES, TM>(A + fcol * lda, ta, l, fa);
+        store_col<LANES, TMV>(V + fcol * ldv, tv, l, fv);
+      }
+      __syncthreads();
+    }
+    const int any = rotated[slot];
+    if (tid == 0) rotated[slot ^ 1] = 0;  // read only after the barrier below
+    __syncthreads();
+    if (!any) {
+      converged = true;
+      break;
+    }
+  }
+
+  return converged;
+}
+
+/// σ_j = ‖a_j‖ (in double) of A's npad columns (m rows) into sig[npad], and order[r] = the
+/// column of the r-th largest (ties by index, so zero padded columns come last).
+template <typename T>
+__device__ void column_order(const T* A, int lda, int m, int npad, double* sig, int* order) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  for (int j = tid; j < npad; j += nt) {
+    const T* col = A + j * lda;
+    double acc = 0;
+    for (int i = 0; i < m; ++i) {
+      const double x = col[i];
+      acc = fma(x, x, acc);
+    }
+    sig[j] = sqrt(acc);
+  }
+  __syncthreads();
+  for (int j = tid; j < npad; j += nt) {
+    const double sj = sig[j];
+    int r = 0;
+    for (int i = 0; i < npad; ++i) {
+      const double si = sig[i];
+      r += (si > sj || (si == sj && i < j)) ? 1 : 0;
+    }
+    order[r] = j;
+  }
+  __syncthreads();
+}
+
+}  // namespace attnpilot::perturbation::cuda::jacobi
