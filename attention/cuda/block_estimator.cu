@@ -200,32 +200,46 @@ __global__ void __launch_bounds__(kProjThreads)
 
 __host__ __device__ constexpr int key_ld(int r) { return r + 4; }  // conflict-free b loads
 
+// Two buffers (double buffering), each the tf32 hi and lo parts of a key tile.
 __host__ __device__ constexpr int64_t score_tile_bytes(int r) {
-  return int64_t(2) * kKeyTile * key_ld(r) * 4;
+  return int64_t(4) * kKeyTile * key_ld(r) * 4;
 }
+
+// The score kernel's workspace starts with the work counter (16 bytes), then, when the L rows
+// do not fit in shared memory, one slice of 4 warps × 16 rows × k_blocks floats per CTA.
+constexpr int64_t kCounterFloats = 4;
 
 // kSplit: three tf32 products per score (about fp32), else one (tf32: ~1e-3 relative).
 template <int R, bool kSplit>
 __global__ void __launch_bounds__(kScoreThreads) block_scores_kernel(BlockScoresLaunch p) {
   constexpr int kLd = key_ld(R);
-  constexpr int kKs = R / 8;  // k-steps of the mma
+  constexpr int kKs = R / 8;                  // k-steps of the mma
+  constexpr int kTileWords = kKeyTile * kLd;  // one of hi / lo
+  constexpr int kLoads = (kKeyTile * R / 4 + kScoreThreads - 1) / kScoreThreads;  // float4s
   extern __shared__ __align__(16) unsigned char smem[];
-  uint32_t* khi = reinterpret_cast<uint32_t*>(smem);  // [kKeyTile][kLd] tf32 bits
-  uint32_t* klo = khi + kKeyTile * kLd;
+  __shared__ unsigned int next_item;
+  // Buffer b: hi parts at tiles + 2b·kTileWords, lo parts after them ([kKeyTile][kLd] each).
+  uint32_t* tiles = reinterpret_cast<uint32_t*>(smem);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
   const int64_t bs = p.block_size, kbn = p.k_blocks;
+  unsigned int* counter = reinterpret_cast<unsigned int*>(p.workspace);
   // This warp's 16 L rows (row 8·half + t: sample t of its query block 2·warp + half).
-  float* lse =
-      p.workspace != nullptr
-          ? p.workspace + (static_cast<int64_t>(blockIdx.x) * kScoreWarps + warp) * 16 * kbn
-          : reinterpret_cast<float*>(klo + kKeyTile * kLd) + warp * 16 * kbn;
+  float* lse = kbn > kLseSmemMaxBlocks
+                   ? p.workspace + kCounterFloats +
+                         (static_cast<int64_t>(blockIdx.x) * kScoreWarps + warp) * 16 * kbn
+                   : reinterpret_cast<float*>(tiles + 4 * kTileWords) + warp * 16 * kbn;
   const int64_t qtiles = ceil_div(p.q_blocks, kTileQueryBlocks);
   const int64_t bh_n = static_cast<int64_t>(p.batch) * p.heads;
   const int64_t work = qtiles * bh_n;
   const float kNegInf = neg_inf();
 
-  for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
-    const int64_t qt = qtiles - 1 - w / bh_n;  // heaviest (latest) query tiles first
+  // Work items in order, heaviest (latest query tiles) first, handed out by an atomic counter:
+  // a CTA that finishes early takes the next item (a static round robin left the CTAs that got
+  // two heavy items running up to ~1.8x the mean at 32k).
+  if (tid == 0) next_item = atomicAdd(counter, 1u);
+  __syncthreads();
+  for (int64_t w = next_item; w < work;) {
+    const int64_t qt = qtiles - 1 - w / bh_n;
     const int64_t bh = w % bh_n;
     const int64_t qb_first = qt * kTileQueryBlocks;
     const int64_t qb_last = qb_first + kTileQueryBlocks - 1 < p.q_blocks
@@ -296,22 +310,47 @@ __global__ void __launch_bounds__(kScoreThreads) block_scores_kernel(BlockScores
     float bm[2] = {kNegInf, kNegInf}, be[2] = {0.f, 0.f};
     const float* kpg = p.kp + bh * p.m * R;
 
-    for (int64_t kt = 0; kt < ntiles; ++kt) {
-      const int64_t k0 = kt * kKeyTile;
-      __syncthreads();  // every warp is done with the previous tile
-      for (int e = tid; e < kKeyTile * R / 4; e += kScoreThreads) {
-        const int row = e / (R / 4), col = (e % (R / 4)) * 4;
-        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (k0 + row < p.m) x = *reinterpret_cast<const float4*>(kpg + (k0 + row) * R + col);
-        const float v[4] = {x.x, x.y, x.z, x.w};
+    // Key tiles are double-buffered: tile kt+1 is read from global memory into registers
+    // while tile kt is scored, then converted into the other buffer; one barrier per tile.
+    float4 pre[kLoads];
+    const auto fetch = [&](int64_t kt) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint32_t hi = to_tf32(v[i]);
-          khi[row * kLd + col + i] = hi;
-          if (kSplit) klo[row * kLd + col + i] = to_tf32(v[i] - __uint_as_float(hi));
+      for (int i = 0; i < kLoads; ++i) {
+        const int e = tid + i * kScoreThreads, row = e / (R / 4), col = (e % (R / 4)) * 4;
+        const int64_t key = kt * kKeyTile + row;
+        pre[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (e < kKeyTile * R / 4 && key < p.m)
+          pre[i] = *reinterpret_cast<const float4*>(kpg + key * R + col);
+      }
+    };
+    const auto stash = [&](int buf) {
+      uint32_t* hi_t = tiles + 2 * buf * kTileWords;
+      uint32_t* lo_t = hi_t + kTileWords;
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) {
+        const int e = tid + i * kScoreThreads, row = e / (R / 4), col = (e % (R / 4)) * 4;
+        if (e >= kKeyTile * R / 4) continue;
+        const float v[4] = {pre[i].x, pre[i].y, pre[i].z, pre[i].w};
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const uint32_t hi = to_tf32(v[c]);
+          hi_t[row * kLd + col + c] = hi;
+          if (kSplit) lo_t[row * kLd + col + c] = to_tf32(v[c] - __uint_as_float(hi));
         }
       }
-      __syncthreads();
+    };
+    if (ntiles > 0) {
+      fetch(0);
+      stash(0);  // buffer 0 was last read before the previous item's final barrier
+    }
+    __syncthreads();
+
+    for (int64_t kt = 0; kt < ntiles; ++kt) {
+      const int64_t k0 = kt * kKeyTile;
+      const int buf = static_cast<int>(kt & 1);
+      const uint32_t* khi = tiles + 2 * buf * kTileWords;
+      const uint32_t* klo = khi + kTileWords;
+      if (kt + 1 < ntiles) fetch(kt + 1);  // in flight during the scoring below
 
       if (k0 <= lim_max) {  // some row of this warp sees a key of the tile
         float s[8][4];
@@ -376,6 +415,9 @@ __global__ void __launch_bounds__(kScoreThreads) block_scores_kernel(BlockScores
           be[hf] = 0.f;
         }
       }
+      // The other buffer was last read in tile kt-1, before the barrier that ended it.
+      if (kt + 1 < ntiles) stash(buf ^ 1);
+      __syncthreads();
     }
     __syncwarp();
 
@@ -414,7 +456,10 @@ __global__ void __launch_bounds__(kScoreThreads) block_scores_kernel(BlockScores
         out[kb] = v;
       }
     }
-    __syncwarp();  // the next work item overwrites this warp's L rows
+    __syncthreads();  // every thread has read next_item and is done with this item's L rows
+    if (tid == 0) next_item = atomicAdd(counter, 1u);
+    __syncthreads();
+    w = next_item;
   }
 }
 
@@ -632,7 +677,8 @@ cudaError_t plan_scores_typed(const BlockScoresLaunch& p, ScorePlan* plan,
   const int64_t slots = int64_t(sms) * (per_sm > 0 ? per_sm : 1);
   plan->grid = static_cast<int>(work < slots ? work : slots);
   plan->workspace =
-      in_smem ? 0 : static_cast<size_t>(plan->grid) * kScoreWarps * 16 * p.k_blocks * 4;
+      kCounterFloats * 4 +
+      (in_smem ? 0 : static_cast<size_t>(plan->grid) * kScoreWarps * 16 * p.k_blocks * 4);
   return cudaSuccess;
 }
 
@@ -731,9 +777,14 @@ cudaError_t launch_lowrank_block_scores(const BlockScoresLaunch& p, cudaStream_t
   ScorePlan plan;
   cudaError_t e = plan_scores(p, &plan, failed_call);
   if (e != cudaSuccess) return e;
-  if (plan.workspace > 0 && p.workspace == nullptr) {
+  if (p.workspace == nullptr) {
     *failed_call = "launch_lowrank_block_scores (needs the workspace it asked for)";
     return cudaErrorInvalidValue;
+  }
+  e = cudaMemsetAsync(p.workspace, 0, kCounterFloats * 4, stream);  // the work counter
+  if (e != cudaSuccess) {
+    *failed_call = "cudaMemsetAsync(block scores work counter)";
+    return e;
   }
   const size_t smem = static_cast<size_t>(plan.smem);
   const auto run = [&](auto kernel) { kernel<<<plan.grid, kScoreThreads, smem, stream>>>(p); };

@@ -58,7 +58,8 @@ struct BlockScoresLaunch {
   const float* qs = nullptr;
   const float* kp = nullptr;  ///< [batch, heads, m, rank_pad] fp32
   float* scores = nullptr;    ///< [batch, heads, q_blocks, k_blocks] fp32, every element written
-  /// Scratch of lowrank_block_scores_workspace_bytes(p) bytes when that is > 0, else null.
+  /// Scratch of lowrank_block_scores_workspace_bytes(p) bytes (16-byte aligned; never null:
+  /// it holds at least the work counter, which the launch zeroes on the stream).
   float* workspace = nullptr;
   int batch = 0, heads = 0;
   int64_t n = 0, m = 0, q_offset = 0;
@@ -89,9 +90,9 @@ struct SelectLaunch {
   size_t temp_bytes = 0;
 };
 
-/// Shared memory or scratch the score kernel needs beyond its tiles: 0 when its per-warp
-/// log-sum-exp rows fit in shared memory, else the bytes of a global workspace (a persistent
-/// grid of CTAs, each with its own slice). Queries the current device.
+/// Bytes of the score kernel's global workspace: 16 for its work counter (the persistent grid's
+/// CTAs take work items from it), plus, when its per-warp log-sum-exp rows do not fit in shared
+/// memory, a slice per CTA. Queries the current device.
 cudaError_t lowrank_block_scores_workspace_bytes(const BlockScoresLaunch& p, size_t* bytes,
                                                  const char** failed_call);
 /// Scratch of the selection: bitmap, counts and CUB's scan storage.
