@@ -33,7 +33,7 @@ struct JacobiLaunch {
 bool jacobi_kernel_supports(int m, int n, bool is_double);
 
 /// Lanes per column pair the kernel uses for X with m rows: 8, or for float with m > 64 the
-/// requested 4 or 8 (0 or anything else: 4, fewer redundant angle computations per pair).
+/// requested 4 (anything else: 8, measured faster).
 int jacobi_lanes(int m, bool is_double, int requested);
 
 /// Dynamic shared memory of one block for X of m×n (m >= n) with `lanes` lanes per pair, bytes.

@@ -21,16 +21,16 @@
 //
 // Each lane holds 4 consecutive rows per tile of 4·LANES rows (16-byte vector loads; with 8
 // lanes a quarter warp reads 128 contiguous bytes of one column, with 4 lanes 64 bytes of each
-// of two columns placed in disjoint bank halves by the leading dimension). LANES is 8, or 4 for
-// float with more than 64 rows: the angle and the shuffle reduction are computed redundantly
-// by every lane of a group, so 4 lanes (256 threads at 128 columns, 32 rows per lane) issue
-// fewer instructions per rotation than 8 (512 threads); the 8-lane layout stays selectable.
-// The three dot products are summed in the working precision per lane and reduced over the
-// lanes by shuffles (an xor butterfly, so all lanes get bitwise-equal sums and take the same
-// decision); the rotation angle is computed in the working precision with IEEE sqrt and
-// division (Rutishauser's formulas, as LAPACK's sgesvj/dgesvj; an earlier version computed it
-// in double, a long FP64 latency chain in every step), and each rotation leaves the larger
-// column at the lower index. Sweeps measured by emulating this exact algorithm in numpy (fp32
+// of two columns placed in disjoint bank halves by the leading dimension). LANES is 8 by
+// default; 4 (float, more than 64 rows) halves the threads and the redundant per-lane angle
+// work but lengthens each lane's dependency chains, and measured 1.2x slower at 128x128 on the
+// H100 (2026-12-05), so it stays a tuning knob (JacobiOptions::lanes). The three dot products
+// are summed in the working precision per lane and reduced over the lanes by shuffles (an xor
+// butterfly, so all lanes get bitwise-equal sums and take the same decision); the rotation test
+// and tan θ are computed in the working precision, c and s from tan θ in double (see the
+// comment there: float c, s cost V an order of magnitude of orthogonality; an earlier version
+// computed the whole angle in double, a long FP64 latency chain in every step), and each
+// rotation leaves the larger column at the lower index. Sweeps measured by emulating this exact algorithm in numpy (fp32
 // data): 7–9 for random or well-conditioned matrices of 32–128 columns, 5 for clustered spectra,
 // 14–21 for spectra log-spaced over 6 decades (graded matrices converge slowly without QR
 // preconditioning).
@@ -174,7 +174,7 @@ bool jacobi_kernel_supports(int m, int n, bool is_double) {
 
 int jacobi_lanes(int m, bool is_double, int requested) {
   if (is_double || m <= 64) return 8;
-  return requested == 8 ? 8 : 4;
+  return requested == 4 ? 4 : 8;
 }
 
 int64_t jacobi_shared_bytes(int m, int n, bool is_double, int lanes) {

@@ -28,8 +28,8 @@ struct JacobiOptions {
   int64_t rank = 0;  ///< top-k triplets; 0 = all min(m, n)
   double tol = 0;    ///< relative orthogonality for convergence; 0 = sqrt(m)·machine ε
   int max_sweeps = 100;
-  /// Lanes per column pair in the kernel: 0 = by shape (4 for float with max(m, n) > 64, else
-  /// 8); 8 forces the 8-lane layout there (a tuning and testing knob; doubles always use 8).
+  /// Lanes per column pair in the kernel: 0 or 8 = 8; 4 (float with max(m, n) > 64 only) is a
+  /// tuning and testing knob, measured slower (doubles and smaller shapes always use 8).
   int lanes = 0;
 };
 

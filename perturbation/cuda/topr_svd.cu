@@ -17,7 +17,7 @@
 // Cost per step and matrix (d = 128, p = 12): four products of 2·d²·p = 0.39 MFLOP each and two
 // Jacobi solves of d×p, each a few sweeps of p²/2 pairs × ~10·d flops when warm (about 0.1 MFLOP
 // a sweep); C is read four times (256 KB, mostly from L2). For 1024 matrices and 2–3 steps that
-// is about 5 GFLOP and 1 GB of L2 traffic: latency (barriers, one block of 128 threads per
+// is about 5 GFLOP and 1 GB of L2 traffic: latency (barriers, one block of 64-128 threads per
 // matrix, four or more blocks per SM) rather than throughput bounds it. The unfused path pays
 // per step two Jacobi launches, four batched GEMMs, a dozen small LibTorch kernels and three
 // host synchronisations.
@@ -34,9 +34,17 @@ namespace {
 using jacobi::leading_dim;
 using jacobi::next_pow2;
 
-constexpr int kThreads = 128;  // >= d: thread i owns row i of every product
-constexpr int kMaxP = 32;      // block columns (npad <= 32: at most 128 Jacobi threads)
-constexpr int kChunk = 32;     // columns (C) or rows (Cᵀ) of C staged per pass
+constexpr int kMaxThreads = 128;
+constexpr int kMaxP = 32;   // block columns (npad <= 32: at most 128 Jacobi threads)
+constexpr int kChunk = 32;  // columns (C) or rows (Cᵀ) of C staged per pass
+
+// Threads of a block: what the Jacobi sweeps on p columns use (8 lanes per column pair), at
+// least 64. Fewer threads per matrix keep more matrices resident per SM; the Jacobi steps,
+// a latency chain per matrix, dominate the time.
+__host__ __device__ inline int topr_threads(int p, int lanes) {
+  const int t = lanes * (next_pow2(p < 2 ? 2 : p) / 2);
+  return t < 64 ? 64 : t;
+}
 
 // Shared memory, in elements of T: Y [npad cols × lda] (the Jacobi work matrix; rows past d and
 // columns past p stay zero), W [npad × ldw] (the Jacobi rotations, p rows), B1, B2, B3 [p × lda]
@@ -47,6 +55,7 @@ struct Layout {
 };
 
 __host__ __device__ inline Layout make_layout(int d, int p, int elem_bytes, int lanes) {
+  const int nt = topr_threads(p, lanes);
   Layout L;
   L.npad = next_pow2(p < 2 ? 2 : p);
   L.lda = leading_dim(d, elem_bytes, lanes);
@@ -56,7 +65,8 @@ __host__ __device__ inline Layout make_layout(int d, int p, int elem_bytes, int 
   L.b2 = L.b1 + static_cast<int64_t>(p) * L.lda;
   L.b3 = L.b2 + static_cast<int64_t>(p) * L.lda;
   L.cs = L.b3 + static_cast<int64_t>(p) * L.lda;
-  const int64_t staged = d * (kChunk + 1) > kChunk * (d + 1) ? d * (kChunk + 1) : kChunk * (d + 1);
+  const int64_t staged =
+      nt * (kChunk + 1) > kChunk * (nt + 1) ? nt * (kChunk + 1) : kChunk * (nt + 1);
   L.total = L.cs + staged;
   if (elem_bytes == 4 && (L.total & 1)) ++L.total;  // sig (double) after it
   return L;
@@ -67,50 +77,54 @@ __host__ __device__ inline int64_t layout_bytes(const Layout& L, int elem_bytes)
 }
 
 // dst[:, j] = op(C) src[:, j] for j < p (d×p blocks, column-major, leading dims lds and ldd;
-// dst must not alias src), op(C) = C or Cᵀ. C is staged in chunks of kChunk columns (C) or rows
-// (Cᵀ), read coalesced, laid out so that thread i's reads are conflict-free; src values are
-// broadcasts. Returns (block-uniformly) whether a staged element was not finite, when `check`.
+// dst must not alias src), op(C) = C or Cᵀ. Rows go in blocks of blockDim (thread i owns row
+// i0 + i); for each, C is staged in chunks of kChunk columns (C) or rows (Cᵀ), read coalesced
+// and laid out so that the threads' reads are conflict-free; src values are broadcasts. Returns
+// (block-uniformly) whether a staged element was not finite, when `check`.
 template <typename T>
 __device__ bool product(const T* __restrict__ cg, int d, bool trans, const T* src, int lds, T* dst,
                         int ldd, int p, T* cs, bool check) {
   const int tid = threadIdx.x, nt = blockDim.x;
-  T acc[kMaxP];
-#pragma unroll
-  for (int j = 0; j < kMaxP; ++j) acc[j] = T(0);
   int bad = 0;
-  for (int k0 = 0; k0 < d; k0 += kChunk) {
-    const int kc = d - k0 < kChunk ? d - k0 : kChunk;
-    __syncthreads();  // the previous chunk is consumed
-    if (!trans) {     // cs[i·(kChunk+1) + kk] = C[i, k0 + kk]
-      for (int idx = tid; idx < d * kc; idx += nt) {
-        const int i = idx / kc, kk = idx - i * kc;
-        const T x = cg[static_cast<int64_t>(i) * d + k0 + kk];
-        bad |= !isfinite(x);
-        cs[i * (kChunk + 1) + kk] = x;
+  for (int i0 = 0; i0 < d; i0 += nt) {
+    const int ni = d - i0 < nt ? d - i0 : nt;
+    T acc[kMaxP];
+#pragma unroll
+    for (int j = 0; j < kMaxP; ++j) acc[j] = T(0);
+    for (int k0 = 0; k0 < d; k0 += kChunk) {
+      const int kc = d - k0 < kChunk ? d - k0 : kChunk;
+      __syncthreads();  // the previous chunk is consumed
+      if (!trans) {     // cs[i·(kChunk+1) + kk] = C[i0 + i, k0 + kk]
+        for (int idx = tid; idx < ni * kc; idx += nt) {
+          const int i = idx / kc, kk = idx - i * kc;
+          const T x = cg[static_cast<int64_t>(i0 + i) * d + k0 + kk];
+          bad |= !isfinite(x);
+          cs[i * (kChunk + 1) + kk] = x;
+        }
+      } else {  // cs[kk·(nt+1) + i] = C[k0 + kk, i0 + i]
+        for (int idx = tid; idx < kc * ni; idx += nt) {
+          const int kk = idx / ni, i = idx - kk * ni;
+          const T x = cg[static_cast<int64_t>(k0 + kk) * d + i0 + i];
+          bad |= !isfinite(x);
+          cs[kk * (nt + 1) + i] = x;
+        }
       }
-    } else {  // cs[kk·(d+1) + i] = C[k0 + kk, i]
-      for (int idx = tid; idx < kc * d; idx += nt) {
-        const int kk = idx / d, i = idx - kk * d;
-        const T x = cg[static_cast<int64_t>(k0 + kk) * d + i];
-        bad |= !isfinite(x);
-        cs[kk * (d + 1) + i] = x;
+      __syncthreads();
+      if (tid < ni) {
+        for (int kk = 0; kk < kc; ++kk) {
+          const T c = trans ? cs[kk * (nt + 1) + tid] : cs[tid * (kChunk + 1) + kk];
+          const T* sk = src + k0 + kk;
+#pragma unroll
+          for (int j = 0; j < kMaxP; ++j)
+            if (j < p) acc[j] = fma(c, sk[j * lds], acc[j]);
+        }
       }
     }
-    __syncthreads();
-    if (tid < d) {
-      for (int kk = 0; kk < kc; ++kk) {
-        const T c = trans ? cs[kk * (d + 1) + tid] : cs[tid * (kChunk + 1) + kk];
-        const T* sk = src + k0 + kk;
+    if (tid < ni) {
 #pragma unroll
-        for (int j = 0; j < kMaxP; ++j)
-          if (j < p) acc[j] = fma(c, sk[j * lds], acc[j]);
-      }
+      for (int j = 0; j < kMaxP; ++j)
+        if (j < p) dst[j * ldd + i0 + tid] = acc[j];
     }
-  }
-  if (tid < d) {
-#pragma unroll
-    for (int j = 0; j < kMaxP; ++j)
-      if (j < p) dst[j * ldd + tid] = acc[j];
   }
   return __syncthreads_or(check && bad) != 0;
 }
@@ -164,7 +178,7 @@ __device__ void residual_norms(const T* x, const T* y, int ld, const T* sv, int 
 }
 
 template <typename T, int LANES, int TM>
-__global__ void __launch_bounds__(kThreads) topr_kernel(ToprLaunch p) {
+__global__ void __launch_bounds__(kMaxThreads) topr_kernel(ToprLaunch p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int rotated[2];
   __shared__ unsigned long long max_bits;
@@ -286,10 +300,11 @@ cudaError_t launch_typed(const ToprLaunch& p, cudaStream_t stream, const char** 
     *failed_call = "cudaFuncSetAttribute(topr_kernel, MaxDynamicSharedMemorySize)";
     return e;
   }
-  kernel<<<static_cast<unsigned>(p.batch), kThreads, static_cast<size_t>(bytes), stream>>>(p);
+  const int threads = topr_threads(p.p, LANES);
+  kernel<<<static_cast<unsigned>(p.batch), threads, static_cast<size_t>(bytes), stream>>>(p);
   e = cudaGetLastError();
   if (e != cudaSuccess) {
-    *failed_call = "topr_kernel<<<batch, 128, shared bytes, stream>>>";
+    *failed_call = "topr_kernel<<<batch, 64 or 128, shared bytes, stream>>>";
     return e;
   }
   return cudaSuccess;
@@ -304,7 +319,7 @@ bool topr_kernel_supports(int d, int p, bool is_double) {
 
 int64_t topr_shared_bytes(int d, int p, bool is_double) {
   const int eb = is_double ? 8 : 4;
-  return layout_bytes(make_layout(d, p, eb, jacobi_lanes(d, is_double, 0)), eb);
+  return layout_bytes(make_layout(d, p, eb, 8), eb);
 }
 
 cudaError_t launch_topr(const ToprLaunch& p, bool is_double, cudaStream_t stream,
@@ -315,9 +330,10 @@ cudaError_t launch_topr(const ToprLaunch& p, bool is_double, cudaStream_t stream
     *failed_call = "launch_topr (arguments outside the kernel's range)";
     return cudaErrorInvalidValue;
   }
+  // 8 lanes per column pair (jacobi_lanes' default for every shape).
   if (!is_double) {
-    if (jacobi_lanes(p.d, false, 0) == 8) return launch_typed<float, 8, 2>(p, stream, failed_call);
-    return launch_typed<float, 4, 8>(p, stream, failed_call);
+    if (p.d <= 64) return launch_typed<float, 8, 2>(p, stream, failed_call);
+    return launch_typed<float, 8, 4>(p, stream, failed_call);
   }
   return launch_typed<double, 8, 4>(p, stream, failed_call);
 }
