@@ -233,6 +233,11 @@ BlockMask estimate_block_mask(const torch::Tensor& q, const torch::Tensor& k, co
       scores = vertical_slash_block_scores(q, k, bs, q_offset, flops);
       break;
   }
+#ifdef ATTNPILOT_WITH_CUDA
+  // Scores computed on the GPU (the pooled and vertical-slash estimators' LibTorch code) are
+  // selected there too: the lists stay on the device, no host round trip.
+  if (cuda_select_handles(scores)) return select_blocks_cuda(scores, plan, n, m, causal, q_offset);
+#endif
   return select_blocks(scores, plan, n, m, causal, q_offset);
 }
 

@@ -296,6 +296,22 @@ void run_estimator(bool quick) {
       }
     }
   }
+  // The pooled estimator (softmax over mean-pooled query and key blocks: LibTorch on the GPU)
+  // with the GPU selection (select_blocks_cuda), against the attention it plans.
+  for (double density : {0.10, 0.05}) {
+    HeadPlan plan = HeadPlan::block_sparse(density, bs);
+    plan.estimator = BlockEstimator::kPooled;
+    double flops = 0;
+    BlockMask mask;
+    const double t_est =
+        ev.median_ms([&] { mask = estimate_block_mask(q, k, plan, true, 0, &flops); }, 2, 10);
+    const double t_att = ev.median_ms(
+        [&] { (void)backend.block_sparse(q, k, v, mask, scale, true, 0, 0, 0); }, 2, 10);
+    fmt::print("{:>4} {:>7.0f}% {:>6} {:>13.3f} {:>13.3f} {:>11.3f} {:>10.3f} {:>14} {:>10}\n", "-",
+               100 * density, "pooled", t_est, t_att, t_est / t_att,
+               mask.on_host().density(len, len, true, 0), "-", "-");
+    std::fflush(stdout);
+  }
 }
 
 /// 3. Decoding: one query per sequence, batch 16, 32 heads, 32k cache, d = dv = 128, bf16:

@@ -123,18 +123,28 @@ __device__ __forceinline__ int64_t visible_blocks(int64_t qb, int64_t n, int64_t
 
 // ---- (1) projections ----
 
-// One thread per output row (CTAs of 128 rows of one head): the thread streams its input row
-// from global memory in 16-byte loads, kProjBatch of them in flight, and accumulates the R
-// outputs against a·scale, which every thread reads from shared memory as broadcasts. Rows that
-// are not 16-byte aligned (head dims or strides that are not multiples of 16 bytes) take scalar
-// loads.
-constexpr int kProjBatch = 8;
+// One thread per output row (CTAs of 128 rows of one head). Rows whose storage is 16-byte
+// aligned (head dim and strides multiples of 16 bytes) are staged through shared memory in
+// chunks of kProjCols input columns: the CTA reads each row chunk with consecutive threads on
+// consecutive 16-byte pieces (coalesced; a thread streaming its own row touched 32 rows per
+// warp load, and ran at a third of the memory bandwidth on the H100), then every thread
+// accumulates its row's R outputs against a·scale, read from shared memory as broadcasts.
+// Other rows take scalar loads from global memory.
+constexpr int kProjCols = 64;
+
+template <typename T>
+__host__ __device__ constexpr int proj_row_ld() {  // staged row, elements: chunk + 16 bytes
+  return kProjCols + 16 / static_cast<int>(sizeof(T));
+}
 
 template <typename T, int R>
 __global__ void __launch_bounds__(kProjThreads)
     projection_kernel(ProjectionLaunch p, bool vectorized) {
   extern __shared__ __align__(16) unsigned char smem[];
-  float* as = reinterpret_cast<float*>(smem);  // [d][R], zero past column rank
+  float* as = reinterpret_cast<float*>(smem);             // [d][R], zero past column rank
+  T* xs = reinterpret_cast<T*>(as + p.d * R);             // [kProjThreads][proj_row_ld] staged rows
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
+  constexpr int kLd = proj_row_ld<T>();
   const int tid = threadIdx.x, d = p.d;
   const int h = blockIdx.y, b = blockIdx.z;
   const float* ag = p.a + (p.a_batch == 1 ? 0 : b) * p.a_stride[0] + h * p.a_stride[1];
@@ -142,20 +152,23 @@ __global__ void __launch_bounds__(kProjThreads)
     const int i = e / R, c = e % R;
     as[e] = c < p.rank ? ag[i * p.a_stride[2] + c] * p.scale : 0.f;
   }
-  __syncthreads();
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kProjThreads + tid;
-  if (j >= p.rows_out) return;  // no barrier below
-  int64_t src = j;
-  if (p.sample_block > 0) {  // slot (qb, t) of the sampled query rows
-    const int64_t qb = j / kRows, t = j % kRows, bs = p.sample_block;
-    const int64_t rows = p.n_in - qb * bs < bs ? p.n_in - qb * bs : bs;
-    const int64_t ns = rows < kRows ? rows : kRows;
-    const int64_t tt = t < ns - 1 ? t : ns - 1;
-    src = qb * bs + rows - 1 - (tt * rows) / ns;
-  }
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kProjThreads;
   const int xh = h / (p.heads / p.x_heads);
-  const T* row =
-      static_cast<const T*>(p.x) + b * p.x_stride[0] + xh * p.x_stride[1] + src * p.x_stride[2];
+  const T* xb = static_cast<const T*>(p.x) + b * p.x_stride[0] + xh * p.x_stride[1];
+  // Input row of output row j: j itself, or slot (qb, t) of the sampled query rows.
+  const auto source = [&](int64_t j) -> const T* {
+    int64_t src = j;
+    if (p.sample_block > 0) {
+      const int64_t qb = j / kRows, t = j % kRows, bs = p.sample_block;
+      const int64_t rows = p.n_in - qb * bs < bs ? p.n_in - qb * bs : bs;
+      const int64_t ns = rows < kRows ? rows : kRows;
+      const int64_t tt = t < ns - 1 ? t : ns - 1;
+      src = qb * bs + rows - 1 - (tt * rows) / ns;
+    }
+    return xb + src * p.x_stride[2];
+  };
+  const int64_t j = j0 + tid;
+  const bool mine = j < p.rows_out;
   float acc[R];
 #pragma unroll
   for (int c = 0; c < R; ++c) acc[c] = 0.f;
@@ -170,25 +183,34 @@ __global__ void __launch_bounds__(kProjThreads)
       acc[4 * q + 3] = fmaf(x, w.w, acc[4 * q + 3]);
     }
   };
-  constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
   if (vectorized) {
-    for (int c0 = 0; c0 < d; c0 += kVec * kProjBatch) {
-      uint4 buf[kProjBatch];
+    const int64_t nrows = p.rows_out - j0 < kProjThreads ? p.rows_out - j0 : kProjThreads;
+    for (int c0 = 0; c0 < d; c0 += kProjCols) {
+      const int pieces = (d - c0 < kProjCols ? d - c0 : kProjCols) / kVec;
+      __syncthreads();  // a is in place; the previous chunk is consumed
+      for (int e = tid; e < nrows * pieces; e += kProjThreads) {
+        const int r = e / pieces, pc = e - r * pieces;
+        *reinterpret_cast<uint4*>(xs + r * kLd + pc * kVec) =
+            *reinterpret_cast<const uint4*>(source(j0 + r) + c0 + pc * kVec);
+      }
+      __syncthreads();
+      if (mine) {
+        for (int pc = 0; pc < pieces; ++pc) {
+          const uint4 v = *reinterpret_cast<const uint4*>(xs + tid * kLd + pc * kVec);
+          const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
-      for (int u = 0; u < kProjBatch; ++u)
-        buf[u] = c0 + u * kVec < d ? *reinterpret_cast<const uint4*>(row + c0 + u * kVec)
-                                   : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-      for (int u = 0; u < kProjBatch; ++u) {
-        if (c0 + u * kVec >= d) break;
-        const T* e = reinterpret_cast<const T*>(&buf[u]);
-#pragma unroll
-        for (int v = 0; v < kVec; ++v) accumulate(load_elem(e + v), c0 + u * kVec + v);
+          for (int u = 0; u < kVec; ++u) accumulate(load_elem(e + u), c0 + pc * kVec + u);
+        }
       }
     }
   } else {
-    for (int i = 0; i < d; ++i) accumulate(load_elem(row + i), i);
+    __syncthreads();
+    if (mine) {
+      const T* row = source(j);
+      for (int i = 0; i < d; ++i) accumulate(load_elem(row + i), i);
+    }
   }
+  if (!mine) return;
   float4* out = reinterpret_cast<float4*>(
       p.out + ((static_cast<int64_t>(b) * p.heads + h) * p.rows_out + j) * R);
 #pragma unroll
@@ -606,7 +628,8 @@ bool rank_ok(int r) { return r == 8 || r == 16 || r == 32 || r == 64; }
 template <typename T>
 cudaError_t launch_projection_typed(const ProjectionLaunch& p, cudaStream_t stream,
                                     const char** failed_call) {
-  const int64_t bytes = int64_t(p.d) * p.rank_pad * 4;
+  const int64_t bytes =
+      int64_t(p.d) * p.rank_pad * 4 + int64_t(kProjThreads) * proj_row_ld<T>() * sizeof(T);
   constexpr int64_t kVec = 16 / sizeof(T);
   const bool vectorized = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && p.d % kVec == 0 &&
                           p.x_stride[0] % kVec == 0 && p.x_stride[1] % kVec == 0 &&

@@ -45,6 +45,13 @@ void check_cuda(cudaError_t e, const char* failed, const torch::Tensor& q, const
                             shape_of(k), bs));
 }
 
+void check_cuda(cudaError_t e, const char* failed, const torch::Tensor& scores, int64_t bs) {
+  if (e != cudaSuccess)
+    throw Error(fmt::format("cuda selection: {} failed: {} ({}) for scores {}, block size {}",
+                            failed, cudaGetErrorName(e), cudaGetErrorString(e), shape_of(scores),
+                            bs));
+}
+
 /// Shapes, dtypes, rank and block size first, the device last: every check but the device one
 /// also fires for CPU tensors.
 void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& a_q,
@@ -245,9 +252,37 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
                          q.options().dtype(torch::kFloat))
           : scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.tf32);
 
-  c10::cuda::CUDAGuard guard(q.device());
-  const auto stream = at::cuda::getCurrentCUDAStream(q.get_device()).stream();
-  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), m = k.size(2);
+  return select_blocks_cuda(scores, plan, q.size(2), k.size(2), causal, q_offset, options);
+}
+
+bool cuda_select_handles(const torch::Tensor& scores) {
+  return scores.defined() && scores.is_cuda() && scores.dim() == 4 &&
+         scores.size(3) <= cuda::kEstimatorMaxKeyBlocks;
+}
+
+BlockMask select_blocks_cuda(const torch::Tensor& scores_in, const HeadPlan& plan, int64_t n,
+                             int64_t m, bool causal, int64_t q_offset,
+                             const CudaEstimatorOptions& options) {
+  ATTNPILOT_CHECK_ARG(scores_in.defined() && scores_in.dim() == 4 && scores_in.is_cuda(),
+                      "cuda selection: scores must be a 4-D CUDA tensor [b, h, q_blocks, "
+                      "k_blocks]; got {} on {}",
+                      shape_of(scores_in),
+                      scores_in.defined() ? scores_in.device().str() : std::string("-"));
+  ATTNPILOT_CHECK_ARG(plan.kind == Kind::kBlockSparse && plan.block_size >= 1,
+                      "cuda selection: plan {} is not a block_sparse plan", plan.to_string());
+  const int64_t bs = plan.block_size;
+  ATTNPILOT_CHECK_ARG(n >= 1 && m >= 1 && q_offset >= 0 && scores_in.size(2) == div_up(n, bs) &&
+                          scores_in.size(3) == div_up(m, bs),
+                      "cuda selection: scores {} do not fit n = {} queries and m = {} keys in "
+                      "blocks of {} (q_offset {})",
+                      shape_of(scores_in), n, m, bs, q_offset);
+  ATTNPILOT_CHECK_ARG(scores_in.size(3) <= cuda::kEstimatorMaxKeyBlocks,
+                      "cuda selection: {} key blocks; at most {} are supported", scores_in.size(3),
+                      cuda::kEstimatorMaxKeyBlocks);
+  const auto scores = scores_in.to(torch::kFloat).contiguous();
+  c10::cuda::CUDAGuard guard(scores.device());
+  const auto stream = at::cuda::getCurrentCUDAStream(scores.get_device()).stream();
+  const int64_t b = scores.size(0), h = scores.size(1);
   const int64_t qbn = scores.size(2), kbn = scores.size(3), rows = b * h * qbn;
   // Entries per row: known in advance for a top_k or density budget (select_blocks keeps
   // max(forced, min(budget, visible))), at most the visible blocks with gamma.
@@ -268,15 +303,15 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
     capacity += keep;
   }
   capacity *= b * h;
-  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(q.device());
+  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(scores.device());
   auto row_ptr = torch::empty({rows + 1}, lopt);
   auto col_idx =
       plan.gamma > 0 ? torch::full({capacity}, -1, lopt) : torch::empty({capacity}, lopt);
   size_t temp_bytes = 0;
   const char* failed = "select_blocks_temp_bytes";
-  check_cuda(cuda::select_blocks_temp_bytes(rows, kbn, &temp_bytes, &failed), failed, q, k, bs);
+  check_cuda(cuda::select_blocks_temp_bytes(rows, kbn, &temp_bytes, &failed), failed, scores, bs);
   auto temp = torch::empty({static_cast<int64_t>(temp_bytes)},
-                           torch::TensorOptions().dtype(torch::kUInt8).device(q.device()));
+                           torch::TensorOptions().dtype(torch::kUInt8).device(scores.device()));
   cuda::SelectLaunch p;
   p.scores = scores.data_ptr<float>();
   p.rows = rows;
@@ -296,7 +331,7 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
   p.temp = temp.data_ptr();
   p.temp_bytes = temp_bytes;
   failed = "launch_select_blocks";
-  check_cuda(cuda::launch_select_blocks(p, stream, &failed), failed, q, k, bs);
+  check_cuda(cuda::launch_select_blocks(p, stream, &failed), failed, scores, bs);
 
   BlockMask mask;
   mask.batch = b;

@@ -5,6 +5,7 @@
 ///   q [B, H, N, d], k [B, Hkv, M, d] (fp32 / bf16 / fp16; fp32 math), a_q, a_k [1 or B, H, d, R]
 ///     ──► lowrank_block_scores_cuda: scores [B, H, q_blocks, k_blocks] fp32 on q's device
 ///     ──► estimate_block_mask_cuda: BlockMask whose row_ptr / col_idx are CUDA int64 tensors
+///   scores of any estimator on the device ──► select_blocks_cuda: the same selection
 ///
 /// No host synchronisation: the sampled-row indices, projections, scores, selection, scan and
 /// scatter all run on the caller's current stream. Note that BlockMask's own comment says its
@@ -61,5 +62,19 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
                                    const torch::Tensor& a_q, const torch::Tensor& a_k,
                                    const HeadPlan& plan, bool causal, int64_t q_offset,
                                    double* flops, const CudaEstimatorOptions& options = {});
+
+/// Whether select_blocks_cuda takes these scores: a 4-D CUDA tensor with at most 16384 key
+/// blocks.
+bool cuda_select_handles(const torch::Tensor& scores);
+
+/// select_blocks (estimators.h) on the GPU for block scores already on the device (any
+/// estimator's, e.g. the pooled estimator's LibTorch scores): the same rule, kernels and output
+/// as estimate_block_mask_cuda's selection (CSR lists as CUDA int64 tensors, no host round trip;
+/// with gamma, col_idx padded with -1 unless options.exact_nnz). scores [B, H, ceil(n / bs),
+/// ceil(m / bs)], any float dtype (converted to fp32), zero or ignored past each row's visible
+/// blocks.
+BlockMask select_blocks_cuda(const torch::Tensor& scores, const HeadPlan& plan, int64_t n,
+                             int64_t m, bool causal, int64_t q_offset,
+                             const CudaEstimatorOptions& options = {});
 
 }  // namespace attnpilot::attention

@@ -293,6 +293,46 @@ void expect_invalid(F f, const std::string& needle) {
   }
 }
 
+// Scores of another estimator already on the GPU (the pooled estimator's LibTorch code):
+// select_blocks_cuda, and estimate_block_mask's dispatch to it, give select_blocks' mask on the
+// device.
+TEST(CudaEstimator, DeviceScoresOfOtherEstimatorsAreSelectedOnTheDevice) {
+  SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(78);
+  uint64_t seed = 950;
+  for (const Case& base : random_cases(rng)) {
+    Case c = base;
+    c.hkv = c.h;  // the pooled estimator's LibTorch code takes one key head per query head
+    const auto in = make_inputs(c, seed++);
+    for (double gamma : {0.0, 0.9}) {
+      for (int64_t top_k : {0, 3}) {
+        HeadPlan p = HeadPlan::block_sparse(0.3, c.bs);
+        p.gamma = gamma;
+        p.top_k = top_k;
+        p.estimator = BlockEstimator::kPooled;
+        const std::string what = c.str() + " plan " + p.to_string();
+        double fl = 0;
+        const auto scores = pooled_block_scores(in.q, in.k, c.bs, c.causal, c.q_offset, &fl);
+        ASSERT_TRUE(scores.is_cuda()) << what;
+        const auto want = select_blocks(scores.cpu(), p, c.n, c.m, c.causal, c.q_offset);
+        poison({want.rows() + 1, want.rows() * want.k_blocks}, -77.0, torch::kLong);
+        const auto direct = select_blocks_cuda(scores, p, c.n, c.m, c.causal, c.q_offset);
+        const auto via = estimate_block_mask(in.q, in.k, p, c.causal, c.q_offset, &fl);
+        for (const BlockMask* got : {&direct, &via}) {
+          ASSERT_TRUE(got->row_ptr.is_cuda() && got->col_idx.is_cuda()) << what;
+          const auto h = got->on_host();
+          EXPECT_TRUE(torch::equal(h.row_ptr, want.row_ptr)) << what << ": row_ptr differs";
+          EXPECT_TRUE(torch::equal(h.col_idx, want.col_idx)) << what << ": col_idx differs";
+        }
+      }
+    }
+  }
+  const auto s = torch::rand({1, 2, 3, 4}, kCuda);
+  HeadPlan p = HeadPlan::block_sparse(0.5, 64);
+  expect_invalid([&] { select_blocks_cuda(s, p, 100, 256, true, 0); }, "do not fit");
+  expect_invalid([&] { select_blocks_cuda(s.cpu(), p, 150, 256, true, 0); }, "CUDA tensor");
+}
+
 TEST(CudaEstimator, BadArgumentsAreRefused) {
   const auto q = torch::randn({1, 2, 100, 64}), k = torch::randn({1, 2, 120, 64});
   const auto a = torch::randn({1, 2, 64, 16});
