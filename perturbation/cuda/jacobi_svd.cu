@@ -30,10 +30,10 @@
 // and tan θ are computed in the working precision, c and s from tan θ in double (see the
 // comment there: float c, s cost V an order of magnitude of orthogonality; an earlier version
 // computed the whole angle in double, a long FP64 latency chain in every step), and each
-// rotation leaves the larger column at the lower index. Sweeps measured by emulating this exact algorithm in numpy (fp32
-// data): 7–9 for random or well-conditioned matrices of 32–128 columns, 5 for clustered spectra,
-// 14–21 for spectra log-spaced over 6 decades (graded matrices converge slowly without QR
-// preconditioning).
+// rotation leaves the larger column at the lower index. Sweeps measured by emulating this exact
+// algorithm in numpy (fp32 data): 7–9 for random or well-conditioned matrices of 32–128 columns, 5
+// for clustered spectra, 14–21 for spectra log-spaced over 6 decades (graded matrices converge
+// slowly without QR preconditioning).
 //
 // Operation count and floor (square n, S sweeps): a pair costs 6m flops of dot products plus
 // 6m + 6n of rotations, so a sweep is about 9n³ flops; for 1024 matrices of 128×128 and S = 8,
@@ -73,6 +73,7 @@ __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
   T* V = A + static_cast<int64_t>(npad) * lda;
   double* sig = reinterpret_cast<double*>(V + static_cast<int64_t>(npad) * ldv);
   int* order = reinterpret_cast<int*>(sig + npad);
+  T* nrm = reinterpret_cast<T*>(order + npad);  // the sweeps' column norms (npad >= 2: aligned)
 
   // 1. X (zero-padded) and V = I into shared memory; non-finite check; power-of-two scaling.
   for (int idx = tid; idx < npad * lda; idx += nt) A[idx] = T(0);
@@ -104,8 +105,8 @@ __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
   const int expo = jacobi::scale_pow2(A, npad * lda, local_max, &max_bits);
 
   // 2. Sweeps; 3. σ_j and their descending order.
-  const bool converged = jacobi::sweeps<T, LANES, TM>(A, lda, V, ldv, m, n, npad,
-                                                      static_cast<T>(p.tol), p.max_sweeps, rotated);
+  const bool converged = jacobi::sweeps<T, LANES, TM>(
+      A, lda, V, ldv, m, n, npad, static_cast<T>(p.tol), p.max_sweeps, rotated, nrm);
   jacobi::column_order(A, lda, m, npad, sig, order);
   // Columns with σ_j <= thr have no direction (exact zeros, or below 1e-30 of σ₁): their U
   // columns are written as 0 and the host completes them to an orthonormal set.
@@ -180,7 +181,8 @@ int jacobi_lanes(int m, bool is_double, int requested) {
 int64_t jacobi_shared_bytes(int m, int n, bool is_double, int lanes) {
   const int eb = is_double ? 8 : 4;
   const int64_t npad = next_pow2(n < 2 ? 2 : n);
-  return npad * (leading_dim(m, eb, lanes) + leading_dim(n, eb, lanes)) * eb + npad * 8 + npad * 4;
+  return npad * (leading_dim(m, eb, lanes) + leading_dim(n, eb, lanes)) * eb + npad * 8 + npad * 4 +
+         npad * eb;
 }
 
 cudaError_t launch_jacobi_svd(const JacobiLaunch& p, bool is_double, cudaStream_t stream,

@@ -7,10 +7,10 @@
 ///                                          Cholesky; Householder QR for the matrices where it
 ///                                          is not accurate) ─► Jacobi kernel on R (d×d)
 ///                                          ─► U = Q·U_R
-///   top-r  core C [B, d, d], warm V₀ ───► block subspace iteration, all steps fused in one
-///                                          kernel (topr_svd.cu), one block per matrix; or
-///                                          step by step: two batched GEMMs and two Jacobi
-///                                          calls on d×p blocks per step
+///   top-r  core C [B, d, d], warm V₀ ───► block subspace iteration, step by step: two
+///                                          batched GEMMs and two Jacobi calls on d×p blocks
+///                                          per step; or all steps fused in one kernel
+///                                          (topr_svd.cu), one block per matrix (opt-in)
 ///
 /// Results: A ≈ U diag(S) Vᵀ, S descending, U [B, m, k], V [B, n, k]. Everything runs on the
 /// caller's current CUDA stream; CUDA errors throw attnpilot::Error naming the call; NaN or
@@ -92,11 +92,15 @@ struct TopRResult {
 /// Leading r triplets of c [B, d, d] by subspace iteration from v0 [B, d, p] (p >= r; the
 /// previous segment's V for a warm start). A matrix stops when
 /// max_{i<r} max(‖C v_i − σ_i u_i‖, ‖Cᵀ u_i − σ_i v_i‖) <= tol·σ₁, or after max_iters steps.
-/// fused (default): one kernel runs every step of every matrix (topr_svd.cu; p <= 32), with
-/// one host read-back at the end, and matrices it cannot finish (a rank-deficient block, a
-/// Jacobi step out of sweeps) redone step by step; false: always step by step (two Jacobi
-/// launches, batched GEMMs and a host synchronisation per step).
+/// fused = false (default): step by step (two Jacobi launches, batched GEMMs and a host
+/// synchronisation per step). fused = true: one kernel runs every step of every matrix
+/// (topr_svd.cu; p <= 32) with one host read-back at the end, matrices it cannot finish (a
+/// rank-deficient block, a Jacobi step out of sweeps) redone step by step. The fused kernel
+/// measured 1.2-2x slower on the H100 at 1024 cores of 128x128 (2026-12-05): one block per
+/// matrix makes every Jacobi step a latency chain, and its products run on CUDA cores at low
+/// occupancy where the step-by-step path's GEMMs use cuBLAS; it is kept for small batches and
+/// as the base of a faster fused design.
 TopRResult topr_subspace_iteration(const torch::Tensor& c, const torch::Tensor& v0, int64_t r,
-                                   double tol, int max_iters, bool fused = true);
+                                   double tol, int max_iters, bool fused = false);
 
 }  // namespace attnpilot::perturbation::cuda

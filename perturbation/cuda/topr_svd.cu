@@ -48,7 +48,8 @@ __host__ __device__ inline int topr_threads(int p, int lanes) {
 
 // Shared memory, in elements of T: Y [npad cols × lda] (the Jacobi work matrix; rows past d and
 // columns past p stay zero), W [npad × ldw] (the Jacobi rotations, p rows), B1, B2, B3 [p × lda]
-// (U or Cᵀ u; v; u), the staging buffer of C; then double sig[npad], int order[npad].
+// (U or Cᵀ u; v; u), the staging buffer of C; then double sig[npad], int order[npad], T
+// nrm[npad] (the sweeps' column norms).
 struct Layout {
   int npad = 0, lda = 0, ldw = 0;
   int64_t w = 0, b1 = 0, b2 = 0, b3 = 0, cs = 0, total = 0;
@@ -73,7 +74,7 @@ __host__ __device__ inline Layout make_layout(int d, int p, int elem_bytes, int 
 }
 
 __host__ __device__ inline int64_t layout_bytes(const Layout& L, int elem_bytes) {
-  return L.total * elem_bytes + L.npad * 8 + L.npad * 4;
+  return L.total * elem_bytes + L.npad * 8 + L.npad * 4 + L.npad * elem_bytes;
 }
 
 // dst[:, j] = op(C) src[:, j] for j < p (d×p blocks, column-major, leading dims lds and ldd;
@@ -149,7 +150,8 @@ __device__ bool jacobi_step(T* Y, T* W, const Layout& L, int d, int p, T tol, in
   __syncthreads();
   *expo = jacobi::scale_pow2(Y, L.npad * L.lda, local_max, max_bits);
   const bool converged =
-      jacobi::sweeps<T, LANES, TM, TMV>(Y, L.lda, W, L.ldw, d, p, L.npad, tol, max_sweeps, rotated);
+      jacobi::sweeps<T, LANES, TM, TMV>(Y, L.lda, W, L.ldw, d, p, L.npad, tol, max_sweeps, rotated,
+                                        reinterpret_cast<T*>(order + L.npad));
   jacobi::column_order(Y, L.lda, d, L.npad, sig, order);
   const double thr = sig[order[0]] * 1e-30;
   bool ok = converged;
