@@ -56,7 +56,7 @@ namespace {
 using jacobi::leading_dim;
 using jacobi::next_pow2;
 
-template <typename T, int LANES, int TM, int MAXT>
+template <typename T, int LANES, int TM, int MAXT, bool TRACK>
 __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int rotated[2];
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
   const int expo = jacobi::scale_pow2(A, npad * lda, local_max, &max_bits);
 
   // 2. Sweeps; 3. σ_j and their descending order.
-  const bool converged = jacobi::sweeps<T, LANES, TM>(
+  const bool converged = jacobi::sweeps<T, LANES, TM, TM, TRACK>(
       A, lda, V, ldv, m, n, npad, static_cast<T>(p.tol), p.max_sweeps, rotated, nrm);
   jacobi::column_order(A, lda, m, npad, sig, order);
   // Columns with σ_j <= thr have no direction (exact zeros, or below 1e-30 of σ₁): their U
@@ -140,7 +140,7 @@ int threads_for(int n, int lanes) {
   return t < 32 ? 32 : t;
 }
 
-template <typename T, int LANES, int TM, int MAXT>
+template <typename T, int LANES, int TM, int MAXT, bool TRACK = false>
 cudaError_t launch_typed(const JacobiLaunch& p, cudaStream_t stream, const char** failed_call) {
   const int m = p.transpose ? p.cols_in : p.rows_in, n = p.transpose ? p.rows_in : p.cols_in;
   const int threads = threads_for(n, LANES);
@@ -149,7 +149,7 @@ cudaError_t launch_typed(const JacobiLaunch& p, cudaStream_t stream, const char*
     return cudaErrorInvalidValue;
   }
   const int64_t bytes = jacobi_shared_bytes(m, n, sizeof(T) == 8, LANES);
-  auto kernel = jacobi_svd_kernel<T, LANES, TM, MAXT>;
+  auto kernel = jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(bytes));
   if (e != cudaSuccess) {
@@ -195,16 +195,20 @@ cudaError_t launch_jacobi_svd(const JacobiLaunch& p, bool is_double, cudaStream_
     return cudaErrorInvalidValue;
   }
   const int tiles = (m + 31) / 32;
+  // Tall-skinny X (the top-r path's d×p blocks) tracks its column norms (jacobi_sweeps.cuh).
+  const bool skinny = n <= 32 && m >= 4 * n;
   if (!is_double) {
     if (tiles <= 1) return launch_typed<float, 8, 1, 512>(p, stream, failed_call);
     if (tiles <= 2) return launch_typed<float, 8, 2, 512>(p, stream, failed_call);
     if (jacobi_lanes(m, false, p.lanes) == 8)
-      return launch_typed<float, 8, 4, 512>(p, stream, failed_call);
+      return skinny ? launch_typed<float, 8, 4, 512, true>(p, stream, failed_call)
+                    : launch_typed<float, 8, 4, 512>(p, stream, failed_call);
     return launch_typed<float, 4, 8, 256>(p, stream, failed_call);
   }
   if (tiles <= 1) return launch_typed<double, 8, 1, 256>(p, stream, failed_call);
   if (tiles <= 2) return launch_typed<double, 8, 2, 256>(p, stream, failed_call);
-  return launch_typed<double, 8, 4, 128>(p, stream, failed_call);
+  return skinny ? launch_typed<double, 8, 4, 128, true>(p, stream, failed_call)
+                : launch_typed<double, 8, 4, 128>(p, stream, failed_call);
 }
 
 }  // namespace attnpilot::perturbation::cuda

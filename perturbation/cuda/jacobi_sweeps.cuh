@@ -140,14 +140,18 @@ __device__ __forceinline__ T group_dot(const T* x, const T* y, int tiles, unsign
 /// int[2], `nrm` shared scratch of npad T. Threads past LANES·npad/2 take part in the barriers
 /// and shuffles only.
 ///
-/// Column norms are tracked, as LAPACK's sgesvj does: computed exactly at the start of every
-/// sweep, then updated by each rotation (‖a_p'‖² = ‖a_p‖² − t·a_pᵀa_q, ‖a_q'‖² = ‖a_q‖² +
-/// t·a_pᵀa_q), so a step computes one dot product instead of three; a norm that drops below 1e-2 of
-/// the larger old one is recomputed (cancellation). The last sweep rotates nothing, so its
-/// convergence tests use the exact norms of its start: the stopping rule is unchanged.
-/// Emulated in numpy (fp32, this ordering, 128×128): the same sweeps and accuracy as with three
-/// dot products (V orthogonal to 1e-6–4e-6, σ to 1.4e-6·σ₁), 4–24% of rotations recomputing.
-template <typename T, int LANES, int TM, int TMV = TM>
+/// TRACK: column norms are tracked, as LAPACK's sgesvj does: computed exactly at the start of
+/// every sweep, then updated by each rotation (‖a_p'‖² = ‖a_p‖² − t·a_pᵀa_q,
+/// ‖a_q'‖² = ‖a_q‖² + t·a_pᵀa_q), so a step computes one dot product instead of three; a norm
+/// that drops below 1e-2 of the larger old one is recomputed (cancellation). The last sweep
+/// rotates nothing, so its convergence tests use the exact norms of its start: the stopping
+/// rule is unchanged. Emulated in numpy (fp32, this ordering, 128×128): the same sweeps and
+/// accuracy as with three dot products (V orthogonal to 1e-6–4e-6, σ to 1.4e-6·σ₁), 4–24% of
+/// rotations recomputing. Measured on the H100 (2026-12-05): the top-r path's 128×12 and
+/// 128×20 solves ran faster with it (1.46 against 2.54 ms for the whole r = 8 update), while
+/// 64×64 ran 1.24x slower (more registers, one block fewer per SM) and 128×128 no faster; the
+/// callers choose it for tall-skinny shapes only.
+template <typename T, int LANES, int TM, int TMV = TM, bool TRACK = false>
 __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T tol, int max_sweeps,
                        int* rotated, T* nrm) {
   constexpr int TH = 4 * LANES;  // rows per tile
@@ -161,7 +165,7 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
   const int g = tid / LANES, l = tid % LANES;
   const bool active = g < P;
   // This group's lanes within the warp (for shuffles inside group-uniform branches).
-  const unsigned gmask = ((1u << LANES) - 1u) << (LANES * ((tid % 32) / LANES));
+  [[maybe_unused]] const unsigned gmask = ((1u << LANES) - 1u) << (LANES * ((tid % 32) / LANES));
   T fa[4 * TM], ma[4 * TM], fv[4 * TMV], mv[4 * TMV];
 #pragma unroll
   for (int i = 0; i < 4 * TM; ++i) fa[i] = ma[i] = T(0);
@@ -171,11 +175,13 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
   for (int sweep = 0; sweep < max_sweeps; ++sweep) {
     const int slot = sweep & 1;
     // Exact squared norms (the previous sweep's last barrier ordered every write of A).
-    for (int j = tid; j < npad; j += nt) {
-      const T* col = A + j * lda;
-      T acc = 0;
-      for (int i = 0; i < m; ++i) acc = fma(col[i], col[i], acc);
-      nrm[j] = acc;
+    if constexpr (TRACK) {
+      for (int j = tid; j < npad; j += nt) {
+        const T* col = A + j * lda;
+        T acc = 0;
+        for (int i = 0; i < m; ++i) acc = fma(col[i], col[i], acc);
+        nrm[j] = acc;
+      }
     }
     __syncthreads();
     for (int h = P; h >= 1; h >>= 1) {
@@ -187,7 +193,7 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
       if (active) {
         load_col<LANES, TM>(A + fcol * lda, ta, l, fa);
         load_col<LANES, TMV>(V + fcol * ldv, tv, l, fv);
-        fn = nrm[fcol];
+        if constexpr (TRACK) fn = nrm[fcol];
       }
       for (int s = 0; s < h; ++s) {
         const int mcol = base + h + ((kk + s) & (h - 1));
@@ -195,10 +201,15 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
         if (active) {
           load_col<LANES, TM>(A + mcol * lda, ta, l, ma);
           load_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
-          aqq = nrm[mcol];
+          if constexpr (TRACK) aqq = nrm[mcol];
         }
         // Every thread of the block takes part (idle groups add zeros), so the full mask holds.
-        const T apq = group_dot<LANES, TM>(fa, ma, active ? ta : 0, 0xffffffffu);
+        const int tiles = active ? ta : 0;
+        const T apq = group_dot<LANES, TM>(fa, ma, tiles, 0xffffffffu);
+        if constexpr (!TRACK) {
+          fn = group_dot<LANES, TM>(fa, fa, tiles, 0xffffffffu);
+          aqq = group_dot<LANES, TM>(ma, ma, tiles, 0xffffffffu);
+        }
         const T app = fn;
         bool rot = false;
         if (active && apq != T(0)) {
@@ -234,12 +245,16 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
               fn = nq;
               mn = np;
             }
-            const T floor = T(1e-2) * (app > aqq ? app : aqq);
-            if (fn < floor) fn = group_dot<LANES, TM>(fa, fa, ta, gmask);  // group-uniform
-            if (mn < floor) mn = group_dot<LANES, TM>(ma, ma, ta, gmask);
+            if constexpr (TRACK) {
+              const T floor = T(1e-2) * (app > aqq ? app : aqq);
+              if (fn < floor) fn = group_dot<LANES, TM>(fa, fa, ta, gmask);  // group-uniform
+              if (mn < floor) mn = group_dot<LANES, TM>(ma, ma, ta, gmask);
+              if (l == 0) nrm[mcol] = mn;
+            } else {
+              (void)mn;
+            }
             store_col<LANES, TM>(A + mcol * lda, ta, l, ma);
             store_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
-            if (l == 0) nrm[mcol] = mn;
             rot = true;
             dirty = true;
           }
@@ -250,7 +265,7 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
       if (active && dirty) {
         store_col<LANES, TM>(A + fcol * lda, ta, l, fa);
         store_col<LANES, TMV>(V + fcol * ldv, tv, l, fv);
-        if (l == 0) nrm[fcol] = fn;
+        if (TRACK && l == 0) nrm[fcol] = fn;
       }
       __syncthreads();
     }

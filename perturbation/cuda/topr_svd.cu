@@ -150,8 +150,8 @@ __device__ bool jacobi_step(T* Y, T* W, const Layout& L, int d, int p, T tol, in
   __syncthreads();
   *expo = jacobi::scale_pow2(Y, L.npad * L.lda, local_max, max_bits);
   const bool converged =
-      jacobi::sweeps<T, LANES, TM, TMV>(Y, L.lda, W, L.ldw, d, p, L.npad, tol, max_sweeps, rotated,
-                                        reinterpret_cast<T*>(order + L.npad));
+      jacobi::sweeps<T, LANES, TM, TMV, true>(Y, L.lda, W, L.ldw, d, p, L.npad, tol, max_sweeps,
+                                              rotated, reinterpret_cast<T*>(order + L.npad));
   jacobi::column_order(Y, L.lda, d, L.npad, sig, order);
   const double thr = sig[order[0]] * 1e-30;
   bool ok = converged;

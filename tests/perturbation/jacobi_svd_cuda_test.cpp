@@ -521,14 +521,17 @@ TEST(TopRCuda, FusedKernelFallbackAndBadInput) {
   auto bad_c = c.clone();
   bad_c.index_put_({5, 7, 9}, std::numeric_limits<float>::quiet_NaN());
   try {
-    (void)cuda::topr_subspace_iteration(bad_c, v0, r, 1e-4, 10);
+    (void)cuda::topr_subspace_iteration(bad_c, v0, r, 1e-4, 10, /*fused=*/true);
     ADD_FAILURE() << "NaN in a core did not throw";
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("core 5"), std::string::npos) << e.what();
   }
+  EXPECT_THROW((void)cuda::topr_subspace_iteration(bad_c, v0, r, 1e-4, 10, false), InvalidArgument);
   auto bad_v = v0.clone();
   bad_v.index_put_({2, 0, 0}, std::numeric_limits<float>::infinity());
-  EXPECT_THROW((void)cuda::topr_subspace_iteration(c, bad_v, r, 1e-4, 10), InvalidArgument);
+  for (bool fused : {true, false})
+    EXPECT_THROW((void)cuda::topr_subspace_iteration(c, bad_v, r, 1e-4, 10, fused), InvalidArgument)
+        << (fused ? "fused" : "step by step");
 }
 
 // The tracker on CUDA tensors (warm steps through subspace_iteration_step_cuda) vs on the CPU.
