@@ -45,17 +45,30 @@ torch::Tensor pooled_block_scores(const torch::Tensor& q, const torch::Tensor& k
                                   double* flops) {
   const int64_t b = q.size(0), h = q.size(1), n = q.size(2), m = k.size(2), d = q.size(3);
   const int64_t qb_n = ceil_div(n, block_size), kb_n = ceil_div(m, block_size);
+  // Block means in fp32, one contiguous pass over x (blocks of rows reduced in place; the last
+  // block may be short: zero rows pad it and its count is its length).
   auto pool = [&](const torch::Tensor& x, int64_t len, int64_t blocks) {
-    const auto sums = block_sum(x.transpose(-2, -1), block_size, blocks);  // [b,h,d,blocks]
-    auto counts = torch::full({blocks}, static_cast<double>(block_size), x.options());
-    counts[blocks - 1] = static_cast<double>(len - (blocks - 1) * block_size);
-    return (sums / counts).transpose(-2, -1);  // [b,h,blocks,d]
+    const int64_t pad = blocks * block_size - len;
+    const auto y = pad > 0 ? torch::constant_pad_nd(x, {0, 0, 0, pad}) : x;
+    const auto sums = y.reshape({x.size(0), x.size(1), blocks, block_size, d})
+                          .sum(3, /*keepdim=*/false, torch::kFloat);  // [b,h,blocks,d]
+    auto counts =
+        torch::full({blocks, 1}, static_cast<double>(block_size), x.options().dtype(torch::kFloat));
+    if (pad > 0) counts[blocks - 1].fill_(static_cast<double>(block_size - pad));
+    return sums / counts;
   };
   auto s = torch::matmul(pool(q, n, qb_n), pool(k, m, kb_n).transpose(-2, -1)) /
            std::sqrt(static_cast<double>(d));
-  const auto last = last_visible_block(n, m, block_size, causal, q_offset);
-  const auto hidden = torch::arange(kb_n, torch::kLong).unsqueeze(0) > last.unsqueeze(1);
-  s.masked_fill_(hidden.to(s.device()), -std::numeric_limits<float>::infinity());
+  if (causal) {
+    // Query block i sees key blocks up to the one holding its last query (on s's device: no
+    // host-to-device copy, which would synchronise).
+    const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(s.device());
+    const auto last_q =
+        (torch::arange(1, qb_n + 1, lopt) * block_size).clamp_max(n) + (q_offset - 1);
+    const auto last = torch::floor_divide(last_q, block_size).clamp_max(kb_n - 1);
+    s.masked_fill_(torch::arange(kb_n, lopt).unsqueeze(0) > last.unsqueeze(1),
+                   -std::numeric_limits<float>::infinity());
+  }
   *flops += static_cast<double>(b) * h * ((n + m) * d + 2.0 * qb_n * kb_n * d);
   return torch::softmax(s, -1);
 }

@@ -149,20 +149,10 @@ cudaError_t launch_typed(const JacobiLaunch& p, cudaStream_t stream, const char*
     return cudaErrorInvalidValue;
   }
   const int64_t bytes = jacobi_shared_bytes(m, n, sizeof(T) == 8, LANES);
-  auto kernel = jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(bytes));
-  if (e != cudaSuccess) {
-    *failed_call = "cudaFuncSetAttribute(jacobi_svd_kernel, MaxDynamicSharedMemorySize)";
-    return e;
-  }
-  kernel<<<static_cast<unsigned>(p.batch), threads, static_cast<size_t>(bytes), stream>>>(p);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) {
-    *failed_call = "jacobi_svd_kernel<<<batch, threads, shared bytes, stream>>>";
-    return e;
-  }
-  return cudaSuccess;
+  return jacobi::launch_checked(
+      jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK>, static_cast<unsigned>(p.batch), threads, bytes,
+      stream, p, "cudaFuncSetAttribute(jacobi_svd_kernel, MaxDynamicSharedMemorySize)",
+      "jacobi_svd_kernel<<<batch, threads, shared bytes, stream>>>", failed_call);
 }
 
 }  // namespace

@@ -295,21 +295,10 @@ cudaError_t launch_typed(const ToprLaunch& p, cudaStream_t stream, const char** 
     return cudaErrorInvalidValue;
   }
   const int64_t bytes = layout_bytes(make_layout(p.d, p.p, sizeof(T), LANES), sizeof(T));
-  auto kernel = topr_kernel<T, LANES, TM>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(bytes));
-  if (e != cudaSuccess) {
-    *failed_call = "cudaFuncSetAttribute(topr_kernel, MaxDynamicSharedMemorySize)";
-    return e;
-  }
-  const int threads = topr_threads(p.p, LANES);
-  kernel<<<static_cast<unsigned>(p.batch), threads, static_cast<size_t>(bytes), stream>>>(p);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) {
-    *failed_call = "topr_kernel<<<batch, 64 or 128, shared bytes, stream>>>";
-    return e;
-  }
-  return cudaSuccess;
+  return jacobi::launch_checked(
+      topr_kernel<T, LANES, TM>, static_cast<unsigned>(p.batch), topr_threads(p.p, LANES), bytes,
+      stream, p, "cudaFuncSetAttribute(topr_kernel, MaxDynamicSharedMemorySize)",
+      "topr_kernel<<<batch, 64 or 128, shared bytes, stream>>>", failed_call);
 }
 
 }  // namespace

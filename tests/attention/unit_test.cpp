@@ -205,6 +205,43 @@ TEST(Estimators, FindAPlantedBlockAndKeepSinkAndDiagonal) {
   }
 }
 
+// pooled_block_scores against block means, scores and a softmax written out in float64, with a
+// short last block on both sides, an offset of the queries and both masks.
+TEST(Estimators, PooledScoresMatchAnExplicitReference) {
+  struct Shape {
+    int64_t n, m, bs, q_offset;
+    bool causal;
+  };
+  for (const Shape& c : {Shape{100, 130, 32, 30, true}, Shape{64, 64, 32, 0, true},
+                         Shape{70, 45, 16, 0, false}, Shape{1, 200, 64, 199, true}}) {
+    const auto in = random_inputs(11 + c.n, 2, 3, 3, c.n, c.m, 24);
+    double flops = 0;
+    const auto got = pooled_block_scores(in.q, in.k, c.bs, c.causal, c.q_offset, &flops);
+    const int64_t qb_n = (c.n + c.bs - 1) / c.bs, kb_n = (c.m + c.bs - 1) / c.bs;
+    ASSERT_EQ(got.sizes(), (std::vector<int64_t>{2, 3, qb_n, kb_n}));
+    const auto q = in.q.to(torch::kDouble), k = in.k.to(torch::kDouble);
+    auto mean_rows = [&](const torch::Tensor& x, int64_t i, int64_t len) {
+      const int64_t r0 = i * c.bs, r1 = std::min(len, r0 + c.bs);
+      return x.narrow(2, r0, r1 - r0).mean(2);  // [b, h, d]
+    };
+    for (int64_t qb = 0; qb < qb_n; ++qb) {
+      const int64_t last_q = c.q_offset + std::min(c.n, (qb + 1) * c.bs) - 1;
+      const int64_t vis = c.causal ? std::min(kb_n, last_q / c.bs + 1) : kb_n;
+      auto s = torch::empty({2, 3, vis}, torch::kDouble);
+      for (int64_t kb = 0; kb < vis; ++kb)
+        s.select(2, kb).copy_((mean_rows(q, qb, c.n) * mean_rows(k, kb, c.m)).sum(-1) /
+                              std::sqrt(24.0));
+      const auto want = torch::softmax(s, -1);
+      const auto row = got.select(2, qb).to(torch::kDouble);
+      EXPECT_LE((row.narrow(2, 0, vis) - want).abs().max().item<double>(), 1e-5)
+          << "n " << c.n << " m " << c.m << " query block " << qb;
+      if (vis < kb_n) {
+        EXPECT_EQ(row.narrow(2, vis, kb_n - vis).abs().max().item<double>(), 0.0);
+      }
+    }
+  }
+}
+
 TEST(Estimators, GammaKeepsFewestBlocksReachingMass) {
   const auto scores = torch::tensor({0.05, 0.1, 0.6, 0.15, 0.1}, torch::kDouble).view({1, 1, 1, 5});
   HeadPlan p = HeadPlan::block_sparse(1.0, 4);

@@ -377,6 +377,32 @@ TEST(JacobiSvdCuda, BatchedSvdAutoChoiceUsesOurKernels) {
                 "BatchedSvd auto tall");
 }
 
+// b cores C0 = U diag(decay^i) Vᵀ (float64), a copy perturbed by 1e-3 noise, and the leading
+// p right singular vectors of C0 (the previous segment's exact block, from the float64 CPU
+// reference: our kernel does not take 128x128 float64), both on the GPU in `dtype`.
+struct PerturbedCores {
+  torch::Tensor c0, c1;   // float64, CPU
+  torch::Tensor c1d, v0;  // CUDA, dtype
+};
+PerturbedCores perturbed_cores(at::Generator& gen, int64_t b, int64_t d, int64_t p, double decay,
+                               torch::Dtype dtype) {
+  auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  auto u = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
+  auto v = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
+  auto sig = torch::pow(decay, torch::arange(d, o64)).unsqueeze(0).expand({b, d});
+  PerturbedCores pc;
+  pc.c0 = torch::matmul(u * sig.unsqueeze(-2), v.transpose(-1, -2));
+  pc.c1 = pc.c0 + 1e-3 * torch::randn({b, d, d}, gen, o64) / std::sqrt(static_cast<double>(d));
+  pc.c1d = pc.c1.to(torch::kCUDA).to(dtype);
+  pc.v0 = std::get<2>(torch::linalg_svd(pc.c0, false, c10::nullopt))
+              .transpose(1, 2)
+              .narrow(2, 0, p)
+              .contiguous()
+              .to(torch::kCUDA)
+              .to(dtype);
+  return pc;
+}
+
 // Cores with a decaying spectrum, and a perturbed copy: the warm-started top-r update.
 TEST(TopRCuda, WarmStartedSubspaceIterationMatchesReference) {
   SKIP_WITHOUT_CUDA();
@@ -387,20 +413,7 @@ TEST(TopRCuda, WarmStartedSubspaceIterationMatchesReference) {
            {torch::kFloat64, 64, 8, 1e-10},
            {torch::kFloat64, 128, 8, 1e-10}}) {
     const int64_t b = 64, p = r + 4;
-    auto u = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
-    auto v = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
-    auto sig = torch::pow(0.8, torch::arange(d, o64)).unsqueeze(0).expand({b, d});
-    auto c0 = torch::matmul(u * sig.unsqueeze(-2), v.transpose(-1, -2));
-    auto c1 = c0 + 1e-3 * torch::randn({b, d, d}, gen, o64) / std::sqrt(static_cast<double>(d));
-    auto c0d = c0.to(torch::kCUDA).to(dtype), c1d = c1.to(torch::kCUDA).to(dtype);
-    // The previous segment's exact leading block, from the float64 CPU reference (our kernel
-    // does not take 128x128 float64).
-    auto v0 = std::get<2>(torch::linalg_svd(c0, false, c10::nullopt))
-                  .transpose(1, 2)
-                  .narrow(2, 0, p)
-                  .contiguous()
-                  .to(torch::kCUDA)
-                  .to(dtype);
+    const auto [c0, c1, c1d, v0] = perturbed_cores(gen, b, d, p, 0.8, dtype);
     auto warm = cuda::topr_subspace_iteration(c1d, v0, r, tol, 50);
     auto cold_v0 =
         std::get<0>(torch::linalg_qr(torch::randn({b, d, p}, gen, o64))).to(torch::kCUDA).to(dtype);
@@ -439,7 +452,6 @@ TEST(TopRCuda, WarmStartedSubspaceIterationMatchesReference) {
 TEST(TopRCuda, FusedKernelMatchesStepByStep) {
   SKIP_WITHOUT_CUDA();
   auto gen = make_gen(809);
-  auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
   for (auto [dtype, d, r, tol] : std::vector<std::tuple<torch::Dtype, int64_t, int64_t, double>>{
            {torch::kFloat32, 128, 8, 1e-5},
            {torch::kFloat32, 128, 13, 1e-5},  // p = 17: 32 padded columns
@@ -448,18 +460,7 @@ TEST(TopRCuda, FusedKernelMatchesStepByStep) {
            {torch::kFloat64, 64, 8, 1e-10},
            {torch::kFloat64, 100, 5, 1e-10}}) {
     const int64_t b = 37, p = r + 4;
-    auto u = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
-    auto v = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
-    auto sig = torch::pow(0.85, torch::arange(d, o64)).unsqueeze(0).expand({b, d});
-    auto c0 = torch::matmul(u * sig.unsqueeze(-2), v.transpose(-1, -2));
-    auto c1 = c0 + 1e-3 * torch::randn({b, d, d}, gen, o64) / std::sqrt(static_cast<double>(d));
-    auto c1d = c1.to(torch::kCUDA).to(dtype);
-    auto v0 = std::get<2>(torch::linalg_svd(c0, false, c10::nullopt))
-                  .transpose(1, 2)
-                  .narrow(2, 0, p)
-                  .contiguous()
-                  .to(torch::kCUDA)
-                  .to(dtype);
+    const auto [c0, c1, c1d, v0] = perturbed_cores(gen, b, d, p, 0.85, dtype);
     const std::string what =
         fmt::format("top-{} (p {}) of {} cores {}x{} {}", r, p, b, d, d, c10::toString(dtype));
     for (int max_iters : {50, 1}) {
