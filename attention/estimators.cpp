@@ -75,8 +75,8 @@ torch::Tensor pooled_block_scores(const torch::Tensor& q, const torch::Tensor& k
 
 torch::Tensor lowrank_block_scores(const torch::Tensor& q, const torch::Tensor& k,
                                    const torch::Tensor& a_q, const torch::Tensor& a_k,
-                                   int64_t block_size, bool causal, int64_t q_offset,
-                                   double* flops) {
+                                   int64_t block_size, bool causal, int64_t q_offset, double* flops,
+                                   bool pool_queries) {
   const int64_t b = q.size(0), h = q.size(1), n = q.size(2), m = k.size(2), d = q.size(3);
   const int64_t r = a_q.size(-1);
   const int64_t qb_n = ceil_div(n, block_size), kb_n = ceil_div(m, block_size);
@@ -87,6 +87,16 @@ torch::Tensor lowrank_block_scores(const torch::Tensor& q, const torch::Tensor& 
   for (int64_t qb = 0; qb < qb_n; ++qb) {
     const int64_t i0 = qb * block_size, rows = std::min(block_size, n - i0);
     const int64_t kend = causal ? std::min(m, q_offset + i0 + rows) : m;
+    const int64_t vis = ceil_div(kend, block_size);
+    if (pool_queries) {  // one row: the block's mean projected query, seeing keys < kend
+      const auto pq = qp.narrow(2, i0, rows).mean(2, /*keepdim=*/true);           // [b,h,1,r]
+      const auto s = torch::matmul(pq, kp.narrow(2, 0, kend).transpose(-2, -1));  // [b,h,1,kend]
+      const auto mass = torch::softmax(s, -1).squeeze(2);                         // [b,h,kend]
+      scores.narrow(3, 0, vis).narrow(2, qb, 1).copy_(
+          block_sum(mass, block_size, vis).unsqueeze(2));
+      *flops += static_cast<double>(b) * h * kend * (2.0 * r + 1.0);
+      continue;
+    }
     // Up to kLowRankSampleRows evenly spaced rows of the block, the last one included.
     const int64_t ns = std::min(kLowRankSampleRows, rows);
     std::vector<int64_t> sample(ns);
@@ -101,7 +111,6 @@ torch::Tensor lowrank_block_scores(const torch::Tensor& q, const torch::Tensor& 
                      -std::numeric_limits<float>::infinity());
     }
     const auto mass = torch::softmax(s, -1).sum(2) / static_cast<double>(ns);  // [b,h,kend]
-    const int64_t vis = ceil_div(kend, block_size);
     scores.narrow(3, 0, vis).narrow(2, qb, 1).copy_(block_sum(mass, block_size, vis).unsqueeze(2));
     *flops += static_cast<double>(b) * h * ns * kend * (2.0 * r + 1.0);
   }
@@ -234,11 +243,12 @@ BlockMask estimate_block_mask(const torch::Tensor& q, const torch::Tensor& k, co
       }
 #ifdef ATTNPILOT_WITH_CUDA
       // CUDA tensors: the GPU twin (cuda/cuda_estimator.h) scores, selects and writes the
-      // lists on the device; the returned mask's row_ptr / col_idx are CUDA tensors.
-      if (cuda_estimator_handles(q, k, plan.rank, bs))
+      // lists on the device; the returned mask's row_ptr / col_idx are CUDA tensors. Its score
+      // kernel samples rows; pooled queries take the LibTorch code below (then GPU selection).
+      if (!plan.pool_queries && cuda_estimator_handles(q, k, plan.rank, bs))
         return estimate_block_mask_cuda(q, k, pq, pk, plan, causal, q_offset, flops);
 #endif
-      scores = lowrank_block_scores(q, k, pq, pk, bs, causal, q_offset, flops);
+      scores = lowrank_block_scores(q, k, pq, pk, bs, causal, q_offset, flops, plan.pool_queries);
       break;
     }
     case BlockEstimator::kVerticalSlash:

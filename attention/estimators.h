@@ -21,10 +21,12 @@ torch::Tensor pooled_block_scores(const torch::Tensor& q, const torch::Tensor& k
 
 /// Block sums of softmax((q a_q)(k a_k)ᵀ/√d) (rank-r scores), averaged over up to 8 evenly
 /// spaced rows of each query block (its last row included). a_q, a_k: [b, h, d, r].
+/// pool_queries: instead, one row per query block, the mean of its projected queries, scored
+/// against every key up to the block's last query (the keys its rows see together).
 torch::Tensor lowrank_block_scores(const torch::Tensor& q, const torch::Tensor& k,
                                    const torch::Tensor& a_q, const torch::Tensor& a_k,
-                                   int64_t block_size, bool causal, int64_t q_offset,
-                                   double* flops);
+                                   int64_t block_size, bool causal, int64_t q_offset, double* flops,
+                                   bool pool_queries = false);
 
 /// MInference vertical-slash: the last min(64, N) queries' attention gives column
 /// (vertical) and diagonal (slash) weights; a block's score is the mean of its vertical

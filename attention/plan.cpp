@@ -88,9 +88,10 @@ std::string HeadPlan::to_string() const {
     case Kind::kLowRank:
       return fmt::format("lowrank(r={})", rank);
     case Kind::kBlockSparse: {
-      const std::string est = estimator == BlockEstimator::kLowRank
-                                  ? fmt::format("lowrank(r={})", rank)
-                                  : std::string(estimator_name(estimator));
+      const std::string est =
+          estimator == BlockEstimator::kLowRank
+              ? fmt::format("lowrank(r={}{})", rank, pool_queries ? ", pooled queries" : "")
+              : std::string(estimator_name(estimator));
       if (gamma > 0)
         return fmt::format("block_sparse(gamma={}, block={}, est={})", gamma, block_size, est);
       return top_k > 0
@@ -107,7 +108,7 @@ std::string HeadPlan::to_string() const {
 bool HeadPlan::operator==(const HeadPlan& o) const {
   return kind == o.kind && rank == o.rank && density == o.density && top_k == o.top_k &&
          block_size == o.block_size && gamma == o.gamma && estimator == o.estimator &&
-         window == o.window && sinks == o.sinks;
+         pool_queries == o.pool_queries && window == o.window && sinks == o.sinks;
 }
 
 const HeadPlan& LayerPlan::head(int64_t h) const {

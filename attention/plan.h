@@ -50,6 +50,9 @@ struct HeadPlan {
   /// attention mass reaches gamma (FlexPrefill); overrides top_k and density. In [0, 1].
   double gamma = 0.0;
   BlockEstimator estimator = BlockEstimator::kPooled;  ///< kBlockSparse without a BlockMask
+  /// kBlockSparse with the kLowRank estimator: score one mean-pooled query per query block
+  /// instead of up to 8 evenly spaced sampled rows (8x fewer scored (query, key) pairs).
+  bool pool_queries = false;
   int64_t window = 0;  ///< kStreaming: local window in tokens (the query itself included), >= 1
   int64_t sinks = 0;   ///< kStreaming: leading sink tokens, >= 0
 

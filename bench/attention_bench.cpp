@@ -54,6 +54,8 @@ std::vector<Case> cases(int64_t d, int64_t len) {
   HeadPlan lr_est = pooled;
   lr_est.estimator = BlockEstimator::kLowRank;
   lr_est.rank = d / 4;
+  HeadPlan lr_pooled_q = lr_est;
+  lr_pooled_q.pool_queries = true;
   HeadPlan vs = pooled;
   vs.estimator = BlockEstimator::kVerticalSlash;
   HeadPlan all = HeadPlan::block_sparse(1.0, 64);
@@ -66,6 +68,7 @@ std::vector<Case> cases(int64_t d, int64_t len) {
       {"sparse all blocks", all},
       {"sparse 25% pooled", pooled},
       {"sparse 25% lowrank-est", lr_est},
+      {"sparse 25% lowrank pooled-q", lr_pooled_q},
       {"sparse 25% vert-slash", vs},
       {"streaming 64+L/8", HeadPlan::streaming(len / 8, 64)},
   };

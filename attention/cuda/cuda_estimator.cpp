@@ -235,6 +235,11 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
                       "cuda estimator: plan {} is not a block_sparse plan with the lowrank "
                       "estimator",
                       plan.to_string());
+  ATTNPILOT_CHECK_ARG(!plan.pool_queries,
+                      "cuda estimator: plan {} pools its queries; the GPU score kernel samples 8 "
+                      "rows per query block (pooled queries run through estimate_block_mask's "
+                      "LibTorch code)",
+                      plan.to_string());
   plan.validate(q.size(3));
   ATTNPILOT_CHECK_ARG(a_q.defined() && a_k.defined() && a_q.dim() == 4 && a_k.dim() == 4 &&
                           plan.rank <= a_q.size(3) && plan.rank <= a_k.size(3),

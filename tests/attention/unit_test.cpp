@@ -181,10 +181,13 @@ AttentionInputs planted(int64_t hot, int64_t len, int64_t d, int64_t bs) {
 TEST(Estimators, FindAPlantedBlockAndKeepSinkAndDiagonal) {
   const int64_t len = 256, d = 32, bs = 32, hot = 3;
   const auto in = planted(hot, len, d, bs);
-  for (auto est :
-       {BlockEstimator::kPooled, BlockEstimator::kLowRank, BlockEstimator::kVerticalSlash}) {
+  for (int variant = 0; variant < 4; ++variant) {
+    const BlockEstimator est = std::vector<BlockEstimator>{
+        BlockEstimator::kPooled, BlockEstimator::kLowRank, BlockEstimator::kVerticalSlash,
+        BlockEstimator::kLowRank}[variant];
     HeadPlan p = HeadPlan::block_sparse(0.5, bs);
     p.estimator = est;
+    p.pool_queries = variant == 3;  // the low-rank estimator with one pooled query per block
     p.rank = 8;
     p.top_k = 3;  // sink + diagonal + one more: the planted block
     double flops = 0;
@@ -238,6 +241,51 @@ TEST(Estimators, PooledScoresMatchAnExplicitReference) {
       if (vis < kb_n) {
         EXPECT_EQ(row.narrow(2, vis, kb_n - vis).abs().max().item<double>(), 0.0);
       }
+    }
+  }
+}
+
+// lowrank_block_scores with pooled queries against the same quantity written out in float64:
+// the block's mean projected query against every key up to its last query, softmax, block sums.
+TEST(Estimators, LowRankPooledQueriesMatchAnExplicitReference) {
+  struct Shape {
+    int64_t n, m, bs, q_offset;
+    bool causal;
+  };
+  for (const Shape& c :
+       {Shape{100, 130, 32, 30, true}, Shape{70, 45, 16, 0, false}, Shape{1, 200, 64, 199, true}}) {
+    const int64_t d = 24, r = 5;
+    const auto in = random_inputs(31 + c.n, 1, 2, 2, c.n, c.m, d);
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(77 + c.n);
+    const auto a_q = torch::randn({1, 2, d, r}, gen), a_k = torch::randn({1, 2, d, r}, gen);
+    double flops = 0, sampled_flops = 0;
+    const auto got = lowrank_block_scores(in.q, in.k, a_q, a_k, c.bs, c.causal, c.q_offset, &flops,
+                                          /*pool_queries=*/true);
+    (void)lowrank_block_scores(in.q, in.k, a_q, a_k, c.bs, c.causal, c.q_offset, &sampled_flops);
+    if (c.n >= 8 * 2) {
+      EXPECT_LT(flops, sampled_flops) << "pooling scores fewer pairs";
+    }
+    const int64_t qb_n = (c.n + c.bs - 1) / c.bs, kb_n = (c.m + c.bs - 1) / c.bs;
+    const auto qp =
+        torch::matmul(in.q.to(torch::kDouble), a_q.to(torch::kDouble)) / std::sqrt(24.0);
+    const auto kp = torch::matmul(in.k.to(torch::kDouble), a_k.to(torch::kDouble));
+    for (int64_t qb = 0; qb < qb_n; ++qb) {
+      const int64_t i0 = qb * c.bs, rows = std::min(c.bs, c.n - i0);
+      const int64_t kend = c.causal ? std::min(c.m, c.q_offset + i0 + rows) : c.m;
+      const int64_t vis = (kend + c.bs - 1) / c.bs;
+      const auto pq = qp.narrow(2, i0, rows).mean(2, true);  // [1, 2, 1, r]
+      const auto mass =
+          torch::softmax(torch::matmul(pq, kp.narrow(2, 0, kend).transpose(-2, -1)), -1);
+      for (int64_t head = 0; head < 2; ++head)
+        for (int64_t kb = 0; kb < kb_n; ++kb) {
+          const double want = kb < vis ? mass[0][head][0]
+                                             .narrow(0, kb * c.bs, std::min(c.bs, kend - kb * c.bs))
+                                             .sum()
+                                             .item<double>()
+                                       : 0.0;
+          EXPECT_NEAR(got[0][head][qb][kb].item<double>(), want, 1e-5)
+              << "n " << c.n << " head " << head << " query block " << qb << " key block " << kb;
+        }
     }
   }
 }
