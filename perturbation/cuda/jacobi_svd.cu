@@ -49,6 +49,7 @@
 
 #include "perturbation/cuda/jacobi_kernels.h"
 #include "perturbation/cuda/jacobi_sweeps.cuh"
+#include "perturbation/cuda/launch_checked.cuh"
 
 namespace attnpilot::perturbation::cuda {
 namespace {
@@ -149,10 +150,10 @@ cudaError_t launch_typed(const JacobiLaunch& p, cudaStream_t stream, const char*
     return cudaErrorInvalidValue;
   }
   const int64_t bytes = jacobi_shared_bytes(m, n, sizeof(T) == 8, LANES);
-  return jacobi::launch_checked(
-      jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK>, static_cast<unsigned>(p.batch), threads, bytes,
-      stream, p, "cudaFuncSetAttribute(jacobi_svd_kernel, MaxDynamicSharedMemorySize)",
-      "jacobi_svd_kernel<<<batch, threads, shared bytes, stream>>>", failed_call);
+  return launch_checked(jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK>,
+                        static_cast<unsigned>(p.batch), threads, bytes, stream, p,
+                        "cudaFuncSetAttribute(jacobi_svd_kernel, MaxDynamicSharedMemorySize)",
+                        "jacobi_svd_kernel<<<batch, threads, shared bytes, stream>>>", failed_call);
 }
 
 }  // namespace

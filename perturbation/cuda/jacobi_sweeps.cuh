@@ -3,8 +3,11 @@
 /// shared memory, shared by the batched kernel (jacobi_svd.cu) and the fused top-r iteration
 /// (topr_svd.cu). Internal to perturbation/cuda; the algorithm, its ordering and its operation
 /// count are described at the top of jacobi_svd.cu. Every function here is called by every
-/// thread of the block (they contain barriers).
+/// thread of the block (they contain barriers). Tests also run them on the CPU through
+/// tests/cuda_emu/cuda_emu.h, which defines ATTNPILOT_CUDA_EMU and the CUDA names used here.
+#ifndef ATTNPILOT_CUDA_EMU
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
@@ -305,25 +308,6 @@ __device__ void column_order(const T* A, int lda, int m, int npad, double* sig, 
     order[r] = j;
   }
   __syncthreads();
-}
-
-/// Host side: raises `kernel`'s dynamic shared-memory limit to `bytes`, launches it as grid
-/// blocks of `threads` on `stream` with `arg`, and checks both steps; on failure *failed_call
-/// is `attr_call` or `launch_call` and the CUDA error is returned.
-template <typename Arg>
-cudaError_t launch_checked(void (*kernel)(Arg), unsigned grid, int threads, int64_t bytes,
-                           cudaStream_t stream, const Arg& arg, const char* attr_call,
-                           const char* launch_call, const char** failed_call) {
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(bytes));
-  if (e != cudaSuccess) {
-    *failed_call = attr_call;
-    return e;
-  }
-  kernel<<<grid, threads, static_cast<size_t>(bytes), stream>>>(arg);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) *failed_call = launch_call;
-  return e;
 }
 
 }  // namespace attnpilot::perturbation::cuda::jacobi

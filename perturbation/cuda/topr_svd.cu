@@ -27,6 +27,7 @@
 
 #include "perturbation/cuda/jacobi_kernels.h"
 #include "perturbation/cuda/jacobi_sweeps.cuh"
+#include "perturbation/cuda/launch_checked.cuh"
 
 namespace attnpilot::perturbation::cuda {
 namespace {
@@ -295,10 +296,10 @@ cudaError_t launch_typed(const ToprLaunch& p, cudaStream_t stream, const char** 
     return cudaErrorInvalidValue;
   }
   const int64_t bytes = layout_bytes(make_layout(p.d, p.p, sizeof(T), LANES), sizeof(T));
-  return jacobi::launch_checked(
-      topr_kernel<T, LANES, TM>, static_cast<unsigned>(p.batch), topr_threads(p.p, LANES), bytes,
-      stream, p, "cudaFuncSetAttribute(topr_kernel, MaxDynamicSharedMemorySize)",
-      "topr_kernel<<<batch, 64 or 128, shared bytes, stream>>>", failed_call);
+  return launch_checked(topr_kernel<T, LANES, TM>, static_cast<unsigned>(p.batch),
+                        topr_threads(p.p, LANES), bytes, stream, p,
+                        "cudaFuncSetAttribute(topr_kernel, MaxDynamicSharedMemorySize)",
+                        "topr_kernel<<<batch, 64 or 128, shared bytes, stream>>>", failed_call);
 }
 
 }  // namespace

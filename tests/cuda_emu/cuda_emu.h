@@ -1,0 +1,277 @@
+#pragma once
+/// A CPU emulation of the CUDA execution model, enough to run our block-level device code
+/// (perturbation/cuda/jacobi_sweeps.cuh) in tests on machines without a GPU, CI among them.
+///
+///   emu::run_block(threads, body)   one thread block: `threads` fibers (ucontext), each runs
+///                                   body(); the scheduler switches fibers only at barriers
+///   __syncthreads / __syncthreads_or    block barrier (all fibers)
+///   __shfl_xor_sync(mask, v, off)   the lanes of `mask` in the caller's warp exchange values
+///   threadIdx.x, blockDim.x         the calling fiber's index, the block size
+///   __shared__                      `static` (one block runs at a time, on one OS thread)
+///
+/// What it checks beyond the results: a barrier that not every fiber reaches (a divergent
+/// __syncthreads, or a shuffle whose mask names lanes that never arrive) is reported as a
+/// deadlock by an exception, not a hang. What it does not model: memory races (fibers run one
+/// at a time, so a missing barrier between a write and another thread's read can go unseen),
+/// warp-synchronous execution without barriers, and performance.
+///
+/// Include this instead of <cuda_runtime.h> (define ATTNPILOT_CUDA_EMU before the device
+/// headers, which then skip their CUDA includes).
+#ifndef ATTNPILOT_CUDA_EMU
+#define ATTNPILOT_CUDA_EMU 1
+#endif
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __shared__ static
+
+struct float4 {
+  float x, y, z, w;
+};
+struct double2 {
+  double x, y;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline double2 make_double2(double x, double y) { return {x, y}; }
+
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline long long __double_as_longlong(double d) {
+  long long r;
+  std::memcpy(&r, &d, sizeof r);
+  return r;
+}
+inline double __longlong_as_double(long long b) {
+  double r;
+  std::memcpy(&r, &b, sizeof r);
+  return r;
+}
+using std::copysign;
+using std::fabs;
+using std::fma;
+using std::fmax;
+using std::frexp;
+using std::isfinite;
+using std::ldexp;
+using std::sqrt;
+
+namespace attnpilot::cuda_emu {
+
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+/// One emulated thread block. Fibers run one at a time and switch only in wait().
+class Block {
+ public:
+  Block(int threads, std::function<void()> body) : body_(std::move(body)) {
+    if (threads < 1 || threads > 1024)
+      throw std::invalid_argument("cuda_emu: block of " + std::to_string(threads) +
+                                  " threads, expected 1..1024");
+    fibers_.resize(static_cast<size_t>(threads));
+    for (int t = 0; t < threads; ++t) {
+      auto& f = fibers_[static_cast<size_t>(t)];
+      f.stack.resize(kStack);
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.data();
+      f.ctx.uc_stack.ss_size = f.stack.size();
+      f.ctx.uc_link = &sched_;
+      makecontext(&f.ctx, reinterpret_cast<void (*)()>(&Block::entry), 0);
+    }
+    slots_.resize(static_cast<size_t>((threads + 31) / 32) * 32);
+    exchanges_.resize(static_cast<size_t>((threads + 31) / 32));
+  }
+
+  /// Runs every fiber to completion; rethrows the first exception a fiber threw.
+  void run() {
+    Block* outer = current_block();
+    current_block() = this;
+    int done = 0;
+    while (done < static_cast<int>(fibers_.size())) {
+      bool progressed = false;
+      for (size_t t = 0; t < fibers_.size(); ++t) {
+        auto& f = fibers_[t];
+        if (f.finished || !ready(f)) continue;
+        tid_ = static_cast<int>(t);
+        swapcontext(&sched_, &f.ctx);
+        progressed = true;
+        if (f.finished) ++done;
+        if (error_) break;
+      }
+      if (error_) break;
+      if (!progressed) {
+        error_ = std::make_exception_ptr(std::runtime_error(
+            "cuda_emu: deadlock: every unfinished thread waits at a barrier or shuffle that "
+            "not all of its participants reach"));
+        break;
+      }
+    }
+    current_block() = outer;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  int tid() const { return tid_; }
+  int size() const { return static_cast<int>(fibers_.size()); }
+
+  /// __syncthreads_or: every thread arrives; returns whether any passed a nonzero predicate.
+  int barrier(int pred) {
+    const uint64_t gen = bar_gen_;
+    bar_or_ |= pred != 0;
+    if (++bar_count_ == size()) {
+      bar_result_ = bar_or_;
+      bar_or_ = false;
+      bar_count_ = 0;
+      ++bar_gen_;
+    } else {
+      wait([this, gen] { return bar_gen_ != gen; });
+    }
+    return bar_result_ ? 1 : 0;
+  }
+
+  /// __shfl_xor_sync for 64-bit payloads: the lanes of `mask` in this warp exchange.
+  uint64_t shuffle_xor(unsigned mask, uint64_t v, int off) {
+    const int lane = tid_ % 32, warp = tid_ / 32;
+    if (!(mask & (1u << lane)))
+      fail("cuda_emu: __shfl_xor_sync called by lane " + std::to_string(lane) +
+           " outside its mask");
+    const int partner = lane ^ off;
+    if (partner >= 32 || !(mask & (1u << partner)) || warp * 32 + partner >= size())
+      fail("cuda_emu: __shfl_xor_sync partner lane " + std::to_string(partner) +
+           " is not in the mask or the block");
+    slots_[static_cast<size_t>(tid_)] = v;
+    warp_arrive(warp, mask);  // everyone's value is written
+    const uint64_t got = slots_[static_cast<size_t>(warp * 32 + partner)];
+    warp_arrive(warp, mask);  // everyone has read before the slots are reused
+    return got;
+  }
+
+  static Block*& current_block() {
+    static Block* b = nullptr;
+    return b;
+  }
+
+ private:
+  static constexpr size_t kStack = 256 * 1024;
+  struct Fiber {
+    ucontext_t ctx{};
+    std::vector<char> stack;
+    bool finished = false;
+    std::function<bool()> until;  // waiting while set and false
+  };
+
+  static void entry() {
+    Block* b = current_block();
+    try {
+      b->body_();
+    } catch (...) {
+      if (!b->error_) b->error_ = std::current_exception();
+    }
+    b->fibers_[static_cast<size_t>(b->tid_)].finished = true;
+    // uc_link returns to the scheduler.
+  }
+
+  bool ready(Fiber& f) {
+    if (!f.until) return true;
+    if (f.until()) {
+      f.until = nullptr;
+      return true;
+    }
+    return false;
+  }
+
+  void wait(std::function<bool()> until) {
+    auto& f = fibers_[static_cast<size_t>(tid_)];
+    f.until = std::move(until);
+    const int me = tid_;
+    swapcontext(&f.ctx, &sched_);
+    tid_ = me;
+    if (error_) throw std::runtime_error("cuda_emu: another thread failed");
+  }
+
+  // The lanes of `mask` meet: one exchange per (warp, mask), so disjoint groups of a warp
+  // (different masks) shuffle independently, as on the GPU; overlapping masks in flight at once
+  // are an error.
+  void warp_arrive(int warp, unsigned mask) {
+    auto& per_warp = exchanges_[static_cast<size_t>(warp)];
+    for (const auto& [other, ex] : per_warp)
+      if (other != mask && (other & mask) && ex.count > 0)
+        fail("cuda_emu: lanes of one warp shuffle with overlapping masks at once");
+    auto& ex = per_warp[mask];
+    const uint64_t gen = ex.gen;
+    if (++ex.count == __builtin_popcount(mask)) {
+      ex.count = 0;
+      ++ex.gen;
+    } else {
+      Exchange* e = &ex;  // std::map nodes do not move
+      wait([e, gen] { return e->gen != gen; });
+    }
+  }
+
+  [[noreturn]] void fail(const std::string& msg) { throw std::logic_error(msg); }
+
+  std::function<void()> body_;
+  std::vector<Fiber> fibers_;
+  ucontext_t sched_{};
+  int tid_ = 0;
+  std::exception_ptr error_;
+  // Block barrier.
+  int bar_count_ = 0;
+  uint64_t bar_gen_ = 0;
+  bool bar_or_ = false, bar_result_ = false;
+  // Shuffles: a value slot per thread, and per warp one exchange per mask in use.
+  struct Exchange {
+    int count = 0;
+    uint64_t gen = 0;
+  };
+  std::vector<uint64_t> slots_;
+  std::vector<std::map<unsigned, Exchange>> exchanges_;
+};
+
+/// Runs body() as one thread block of `threads` threads.
+inline void run_block(int threads, std::function<void()> body) {
+  Block b(threads, std::move(body));
+  b.run();
+}
+
+}  // namespace attnpilot::cuda_emu
+
+#define threadIdx               \
+  (::attnpilot::cuda_emu::Dim3{ \
+      static_cast<unsigned>(::attnpilot::cuda_emu::Block::current_block()->tid()), 0, 0})
+#define blockDim                \
+  (::attnpilot::cuda_emu::Dim3{ \
+      static_cast<unsigned>(::attnpilot::cuda_emu::Block::current_block()->size()), 1, 1})
+
+inline void __syncthreads() { ::attnpilot::cuda_emu::Block::current_block()->barrier(0); }
+inline int __syncthreads_or(int pred) {
+  return ::attnpilot::cuda_emu::Block::current_block()->barrier(pred);
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int off) {
+  static_assert(sizeof(T) <= 8, "cuda_emu: shuffles carry at most 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = ::attnpilot::cuda_emu::Block::current_block()->shuffle_xor(mask, bits, off);
+  T r;
+  std::memcpy(&r, &bits, sizeof(T));
+  return r;
+}
+/// Fibers run one at a time: plain read-modify-write is atomic.
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
+  const unsigned long long old = *p;
+  if (v > old) *p = v;
+  return old;
+}

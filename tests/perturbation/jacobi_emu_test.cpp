@@ -1,0 +1,170 @@
+/// The Jacobi SVD kernels' block-level device code (perturbation/cuda/jacobi_sweeps.cuh) run on
+/// the CPU through the CUDA emulation in tests/cuda_emu: the same source as on the GPU, every
+/// layout (4 or 8 lanes per column pair, with and without tracked norms, float and double),
+/// against LibTorch's float64 SVD. Runs everywhere, CI included; the GPU tests
+/// (jacobi_svd_cuda_test.cpp) check the compiled kernels on the device.
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+// After LibTorch and GoogleTest: the emulation defines CUDA's keywords as macros.
+#include "tests/cuda_emu/cuda_emu.h"
+// clang-format off (the emulation must come first)
+#include "perturbation/cuda/jacobi_sweeps.cuh"
+// clang-format on
+
+namespace {
+
+namespace jac = attnpilot::perturbation::cuda::jacobi;
+namespace emu = attnpilot::cuda_emu;
+
+struct Svd {
+  torch::Tensor u, s, v;  // float64: [m, n], [n], [n, n], σ descending
+  bool converged = false;
+};
+
+/// One emulated thread block doing what jacobi_svd_kernel does for X (m×n, m >= n): X and
+/// V = I into "shared memory", power-of-two scaling, sweeps, σ and their order.
+template <typename T, int LANES, int TM, bool TRACK>
+Svd emulated_svd(const torch::Tensor& x64, int max_sweeps = 100) {
+  const int m = static_cast<int>(x64.size(0)), n = static_cast<int>(x64.size(1));
+  const int npad = jac::next_pow2(n < 2 ? 2 : n);
+  const int lda = jac::leading_dim(m, sizeof(T), LANES),
+            ldv = jac::leading_dim(n, sizeof(T), LANES);
+  std::vector<T> a(static_cast<size_t>(npad) * lda, T(0)), v(static_cast<size_t>(npad) * ldv, T(0));
+  const auto xc = x64.contiguous();
+  for (int j = 0; j < n; ++j) {
+    for (int i = 0; i < m; ++i) a[j * lda + i] = static_cast<T>(xc[i][j].item<double>());
+    v[j * ldv + j] = T(1);
+  }
+  std::vector<double> sig(npad);
+  std::vector<int> order(npad);
+  std::vector<T> nrm(npad);
+  int rotated[2] = {0, 0};
+  unsigned long long max_bits = 0;
+  bool converged = false;
+  int expo = 0;
+  const T tol =
+      static_cast<T>(std::sqrt(static_cast<double>(m)) * std::numeric_limits<T>::epsilon());
+  const int threads = std::max(32, LANES * npad / 2);
+  emu::run_block(threads, [&] {
+    double local_max = 0;
+    for (int idx = threadIdx.x; idx < npad * lda; idx += blockDim.x)
+      local_max = std::max(local_max, std::fabs(static_cast<double>(a[idx])));
+    if (threadIdx.x == 0) max_bits = 0;
+    __syncthreads();
+    const int e = jac::scale_pow2(a.data(), npad * lda, local_max, &max_bits);
+    const bool c = jac::sweeps<T, LANES, TM, TM, TRACK>(a.data(), lda, v.data(), ldv, m, n, npad,
+                                                        tol, max_sweeps, rotated, nrm.data());
+    jac::column_order(a.data(), lda, m, npad, sig.data(), order.data());
+    if (threadIdx.x == 0) {
+      converged = c;
+      expo = e;
+    }
+  });
+  Svd out;
+  out.converged = converged;
+  auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  out.u = torch::zeros({m, n}, o64);
+  out.v = torch::zeros({n, n}, o64);
+  out.s = torch::zeros({n}, o64);
+  for (int r = 0; r < n; ++r) {
+    const int j = order[r];
+    out.s[r] = std::ldexp(sig[j], expo);
+    for (int i = 0; i < m; ++i) out.u[i][r] = static_cast<double>(a[j * lda + i]) / sig[j];
+    for (int i = 0; i < n; ++i) out.v[i][r] = static_cast<double>(v[j * ldv + i]);
+  }
+  return out;
+}
+
+torch::Tensor matrix_with_spectrum(int64_t m, int64_t n, const torch::Tensor& sigma,
+                                   uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  auto u = std::get<0>(torch::linalg_qr(torch::randn({m, n}, gen, o64)));
+  auto v = std::get<0>(torch::linalg_qr(torch::randn({n, n}, gen, o64)));
+  return torch::matmul(u * sigma.unsqueeze(0), v.t());
+}
+
+template <typename T, int LANES, int TM, bool TRACK>
+void expect_accurate(const torch::Tensor& x, double tol, const std::string& what) {
+  const Svd r = emulated_svd<T, LANES, TM, TRACK>(x);
+  const std::string w = what + " lanes " + std::to_string(LANES) + (TRACK ? " tracked" : "");
+  EXPECT_TRUE(r.converged) << w;
+  const auto ref = torch::linalg_svdvals(x);
+  const double smax = ref[0].item<double>();
+  const int64_t n = x.size(1);
+  const auto eye = torch::eye(n, torch::kFloat64);
+  EXPECT_LE((r.s - ref).abs().max().item<double>() / smax, tol) << w << ": σ";
+  EXPECT_TRUE((r.s.diff() <= 0).all().item<bool>()) << w << ": σ not descending";
+  EXPECT_LE((torch::matmul(r.u.t(), r.u) - eye).abs().max().item<double>(), tol) << w << ": U";
+  EXPECT_LE((torch::matmul(r.v.t(), r.v) - eye).abs().max().item<double>(), tol) << w << ": V";
+  const auto rec = torch::matmul(r.u * r.s.unsqueeze(0), r.v.t());
+  EXPECT_LE(((rec - x).norm() / x.norm()).item<double>(), tol) << w << ": reconstruction";
+}
+
+TEST(JacobiEmulated, EveryLayoutMatchesFloat64) {
+  auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const auto gauss = [&](int64_t m, int64_t n, uint64_t seed) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    return torch::randn({m, n}, gen, o64);
+  };
+  const auto graded = matrix_with_spectrum(32, 32, torch::logspace(0, -6, 32, 10, o64), 5);
+  const auto clustered = matrix_with_spectrum(
+      24, 16, torch::cat({torch::ones({8}, o64), 1e-3 * torch::ones({8}, o64)}), 6);
+  // float, 8 lanes (32-row tiles), exact and tracked norms.
+  for (const auto& [x, name] :
+       std::vector<std::pair<torch::Tensor, std::string>>{{gauss(32, 32, 1), "32x32"},
+                                                          {gauss(20, 13, 2), "20x13"},
+                                                          {graded, "32x32 cond 1e6"},
+                                                          {clustered, "24x16 clustered"}}) {
+    expect_accurate<float, 8, 1, false>(x, 1e-5, name);
+    expect_accurate<float, 8, 1, true>(x, 1e-5, name);
+    expect_accurate<float, 4, 2, false>(x, 1e-5, name);  // 16-row tiles
+  }
+  // Taller blocks: two and four 32-row tiles, the top-r path's shape class.
+  expect_accurate<float, 8, 2, true>(gauss(64, 12, 3), 1e-5, "64x12");
+  expect_accurate<float, 8, 4, true>(gauss(100, 9, 4), 1e-5, "100x9");
+  expect_accurate<float, 8, 4, false>(gauss(100, 9, 4), 1e-5, "100x9");
+  // double.
+  expect_accurate<double, 8, 1, false>(gauss(24, 24, 7), 1e-12, "24x24");
+  expect_accurate<double, 8, 1, true>(gauss(24, 24, 7), 1e-12, "24x24");
+}
+
+TEST(JacobiEmulated, SweepLimitIsReported) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(9);
+  const auto x = torch::randn({32, 32}, gen, torch::TensorOptions().dtype(torch::kFloat64));
+  EXPECT_FALSE((emulated_svd<float, 8, 1, false>(x, 1).converged));
+}
+
+// The emulation itself: shuffles within group masks, the barrier's OR, and a barrier that not
+// every thread reaches reported instead of hanging.
+TEST(CudaEmulation, ShufflesBarriersAndDeadlocks) {
+  std::vector<int> sums(64), any(64);
+  emu::run_block(64, [&] {
+    const int t = threadIdx.x;
+    const unsigned gmask = 0xffu << (8 * ((t % 32) / 8));
+    int v = t;
+    for (int off = 1; off < 8; off <<= 1) v += __shfl_xor_sync(gmask, v, off);
+    sums[t] = v;
+    any[t] = __syncthreads_or(t == 37);
+  });
+  for (int t = 0; t < 64; ++t) {
+    const int g0 = t / 8 * 8;
+    EXPECT_EQ(sums[t], 8 * g0 + 28) << "thread " << t;
+    EXPECT_EQ(any[t], 1) << "thread " << t;
+  }
+  EXPECT_THROW(emu::run_block(64,
+                              [&] {
+                                if (threadIdx.x < 32) __syncthreads();
+                              }),
+               std::runtime_error);
+}
+
+}  // namespace
