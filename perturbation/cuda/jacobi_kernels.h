@@ -1,7 +1,9 @@
 #pragma once
 /// Raw launcher of the batched one-sided Jacobi SVD kernel (jacobi_svd.cu). No LibTorch types
 /// here, so nvcc never compiles the LibTorch headers; jacobi_svd.h is the tensor-level API.
+#ifndef ATTNPILOT_CUDA_EMU  // tests/cuda_emu/cuda_emu.h declares the two CUDA types used here
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 

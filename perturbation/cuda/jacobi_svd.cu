@@ -54,97 +54,19 @@
 namespace attnpilot::perturbation::cuda {
 namespace {
 
-using jacobi::leading_dim;
-using jacobi::next_pow2;
-
+// The body is jacobi::svd_block (jacobi_sweeps.cuh), which the CPU emulation tests also run.
 template <typename T, int LANES, int TM, int MAXT, bool TRACK>
 __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int rotated[2];
   __shared__ unsigned long long max_bits;
-
-  const int tid = threadIdx.x, nt = blockDim.x;
-  const int64_t b = blockIdx.x;
-  const int m = p.transpose ? p.cols_in : p.rows_in;
-  const int n = p.transpose ? p.rows_in : p.cols_in;
-  const int k = p.k;
-  const int npad = next_pow2(n < 2 ? 2 : n);
-  const int lda = leading_dim(m, sizeof(T), LANES), ldv = leading_dim(n, sizeof(T), LANES);
-  T* A = reinterpret_cast<T*>(smem);  // column j at A + j*lda
-  T* V = A + static_cast<int64_t>(npad) * lda;
-  double* sig = reinterpret_cast<double*>(V + static_cast<int64_t>(npad) * ldv);
-  int* order = reinterpret_cast<int*>(sig + npad);
-  T* nrm = reinterpret_cast<T*>(order + npad);  // the sweeps' column norms (npad >= 2: aligned)
-
-  // 1. X (zero-padded) and V = I into shared memory; non-finite check; power-of-two scaling.
-  for (int idx = tid; idx < npad * lda; idx += nt) A[idx] = T(0);
-  for (int idx = tid; idx < npad * ldv; idx += nt) {
-    const int j = idx / ldv, i = idx - j * ldv;
-    V[idx] = (i == j && j < n) ? T(1) : T(0);
-  }
-  if (tid == 0) max_bits = 0ull;
-  __syncthreads();
-  const T* a = static_cast<const T*>(p.a) + b * p.rows_in * p.cols_in;
-  const int total = p.rows_in * p.cols_in;
-  double local_max = 0;
-  int bad = 0;
-  for (int idx = tid; idx < total; idx += nt) {  // coalesced over the input's storage order
-    const T x = a[idx];
-    const int r = idx / p.cols_in, c = idx - r * p.cols_in;
-    const int i = p.transpose ? c : r, j = p.transpose ? r : c;
-    if (!isfinite(x)) {
-      bad = 1;
-    } else {
-      local_max = fmax(local_max, fabs(static_cast<double>(x)));
-    }
-    A[j * lda + i] = x;
-  }
-  if (__syncthreads_or(bad)) {
-    if (tid == 0) p.status[b] = kJacobiNonFinite;
-    return;  // the whole block leaves together
-  }
-  const int expo = jacobi::scale_pow2(A, npad * lda, local_max, &max_bits);
-
-  // 2. Sweeps; 3. σ_j and their descending order.
-  const bool converged = jacobi::sweeps<T, LANES, TM, TM, TRACK>(
-      A, lda, V, ldv, m, n, npad, static_cast<T>(p.tol), p.max_sweeps, rotated, nrm);
-  jacobi::column_order(A, lda, m, npad, sig, order);
-  // Columns with σ_j <= thr have no direction (exact zeros, or below 1e-30 of σ₁): their U
-  // columns are written as 0 and the host completes them to an orthonormal set.
-  const double thr = sig[order[0]] * 1e-30;
-
-  // 4. Outputs, coalesced: U_X [m, k], V_X [n, k], σ [k].
-  T* ux = static_cast<T*>(p.ux) + b * m * k;
-  T* vx = static_cast<T*>(p.vx) + b * n * k;
-  T* so = static_cast<T*>(p.s) + b * k;
-  for (int idx = tid; idx < m * k; idx += nt) {
-    const int i = idx / k, r = idx - i * k;
-    const int j = order[r];
-    const double sj = sig[j];
-    ux[idx] = sj > thr ? static_cast<T>(static_cast<double>(A[j * lda + i]) / sj) : T(0);
-  }
-  for (int idx = tid; idx < n * k; idx += nt) {
-    const int i = idx / k, r = idx - i * k;
-    vx[idx] = V[order[r] * ldv + i];
-  }
-  for (int r = tid; r < k; r += nt) so[r] = static_cast<T>(ldexp(sig[order[r]], expo));
-  if (tid == 0) {
-    int st = converged ? 0 : kJacobiNotConverged;
-    for (int r = 0; r < k; ++r)
-      if (!(sig[order[r]] > thr)) st |= kJacobiZeroColumns;
-    p.status[b] = st;
-  }
-}
-
-int threads_for(int n, int lanes) {
-  const int t = lanes * (next_pow2(n < 2 ? 2 : n) / 2);
-  return t < 32 ? 32 : t;
+  jacobi::svd_block<T, LANES, TM, TRACK>(p, blockIdx.x, smem, rotated, &max_bits);
 }
 
 template <typename T, int LANES, int TM, int MAXT, bool TRACK = false>
 cudaError_t launch_typed(const JacobiLaunch& p, cudaStream_t stream, const char** failed_call) {
   const int m = p.transpose ? p.cols_in : p.rows_in, n = p.transpose ? p.rows_in : p.cols_in;
-  const int threads = threads_for(n, LANES);
+  const int threads = jacobi::svd_block_threads(n, LANES);
   if (threads > MAXT || (m + 4 * LANES - 1) / (4 * LANES) > TM) {
     *failed_call = "jacobi_svd_kernel (shape outside the instantiated kernel)";
     return cudaErrorInvalidValue;
@@ -170,10 +92,7 @@ int jacobi_lanes(int m, bool is_double, int requested) {
 }
 
 int64_t jacobi_shared_bytes(int m, int n, bool is_double, int lanes) {
-  const int eb = is_double ? 8 : 4;
-  const int64_t npad = next_pow2(n < 2 ? 2 : n);
-  return npad * (leading_dim(m, eb, lanes) + leading_dim(n, eb, lanes)) * eb + npad * 8 + npad * 4 +
-         npad * eb;
+  return jacobi::svd_block_shared_bytes(m, n, is_double ? 8 : 4, lanes);
 }
 
 cudaError_t launch_jacobi_svd(const JacobiLaunch& p, bool is_double, cudaStream_t stream,

@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "perturbation/cuda/jacobi_kernels.h"
+
 namespace attnpilot::perturbation::cuda::jacobi {
 
 __host__ __device__ inline int next_pow2(int x) {
@@ -308,6 +310,102 @@ __device__ void column_order(const T* A, int lda, int m, int npad, double* sig, 
     order[r] = j;
   }
   __syncthreads();
+}
+
+/// Threads of one batched-kernel block for X with n columns: `lanes` per pair of the padded
+/// columns, at least a warp.
+__host__ __device__ inline int svd_block_threads(int n, int lanes) {
+  const int t = lanes * (next_pow2(n < 2 ? 2 : n) / 2);
+  return t < 32 ? 32 : t;
+}
+
+/// Dynamic shared memory of svd_block for X of m×n (m >= n), elem_bytes 4 or 8: X and V
+/// (padded to npad columns), σ (double), the order (int), the column norms (T).
+__host__ __device__ inline int64_t svd_block_shared_bytes(int m, int n, int elem_bytes, int lanes) {
+  const int64_t npad = next_pow2(n < 2 ? 2 : n);
+  return npad * (leading_dim(m, elem_bytes, lanes) + leading_dim(n, elem_bytes, lanes)) *
+             elem_bytes +
+         npad * 8 + npad * 4 + npad * elem_bytes;
+}
+
+/// The batched Jacobi SVD of matrix b of p (jacobi_svd_kernel's whole body; see jacobi_svd.cu):
+/// load (transposed when p.transpose) with the NaN/Inf check, scaling, sweeps, σ order, then
+/// U_X, V_X, σ and the status written to global memory. smem: svd_block_shared_bytes, 16-byte
+/// aligned; rotated, max_bits: shared scratch. Called by every thread of a block of
+/// svd_block_threads(n, LANES) threads.
+template <typename T, int LANES, int TM, bool TRACK>
+__device__ void svd_block(const JacobiLaunch& p, int64_t b, unsigned char* smem, int* rotated,
+                          unsigned long long* max_bits) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int m = p.transpose ? p.cols_in : p.rows_in;
+  const int n = p.transpose ? p.rows_in : p.cols_in;
+  const int k = p.k;
+  const int npad = next_pow2(n < 2 ? 2 : n);
+  const int lda = leading_dim(m, sizeof(T), LANES), ldv = leading_dim(n, sizeof(T), LANES);
+  T* A = reinterpret_cast<T*>(smem);  // column j at A + j*lda
+  T* V = A + static_cast<int64_t>(npad) * lda;
+  double* sig = reinterpret_cast<double*>(V + static_cast<int64_t>(npad) * ldv);
+  int* order = reinterpret_cast<int*>(sig + npad);
+  T* nrm = reinterpret_cast<T*>(order + npad);  // the sweeps' column norms (npad >= 2: aligned)
+
+  // 1. X (zero-padded) and V = I into shared memory; non-finite check; power-of-two scaling.
+  for (int idx = tid; idx < npad * lda; idx += nt) A[idx] = T(0);
+  for (int idx = tid; idx < npad * ldv; idx += nt) {
+    const int j = idx / ldv, i = idx - j * ldv;
+    V[idx] = (i == j && j < n) ? T(1) : T(0);
+  }
+  if (tid == 0) *max_bits = 0ull;
+  __syncthreads();
+  const T* a = static_cast<const T*>(p.a) + b * p.rows_in * p.cols_in;
+  const int total = p.rows_in * p.cols_in;
+  double local_max = 0;
+  int bad = 0;
+  for (int idx = tid; idx < total; idx += nt) {  // coalesced over the input's storage order
+    const T x = a[idx];
+    const int r = idx / p.cols_in, c = idx - r * p.cols_in;
+    const int i = p.transpose ? c : r, j = p.transpose ? r : c;
+    if (!isfinite(x)) {
+      bad = 1;
+    } else {
+      local_max = fmax(local_max, fabs(static_cast<double>(x)));
+    }
+    A[j * lda + i] = x;
+  }
+  if (__syncthreads_or(bad)) {
+    if (tid == 0) p.status[b] = kJacobiNonFinite;
+    return;  // the whole block leaves together
+  }
+  const int expo = scale_pow2(A, npad * lda, local_max, max_bits);
+
+  // 2. Sweeps; 3. σ_j and their descending order.
+  const bool converged = sweeps<T, LANES, TM, TM, TRACK>(
+      A, lda, V, ldv, m, n, npad, static_cast<T>(p.tol), p.max_sweeps, rotated, nrm);
+  column_order(A, lda, m, npad, sig, order);
+  // Columns with σ_j <= thr have no direction (exact zeros, or below 1e-30 of σ₁): their U
+  // columns are written as 0 and the host completes them to an orthonormal set.
+  const double thr = sig[order[0]] * 1e-30;
+
+  // 4. Outputs, coalesced: U_X [m, k], V_X [n, k], σ [k].
+  T* ux = static_cast<T*>(p.ux) + b * m * k;
+  T* vx = static_cast<T*>(p.vx) + b * n * k;
+  T* so = static_cast<T*>(p.s) + b * k;
+  for (int idx = tid; idx < m * k; idx += nt) {
+    const int i = idx / k, r = idx - i * k;
+    const int j = order[r];
+    const double sj = sig[j];
+    ux[idx] = sj > thr ? static_cast<T>(static_cast<double>(A[j * lda + i]) / sj) : T(0);
+  }
+  for (int idx = tid; idx < n * k; idx += nt) {
+    const int i = idx / k, r = idx - i * k;
+    vx[idx] = V[order[r] * ldv + i];
+  }
+  for (int r = tid; r < k; r += nt) so[r] = static_cast<T>(ldexp(sig[order[r]], expo));
+  if (tid == 0) {
+    int st = converged ? 0 : kJacobiNotConverged;
+    for (int r = 0; r < k; ++r)
+      if (!(sig[order[r]] > thr)) st |= kJacobiZeroColumns;
+    p.status[b] = st;
+  }
 }
 
 }  // namespace attnpilot::perturbation::cuda::jacobi

@@ -39,6 +39,9 @@
 #define __forceinline__ inline
 #define __shared__ static
 
+using cudaStream_t = void*;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+
 struct float4 {
   float x, y, z, w;
 };

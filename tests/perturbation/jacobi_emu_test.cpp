@@ -143,6 +143,95 @@ TEST(JacobiEmulated, SweepLimitIsReported) {
   EXPECT_FALSE((emulated_svd<float, 8, 1, false>(x, 1).converged));
 }
 
+/// The batched kernel's whole block (jacobi::svd_block: load, transposition, checks, sweeps,
+/// outputs and status) on host memory, one emulated block per matrix.
+template <typename T, int LANES, int TM, bool TRACK>
+std::vector<int> emulated_kernel(const torch::Tensor& a, int k, int max_sweeps, torch::Tensor& u,
+                                 torch::Tensor& s, torch::Tensor& v) {
+  const int64_t batch = a.size(0);
+  const int rows = static_cast<int>(a.size(1)), cols = static_cast<int>(a.size(2));
+  const bool tr = rows < cols;
+  const int m = std::max(rows, cols), n = std::min(rows, cols);
+  const auto dt = sizeof(T) == 8 ? torch::kFloat64 : torch::kFloat32;
+  const auto ac = a.to(dt).contiguous();
+  auto ux = torch::full({batch, m, k}, std::nan(""), torch::TensorOptions().dtype(dt));
+  auto vx = torch::full({batch, n, k}, std::nan(""), torch::TensorOptions().dtype(dt));
+  s = torch::full({batch, k}, std::nan(""), torch::TensorOptions().dtype(dt));
+  std::vector<int> status(static_cast<size_t>(batch), -99);
+  attnpilot::perturbation::cuda::JacobiLaunch p;
+  p.a = ac.data_ptr();
+  p.batch = batch;
+  p.rows_in = rows;
+  p.cols_in = cols;
+  p.transpose = tr;
+  p.k = k;
+  p.ux = ux.data_ptr();
+  p.vx = vx.data_ptr();
+  p.s = s.data_ptr();
+  p.status = status.data();
+  p.tol = std::sqrt(static_cast<double>(m)) * std::numeric_limits<T>::epsilon();
+  p.max_sweeps = max_sweeps;
+  std::vector<double> smem_words(
+      static_cast<size_t>(jac::svd_block_shared_bytes(m, n, sizeof(T), LANES) / 8 + 2));
+  for (int64_t b = 0; b < batch; ++b) {
+    int rotated[2];
+    unsigned long long max_bits = 0;
+    emu::run_block(jac::svd_block_threads(n, LANES), [&] {
+      jac::svd_block<T, LANES, TM, TRACK>(p, b, reinterpret_cast<unsigned char*>(smem_words.data()),
+                                          rotated, &max_bits);
+    });
+  }
+  // A = X (U = U_X, V = V_X) or A = Xᵀ (U = V_X, V = U_X).
+  u = (tr ? vx : ux).to(torch::kFloat64);
+  v = (tr ? ux : vx).to(torch::kFloat64);
+  s = s.to(torch::kFloat64);
+  return status;
+}
+
+TEST(JacobiEmulated, KernelBlockTallWideTopKAndStatuses) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(21);
+  auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  struct Case {
+    int64_t rows, cols;
+    int k;
+  };
+  for (const Case& c : {Case{40, 24, 24}, Case{24, 40, 24}, Case{33, 33, 5}, Case{9, 1, 1}}) {
+    auto a = torch::randn({3, c.rows, c.cols}, gen, o64);
+    a[1].zero_();  // no direction at all: zero U columns, flagged
+    torch::Tensor u, s, v;
+    const auto st = emulated_kernel<float, 8, 2, false>(a, c.k, 100, u, s, v);
+    const std::string what =
+        std::to_string(c.rows) + "x" + std::to_string(c.cols) + " k " + std::to_string(c.k);
+    EXPECT_EQ(st[0], 0) << what;
+    EXPECT_EQ(st[1], attnpilot::perturbation::cuda::kJacobiZeroColumns) << what;
+    EXPECT_EQ(st[2], 0) << what;
+    EXPECT_TRUE(torch::isfinite(u).all().item<bool>() && torch::isfinite(s).all().item<bool>() &&
+                torch::isfinite(v).all().item<bool>())
+        << what << ": an output was not written";
+    EXPECT_EQ(s[1].abs().max().item<double>(), 0.0) << what;
+    for (int64_t b : {0, 2}) {
+      const auto ref = torch::linalg_svdvals(a[b]).narrow(0, 0, c.k);
+      const double smax = ref[0].item<double>();
+      EXPECT_LE((s[b] - ref).abs().max().item<double>() / smax, 1e-5) << what;
+      const auto eye = torch::eye(c.k, o64);
+      EXPECT_LE((torch::matmul(u[b].t(), u[b]) - eye).abs().max().item<double>(), 1e-5) << what;
+      EXPECT_LE((torch::matmul(v[b].t(), v[b]) - eye).abs().max().item<double>(), 1e-5) << what;
+      // A v_i = σ_i u_i for the k leading triplets.
+      const auto res = torch::matmul(a[b], v[b]) - u[b] * s[b].unsqueeze(0);
+      EXPECT_LE(res.abs().max().item<double>() / smax, 1e-5) << what;
+    }
+  }
+  // NaN: status -1 and nothing else written for that matrix; a sweep limit of 1: flagged.
+  auto a = torch::randn({2, 16, 16}, gen, o64);
+  a[0][3][4] = std::nan("");
+  torch::Tensor u, s, v;
+  auto st = emulated_kernel<double, 8, 1, false>(a, 16, 100, u, s, v);
+  EXPECT_EQ(st[0], attnpilot::perturbation::cuda::kJacobiNonFinite);
+  EXPECT_EQ(st[1], 0);
+  st = emulated_kernel<double, 8, 1, false>(a.narrow(0, 1, 1), 16, 1, u, s, v);
+  EXPECT_EQ(st[0], attnpilot::perturbation::cuda::kJacobiNotConverged);
+}
+
 // The emulation itself: shuffles within group masks, the barrier's OR, and a barrier that not
 // every thread reaches reported instead of hanging.
 TEST(CudaEmulation, ShufflesBarriersAndDeadlocks) {
