@@ -13,10 +13,13 @@
 #include <string>
 #include <vector>
 
+#include "perturbation/tracker.h"
+
 // After LibTorch and GoogleTest: the emulation defines CUDA's keywords as macros.
 #include "tests/cuda_emu/cuda_emu.h"
 // clang-format off (the emulation must come first)
 #include "perturbation/cuda/jacobi_sweeps.cuh"
+#include "perturbation/cuda/topr_block.cuh"
 // clang-format on
 
 namespace {
@@ -230,6 +233,131 @@ TEST(JacobiEmulated, KernelBlockTallWideTopKAndStatuses) {
   EXPECT_EQ(st[1], 0);
   st = emulated_kernel<double, 8, 1, false>(a.narrow(0, 1, 1), 16, 1, u, s, v);
   EXPECT_EQ(st[0], attnpilot::perturbation::cuda::kJacobiNotConverged);
+}
+
+/// The fused top-r kernel's whole block (topr::topr_block), one emulated block per core.
+template <typename T>
+struct ToprOut {
+  torch::Tensor u, s, v;  // float64
+  std::vector<int> status;
+  std::vector<int64_t> iterations;
+  std::vector<char> converged;  // bool storage for ToprLaunch
+};
+
+template <typename T, int TM>
+ToprOut<T> emulated_topr(const torch::Tensor& c, const torch::Tensor& v0, int r, double tol,
+                         int max_iters) {
+  namespace cu = attnpilot::perturbation::cuda;
+  const int64_t batch = c.size(0);
+  const int d = static_cast<int>(c.size(1)), pp = static_cast<int>(v0.size(2));
+  const auto dt = sizeof(T) == 8 ? torch::kFloat64 : torch::kFloat32;
+  const auto cc = c.to(dt).contiguous(), vc = v0.to(dt).contiguous();
+  const auto opt = torch::TensorOptions().dtype(dt);
+  auto u = torch::full({batch, d, pp}, std::nan(""), opt),
+       s = torch::full({batch, pp}, std::nan(""), opt),
+       v = torch::full({batch, d, pp}, std::nan(""), opt);
+  ToprOut<T> out;
+  out.status.assign(static_cast<size_t>(batch), -99);
+  out.iterations.assign(static_cast<size_t>(batch), -1);
+  out.converged.assign(static_cast<size_t>(batch), 0);
+  cu::ToprLaunch l;
+  l.c = cc.data_ptr();
+  l.v0 = vc.data_ptr();
+  l.batch = batch;
+  l.d = d;
+  l.p = pp;
+  l.r = r;
+  l.tol = tol;
+  l.max_iters = max_iters;
+  l.jacobi_tol = std::sqrt(static_cast<double>(d)) * std::numeric_limits<T>::epsilon();
+  l.max_sweeps = 100;
+  l.u = u.data_ptr();
+  l.s = s.data_ptr();
+  l.v = v.data_ptr();
+  l.iterations = out.iterations.data();
+  l.converged = reinterpret_cast<bool*>(out.converged.data());
+  l.status = out.status.data();
+  const auto layout = cu::topr::make_layout(d, pp, sizeof(T), 8);
+  std::vector<double> smem(static_cast<size_t>(cu::topr::layout_bytes(layout, sizeof(T)) / 8 + 2));
+  for (int64_t b = 0; b < batch; ++b) {
+    int rotated[2];
+    unsigned long long max_bits = 0;
+    T sv[cu::topr::kMaxP];
+    double res[cu::topr::kMaxP];
+    emu::run_block(cu::topr::topr_threads(pp, 8), [&] {
+      cu::topr::topr_block<T, 8, TM>(l, b, reinterpret_cast<unsigned char*>(smem.data()), rotated,
+                                     &max_bits, sv, res);
+    });
+  }
+  out.u = u.to(torch::kFloat64);
+  out.s = s.to(torch::kFloat64);
+  out.v = v.to(torch::kFloat64);
+  return out;
+}
+
+/// Runs the fused iteration on the cores c1 (core 1 zero) in T and checks every finished core.
+template <typename T>
+void expect_topr_converges(const torch::Tensor& c1, const torch::Tensor& v0, int64_t r, double tol,
+                           const std::string& what) {
+  namespace cu = attnpilot::perturbation::cuda;
+  const int64_t pp = v0.size(2);
+  const auto o = emulated_topr<T, 2>(c1, v0, static_cast<int>(r), tol, 30);
+  // Non-dependent copies (the checks below need no `template` keywords).
+  const torch::Tensor u = o.u, sv = o.s, v = o.v;
+  const std::vector<int> status = o.status;
+  const std::vector<int64_t> iterations = o.iterations;
+  const std::vector<char> converged = o.converged;
+  EXPECT_EQ(status[1], cu::kToprFallback) << what << ": a zero core has no direction";
+  for (int64_t i : {0, 2}) {
+    EXPECT_EQ(status[static_cast<size_t>(i)], 0) << what;
+    EXPECT_TRUE(converged[static_cast<size_t>(i)]) << what;
+    EXPECT_GE(iterations[static_cast<size_t>(i)], 1) << what;
+    const auto ref = torch::linalg_svdvals(c1[i]);
+    const double s1 = ref[0].item<double>();
+    EXPECT_LE((sv[i].narrow(0, 0, r) - ref.narrow(0, 0, r)).abs().max().item<double>() / s1,
+              10 * tol)
+        << what;
+    const auto eye = torch::eye(pp, torch::kFloat64);
+    EXPECT_LE((torch::matmul(u[i].t(), u[i]) - eye).abs().max().item<double>(), 1e-5) << what;
+    EXPECT_LE((torch::matmul(v[i].t(), v[i]) - eye).abs().max().item<double>(), 1e-5) << what;
+    // The triplet residual the kernel stopped on, recomputed in float64.
+    const auto ur = u[i].narrow(1, 0, r), vr = v[i].narrow(1, 0, r);
+    const auto sr = sv[i].narrow(0, 0, r).unsqueeze(0);
+    const double r1 = (torch::matmul(c1[i], vr) - ur * sr).norm(2, {0}).max().item<double>();
+    const double r2 = (torch::matmul(c1[i].t(), ur) - vr * sr).norm(2, {0}).max().item<double>();
+    EXPECT_LE(std::max(r1, r2) / s1, 2 * tol + 1e-6) << what << ": residual";
+  }
+}
+
+TEST(ToprEmulated, FusedIterationConvergesToTheLeadingTriplets) {
+  namespace cu = attnpilot::perturbation::cuda;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(31);
+  auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const int64_t b = 3, d = 40, r = 4, pp = 8;
+  auto uu = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
+  auto vv = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
+  auto sig = torch::pow(0.75, torch::arange(d, o64));
+  auto c0 = torch::matmul(uu * sig.unsqueeze(0).unsqueeze(0), vv.transpose(1, 2));
+  auto c1 = c0 + 1e-3 * torch::randn({b, d, d}, gen, o64) / std::sqrt(static_cast<double>(d));
+  auto v0 = vv.narrow(2, 0, pp).contiguous();  // the previous segment's exact leading block
+  c1[1].zero_();
+  expect_topr_converges<float>(c1, v0, r, 1e-5, "float");
+  expect_topr_converges<double>(c1, v0, r, 1e-10, "double");
+  // One step from a cold start gives the Ritz triplets of the CPU step (QR, then the SVD of the
+  // p×p compression): the same values, the same vectors up to sign.
+  auto cold = std::get<0>(torch::linalg_qr(torch::randn({b, d, pp}, gen, o64)));
+  const auto one = emulated_topr<double, 2>(c1, cold, static_cast<int>(r), 1e-10, 1);
+  auto [cu_u, cu_s, cu_v] =
+      attnpilot::perturbation::subspace_iteration_step(c1[0].unsqueeze(0), cold[0].unsqueeze(0));
+  EXPECT_EQ(one.iterations[0], 1);
+  EXPECT_LE((one.s[0] - cu_s[0]).abs().max().item<double>(), 1e-10);
+  EXPECT_GE(torch::matmul(one.u[0].t(), cu_u[0]).diagonal().abs().min().item<double>(), 1 - 1e-8);
+  EXPECT_GE(torch::matmul(one.v[0].t(), cu_v[0]).diagonal().abs().min().item<double>(), 1 - 1e-8);
+  auto bad = c1.clone();
+  bad[2][5][6] = std::nan("");
+  const auto nan = emulated_topr<float, 2>(bad, v0, static_cast<int>(r), 1e-5, 30);
+  EXPECT_EQ(nan.status[2], cu::kJacobiNonFinite);
+  EXPECT_EQ(nan.status[0], 0);
 }
 
 // The emulation itself: shuffles within group masks, the barrier's OR, and a barrier that not
