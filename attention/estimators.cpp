@@ -17,15 +17,15 @@ namespace {
 constexpr int64_t kVerticalSlashQueries = 64;
 constexpr int64_t kLowRankSampleRows = 8;
 
-/// Last visible key block of each query block (causal), else k_blocks - 1.
-torch::Tensor last_visible_block(int64_t n, int64_t m, int64_t bs, bool causal, int64_t q_offset) {
+/// Last visible key block of each query block [q_blocks] (int64 on `device`): causal, the block
+/// holding the query block's last query (clamped to the keys); else k_blocks - 1.
+torch::Tensor last_visible_block(int64_t n, int64_t m, int64_t bs, bool causal, int64_t q_offset,
+                                 torch::Device device = torch::kCPU) {
   const int64_t qb_n = ceil_div(n, bs), kb_n = ceil_div(m, bs);
-  auto t = torch::empty({qb_n}, torch::kLong);
-  for (int64_t qb = 0; qb < qb_n; ++qb) {
-    const int64_t last_q = q_offset + std::min(n, (qb + 1) * bs) - 1;
-    t[qb] = causal ? std::min(kb_n - 1, last_q / bs) : kb_n - 1;
-  }
-  return t;
+  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(device);
+  if (!causal) return torch::full({qb_n}, kb_n - 1, lopt);
+  const auto last_q = (torch::arange(1, qb_n + 1, lopt) * bs).clamp_max(n) + (q_offset - 1);
+  return torch::floor_divide(last_q, bs).clamp_max(kb_n - 1);
 }
 
 /// Sums x [..., L] over consecutive groups of bs along the last dim (zero-padded).
@@ -59,15 +59,10 @@ torch::Tensor pooled_block_scores(const torch::Tensor& q, const torch::Tensor& k
   };
   auto s = torch::matmul(pool(q, n, qb_n), pool(k, m, kb_n).transpose(-2, -1)) /
            std::sqrt(static_cast<double>(d));
-  if (causal) {
-    // Query block i sees key blocks up to the one holding its last query (on s's device: no
-    // host-to-device copy, which would synchronise).
-    const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(s.device());
-    const auto last_q =
-        (torch::arange(1, qb_n + 1, lopt) * block_size).clamp_max(n) + (q_offset - 1);
-    const auto last = torch::floor_divide(last_q, block_size).clamp_max(kb_n - 1);
-    s.masked_fill_(torch::arange(kb_n, lopt).unsqueeze(0) > last.unsqueeze(1),
-                   -std::numeric_limits<float>::infinity());
+  if (causal) {  // computed on s's device: a host-to-device copy would synchronise
+    const auto last = last_visible_block(n, m, block_size, true, q_offset, s.device());
+    const auto kb = torch::arange(kb_n, last.options());
+    s.masked_fill_(kb.unsqueeze(0) > last.unsqueeze(1), -std::numeric_limits<float>::infinity());
   }
   *flops += static_cast<double>(b) * h * ((n + m) * d + 2.0 * qb_n * kb_n * d);
   return torch::softmax(s, -1);

@@ -54,6 +54,14 @@ void check_output(const torch::Tensor& out, const torch::Tensor& a, std::vector<
       a.device().str(), dtype_name(out), out.device().str());
 }
 
+/// The Jacobi kernels' default relative orthogonality tolerance for m rows: sqrt(m)·ε (LAPACK
+/// sgesvj's choice).
+double default_jacobi_tol(int64_t m, bool is_double) {
+  const double eps = is_double ? std::numeric_limits<double>::epsilon()
+                               : static_cast<double>(std::numeric_limits<float>::epsilon());
+  return std::sqrt(static_cast<double>(m)) * eps;
+}
+
 int64_t output_rank(const JacobiOptions& o, int64_t kmin) {
   ATTNPILOT_CHECK_ARG(o.rank >= 0 && o.rank <= kmin,
                       "SVD rank = {}, expected 0 (all) or 1..{} (= min(m, n))", o.rank, kmin);
@@ -151,9 +159,7 @@ int64_t jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch:
   p.vx = tr ? u.data_ptr() : v.data_ptr();
   p.s = s.data_ptr();
   p.status = status.data_ptr<int>();
-  const double eps = dbl ? std::numeric_limits<double>::epsilon()
-                         : static_cast<double>(std::numeric_limits<float>::epsilon());
-  p.tol = opts.tol > 0 ? opts.tol : std::sqrt(static_cast<double>(m)) * eps;
+  p.tol = opts.tol > 0 ? opts.tol : default_jacobi_tol(m, dbl);
   p.max_sweeps = opts.max_sweeps;
   p.lanes = lanes;
   const char* failed = "launch_jacobi_svd";
@@ -367,11 +373,12 @@ TopRResult topr_subspace_iteration(const torch::Tensor& c, const torch::Tensor& 
                       std::numeric_limits<int>::max());
   c10::cuda::CUDAGuard guard(c.device());
   const bool dbl = c.scalar_type() == torch::kFloat64;
+  if (!fused || bsz == 0 || !topr_kernel_supports(static_cast<int>(d), static_cast<int>(p), dbl))
+    return topr_unfused(c, v0, r, tol, max_iters);
   int optin = 0;
   ATTNPILOT_CUDA_CHECK(
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c.get_device()));
-  if (!fused || bsz == 0 || !topr_kernel_supports(static_cast<int>(d), static_cast<int>(p), dbl) ||
-      topr_shared_bytes(static_cast<int>(d), static_cast<int>(p), dbl) > optin)
+  if (topr_shared_bytes(static_cast<int>(d), static_cast<int>(p), dbl) > optin)
     return topr_unfused(c, v0, r, tol, max_iters);
 
   auto cc = c.contiguous(), vc = v0.contiguous();
@@ -391,10 +398,8 @@ TopRResult topr_subspace_iteration(const torch::Tensor& c, const torch::Tensor& 
   l.r = static_cast<int>(r);
   l.tol = tol;
   l.max_iters = max_iters;
-  const double eps = dbl ? std::numeric_limits<double>::epsilon()
-                         : static_cast<double>(std::numeric_limits<float>::epsilon());
   const JacobiOptions jo;  // the unfused steps' Jacobi settings
-  l.jacobi_tol = std::sqrt(static_cast<double>(d)) * eps;
+  l.jacobi_tol = default_jacobi_tol(d, dbl);
   l.max_sweeps = jo.max_sweeps;
   l.u = out.u.data_ptr();
   l.s = out.s.data_ptr();
