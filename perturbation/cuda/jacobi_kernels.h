@@ -81,4 +81,24 @@ int64_t topr_shared_bytes(int d, int p, bool is_double);
 cudaError_t launch_topr(const ToprLaunch& p, bool is_double, cudaStream_t stream,
                         const char** failed_call);
 
+/// One pass of the tall path over X [batch, rows, n] (tall_qr.cu): the Gram matrix
+/// G = XᵀX (gram = non-null) or the product Y = X W (y = non-null), float64 sums either way.
+struct TallPassLaunch {
+  const void* x = nullptr;  ///< X, float or double (x_double), last dim contiguous
+  bool x_double = false;
+  int64_t batch = 0, rows = 0;
+  int n = 0;                             ///< columns of X, 1 <= n <= 128
+  int64_t x_batch_stride = 0, x_ld = 0;  ///< element strides over (batch, row)
+  double* gram = nullptr;     ///< [batch, n, n], zeroed by the caller (atomic float64 adds)
+  const double* w = nullptr;  ///< [batch, n, k] contiguous (product)
+  int k = 0;                  ///< columns of W and Y, 1 <= k <= n (product)
+  void* y = nullptr;          ///< Y [batch, rows, k] contiguous, float or double (y_double)
+  bool y_double = false;
+  int sm_count = 0;  ///< the device's multiprocessors (sizes the grid; >= 1)
+};
+
+/// Launches one tall pass on `stream`; errors as launch_jacobi_svd.
+cudaError_t launch_tall_pass(const TallPassLaunch& p, cudaStream_t stream,
+                             const char** failed_call);
+
 }  // namespace attnpilot::perturbation::cuda

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/error.h"
@@ -115,8 +116,13 @@ bool tall_qr_supported(int64_t m, int64_t n, torch::ScalarType dtype) {
   return hi > 128 && hi <= std::numeric_limits<int>::max() && jacobi_supported(lo, lo, dtype);
 }
 
-int64_t jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch::Tensor& u,
-                       torch::Tensor& s, torch::Tensor& v) {
+namespace {
+
+// The kernel launch of jacobi_svd_out without the status read-back: returns the per-matrix
+// status [B] int32 (kJacobi* bits), written on the current stream. Zero-column completion is
+// the caller's (jacobi_svd_out does it after reading the statuses).
+torch::Tensor jacobi_launch(const torch::Tensor& a, const JacobiOptions& opts, torch::Tensor& u,
+                            torch::Tensor& s, torch::Tensor& v) {
   check_input(a, "Jacobi SVD kernel");
   const int64_t bsz = a.size(0), m_in = a.size(1), n_in = a.size(2);
   ATTNPILOT_CHECK_ARG(jacobi_supported(m_in, n_in, a.scalar_type()),
@@ -132,11 +138,11 @@ int64_t jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch:
   check_output(u, a, {bsz, m_in, k}, "U");
   check_output(s, a, {bsz, k}, "S");
   check_output(v, a, {bsz, n_in, k}, "V");
-  if (bsz == 0) return 0;
+  auto status = torch::empty({bsz}, a.options().dtype(torch::kInt32));  // always written
+  if (bsz == 0) return status;
   c10::cuda::CUDAGuard guard(a.device());
   const bool dbl = a.scalar_type() == torch::kFloat64;
   auto ac = a.contiguous();
-  auto status = torch::empty({bsz}, a.options().dtype(torch::kInt32));
   const int lanes = jacobi_lanes(static_cast<int>(m), dbl, opts.lanes);
   const int64_t bytes = jacobi_shared_bytes(static_cast<int>(m), static_cast<int>(n), dbl, lanes);
   int optin = 0;
@@ -168,6 +174,16 @@ int64_t jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch:
   if (err != cudaSuccess)
     throw Error(
         fmt::format("{} failed: {} ({})", failed, cudaGetErrorName(err), cudaGetErrorString(err)));
+  return status;
+}
+
+}  // namespace
+
+int64_t jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch::Tensor& u,
+                       torch::Tensor& s, torch::Tensor& v) {
+  const auto status = jacobi_launch(a, opts, u, s, v);
+  const int64_t bsz = a.size(0), m_in = a.size(1), n_in = a.size(2);
+  const bool tr = m_in < n_in;
   auto st = status.cpu();  // synchronises with the stream
   const int* sp = st.data_ptr<int>();
   int64_t not_converged = 0;
@@ -213,29 +229,118 @@ SvdResult jacobi_svd(const torch::Tensor& a, const JacobiOptions& opts) {
   return allocate_and_run(a, opts, "Jacobi SVD kernel", SvdBackend::kJacobiKernel, jacobi_svd_out);
 }
 
-TallQr tall_cholesky_qr2(const torch::Tensor& x) {
-  ATTNPILOT_CHECK_ARG(x.defined() && x.dim() == 3 && x.scalar_type() == torch::kFloat64 &&
-                          x.size(1) >= x.size(2) && x.size(2) >= 1,
-                      "tall_cholesky_qr2 expects a float64 [B, m, n] tensor with m >= n >= 1, "
-                      "got {} {}",
-                      x.defined() ? c10::str(x.sizes()) : std::string("undefined"),
-                      x.defined() ? dtype_name(x) : std::string("-"));
-  const int64_t bsz = x.size(0), n = x.size(2);
-  // Cholesky-QR2 in float64: X = Q₁R₁, Q₁ = Q R₂, so X = Q R with R = R₂R₁ and Q = Q₁R₂⁻¹.
-  // Float64 Gram matrices square cond(X) but stay accurate for cond(X) up to about 1e7, far
-  // beyond float32 data; the second pass restores orthogonality to float64 rounding. Where it
-  // cannot (Cholesky fails, or Q₁ is far from orthonormal: ‖Q₁ᵀQ₁ − I‖_max > 0.1), Householder
-  // QR of that matrix is used instead (Q₁ = Q_H, R = R_H, R₂⁻¹ = I).
-  auto o64 = x.options();
+namespace {
+
+// Sizes and launches one tall pass (gram or product) for x [B, m, n] on CUDA.
+void run_tall_pass(TallPassLaunch& p, const torch::Tensor& x) {
+  p.x = x.data_ptr();
+  p.x_double = x.scalar_type() == torch::kFloat64;
+  p.batch = x.size(0);
+  p.rows = x.size(1);
+  p.n = static_cast<int>(x.size(2));
+  p.x_batch_stride = x.stride(0);
+  p.x_ld = x.stride(1);
+  ATTNPILOT_CUDA_CHECK(
+      cudaDeviceGetAttribute(&p.sm_count, cudaDevAttrMultiProcessorCount, x.get_device()));
+  const char* failed = "launch_tall_pass";
+  const cudaError_t err =
+      launch_tall_pass(p, at::cuda::getCurrentCUDAStream(x.get_device()).stream(), &failed);
+  if (err != cudaSuccess)
+    throw Error(fmt::format("{} failed: {} ({}) for X {} {}", failed, cudaGetErrorName(err),
+                            cudaGetErrorString(err), c10::str(x.sizes()), dtype_name(x)));
+}
+
+// Whether the tall-pass kernels take x [B, m, n]: CUDA, n <= 128, rows with unit column stride.
+bool tall_pass_kernels(const torch::Tensor& x) {
+  return x.is_cuda() && x.size(2) <= 128 && x.size(0) <= 65535 && x.stride(2) == 1 &&
+         x.stride(1) >= x.size(2);
+}
+
+}  // namespace
+
+torch::Tensor tall_gram(const torch::Tensor& x) {
+  ATTNPILOT_CHECK_ARG(
+      x.defined() && x.dim() == 3 && x.size(1) >= 1 && x.size(2) >= 1 &&
+          (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat64),
+      "tall_gram expects a float32 or float64 [B, m, n] tensor, got {} {}",
+      x.defined() ? c10::str(x.sizes()) : std::string("undefined"),
+      x.defined() ? dtype_name(x) : std::string("-"));
+  if (!tall_pass_kernels(x)) {
+    const auto x64 = x.to(torch::kFloat64);
+    return torch::bmm(x64.transpose(1, 2), x64);
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  auto g = torch::zeros({x.size(0), x.size(2), x.size(2)}, x.options().dtype(torch::kFloat64));
+  if (x.size(0) == 0) return g;
+  TallPassLaunch p;
+  p.gram = g.data_ptr<double>();
+  run_tall_pass(p, x);
+  return g;
+}
+
+void tall_product_out(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) {
+  ATTNPILOT_CHECK_ARG(
+      x.defined() && w.defined() && y.defined() && x.dim() == 3 && w.dim() == 3 &&
+          w.scalar_type() == torch::kFloat64 && w.size(0) == x.size(0) && w.size(1) == x.size(2) &&
+          w.size(2) >= 1 && w.size(2) <= x.size(2) &&
+          (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat64) &&
+          y.sizes() == c10::IntArrayRef({x.size(0), x.size(1), w.size(2)}) &&
+          (y.scalar_type() == torch::kFloat32 || y.scalar_type() == torch::kFloat64) &&
+          y.is_contiguous() && w.device() == x.device() && y.device() == x.device(),
+      "tall_product_out expects X [B, m, n] float32/float64, W [B, n, k] float64 (k <= n) and a "
+      "contiguous float32/float64 Y [B, m, k] on X's device, got X {} {}, W {} {}, Y {} {}",
+      x.defined() ? c10::str(x.sizes()) : std::string("undefined"),
+      x.defined() ? dtype_name(x) : std::string("-"),
+      w.defined() ? c10::str(w.sizes()) : std::string("undefined"),
+      w.defined() ? dtype_name(w) : std::string("-"),
+      y.defined() ? c10::str(y.sizes()) : std::string("undefined"),
+      y.defined() ? dtype_name(y) : std::string("-"));
+  if (!tall_pass_kernels(x)) {
+    y.copy_(torch::bmm(x.to(torch::kFloat64), w));
+    return;
+  }
+  if (x.size(0) == 0 || x.size(1) == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto wc = w.contiguous();
+  TallPassLaunch p;
+  p.w = wc.data_ptr<double>();
+  p.k = static_cast<int>(w.size(2));
+  p.y = y.data_ptr();
+  p.y_double = y.scalar_type() == torch::kFloat64;
+  run_tall_pass(p, x);
+}
+
+TallQr tall_cholesky_qr2(const torch::Tensor& x_in) {
+  ATTNPILOT_CHECK_ARG(
+      x_in.defined() && x_in.dim() == 3 &&
+          (x_in.scalar_type() == torch::kFloat64 || x_in.scalar_type() == torch::kFloat32) &&
+          x_in.size(1) >= x_in.size(2) && x_in.size(2) >= 1,
+      "tall_cholesky_qr2 expects a float32 or float64 [B, m, n] tensor with "
+      "m >= n >= 1, got {} {}",
+      x_in.defined() ? c10::str(x_in.sizes()) : std::string("undefined"),
+      x_in.defined() ? dtype_name(x_in) : std::string("-"));
+  const auto x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const int64_t bsz = x.size(0), m = x.size(1), n = x.size(2);
+  // Cholesky-QR2 with float64 Gram matrices: X = Q₁R₁, Q₁ = Q R₂, so X = Q R with R = R₂R₁ and
+  // Q = Q₁R₂⁻¹. Float64 Gram matrices square cond(X) but stay accurate for cond(X) up to about
+  // 1e7, far beyond float32 data; the second pass restores orthogonality to float64 rounding.
+  // Q₁ = X R₁⁻¹ is computed with float64 sums and stored in X's type: for float X, its rounding
+  // to float perturbs X = Q₁R₁ by ~ε_float·‖X‖ (within the SVD's accuracy), and R₂ is the
+  // Cholesky factor of the rounded Q₁'s own Gram matrix, so Q stays orthonormal to float64
+  // rounding. Where Cholesky-QR2 cannot work (Cholesky fails, or Q₁ is far from orthonormal:
+  // ‖Q₁ᵀQ₁ − I‖_max > 0.1), Householder QR of that matrix in float64 is used instead (Q₁ = Q_H
+  // in X's type, R = R_H, R₂⁻¹ = I).
+  auto o64 = x.options().dtype(torch::kFloat64);
   auto eye = torch::eye(n, o64).expand({bsz, n, n}).contiguous();
-  auto g1 = torch::bmm(x.transpose(1, 2), x);
+  auto g1 = tall_gram(x);
   auto [l1, info1] = torch::linalg_cholesky_ex(g1, /*upper=*/false, /*check_errors=*/false);
   auto r1 = l1.transpose(1, 2);
   auto r1inv = torch::linalg_solve_triangular(r1, eye, /*upper=*/true, /*left=*/true,
                                               /*unitriangular=*/false);
   TallQr out;
-  out.q1 = torch::bmm(x, r1inv).contiguous();
-  auto g2 = torch::bmm(out.q1.transpose(1, 2), out.q1);
+  out.q1 = torch::empty({bsz, m, n}, x.options());
+  tall_product_out(x, r1inv, out.q1);
+  auto g2 = tall_gram(out.q1);
   auto [l2, info2] = torch::linalg_cholesky_ex(g2, /*upper=*/false, /*check_errors=*/false);
   auto r2 = l2.transpose(1, 2);
   out.r = torch::bmm(r2, r1).contiguous();
@@ -250,8 +355,8 @@ TallQr tall_cholesky_qr2(const torch::Tensor& x) {
   auto bad_idx = bad.nonzero().flatten();
   out.householder = bad_idx.numel();
   if (out.householder > 0) {
-    auto [qh, rh] = torch::linalg_qr(x.index_select(0, bad_idx), "reduced");
-    out.q1.index_copy_(0, bad_idx, qh.contiguous());
+    auto [qh, rh] = torch::linalg_qr(x.index_select(0, bad_idx).to(torch::kFloat64), "reduced");
+    out.q1.index_copy_(0, bad_idx, qh.to(x.scalar_type()).contiguous());
     out.r.index_copy_(0, bad_idx, rh.contiguous());
     out.r2inv.index_copy_(0, bad_idx, eye.index_select(0, bad_idx));
   }
@@ -275,21 +380,18 @@ int64_t tall_qr_jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts
   if (bsz == 0) return 0;
   c10::cuda::CUDAGuard guard(a.device());
   check_finite(a, "tall QR + Jacobi SVD");
-  // X = A (or Aᵀ) is m×n, m > 128 >= n; X = Q R with Q = Q₁·R₂⁻¹ (tall_cholesky_qr2).
-  auto x = (tr ? a.transpose(1, 2) : a).to(torch::kFloat64);
-  auto qr = tall_cholesky_qr2(x);
-  auto& q1 = qr.q1;
-  auto& r = qr.r;
-  auto& r2inv = qr.r2inv;
-  // SVD of the n×n factor R = U_R Σ V_Rᵀ in the input precision; X = (Q U_R) Σ V_Rᵀ.
-  auto rt = r.to(a.scalar_type()).contiguous();
-  JacobiOptions ro = opts;
+  // X = A (or Aᵀ, copied so its rows are contiguous) is m×n, m > 128 >= n; X = Q R with
+  // Q = Q₁·R₂⁻¹ (tall_cholesky_qr2), Q₁ in the input's type.
+  const auto x = tr ? a.transpose(1, 2).contiguous() : a;
+  const auto qr = tall_cholesky_qr2(x);
+  // SVD of the n×n factor R = U_R Σ V_Rᵀ in the input precision; X = (Q₁ R₂⁻¹ U_R) Σ V_Rᵀ.
+  auto rt = qr.r.to(a.scalar_type()).contiguous();
   auto ur = torch::empty({bsz, n, k}, a.options());
   auto vr = torch::empty({bsz, n, k}, a.options());
-  const int64_t not_converged = jacobi_svd_out(rt, ro, ur, s, vr);
-  auto ux = torch::bmm(q1, torch::bmm(r2inv, ur.to(torch::kFloat64)));  // [B, m, k]
-  // A = X (U_A = U_X, V_A = V_R) or A = Xᵀ (U_A = V_R, V_A = U_X).
-  (tr ? v : u).copy_(ux);
+  const int64_t not_converged = jacobi_svd_out(rt, opts, ur, s, vr);
+  // A = X (U_A = U_X, V_A = V_R) or A = Xᵀ (U_A = V_R, V_A = U_X); U_X = Q₁·(R₂⁻¹ U_R) is
+  // written straight into its output, float64 sums.
+  tall_product_out(qr.q1, torch::bmm(qr.r2inv, ur.to(torch::kFloat64)), tr ? v : u);
   (tr ? u : v).copy_(vr);
   return not_converged;
 }
@@ -325,10 +427,31 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> subspace_iteration_step_
 
 namespace {
 
-// The step-by-step iteration: per step subspace_iteration_step_cuda (two Jacobi launches and
-// batched GEMMs) and the residual, the active set shrinking on the host.
+// subspace_iteration_step_cuda without a host synchronisation: the two Jacobi launches' statuses
+// are OR-ed into `status` [B] int32 on the device (negative: NaN or Inf met) for the caller to
+// read once. A matrix whose status is not 0 must be redone by the checked step (zero columns
+// are not completed here).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> subspace_step_unchecked(
+    const torch::Tensor& c, const torch::Tensor& v, torch::Tensor& status) {
+  const int64_t bsz = c.size(0), d = c.size(1), p = v.size(2);
+  const JacobiOptions o;
+  auto uy = torch::empty({bsz, d, p}, c.options()), sy = torch::empty({bsz, p}, c.options()),
+       vy = torch::empty({bsz, p, p}, c.options());
+  status.bitwise_or_(jacobi_launch(torch::bmm(c, v), o, uy, sy, vy));
+  auto zu = torch::empty({bsz, d, p}, c.options()), zs = torch::empty({bsz, p}, c.options()),
+       zv = torch::empty({bsz, p, p}, c.options());
+  status.bitwise_or_(jacobi_launch(torch::bmm(c.transpose(1, 2), uy), o, zu, zs, zv));
+  return {torch::bmm(uy, zv), zs, zu};
+}
+
+// The step-by-step iteration. checked = true: per step subspace_iteration_step_cuda (two Jacobi
+// launches, each with a status read-back, zero columns completed) and the residual, the active
+// set shrinking on the host. checked = false (the default path): the same steps with the Jacobi
+// statuses kept on the device, so one synchronisation per step (the active set) and one read of
+// the statuses at the end; the matrices whose steps met a zero column or the sweep limit are
+// redone checked, and NaN or Inf throws.
 TopRResult topr_unfused(const torch::Tensor& c, const torch::Tensor& v0, int64_t r, double tol,
-                        int max_iters) {
+                        int max_iters, bool checked) {
   const int64_t bsz = c.size(0), d = c.size(1), p = v0.size(2);
   TopRResult out;
   out.u = torch::zeros({bsz, d, p}, c.options());
@@ -337,12 +460,20 @@ TopRResult topr_unfused(const torch::Tensor& c, const torch::Tensor& v0, int64_t
   auto lopt = c.options().dtype(torch::kLong);
   out.iterations = torch::zeros({bsz}, lopt);
   out.converged = torch::zeros({bsz}, c.options().dtype(torch::kBool));
+  auto status = torch::zeros({bsz}, c.options().dtype(torch::kInt32));
   auto active = torch::arange(bsz, lopt);
   for (int it = 0; it < max_iters && active.numel() > 0; ++it) {
     const bool all = active.numel() == bsz;
     auto ca = all ? c : c.index_select(0, active);
     auto va = all ? out.v : out.v.index_select(0, active);
-    auto [u1, s1, v1] = subspace_iteration_step_cuda(ca, va);
+    torch::Tensor u1, s1, v1;
+    if (checked) {
+      std::tie(u1, s1, v1) = subspace_iteration_step_cuda(ca, va);
+    } else {
+      auto st = all ? status : status.index_select(0, active);
+      std::tie(u1, s1, v1) = subspace_step_unchecked(ca, va, st);
+      if (!all) status.index_copy_(0, active, st);
+    }
     out.u.index_copy_(0, active, u1);
     out.s.index_copy_(0, active, s1);
     out.v.index_copy_(0, active, v1);
@@ -350,6 +481,28 @@ TopRResult topr_unfused(const torch::Tensor& c, const torch::Tensor& v0, int64_t
     auto done = triplet_residual(ca, u1, s1, v1, r) <= tol;
     out.converged.index_fill_(0, active.masked_select(done), true);
     active = active.masked_select(~done);  // synchronises (size known on the host)
+  }
+  if (checked) return out;
+  const auto sc = status.cpu();
+  const int* sp = sc.data_ptr<int>();
+  std::vector<int64_t> redo;
+  for (int64_t i = 0; i < bsz; ++i) {
+    if (sp[i] < 0)
+      throw InvalidArgument(fmt::format(
+          "top-r subspace iteration: core {} of the batch ({} matrices, {}x{}) or its warm start "
+          "holds NaN or Inf",
+          i, bsz, d, d));
+    if (sp[i] != 0) redo.push_back(i);
+  }
+  if (!redo.empty()) {
+    auto idx = torch::tensor(redo, torch::TensorOptions().dtype(torch::kLong)).to(c.device());
+    auto re = topr_unfused(c.index_select(0, idx), v0.index_select(0, idx), r, tol, max_iters,
+                           /*checked=*/true);
+    out.u.index_copy_(0, idx, re.u);
+    out.s.index_copy_(0, idx, re.s);
+    out.v.index_copy_(0, idx, re.v);
+    out.iterations.index_copy_(0, idx, re.iterations);
+    out.converged.index_copy_(0, idx, re.converged);
   }
   return out;
 }
@@ -374,12 +527,12 @@ TopRResult topr_subspace_iteration(const torch::Tensor& c, const torch::Tensor& 
   c10::cuda::CUDAGuard guard(c.device());
   const bool dbl = c.scalar_type() == torch::kFloat64;
   if (!fused || bsz == 0 || !topr_kernel_supports(static_cast<int>(d), static_cast<int>(p), dbl))
-    return topr_unfused(c, v0, r, tol, max_iters);
+    return topr_unfused(c, v0, r, tol, max_iters, /*checked=*/false);
   int optin = 0;
   ATTNPILOT_CUDA_CHECK(
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c.get_device()));
   if (topr_shared_bytes(static_cast<int>(d), static_cast<int>(p), dbl) > optin)
-    return topr_unfused(c, v0, r, tol, max_iters);
+    return topr_unfused(c, v0, r, tol, max_iters, /*checked=*/false);
 
   auto cc = c.contiguous(), vc = v0.contiguous();
   TopRResult out;
@@ -430,7 +583,8 @@ TopRResult topr_subspace_iteration(const torch::Tensor& c, const torch::Tensor& 
   }
   if (!redo.empty()) {
     auto idx = torch::tensor(redo, torch::TensorOptions().dtype(torch::kLong)).to(c.device());
-    auto re = topr_unfused(cc.index_select(0, idx), vc.index_select(0, idx), r, tol, max_iters);
+    auto re = topr_unfused(cc.index_select(0, idx), vc.index_select(0, idx), r, tol, max_iters,
+                           /*checked=*/false);
     out.u.index_copy_(0, idx, re.u);
     out.s.index_copy_(0, idx, re.s);
     out.v.index_copy_(0, idx, re.v);

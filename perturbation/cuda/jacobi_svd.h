@@ -3,10 +3,10 @@
 ///
 ///   small  [B, m, n], max(m, n) <= 128 ──► one-sided Jacobi kernel, one block per matrix,
 ///                                          matrix + V in shared memory (jacobi_svd.cu)
-///   tall   [B, N, d], N > 128 >= d ─────► Cholesky-QR2 in float64 (batched GEMMs, batched
-///                                          Cholesky; Householder QR for the matrices where it
-///                                          is not accurate) ─► Jacobi kernel on R (d×d)
-///                                          ─► U = Q·U_R
+///   tall   [B, N, d], N > 128 >= d ─────► Cholesky-QR2 with float64 Gram matrices (our pass
+///                                          kernels over X, tall_qr.cu; batched Cholesky;
+///                                          Householder QR where it is not accurate)
+///                                          ─► Jacobi kernel on R (d×d) ─► U = Q₁·(R₂⁻¹U_R)
 ///   top-r  core C [B, d, d], warm V₀ ───► block subspace iteration, step by step: two
 ///                                          batched GEMMs and two Jacobi calls on d×p blocks
 ///                                          per step; or all steps fused in one kernel
@@ -55,16 +55,27 @@ int64_t tall_qr_jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts
 /// Allocating form; backend = kTallQrJacobi.
 SvdResult tall_qr_jacobi_svd(const torch::Tensor& a, const JacobiOptions& opts);
 
-/// X = Q R with Q = q1·r2inv (orthonormal columns), R upper triangular, from Cholesky-QR2 in
-/// float64, with Householder QR for the matrices where Cholesky-QR2 is not accurate.
+/// X = Q R with Q = q1·r2inv (orthonormal columns), R upper triangular, from Cholesky-QR2 with
+/// float64 Gram matrices, with Householder QR for the matrices where Cholesky-QR2 is not
+/// accurate.
 struct TallQr {
-  torch::Tensor q1;         ///< [B, m, n]
-  torch::Tensor r;          ///< [B, n, n]
-  torch::Tensor r2inv;      ///< [B, n, n]
+  torch::Tensor q1;     ///< [B, m, n], X's dtype (Q₁ = X R₁⁻¹ with float64 sums, rounded)
+  torch::Tensor r;      ///< [B, n, n] float64
+  torch::Tensor r2inv;  ///< [B, n, n] float64
   int64_t householder = 0;  ///< matrices that took the Householder fallback
 };
-/// x [B, m, n] float64, m >= n >= 1, on any device (batched GEMMs and Cholesky).
+/// x [B, m, n] float32 or float64, m >= n >= 1, on any device. On CUDA (n <= 128) the passes
+/// over X run in our kernels (tall_qr.cu: float64 sums, no float64 copy of X); elsewhere in
+/// LibTorch float64 (the reference the kernels are tested against).
 TallQr tall_cholesky_qr2(const torch::Tensor& x);
+
+/// G = XᵀX [B, n, n] float64 for x [B, m, n] float32/float64 (tall_qr.cu's Gram kernel on CUDA:
+/// exact float products, float64 sums; LibTorch float64 elsewhere or for n > 128).
+torch::Tensor tall_gram(const torch::Tensor& x);
+/// y = X·W rounded to y's dtype: x [B, m, n] float32/float64, w [B, n, k] float64 (k <= n),
+/// y [B, m, k] float32/float64 contiguous (tall_qr.cu's product kernel on CUDA, float64 sums;
+/// LibTorch float64 elsewhere).
+void tall_product_out(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y);
 
 /// Replaces the exactly-zero trailing columns of ub [m, k] (m >= k; the Jacobi kernel writes 0
 /// where σ_j has no direction, and σ is sorted, so they are last) by an orthonormal completion
@@ -92,14 +103,15 @@ struct TopRResult {
 /// Leading r triplets of c [B, d, d] by subspace iteration from v0 [B, d, p] (p >= r; the
 /// previous segment's V for a warm start). A matrix stops when
 /// max_{i<r} max(‖C v_i − σ_i u_i‖, ‖Cᵀ u_i − σ_i v_i‖) <= tol·σ₁, or after max_iters steps.
-/// fused = false (default): step by step (two Jacobi launches, batched GEMMs and a host
-/// synchronisation per step). fused = true: one kernel runs every step of every matrix
-/// (topr_svd.cu; p <= 32) with one host read-back at the end, matrices it cannot finish (a
-/// rank-deficient block, a Jacobi step out of sweeps) redone step by step. The fused kernel
-/// measured 1.2-2x slower on the H100 at 1024 cores of 128x128 (2026-12-05): one block per
-/// matrix makes every Jacobi step a latency chain, and its products run on CUDA cores at low
-/// occupancy where the step-by-step path's GEMMs use cuBLAS; it is kept for small batches and
-/// as the base of a faster fused design.
+/// fused = false (default): step by step (two Jacobi launches and batched GEMMs per step; one
+/// host synchronisation per step for the active set, the Jacobi statuses read once at the end
+/// and the matrices that met a zero column or the sweep limit redone with per-launch checks). fused
+/// = true: one kernel runs every step of every matrix (topr_svd.cu; p <= 32) with one host
+/// read-back at the end, matrices it cannot finish (a rank-deficient block, a Jacobi step out of
+/// sweeps) redone step by step. The fused kernel measured 1.2-2x slower on the H100 at 1024 cores
+/// of 128x128 (2026-12-05): one block per matrix makes every Jacobi step a latency chain, and its
+/// products run on CUDA cores at low occupancy where the step-by-step path's GEMMs use cuBLAS; it
+/// is kept for small batches and as the base of a faster fused design.
 TopRResult topr_subspace_iteration(const torch::Tensor& c, const torch::Tensor& v0, int64_t r,
                                    double tol, int max_iters, bool fused = false);
 

@@ -1,5 +1,6 @@
 #pragma once
-/// The launch step shared by the perturbation kernels' launchers (jacobi_svd.cu, topr_svd.cu).
+/// The launch step shared by the perturbation kernels' launchers (jacobi_svd.cu, topr_svd.cu,
+/// tall_qr.cu).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -10,7 +11,7 @@ namespace attnpilot::perturbation::cuda {
 /// blocks of `threads` on `stream` with `arg`, and checks both steps; on failure *failed_call
 /// is `attr_call` or `launch_call` and the CUDA error is returned.
 template <typename Arg>
-cudaError_t launch_checked(void (*kernel)(Arg), unsigned grid, int threads, int64_t bytes,
+cudaError_t launch_checked(void (*kernel)(Arg), dim3 grid, int threads, int64_t bytes,
                            cudaStream_t stream, const Arg& arg, const char* attr_call,
                            const char* launch_call, const char** failed_call) {
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -278,3 +278,8 @@ inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v)
   if (v > old) *p = v;
   return old;
 }
+inline double atomicAdd(double* p, double v) {
+  const double old = *p;
+  *p = old + v;
+  return old;
+}

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "perturbation/tracker.h"
@@ -19,6 +20,7 @@
 #include "tests/cuda_emu/cuda_emu.h"
 // clang-format off (the emulation must come first)
 #include "perturbation/cuda/jacobi_sweeps.cuh"
+#include "perturbation/cuda/tall_blocks.cuh"
 #include "perturbation/cuda/topr_block.cuh"
 // clang-format on
 
@@ -358,6 +360,65 @@ TEST(ToprEmulated, FusedIterationConvergesToTheLeadingTriplets) {
   const auto nan = emulated_topr<float, 2>(bad, v0, static_cast<int>(r), 1e-5, 30);
   EXPECT_EQ(nan.status[2], cu::kJacobiNonFinite);
   EXPECT_EQ(nan.status[0], 0);
+}
+
+// The tall path's pass bodies (tall_blocks.cuh): the Gram matrix accumulated over two row ranges
+// of one matrix (the atomics of two blocks), and the product over a row range, for every padded
+// width, float and double input, n not a multiple of 8 and a row stride past n, against
+// LibTorch in float64. Rows outside the range must stay untouched.
+template <typename T, int NP>
+void check_tall_passes(int n, int k, int64_t m, uint64_t seed) {
+  namespace tl = attnpilot::perturbation::cuda::tall;
+  ASSERT_EQ(tl::padded_width(n), NP);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const int64_t ld = n + 3;
+  auto xs = torch::randn({m, ld}, gen, o64);
+  if (std::is_same<T, float>::value) xs = xs.to(torch::kFloat32).to(torch::kFloat64);
+  std::vector<T> x(static_cast<size_t>(m * ld));
+  for (int64_t i = 0; i < m * ld; ++i) x[i] = static_cast<T>(xs.view(-1)[i].item<double>());
+  const auto x64 = xs.narrow(1, 0, n);
+  const std::string what = fmt::format("NP {} n {} k {} m {} {}", NP, n, k, m,
+                                       std::is_same<T, float>::value ? "float" : "double");
+
+  std::vector<double> g(static_cast<size_t>(n) * n, 0.0);
+  std::vector<double> smem(static_cast<size_t>(tl::gram_shared_bytes(NP) / 8));
+  const int64_t split = m / 2 + 5;
+  for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, split}, {split, m}})
+    emu::run_block(tl::kGramThreads, [&, r0 = r0, r1 = r1] {
+      tl::gram_block<T, NP>(x.data(), ld, n, r0, r1, g.data(), smem.data());
+    });
+  const auto gref = torch::matmul(x64.t(), x64);
+  const auto gemu = torch::from_blob(g.data(), {n, n}, o64).clone();
+  EXPECT_LE((gemu - gref).abs().max().item<double>(), 1e-13 * gref.abs().max().item<double>())
+      << what << ": Gram";
+
+  const auto w = torch::randn({n, k}, gen, o64);
+  const int64_t r0 = 7, r1 = m - 3;
+  std::vector<float> y(static_cast<size_t>(m * k), std::numeric_limits<float>::quiet_NaN());
+  std::vector<double> psmem(static_cast<size_t>(tl::product_shared_bytes(NP) / 8));
+  emu::run_block(tl::kProductThreads, [&] {
+    tl::product_block<T, float, NP>(x.data(), ld, n, w.data_ptr<double>(), k, r0, r1, y.data(), k,
+                                    psmem.data());
+  });
+  const auto yemu = torch::from_blob(y.data(), {m, k}, torch::kFloat32).to(torch::kFloat64);
+  const auto yref = torch::matmul(x64, w);
+  const auto inside = yemu.narrow(0, r0, r1 - r0), ref_in = yref.narrow(0, r0, r1 - r0);
+  EXPECT_LE((inside - ref_in).abs().max().item<double>(), 2e-7 * ref_in.abs().max().item<double>())
+      << what << ": product";
+  EXPECT_TRUE(torch::isnan(yemu.narrow(0, 0, r0)).all().item<bool>() &&
+              torch::isnan(yemu.narrow(0, r1, m - r1)).all().item<bool>())
+      << what << ": product wrote rows outside its range";
+}
+
+TEST(TallPassesEmulated, GramAndProductMatchFloat64) {
+  check_tall_passes<float, 32>(5, 5, 300, 1);
+  check_tall_passes<float, 32>(32, 20, 260, 2);
+  check_tall_passes<double, 32>(24, 24, 131, 3);
+  check_tall_passes<float, 64>(64, 64, 300, 4);
+  check_tall_passes<double, 64>(33, 8, 150, 5);
+  check_tall_passes<float, 128>(100, 100, 100, 6);
+  check_tall_passes<float, 128>(128, 16, 70, 7);
 }
 
 // The emulation itself: shuffles within group masks, the barrier's OR, and a barrier that not

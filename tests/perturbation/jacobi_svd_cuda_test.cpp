@@ -176,8 +176,73 @@ TEST(TallCholeskyQr2, FactorsOnCpuWithHouseholderFallback) {
   auto qm = cuda::tall_cholesky_qr2(mixed);
   EXPECT_EQ(qm.householder, 2);
   check(mixed, qm, "mixed rank-deficient");
-  EXPECT_THROW(cuda::tall_cholesky_qr2(well.to(torch::kFloat32)), InvalidArgument);
+  // Float input: Q₁ is stored in float; R₂ comes from the rounded Q₁'s own Gram matrix, so
+  // Q = Q₁R₂⁻¹ stays orthonormal to float64 rounding, and Q R = X to float rounding.
+  auto ill32 = ill.to(torch::kFloat32);
+  auto qf = cuda::tall_cholesky_qr2(ill32);
+  EXPECT_EQ(qf.q1.scalar_type(), torch::kFloat32);
+  EXPECT_EQ(qf.householder, 0);
+  {
+    auto q = torch::bmm(qf.q1.to(torch::kFloat64), qf.r2inv);
+    EXPECT_LE(
+        (torch::bmm(q.transpose(1, 2), q) - torch::eye(24, q.options())).abs().max().item<double>(),
+        1e-12)
+        << "float input, cond 1e6: Q orthonormal";
+    auto x64 = ill32.to(torch::kFloat64);
+    auto rel = torch::linalg_matrix_norm(torch::bmm(q, qf.r) - x64, "fro") /
+               torch::linalg_matrix_norm(x64, "fro");
+    EXPECT_LE(rel.max().item<double>(), 1e-6) << "float input, cond 1e6: Q R = X";
+  }
+  EXPECT_THROW(cuda::tall_cholesky_qr2(well.to(torch::kInt64)), InvalidArgument);
   EXPECT_THROW(cuda::tall_cholesky_qr2(well.transpose(1, 2)), InvalidArgument);
+}
+
+// The tall path's pass kernels (tall_qr.cu) against LibTorch in float64: every padded width,
+// float and double input, n not a multiple of 8, a batch view with gaps between matrices,
+// outputs poisoned first.
+TEST(TallPassesCuda, GramAndProductMatchFloat64) {
+  SKIP_WITHOUT_CUDA();
+  auto gen = make_gen(812);
+  const auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  struct Case {
+    int64_t batch, m, n, k;
+    torch::Dtype in, out;
+  };
+  const std::vector<Case> cases = {{3, 4096, 64, 64, torch::kFloat32, torch::kFloat32},
+                                   {5, 1000, 5, 3, torch::kFloat32, torch::kFloat32},
+                                   {2, 777, 33, 33, torch::kFloat64, torch::kFloat64},
+                                   {4, 300, 100, 17, torch::kFloat32, torch::kFloat64},
+                                   {2, 129, 128, 128, torch::kFloat64, torch::kFloat32},
+                                   {300, 200, 32, 32, torch::kFloat32, torch::kFloat32}};
+  for (const auto& c : cases) {
+    const std::string what = fmt::format("batch {} {}x{} k {} {} -> {}", c.batch, c.m, c.n, c.k,
+                                         c10::toString(c.in), c10::toString(c.out));
+    // Every other matrix of a larger batch: a batch stride past m·n.
+    auto host = torch::randn({2 * c.batch, c.m, c.n}, gen, o64).to(c.in);
+    auto x = host.cuda().slice(0, 0, 2 * c.batch, 2);
+    auto x64 = host.slice(0, 0, 2 * c.batch, 2).to(torch::kFloat64);
+    auto gref = torch::bmm(x64.transpose(1, 2), x64);
+    auto g = cuda::tall_gram(x).cpu();
+    EXPECT_LE((g - gref).abs().max().item<double>(), 1e-12 * gref.abs().max().item<double>())
+        << what << ": Gram";
+    auto w = torch::randn({c.batch, c.n, c.k}, gen, o64);
+    auto y = torch::full({c.batch, c.m, c.k}, std::numeric_limits<double>::quiet_NaN(),
+                         torch::TensorOptions().dtype(c.out).device(torch::kCUDA));
+    cuda::tall_product_out(x, w.cuda(), y);
+    auto yref = torch::bmm(x64, w);
+    const double tol = c.out == torch::kFloat32 ? 2e-7 : 1e-12;
+    EXPECT_LE((y.cpu().to(torch::kFloat64) - yref).abs().max().item<double>(),
+              tol * yref.abs().max().item<double>())
+        << what << ": product";
+  }
+  auto x = torch::randn({2, 300, 16}, gen, o64).cuda();
+  auto y = torch::empty({2, 300, 20}, x.options());
+  EXPECT_THROW(cuda::tall_product_out(x, torch::zeros({2, 16, 20}, x.options()), y),
+               InvalidArgument);  // k > n
+  auto y2 = torch::empty({2, 300, 8}, x.options());
+  EXPECT_THROW(
+      cuda::tall_product_out(x, torch::zeros({2, 16, 8}, x.options().dtype(torch::kFloat32)), y2),
+      InvalidArgument);  // W not float64
 }
 
 TEST(TallCholeskyQr2, ZeroColumnCompletionOnCpu) {
@@ -521,13 +586,14 @@ TEST(TopRCuda, FusedKernelFallbackAndBadInput) {
 
   auto bad_c = c.clone();
   bad_c.index_put_({5, 7, 9}, std::numeric_limits<float>::quiet_NaN());
-  try {
-    (void)cuda::topr_subspace_iteration(bad_c, v0, r, 1e-4, 10, /*fused=*/true);
-    ADD_FAILURE() << "NaN in a core did not throw";
-  } catch (const InvalidArgument& e) {
-    EXPECT_NE(std::string(e.what()).find("core 5"), std::string::npos) << e.what();
+  for (bool fused : {true, false}) {
+    try {
+      (void)cuda::topr_subspace_iteration(bad_c, v0, r, 1e-4, 10, fused);
+      ADD_FAILURE() << "NaN in a core did not throw, fused " << fused;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("core 5"), std::string::npos) << e.what();
+    }
   }
-  EXPECT_THROW((void)cuda::topr_subspace_iteration(bad_c, v0, r, 1e-4, 10, false), InvalidArgument);
   auto bad_v = v0.clone();
   bad_v.index_put_({2, 0, 0}, std::numeric_limits<float>::infinity());
   for (bool fused : {true, false})
