@@ -6,6 +6,10 @@
 #include "transport/tensor_codec.h"
 
 namespace attnpilot::transport {
+namespace {
+/// Silence from the learner after which an actor says hello again (see run_actor).
+constexpr int64_t kHelloAfterSilenceMs = 3000;
+}  // namespace
 
 ActorResult run_actor(zmq::context_t& ctx, const ActorOptions& opts, ActorBackend& backend) {
   ATTNPILOT_CHECK_ARG(!opts.actor_id.empty() && opts.actor_id.size() <= 128,
@@ -27,7 +31,8 @@ ActorResult run_actor(zmq::context_t& ctx, const ActorOptions& opts, ActorBacken
   bool connected_once = false, lost = false;
 
   auto hello = [&] {
-    sock->send(make_hello(opts.actor_id, next_seq, opts.env_name), 100);
+    if (!sock->send(make_hello(opts.actor_id, next_seq, opts.env_name), 100))
+      log::debug(fmt::format("{}: hello not sent (no connection yet); asking again later", role));
     last_hello = now_ms();
   };
   hello();
@@ -64,7 +69,15 @@ ActorResult run_actor(zmq::context_t& ctx, const ActorOptions& opts, ActorBacken
     const bool can_send =
         have_weights && !lost && !behind && static_cast<int>(unacked.size()) < opts.max_unacked;
     // Waiting for weights (never had them, or too far behind) and hearing nothing: ask again.
-    if ((!have_weights || behind) && now_ms() - last_hello > 1000 && now_ms() - last_heard > 1000)
+    // And whatever we wait for, after kHelloAfterSilenceMs of silence: a learner that restarted
+    // unseen (the monitor's reconnect event missed, or our hello dropped before the new
+    // connection was up, with our window of unacknowledged chunks full of chunks the dead
+    // learner never acked) answers nothing but a hello. A hello to the same learner is
+    // harmless: its welcome makes us resend the unacknowledged chunks, which it refuses as
+    // duplicates if it already has them.
+    const int64_t silence = now_ms() - last_heard, since_hello = now_ms() - last_hello;
+    if (((!have_weights || behind) && since_hello > 1000 && silence > 1000) ||
+        (silence > kHelloAfterSilenceMs && since_hello > kHelloAfterSilenceMs))
       hello();
 
     // Read everything that arrived (wait a little only when there is nothing to do).

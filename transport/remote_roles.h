@@ -106,7 +106,8 @@ struct ActorResult {
 };
 
 /// Runs an actor until the learner sends shutdown, `stop_flag`, or max_idle_s of silence
-/// (then throws IoError naming the endpoint).
+/// (then throws IoError naming the endpoint). After 3 s of silence it says hello again (a
+/// learner restarted unseen answers nothing else).
 ActorResult run_actor(zmq::context_t& ctx, const ActorOptions& opts, ActorBackend& backend);
 
 }  // namespace attnpilot::transport

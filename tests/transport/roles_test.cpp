@@ -11,7 +11,10 @@
 #include <thread>
 
 #include "common/atomic_file.h"
+#include "transport/protocol.h"
 #include "transport/remote_roles.h"
+#include "transport/socket.h"
+#include "transport/tensor_codec.h"
 
 namespace attnpilot::transport {
 namespace {
@@ -187,6 +190,73 @@ TEST(Roles, ReplacedActorContinuesItsSequenceAndResumedLearnerKeepsItsLedger) {
   for (const auto& u : st2.at("used_chunks"))
     if (u[0] == "a") seqs_a.insert(u[1].get<uint64_t>());
   EXPECT_GE(*seqs_a.rbegin(), expected_a);  // the new actor continued after the ledger
+}
+
+// A learner that restarted unseen by the actor: the actor's window of unacknowledged chunks is
+// full (the old learner never acked them) and it missed the reconnect, so nothing but a hello
+// brings the two together again. A scripted learner (a ROUTER socket here) welcomes the actor,
+// takes its first window of chunks without acking them and stays silent: the actor must say
+// hello again after a few seconds, and a welcome from a new incarnation must make it drop the
+// window and follow the new learner.
+TEST(Roles, ActorWithAFullWindowSaysHelloAgainAfterSilence) {
+  Fixture f("silent");
+  zmq::context_t ctx;
+  Socket learner(ctx, zmq::socket_type::router, SocketOptions{}, "scripted learner");
+  learner.bind(f.ep);
+  std::atomic<bool> stop{false};
+  CountingActor a(10);
+  ActorOptions ao = f.actor("s");
+  ao.stop_flag = &stop;
+  std::string actor_error;
+  std::thread t([&] {
+    try {
+      run_actor(ctx, ao, a);
+    } catch (const std::exception& e) {
+      actor_error = e.what();
+    }
+  });
+  struct StopAndJoin {  // also when an assertion below returns early
+    std::atomic<bool>& stop;
+    std::thread& t;
+    ~StopAndJoin() {
+      stop = true;
+      if (t.joinable()) t.join();
+    }
+  } stop_and_join{stop, t};
+  auto next = [&](int timeout_ms) { return learner.recv(timeout_ms); };
+  auto weights = [](uint64_t incarnation) {
+    Message w;
+    w.type = MsgType::kWeights;
+    w.seq = 0;
+    w.meta = nlohmann::json{{"version", 0}, {"incarnation", incarnation}, {"max_lag", 100}}.dump();
+    w.tensors = params_to_blobs({{"count", torch::zeros({1}, torch::kFloat64)}});
+    return w;
+  };
+  const auto hello1 = next(10000);
+  ASSERT_TRUE(hello1 && hello1->msg.type == MsgType::kHello);
+  ASSERT_TRUE(learner.send_to(hello1->envelope, make_welcome(1, 0, 0)));
+  ASSERT_TRUE(learner.send_to(hello1->envelope, weights(1)));
+  for (int i = 0; i < ao.max_unacked; ++i) {
+    const auto c = next(10000);
+    ASSERT_TRUE(c && c->msg.type == MsgType::kTrajectory) << "chunk " << i;
+  }
+  const int64_t t0 = now_ms();
+  const auto hello2 = next(15000);  // nothing else may come while the window is full
+  const int64_t waited = now_ms() - t0;
+  ASSERT_TRUE(hello2) << "no hello after " << waited << " ms of silence; " << actor_error;
+  EXPECT_EQ(hello2->msg.type, MsgType::kHello);
+  EXPECT_GE(waited, 2000) << "hello again before the silence threshold";
+  ASSERT_TRUE(learner.send_to(hello2->envelope, make_welcome(2, 0, 0)));
+  ASSERT_TRUE(learner.send_to(hello2->envelope, weights(2)));
+  const auto c = next(10000);
+  ASSERT_TRUE(c && c->msg.type == MsgType::kTrajectory);
+  EXPECT_EQ(nlohmann::json::parse(c->msg.meta).at("incarnation").get<uint64_t>(), 2u)
+      << "the actor still follows the first incarnation";
+  // Sequence numbers never go back: the dropped chunks' numbers are not reused.
+  EXPECT_EQ(c->msg.seq, static_cast<uint64_t>(ao.max_unacked));
+  stop = true;
+  t.join();
+  EXPECT_TRUE(actor_error.empty()) << actor_error;
 }
 
 }  // namespace
