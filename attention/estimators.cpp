@@ -237,10 +237,10 @@ BlockMask estimate_block_mask(const torch::Tensor& q, const torch::Tensor& k, co
         pk = p.a_k;
       }
 #ifdef ATTNPILOT_WITH_CUDA
-      // CUDA tensors: the GPU twin (cuda/cuda_estimator.h) scores, selects and writes the
-      // lists on the device; the returned mask's row_ptr / col_idx are CUDA tensors. Its score
-      // kernel samples rows; pooled queries take the LibTorch code below (then GPU selection).
-      if (!plan.pool_queries && cuda_estimator_handles(q, k, plan.rank, bs))
+      // CUDA tensors: the GPU twin (cuda/cuda_estimator.h) scores (sampled rows or pooled
+      // queries, as the plan says), selects and writes the lists on the device; the returned
+      // mask's row_ptr / col_idx are CUDA tensors.
+      if (cuda_estimator_handles(q, k, plan.rank, bs))
         return estimate_block_mask_cuda(q, k, pq, pk, plan, causal, q_offset, flops);
 #endif
       scores = lowrank_block_scores(q, k, pq, pk, bs, causal, q_offset, flops, plan.pool_queries);

@@ -11,8 +11,9 @@
 // rate, a lead); at density 100% the relative error against SDPA.
 // 2. The low-rank block estimator (cuda/cuda_estimator.h; key projection, rank-r scores of 8
 //    sampled rows per query block, selection, CSR lists on the device) at L = 32k, r = 16 and 32,
-//    density 10% and 5%, 3xTF32 and one-pass TF32 scores, against the attention it plans and
-//    against the CPU twin's LibTorch code (estimators.cpp) run on the same GPU tensors.
+//    density 10% and 5%, 3xTF32 and one-pass TF32 scores, and with pooled queries (mode pool-q:
+//    one mean query per block, fp32), against the attention it plans and against the CPU twin's
+//    LibTorch code (estimators.cpp) run on the same GPU tensors.
 // 3. Decoding, batch 16, 32 heads, 32k cache, d = 128: SDPA over the full cache, our split-K
 //    decode kernel over full keys and over rank-32 and rank-16 key caches, with byte floors.
 // On a machine without a CUDA device it says so and exits 0.
@@ -243,8 +244,9 @@ torch::Tensor random_basis(int64_t b, int64_t h, int64_t d, int64_t r, const tor
       .to(dev);
 }
 
-/// 2. The low-rank block estimator (rank r, 8 sampled rows per query block, key projection
-/// included) against the block-sparse attention it plans, L = 32k, 32 heads, d = 128, bf16.
+/// 2. The low-rank block estimator (rank r, 8 sampled rows or one pooled query per query block,
+/// key projection included) against the block-sparse attention it plans, L = 32k, 32 heads,
+/// d = 128, bf16.
 void run_estimator(bool quick) {
   const int64_t heads = 32, d = 128, bs = 128, len = quick ? 8192 : 32768;
   const auto dev = torch::Device(torch::kCUDA, 0);
@@ -294,6 +296,30 @@ void run_estimator(bool quick) {
             mask.on_host().density(len, len, true, 0), t_ref, t_ref / t_est);
         std::fflush(stdout);
       }
+      // Pooled queries (plan.pool_queries: one mean query per block, fp32 CUDA cores), against
+      // the CPU twin's pooled LibTorch code on the same GPU tensors.
+      HeadPlan pooled = plan;
+      pooled.pool_queries = true;
+      const double t_ref_pooled = ev.median_ms(
+          [&] {
+            double f = 0;
+            const auto sc =
+                lowrank_block_scores(q, k, a_q.to(q.scalar_type()), a_k.to(q.scalar_type()), bs,
+                                     true, 0, &f, /*pool_queries=*/true);
+            (void)select_blocks(sc, pooled, len, len, true, 0);
+          },
+          1, 3);
+      double flops = 0;
+      BlockMask mask;
+      const double t_est = ev.median_ms(
+          [&] { mask = estimate_block_mask_cuda(q, k, a_q, a_k, pooled, true, 0, &flops); }, 2, 10);
+      const double t_att = ev.median_ms(
+          [&] { (void)backend.block_sparse(q, k, v, mask, scale, true, 0, 0, 0); }, 2, 10);
+      fmt::print(
+          "{:>4} {:>7.0f}% {:>6} {:>13.3f} {:>13.3f} {:>11.3f} {:>10.3f} {:>14.3f} {:>10.1f}\n", r,
+          100 * density, "pool-q", t_est, t_att, t_est / t_att,
+          mask.on_host().density(len, len, true, 0), t_ref_pooled, t_ref_pooled / t_est);
+      std::fflush(stdout);
     }
   }
   // The pooled estimator (softmax over mean-pooled query and key blocks: LibTorch on the GPU)

@@ -7,12 +7,19 @@
 ///   q [B, H, N, d] ──(1) projection of 8 sampled rows per query block──► qs [B, H, QB, 8, R]
 ///                    (q · a_q · log2(e)/√d)
 ///   qs, kp ──(2) block scores──► scores [B, H, QB, KB] fp32 (rows sum to 1 over visible blocks)
+/// or, with pooled queries (HeadPlan::pool_queries):
+///   q ──(LibTorch fp32 block means, cuda_estimator.cpp)──► [B, H, QB, d] ──(1) projection of
+///       every row──► pq [B, H, QB, R] (mean query · a_q · log2(e)/√d)
+///   pq, kp ──(2p) pooled scores: per-(query block, key block) log-sum-exp into scores, then a
+///       normalisation in place──► scores [B, H, QB, KB] fp32 (pooled_scores.cuh)
 ///   scores ──(3) selection (one warp per row) ──► bitmap [rows, ⌈KB/32⌉] + counts [rows]
 ///          ──(4) CUB exclusive scan──► row_ptr [rows+1] ──(5) scatter──► col_idx (ascending)
 ///
 /// Everything stays on the device: no host synchronisation and no host copy of any list.
 /// R (the padded rank) is 8, 16, 32 or 64: the projections fill the columns past r with zeros.
+#ifndef ATTNPILOT_CUDA_EMU  // tests/cuda_emu/cuda_emu.h declares the CUDA types used here
 #include <cuda_runtime.h>
+#endif
 
 #include <cstddef>
 #include <cstdint>
@@ -26,6 +33,8 @@ enum class InputType { kFloat32, kBFloat16, kFloat16 };
 inline constexpr int kEstimatorSampleRows = 8;
 /// Keys per tile of the score kernel; block sizes must be multiples of it.
 inline constexpr int kEstimatorKeyTile = 64;
+/// Keys per CTA of the pooled score kernel when PooledScoresLaunch::chunk_blocks is 0.
+inline constexpr int64_t kPooledChunkKeys = 2048;
 /// Largest key-block count the selection kernel sorts in shared memory (per row).
 inline constexpr int64_t kEstimatorMaxKeyBlocks = 16384;
 
@@ -72,6 +81,26 @@ struct BlockScoresLaunch {
   bool split_tf32 = true;
 };
 
+/// (2p) Block scores of lowrank_block_scores(..., pool_queries = true): one row per query block,
+/// its mean query projected, scored against every key it sees (j < kend, the CPU twin's kend),
+/// softmax over those keys, summed per key block. fp32 CUDA-core math (pooled_scores.cuh).
+struct PooledScoresLaunch {
+  /// [batch, heads, q_blocks, rank_pad] fp32: the mean of query block qb's rows projected and
+  /// scaled by log2(e)/√d (zero past the rank).
+  const float* pq = nullptr;
+  const float* kp = nullptr;  ///< [batch, heads, m, rank_pad] fp32, 16-byte aligned
+  float* scores = nullptr;    ///< [batch, heads, q_blocks, k_blocks] fp32, every element written
+  int batch = 0, heads = 0;
+  int64_t n = 0, m = 0, q_offset = 0;
+  int64_t q_blocks = 0, k_blocks = 0;
+  int block_size = 0;  ///< multiple of kEstimatorKeyTile
+  int rank_pad = 0;    ///< 8, 16, 32 or 64
+  bool causal = false;
+  /// Key blocks per CTA of the score kernel (its grid's key chunks); 0: the launcher's choice
+  /// (kPooledChunkKeys keys, at least one block).
+  int64_t chunk_blocks = 0;
+};
+
 /// (3)-(5) select_blocks on device-resident scores, written as CSR lists.
 struct SelectLaunch {
   const float* scores = nullptr;  ///< [rows, k_blocks] (rows = batch·heads·q_blocks)
@@ -105,6 +134,9 @@ cudaError_t launch_projection(const ProjectionLaunch& p, InputType type, cudaStr
                               const char** failed_call);
 cudaError_t launch_lowrank_block_scores(const BlockScoresLaunch& p, cudaStream_t stream,
                                         const char** failed_call);
+/// Two kernels on `stream`: the pooled scores' per-block log-sum-exps, then their normalisation.
+cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p, cudaStream_t stream,
+                                       const char** failed_call);
 cudaError_t launch_select_blocks(const SelectLaunch& p, cudaStream_t stream,
                                  const char** failed_call);
 

@@ -1,5 +1,5 @@
 // Tensor-level code of the CUDA low-rank block estimator (cuda_estimator.h): argument checks,
-// the sampled-row gather and query projection (LibTorch ops on the device), padding of the
+// the query block means of pooled mode (LibTorch reductions on the device), padding of the
 // projections to the kernels' rank, and the launches of block_estimator.cu on the current stream.
 #include "attention/cuda/cuda_estimator.h"
 
@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "attention/cuda/block_estimator_kernels.h"
 #include "common/error.h"
@@ -146,7 +147,67 @@ void project(const torch::Tensor& x_in, const torch::Tensor& a_in, double scale,
                             shape_of(a_in)));
 }
 
-/// Scores on the device; see lowrank_block_scores_cuda.
+/// Mean of each query block's rows [b, h, ceil(n / bs), d] in fp32, read in q's own dtype (the
+/// reductions accumulate in fp32; no fp32 copy of q). The last block may be short.
+torch::Tensor block_means(const torch::Tensor& q, int64_t bs) {
+  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3);
+  const int64_t full = n / bs, tail = n - full * bs;
+  std::vector<torch::Tensor> parts;
+  if (full > 0)
+    parts.push_back(
+        q.narrow(2, 0, full * bs).view({b, h, full, bs, d}).mean(3, false, torch::kFloat));
+  if (tail > 0) parts.push_back(q.narrow(2, full * bs, tail).mean(2, true, torch::kFloat));
+  return parts.size() == 1 ? parts[0].contiguous() : torch::cat(parts, 2);
+}
+
+/// Pooled-query scores on the device; see lowrank_block_scores_cuda.
+torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k_in,
+                                      const torch::Tensor& a_q, const torch::Tensor& a_k,
+                                      int64_t bs, bool causal, int64_t q_offset, double* flops) {
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const auto stream = at::cuda::getCurrentCUDAStream(q_in.get_device()).stream();
+  const int64_t b = q_in.size(0), h = q_in.size(1), n = q_in.size(2), d = q_in.size(3);
+  const int64_t m = k_in.size(2), r = a_q.size(3), rp = padded_rank(r);
+  const int64_t qbn = div_up(n, bs), kbn = div_up(m, bs);
+  const auto fopt = q_in.options().dtype(torch::kFloat);
+
+  // The block means of q (LibTorch reductions on the current stream), projected and scaled by
+  // log2(e)/√d like the sampled rows (mean then project: the CPU twin's project then mean up to
+  // rounding); every key projected.
+  const auto pq = torch::empty({b, h, qbn, rp}, fopt);
+  const auto kp = torch::empty({b, h, m, rp}, fopt);
+  project(block_means(q_in, bs), a_q, kLog2e / std::sqrt(static_cast<double>(d)), 0, pq, stream);
+  project(k_in, a_k, 1.0, 0, kp, stream);
+
+  auto scores = torch::empty({b, h, qbn, kbn}, fopt);
+  cuda::PooledScoresLaunch pl;
+  pl.pq = pq.data_ptr<float>();
+  pl.kp = kp.data_ptr<float>();
+  pl.scores = scores.data_ptr<float>();
+  pl.batch = static_cast<int>(b);
+  pl.heads = static_cast<int>(h);
+  pl.n = n;
+  pl.m = m;
+  pl.q_offset = q_offset;
+  pl.q_blocks = qbn;
+  pl.k_blocks = kbn;
+  pl.block_size = static_cast<int>(bs);
+  pl.rank_pad = static_cast<int>(rp);
+  pl.causal = causal;
+  const char* failed = "launch_pooled_block_scores";
+  check_cuda(cuda::launch_pooled_block_scores(pl, stream, &failed), failed, q_in, k_in, bs);
+
+  // FLOPs: the block means (n·d adds), the projections of the means and of the keys, then 2r+1
+  // per (query block, visible key) pair.
+  double pairs = 0;
+  for (int64_t i = 0; i < qbn; ++i)
+    pairs += static_cast<double>(visible_keys(i, n, m, bs, causal, q_offset));
+  *flops += static_cast<double>(b) * h *
+            (static_cast<double>(n) * d + 2.0 * (qbn + m) * d * r + pairs * (2.0 * r + 1));
+  return scores;
+}
+
+/// Sampled-row scores on the device; see lowrank_block_scores_cuda.
 torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k_in,
                                const torch::Tensor& a_q, const torch::Tensor& a_k, int64_t bs,
                                bool causal, int64_t q_offset, double* flops, bool tf32) {
@@ -222,6 +283,8 @@ torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Ten
                                         int64_t block_size, bool causal, int64_t q_offset,
                                         double* flops, const CudaEstimatorOptions& options) {
   check_inputs(q, k, a_q, a_k, block_size, q_offset);
+  if (options.pool_queries)
+    return pooled_scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops);
   return scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops, options.tf32);
 }
 
@@ -235,11 +298,6 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
                       "cuda estimator: plan {} is not a block_sparse plan with the lowrank "
                       "estimator",
                       plan.to_string());
-  ATTNPILOT_CHECK_ARG(!plan.pool_queries,
-                      "cuda estimator: plan {} pools its queries; the GPU score kernel samples 8 "
-                      "rows per query block (pooled queries run through estimate_block_mask's "
-                      "LibTorch code)",
-                      plan.to_string());
   plan.validate(q.size(3));
   ATTNPILOT_CHECK_ARG(a_q.defined() && a_k.defined() && a_q.dim() == 4 && a_k.dim() == 4 &&
                           plan.rank <= a_q.size(3) && plan.rank <= a_k.size(3),
@@ -251,11 +309,14 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
   check_inputs(q, k, aq, ak, bs, q_offset);
   // Density 1 without gamma or top_k keeps every visible block whatever the scores: no estimate.
   const bool everything = plan.gamma <= 0 && plan.top_k <= 0 && plan.density >= 1.0;
-  const auto scores =
-      everything
-          ? torch::zeros({q.size(0), q.size(1), div_up(q.size(2), bs), div_up(k.size(2), bs)},
-                         q.options().dtype(torch::kFloat))
-          : scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.tf32);
+  torch::Tensor scores;
+  if (everything)
+    scores = torch::zeros({q.size(0), q.size(1), div_up(q.size(2), bs), div_up(k.size(2), bs)},
+                          q.options().dtype(torch::kFloat));
+  else if (plan.pool_queries)
+    scores = pooled_scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops);
+  else
+    scores = scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.tf32);
 
   return select_blocks_cuda(scores, plan, q.size(2), k.size(2), causal, q_offset, options);
 }

@@ -4,11 +4,15 @@
 ///
 ///   q [B, H, N, d], k [B, Hkv, M, d] (fp32 / bf16 / fp16; fp32 math), a_q, a_k [1 or B, H, d, R]
 ///     ──► lowrank_block_scores_cuda: scores [B, H, q_blocks, k_blocks] fp32 on q's device
+///         (8 sampled query rows per block on the tensor cores, or with pooled queries one mean
+///         query per block on the CUDA cores)
 ///     ──► estimate_block_mask_cuda: BlockMask whose row_ptr / col_idx are CUDA int64 tensors
 ///   scores of any estimator on the device ──► select_blocks_cuda: the same selection
 ///
-/// No host synchronisation: the sampled-row indices, projections, scores, selection, scan and
-/// scatter all run on the caller's current stream. Note that BlockMask's own comment says its
+/// No host synchronisation: the sampled-row indices (or the query block means), projections,
+/// scores, selection, scan and scatter all run on the caller's current stream. The pooled mode
+/// is tested against the CPU twin in a CPU emulation of its kernels (estimator_emu_test); its
+/// GPU tests and timing have not been run yet. Note that BlockMask's own comment says its
 /// lists are CPU tensors; the masks returned here are not (see estimate_block_mask_cuda).
 /// Limits of the kernels: block size a multiple of 64, head dim <= 256, rank <= 64 (padded to 8,
 /// 16, 32 or 64 with zero columns), at most 16384 key blocks. Outside them: InvalidArgument.
@@ -26,6 +30,10 @@ struct CudaEstimatorOptions {
   /// Score products in one tf32 pass (about 3x less tensor-core work; scores within ~1e-3 of
   /// the fp32 twin) instead of three (hi·hi + hi·lo + lo·hi: about fp32 accuracy, the default).
   bool tf32 = false;
+  /// lowrank_block_scores_cuda: one pooled query per block (the mean of its rows), as
+  /// lowrank_block_scores(..., pool_queries = true), instead of 8 sampled rows. Plain fp32 (tf32
+  /// does not apply). estimate_block_mask_cuda ignores it and follows plan.pool_queries.
+  bool pool_queries = false;
   /// estimate_block_mask_cuda with gamma > 0: read nnz back to the host (one synchronisation)
   /// and trim col_idx to it.
   bool exact_nnz = false;
@@ -40,24 +48,27 @@ bool cuda_estimator_handles(const torch::Tensor& q, const torch::Tensor& k, int6
 
 /// lowrank_block_scores (estimators.h) on CUDA tensors, rank r = a_q.size(3): block sums of
 /// softmax((q a_q)(k a_k)ᵀ/√d) averaged over up to 8 evenly spaced rows of each query block
-/// (its last row included); zero past a query block's last visible key block. GQA: query head
-/// h reads key head h / (H / Hkv). Adds the FLOPs spent (projections of the sampled rows and the
-/// keys, 2r+1 per sampled (row, visible key) pair) to *flops.
+/// (its last row included); zero past a query block's last visible key block. With
+/// options.pool_queries, lowrank_block_scores(..., pool_queries = true) instead: one row per
+/// query block, its mean query (projected), seeing the keys up to the block's last query. GQA:
+/// query head h reads key head h / (H / Hkv). Adds the FLOPs spent to *flops: projections of the
+/// sampled rows (pooled: n·d adds for the means and the projections of the means) and of the
+/// keys, then 2r+1 per (sampled row or pooled query, visible key) pair.
 torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Tensor& k,
                                         const torch::Tensor& a_q, const torch::Tensor& a_k,
                                         int64_t block_size, bool causal, int64_t q_offset,
                                         double* flops, const CudaEstimatorOptions& options = {});
 
 /// The low-rank estimator of `plan` (kind block_sparse, estimator lowrank, rank <= a_q.size(3):
-/// the first plan.rank columns of a_q and a_k are used) followed by select_blocks' rule, all on
-/// the GPU. The returned mask's row_ptr [rows + 1] and col_idx are int64 tensors on q's device.
-/// With a top_k or density budget the per-row counts are known in advance and col_idx has
-/// exactly row_ptr[rows] entries. With gamma > 0 they depend on the scores: col_idx then has
-/// room for every visible block (the sum over rows of visible blocks), its first row_ptr[rows]
-/// entries are the lists and the rest are -1, unless options.exact_nnz is true, which reads
-/// row_ptr[rows] back to the host (one synchronisation) and trims col_idx to it. A plan that
-/// keeps everything (density 1, no gamma or top_k) skips the scores, as the CPU path does, and
-/// lists every visible block (no FLOPs counted).
+/// the first plan.rank columns of a_q and a_k are used; sampled rows, or pooled queries when
+/// plan.pool_queries) followed by select_blocks' rule, all on the GPU. The returned mask's row_ptr
+/// [rows + 1] and col_idx are int64 tensors on q's device. With a top_k or density budget the
+/// per-row counts are known in advance and col_idx has exactly row_ptr[rows] entries. With gamma >
+/// 0 they depend on the scores: col_idx then has room for every visible block (the sum over rows of
+/// visible blocks), its first row_ptr[rows] entries are the lists and the rest are -1, unless
+/// options.exact_nnz is true, which reads row_ptr[rows] back to the host (one synchronisation) and
+/// trims col_idx to it. A plan that keeps everything (density 1, no gamma or top_k) skips the
+/// scores, as the CPU path does, and lists every visible block (no FLOPs counted).
 BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& k,
                                    const torch::Tensor& a_q, const torch::Tensor& a_k,
                                    const HeadPlan& plan, bool causal, int64_t q_offset,

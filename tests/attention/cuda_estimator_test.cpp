@@ -1,8 +1,9 @@
 /// The CUDA low-rank block estimator against its CPU twin (estimators.h): block scores against
 /// lowrank_block_scores on fresh random inputs of many shapes (N != M, q_offset > 0, causal and
-/// not, blocks 64 and 128, ranks 4/16/32, GQA, fp32/bf16/fp16, batch and heads > 1), and the CSR
-/// masks against select_blocks run on the same scores copied to the CPU (then the masks must be
-/// identical) for gamma, top_k and density budgets. Outputs are poisoned before each run. GPU
+/// not, blocks 64 and 128, ranks 4/16/32, GQA, fp32/bf16/fp16, batch and heads > 1), sampled
+/// rows and pooled queries, and the CSR masks against select_blocks run on the same scores
+/// copied to the CPU (then the masks must be identical) for gamma, top_k and density budgets,
+/// directly and through estimate_block_mask's dispatch. Outputs are poisoned before each run. GPU
 /// tests skip without a CUDA device; the argument checks run everywhere.
 #include "attention/cuda/cuda_estimator.h"
 
@@ -40,6 +41,12 @@ const torch::Device kCuda(torch::kCUDA, 0);
 /// 2.8e-6 from float64. One tf32 product instead of three gives ~2e-3 (the tf32 option).
 constexpr double kAbsTol = 5e-5;
 constexpr double kRelTol = 5e-5;
+/// Pooled queries (CudaEstimatorOptions::pool_queries): plain fp32 on both sides, the GPU
+/// projecting the block means, the CPU twin averaging projected rows. The CPU emulation of the
+/// kernels (estimator_emu_test) measured at most 8.4e-7 absolute against float64; not yet
+/// measured on the GPU, so the sampled mode's tolerance.
+constexpr double kPooledAbsTol = 5e-5;
+constexpr double kPooledRelTol = 5e-5;
 /// The one-pass tf32 mode (CudaEstimatorOptions::tf32): scores from 10-bit-mantissa products;
 /// the emulation measured at most 6.6e-3 absolute and 2.7e-3 relative error (130 cases).
 constexpr double kTf32AbsTol = 3e-2;
@@ -77,6 +84,21 @@ torch::Tensor cpu_scores(const Case& c, const Inputs& in, double* flops) {
   const auto f = [](const torch::Tensor& t) { return t.to(torch::kCPU, torch::kFloat); };
   return lowrank_block_scores(f(in.q), f(in.k).repeat_interleave(c.h / c.hkv, 1), f(in.a_q),
                               f(in.a_k), c.bs, c.causal, c.q_offset, flops);
+}
+
+/// lowrank_block_scores with pooled queries on float32 CPU copies.
+torch::Tensor cpu_pooled_scores(const Case& c, const Inputs& in, double* flops) {
+  const auto f = [](const torch::Tensor& t) { return t.to(torch::kCPU, torch::kFloat); };
+  return lowrank_block_scores(f(in.q), f(in.k).repeat_interleave(c.h / c.hkv, 1), f(in.a_q),
+                              f(in.a_k), c.bs, c.causal, c.q_offset, flops, /*pool_queries=*/true);
+}
+
+/// Adds a per-head direction to q (in q's dtype), scaled so that the pooled scores vary by a
+/// few units: block means of plain random rows are near zero and give an almost uniform softmax.
+void give_queries_a_direction(const Case& c, Inputs* in, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const auto dir = torch::randn({c.b, c.h, 1, c.d}, gen).to(kCuda);
+  in->q = (in->q.to(torch::kFloat) + 0.25 * dir).to(c.dt);
 }
 
 /// Fills the caching allocator's next blocks of these sizes with `value`, so an element the
@@ -192,12 +214,59 @@ TEST(CudaEstimator, ManyKeyBlocksUseTheWorkspace) {
   }
 }
 
+/// Pooled queries (lowrank_block_scores(..., pool_queries = true)) on the GPU against the CPU
+/// twin: every input dtype, GQA, causal and not, odd lengths, strided k, more than 128 query
+/// blocks (two query groups of the score kernel) and hundreds of key blocks (many key chunks).
+TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
+  SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(20261202);
+  uint64_t seed = 300;
+  auto cases = random_cases(rng);
+  cases.push_back(Case{1, 2, 1, 9000, 9100, 100, 64, 16, 64, true, torch::kBFloat16});
+  cases.push_back(Case{1, 2, 2, 200, 26000, 7, 64, 16, 64, false, torch::kHalf});
+  cases.push_back(Case{1, 2, 1, 300, 26000, 25700, 128, 64, 128, true, torch::kBFloat16});
+  CudaEstimatorOptions pooled;
+  pooled.pool_queries = true;
+  for (const Case& c : cases) {
+    auto in = make_inputs(c, seed);
+    give_queries_a_direction(c, &in, seed++);
+    double cpu_flops = 0, gpu_flops = 0;
+    const auto want = cpu_pooled_scores(c, in, &cpu_flops);
+    poison({want.numel()}, std::nan(""), torch::kFloat);
+    const auto got = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                               c.q_offset, &gpu_flops, pooled);
+    ASSERT_TRUE(got.is_cuda()) << c.str();
+    ASSERT_EQ(got.sizes(), want.sizes()) << c.str();
+    const auto g = got.cpu().to(torch::kDouble), w = want.to(torch::kDouble);
+    ASSERT_TRUE(torch::isfinite(g).all().item<bool>()) << c.str() << ": unwritten or NaN scores";
+    EXPECT_LE((g - w).abs().max().item<double>(), kPooledAbsTol) << c.str();
+    EXPECT_LE(((g - w).norm() / w.norm()).item<double>(), kPooledRelTol) << c.str();
+    EXPECT_LE((g.sum(-1) - 1.0).abs().max().item<double>(), 1e-4) << c.str();
+    EXPECT_EQ((g < 0).sum().item<int64_t>(), 0) << c.str();
+    // The CPU projects every query row, the GPU the block means (n·d adds to form them).
+    const int64_t qbn = (c.n + c.bs - 1) / c.bs;
+    EXPECT_NEAR(gpu_flops,
+                cpu_flops - 2.0 * c.b * c.h * (c.n - qbn) * c.d * c.r +
+                    static_cast<double>(c.b) * c.h * c.n * c.d,
+                1e-9 * cpu_flops)
+        << c.str();
+    // tf32 does not apply to the pooled path; same inputs, same bits (no race).
+    CudaEstimatorOptions pooled_tf32 = pooled;
+    pooled_tf32.tf32 = true;
+    EXPECT_TRUE(
+        torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                    c.q_offset, &gpu_flops, pooled_tf32)))
+        << c.str() << ": two runs differ";
+  }
+}
+
 /// The GPU mask equals select_blocks on the GPU's own scores (the kernels are deterministic, so
 /// estimate_block_mask_cuda recomputes exactly these scores).
 void expect_same_mask(const Case& c, const Inputs& in, const HeadPlan& plan, bool tf32) {
   const std::string what = c.str() + " plan " + plan.to_string() + (tf32 ? " tf32" : "");
   CudaEstimatorOptions opt;
   opt.tf32 = tf32;
+  opt.pool_queries = plan.pool_queries;
   double fl = 0;
   const auto scores = lowrank_block_scores_cuda(in.q, in.k, in.a_q.narrow(3, 0, plan.rank),
                                                 in.a_k.narrow(3, 0, plan.rank), c.bs, c.causal,
@@ -241,6 +310,15 @@ void expect_same_mask(const Case& c, const Inputs& in, const HeadPlan& plan, boo
   host.row_ptr = ptr;
   host.col_idx = col.narrow(0, 0, nnz).contiguous();
   EXPECT_NO_THROW(host.validate(c.n, c.m, c.causal, c.q_offset)) << what;
+  // estimate_block_mask (estimators.h) sends CUDA tensors to this path, pooled plans included
+  // (with its default options: one-pass tf32 off).
+  if (!tf32 || plan.pool_queries) {
+    const auto via =
+        estimate_block_mask(in.q, in.k, plan, c.causal, c.q_offset, &fl, in.a_q, in.a_k);
+    ASSERT_TRUE(via.row_ptr.is_cuda() && via.col_idx.is_cuda()) << what << " via dispatch";
+    EXPECT_TRUE(torch::equal(via.row_ptr.cpu(), ptr)) << what << " via dispatch";
+    EXPECT_TRUE(torch::equal(via.col_idx.cpu(), col)) << what << " via dispatch";
+  }
 }
 
 TEST(CudaEstimator, MasksMatchCpuSelectionOnTheSameScores) {
@@ -264,10 +342,13 @@ TEST(CudaEstimator, MasksMatchCpuSelectionOnTheSameScores) {
     }
     for (double density : {0.1, 0.3, 1.0}) plans.push_back(HeadPlan::block_sparse(density, c.bs));
     int i = 0;
-    for (HeadPlan& p : plans) {
-      p.estimator = BlockEstimator::kLowRank;
-      p.rank = std::vector<int64_t>{4, 16, 32}[i++ % 3];
-      expect_same_mask(c, in, p, /*tf32=*/i % 2 == 0);
+    for (bool pool : {false, true}) {  // 8 sampled rows, then one pooled query per block
+      for (HeadPlan p : plans) {
+        p.estimator = BlockEstimator::kLowRank;
+        p.rank = std::vector<int64_t>{4, 16, 32}[i++ % 3];
+        p.pool_queries = pool;
+        expect_same_mask(c, in, p, /*tf32=*/i % 2 == 0);
+      }
     }
   }
 }
@@ -427,6 +508,25 @@ TEST(CudaEstimator, LaunchersRefuseArgumentsOutsideTheirRange) {
   sl.block_size = 64;
   sl.q_blocks = 3;  // 100 queries in blocks of 64 make 2
   EXPECT_TRUE(refused(scores, "launch_lowrank_block_scores")) << "3 query blocks for 100 rows";
+
+  cuda::PooledScoresLaunch pool;
+  pool.pq = pool.kp = buf;
+  pool.scores = buf;
+  pool.batch = pool.heads = 1;
+  pool.n = pool.m = 100;
+  pool.q_blocks = pool.k_blocks = 2;
+  pool.block_size = 96;  // not a multiple of 64
+  pool.rank_pad = 16;
+  const auto pooled = [&](const char** f) {
+    return cuda::launch_pooled_block_scores(pool, nullptr, f);
+  };
+  EXPECT_TRUE(refused(pooled, "launch_pooled_block_scores")) << "block size 96";
+  pool.block_size = 64;
+  pool.rank_pad = 12;
+  EXPECT_TRUE(refused(pooled, "launch_pooled_block_scores")) << "rank 12";
+  pool.rank_pad = 16;
+  pool.chunk_blocks = -1;
+  EXPECT_TRUE(refused(pooled, "launch_pooled_block_scores")) << "chunk of -1 blocks";
 
   cuda::SelectLaunch p;
   int64_t ptr[8];

@@ -1,0 +1,228 @@
+/// The pooled-query block scores' device code (attention/cuda/pooled_scores.cuh: the score
+/// kernel's CTA body and the normalising warp) run on the CPU through the CUDA emulation in
+/// tests/cuda_emu, against the CPU twin lowrank_block_scores(..., pool_queries = true) in
+/// float64: N not a multiple of the block, q_offset > 0, causal and not, M != N (fewer keys than
+/// the causal limit too), blocks 64 and 128, ranks padded to 8/16/32/64 (two query blocks per
+/// thread up to 32, one at 64), two query groups, key chunks of 1..4 blocks and the launcher's
+/// default. The inputs of
+/// the kernels (the projected block-mean queries and keys) are computed in float64 here and
+/// rounded to fp32, as the GPU path's projection kernel writes them. Runs everywhere, CI
+/// included; the GPU tests (cuda_estimator_test.cpp) check the compiled kernels on the device.
+#include <ATen/CPUGeneratorImpl.h>
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "attention/estimators.h"
+
+// After LibTorch and GoogleTest: the emulation defines CUDA's keywords as macros.
+#include "tests/cuda_emu/cuda_emu.h"
+// clang-format off (the emulation must come first)
+#include "attention/cuda/pooled_scores.cuh"
+// clang-format on
+
+namespace {
+
+namespace cu = attnpilot::attention::cuda;
+namespace pooled = attnpilot::attention::cuda::pooled;
+namespace emu = attnpilot::cuda_emu;
+
+/// fp32 rounding of the kernels' inputs (pq, kp) and fp32 dot products, exp2 and sums, amplified
+/// by the size of the exponents. Measured on the cases below: at most 8.4e-7 absolute (a case
+/// with sharp scores); one key more or less in every query block's softmax moves some score by
+/// 1.3e-3 (OneKeyOfMaskIsVisibleAboveTheTolerance), two orders above the tolerance.
+constexpr double kAbsTol = 1e-5;
+
+struct Shape {
+  int64_t b, h, n, m, q_offset, d, r, bs;
+  bool causal;
+  int64_t chunk_blocks;  // 0: the launcher's default (kPooledChunkKeys keys)
+  std::string str() const {
+    return fmt::format("b={} h={} n={} m={} q_offset={} d={} r={} bs={} causal={} chunk={}", b, h,
+                       n, m, q_offset, d, r, bs, causal, chunk_blocks);
+  }
+};
+
+int64_t padded(int64_t r) {
+  int64_t p = 8;
+  while (p < r) p *= 2;
+  return p;
+}
+
+struct Problem {
+  torch::Tensor q, k, a_q, a_k;  // float64
+  std::vector<float> pq, kp;     // the kernels' fp32 inputs, rank padded with zeros
+};
+
+/// Queries with a per-head mean direction (so block means are not near zero), keys of unit
+/// scale, projections scaled so that the pooled scores s (natural units) have standard
+/// deviation about `sharp`: 1 keeps each key's softmax mass near 1/kend (one key more or less
+/// shows), 8 makes a few keys dominate (large exponents, the running max's rescaling).
+Problem make_problem(const Shape& s, uint64_t seed, double sharp) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  Problem p;
+  const auto dir = torch::randn({s.b, s.h, 1, s.d}, gen, o64);
+  p.q = 0.5 * torch::randn({s.b, s.h, s.n, s.d}, gen, o64) + dir;
+  p.k = torch::randn({s.b, s.h, s.m, s.d}, gen, o64);
+  p.a_q =
+      torch::randn({1, s.h, s.d, s.r}, gen, o64) * (sharp / std::sqrt(static_cast<double>(s.d)));
+  p.a_k = torch::randn({1, s.h, s.d, s.r}, gen, o64) / std::sqrt(static_cast<double>(s.r));
+  const int64_t rp = padded(s.r), qbn = (s.n + s.bs - 1) / s.bs;
+  // Block means of q, projected, scaled by log2(e)/√d (base 2), as cuda_estimator.cpp does.
+  std::vector<torch::Tensor> means;
+  for (int64_t qb = 0; qb < qbn; ++qb)
+    means.push_back(p.q.narrow(2, qb * s.bs, std::min(s.bs, s.n - qb * s.bs)).mean(2, true));
+  const double scale = 1.4426950408889634 / std::sqrt(static_cast<double>(s.d));
+  const auto pad = [&](const torch::Tensor& x) {
+    const auto y = torch::constant_pad_nd(x, {0, rp - s.r}).to(torch::kFloat).contiguous();
+    return std::vector<float>(y.data_ptr<float>(), y.data_ptr<float>() + y.numel());
+  };
+  p.pq = pad(torch::matmul(torch::cat(means, 2), p.a_q) * scale);
+  p.kp = pad(torch::matmul(p.k, p.a_k));
+  return p;
+}
+
+/// Runs the two kernels as the launcher would (every CTA of the grid, one after another) on
+/// poisoned scores. `lse` (if not null) receives the scores between the two kernels.
+template <int R>
+std::vector<float> emulate(const Shape& s, const Problem& pr, std::vector<float>* lse) {
+  cu::PooledScoresLaunch p;
+  const int64_t qbn = (s.n + s.bs - 1) / s.bs, kbn = (s.m + s.bs - 1) / s.bs;
+  std::vector<float> scores(static_cast<size_t>(s.b * s.h * qbn * kbn),
+                            std::numeric_limits<float>::quiet_NaN());
+  p.pq = pr.pq.data();
+  p.kp = pr.kp.data();
+  p.scores = scores.data();
+  p.batch = static_cast<int>(s.b);
+  p.heads = static_cast<int>(s.h);
+  p.n = s.n;
+  p.m = s.m;
+  p.q_offset = s.q_offset;
+  p.q_blocks = qbn;
+  p.k_blocks = kbn;
+  p.block_size = static_cast<int>(s.bs);
+  p.rank_pad = R;
+  p.causal = s.causal;
+  // The launcher's default (launch_pooled_block_scores).
+  p.chunk_blocks =
+      s.chunk_blocks > 0 ? s.chunk_blocks : std::max<int64_t>(1, cu::kPooledChunkKeys / s.bs);
+  std::vector<float> tiles(2 * pooled::kPooledKeyTile * R);  // the CTA's shared memory
+  const int64_t chunks = pooled::pooled_chunks(p), groups = pooled::pooled_groups(p);
+  for (int64_t bh = 0; bh < s.b * s.h; ++bh)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t c = 0; c < chunks; ++c)
+        emu::run_block(pooled::kPooledThreads,
+                       [&] { pooled::pooled_scores_block<R>(p, c, g, bh, tiles.data()); });
+  if (lse != nullptr) *lse = scores;
+  // pooled_normalise_kernel: 4 warps per CTA, one row each; whole warps past the rows return.
+  const int64_t rows = s.b * s.h * qbn;
+  for (int64_t blk = 0; blk < (rows + 3) / 4; ++blk)
+    emu::run_block(128, [&] {
+      const int64_t row = blk * 4 + threadIdx.x / 32;
+      if (row >= rows) return;
+      pooled::pooled_normalise_row(p, row);
+    });
+  return scores;
+}
+
+std::vector<float> emulate_any(const Shape& s, const Problem& pr, std::vector<float>* lse) {
+  switch (padded(s.r)) {
+    case 8:
+      return emulate<8>(s, pr, lse);
+    case 16:
+      return emulate<16>(s, pr, lse);
+    case 32:
+      return emulate<32>(s, pr, lse);
+    default:
+      return emulate<64>(s, pr, lse);
+  }
+}
+
+std::vector<Shape> shapes() {
+  return {
+      // N not a multiple of the block, queries mid-cache, key chunks of 2 blocks.
+      Shape{1, 2, 300, 700, 400, 64, 16, 64, true, 2},
+      // Rank 5 (padded to 8), one-block chunks, batch 2, N = M = 257 at block 128.
+      Shape{2, 1, 257, 257, 0, 32, 5, 128, true, 1},
+      // Not causal, M >> N, rank 20 (padded to 32), chunks of 3 blocks (the last one short).
+      Shape{1, 2, 100, 1000, 7, 48, 20, 64, false, 3},
+      // One query seeing 129 keys: its second key block holds one visible key.
+      Shape{1, 1, 1, 129, 128, 64, 16, 128, true, 0},
+      // Fewer keys than the causal limit (kend clamped to M), rank 40 (padded to 64).
+      Shape{1, 2, 200, 250, 100, 64, 40, 64, true, 2},
+      // Not causal, rank 64, block 128, odd lengths.
+      Shape{2, 1, 200, 300, 0, 64, 64, 128, false, 0},
+      // 261 query blocks: two query groups of the score kernel (256 query blocks each up to
+      // rank 32), the launcher's chunks (32 blocks).
+      Shape{1, 1, 260 * 64 + 5, 260 * 64 + 5, 0, 32, 16, 64, true, 0},
+      // Rank 64 (128 query blocks per group): 140 query blocks, two groups.
+      Shape{1, 1, 140 * 64, 700, 3, 64, 64, 64, false, 4},
+      // Queries whose causal limit ends a key tile mid-block (kend = 64·k + 1 .. ), block 128.
+      Shape{1, 2, 190, 449, 259, 64, 8, 128, true, 1},
+  };
+}
+
+TEST(PooledScoresEmulated, MatchTheCpuTwinInFloat64) {
+  uint64_t seed = 11;
+  double worst = 0;
+  for (const Shape& s : shapes()) {
+    const double sharp = seed % 3 == 0 ? 8.0 : 1.0;
+    const Problem pr = make_problem(s, seed++, sharp);
+    double flops = 0;
+    const auto want = attnpilot::attention::lowrank_block_scores(
+        pr.q, pr.k, pr.a_q, pr.a_k, s.bs, s.causal, s.q_offset, &flops, /*pool_queries=*/true);
+    std::vector<float> lse;
+    const auto got_v = emulate_any(s, pr, &lse);
+    const int64_t qbn = want.size(2), kbn = want.size(3);
+    const auto got = torch::from_blob(const_cast<float*>(got_v.data()), want.sizes(), torch::kFloat)
+                         .to(torch::kDouble);
+    const auto l = torch::from_blob(lse.data(), want.sizes(), torch::kFloat).to(torch::kDouble);
+    // The score kernel writes exactly the visible blocks' L (the poison stays past them), the
+    // normaliser every element.
+    for (int64_t qb = 0; qb < qbn; ++qb) {
+      const int64_t i0 = qb * s.bs, rows = std::min(s.bs, s.n - i0);
+      const int64_t kend = s.causal ? std::min(s.m, s.q_offset + i0 + rows) : s.m;
+      const int64_t vis = (kend + s.bs - 1) / s.bs;
+      const auto row = l.select(2, qb);
+      EXPECT_TRUE(torch::isfinite(row.narrow(2, 0, vis)).all().item<bool>())
+          << s.str() << " query block " << qb << ": an L value of a visible block is missing";
+      if (vis < kbn) {
+        EXPECT_TRUE(torch::isnan(row.narrow(2, vis, kbn - vis)).all().item<bool>())
+            << s.str() << " query block " << qb << ": L written past the visible blocks";
+      }
+    }
+    ASSERT_TRUE(torch::isfinite(got).all().item<bool>()) << s.str() << ": unwritten or NaN scores";
+    const double err = (got - want).abs().max().item<double>();
+    worst = std::max(worst, err);
+    EXPECT_LE(err, kAbsTol) << s.str() << " sharp " << sharp;
+    EXPECT_LE((got.sum(-1) - 1.0).abs().max().item<double>(), 1e-5) << s.str();
+    EXPECT_EQ((got < 0).sum().item<int64_t>(), 0) << s.str();
+  }
+  std::printf("pooled scores, emulated kernels vs float64 CPU twin: max abs error %.3g\n", worst);
+}
+
+/// A wrong key limit (one key too many or too few seen by each query block) is caught: the
+/// same comparison on the reference recomputed with the causal limit moved by one key.
+TEST(PooledScoresEmulated, OneKeyOfMaskIsVisibleAboveTheTolerance) {
+  const Shape s{1, 2, 300, 700, 400, 64, 16, 64, true, 2};
+  const Problem pr = make_problem(s, 11, 1.0);
+  double flops = 0;
+  const auto got_v = emulate_any(s, pr, nullptr);
+  const auto got =
+      torch::from_blob(const_cast<float*>(got_v.data()), {s.b, s.h, 5, 11}, torch::kFloat)
+          .to(torch::kDouble);
+  for (int64_t shift : {-1, 1}) {
+    const auto off = attnpilot::attention::lowrank_block_scores(
+        pr.q, pr.k, pr.a_q, pr.a_k, s.bs, s.causal, s.q_offset + shift, &flops, true);
+    EXPECT_GT((got - off).abs().max().item<double>(), 10 * kAbsTol) << "shift " << shift;
+  }
+}
+
+}  // namespace
