@@ -58,7 +58,7 @@ namespace {
 template <typename T, int LANES, int TM, int MAXT, bool TRACK>
 __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int rotated[2];
+  __shared__ int rotated[jacobi::kSweepSharedInts];
   __shared__ unsigned long long max_bits;
   jacobi::svd_block<T, LANES, TM, TRACK>(p, blockIdx.x, smem, rotated, &max_bits);
 }

@@ -36,7 +36,7 @@ namespace {
 template <typename T, int LANES, int TM>
 __global__ void __launch_bounds__(topr::kMaxThreads) topr_kernel(ToprLaunch p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int rotated[2];
+  __shared__ int rotated[jacobi::kSweepSharedInts];
   __shared__ unsigned long long max_bits;
   __shared__ T sv[topr::kMaxP];
   __shared__ double res[topr::kMaxP];

@@ -241,6 +241,42 @@ class Block {
   };
   std::vector<uint64_t> slots_;
   std::vector<std::map<unsigned, Exchange>> exchanges_;
+
+ public:
+  /// __syncwarp(mask): the lanes of `mask` in the caller's warp meet.
+  void warp_sync(unsigned mask) {
+    check_in_mask(mask, "__syncwarp");
+    warp_arrive(tid_ / 32, mask);
+  }
+
+  /// Warp-collective exchange (ldmatrix, mma.sync: cuda_emu_mma.h): each lane of `mask` in the
+  /// caller's warp deposits `bytes` bytes at `mine`; once all have, use(lane_bytes) runs, where
+  /// lane_bytes(l) points at lane l's deposit (l in `mask`); then all meet again before a
+  /// deposit may be overwritten.
+  template <typename F>
+  void warp_exchange(unsigned mask, const void* mine, size_t bytes, F&& use) {
+    check_in_mask(mask, "a warp collective");
+    if (deposits_.size() != slots_.size()) deposits_.resize(slots_.size());
+    auto& mine_slot = deposits_[static_cast<size_t>(tid_)];
+    mine_slot.resize(bytes);
+    std::memcpy(mine_slot.data(), mine, bytes);
+    const int warp = tid_ / 32;
+    warp_arrive(warp, mask);
+    use([&](int l) -> const unsigned char* {
+      if (l < 0 || l >= 32 || !(mask & (1u << l)) || warp * 32 + l >= size())
+        fail("cuda_emu: a warp collective reads lane " + std::to_string(l) + " outside its mask");
+      return deposits_[static_cast<size_t>(warp * 32 + l)].data();
+    });
+    warp_arrive(warp, mask);
+  }
+
+ private:
+  void check_in_mask(unsigned mask, const char* what) {
+    if (!(mask & (1u << (tid_ % 32))))
+      fail(std::string("cuda_emu: ") + what + " called by lane " + std::to_string(tid_ % 32) +
+           " outside its mask");
+  }
+  std::vector<std::vector<unsigned char>> deposits_;  // per thread, for warp_exchange
 };
 
 /// Runs body() as one thread block of `threads` threads.
@@ -278,8 +314,45 @@ inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v)
   if (v > old) *p = v;
   return old;
 }
+inline int atomicMax(int* p, int v) {
+  const int old = *p;
+  if (v > old) *p = v;
+  return old;
+}
+inline int __float_as_int(float f) {
+  int r;
+  std::memcpy(&r, &f, sizeof r);
+  return r;
+}
+inline float __int_as_float(int i) {
+  float r;
+  std::memcpy(&r, &i, sizeof r);
+  return r;
+}
 inline double atomicAdd(double* p, double v) {
   const double old = *p;
   *p = old + v;
   return old;
+}
+
+// Attention kernels (attention/cuda/*_block.cuh): vector types, bit casts, read-only loads,
+// __syncwarp.
+struct uint4 {
+  unsigned x, y, z, w;
+};
+struct float2 {
+  float x, y;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float __uint_as_float(unsigned u) {
+  float r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  ::attnpilot::cuda_emu::Block::current_block()->warp_sync(mask);
 }
