@@ -7,7 +7,9 @@
 ///   k [B, Hkv, M, D] ├─► for each key block listed in the CSR row of (b, h, query block):
 ///   v [B, Hkv, M, D] ┘     64-key tiles: S = scale·QKᵀ, online softmax (fp32), O += P V
 ///                      ──► out [B, Hq, N, D] (contiguous), rows that see no key are zero
+#ifndef ATTNPILOT_CUDA_EMU  // tests/cuda_emu/cuda_emu.h declares the two CUDA types used here
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 

@@ -15,7 +15,9 @@
 /// A CTA serves a block of query heads that share one value head (GQA), so a value row is read
 /// once for all of them; when they also share the key head (full keys with GQA) each key row is
 /// read once too.
+#ifndef ATTNPILOT_CUDA_EMU  // tests/cuda_emu/cuda_emu.h declares the two CUDA types used here
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 

@@ -87,10 +87,10 @@ class Block {
     fibers_.resize(static_cast<size_t>(threads));
     for (int t = 0; t < threads; ++t) {
       auto& f = fibers_[static_cast<size_t>(t)];
-      f.stack.resize(kStack);
+      f.stack.reset(new char[kStack]);  // not zeroed: untouched stack pages are never mapped
       getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = f.stack.data();
-      f.ctx.uc_stack.ss_size = f.stack.size();
+      f.ctx.uc_stack.ss_sp = f.stack.get();
+      f.ctx.uc_stack.ss_size = kStack;
       f.ctx.uc_link = &sched_;
       makecontext(&f.ctx, reinterpret_cast<void (*)()>(&Block::entry), 0);
     }
@@ -170,7 +170,7 @@ class Block {
   static constexpr size_t kStack = 256 * 1024;
   struct Fiber {
     ucontext_t ctx{};
-    std::vector<char> stack;
+    std::unique_ptr<char[]> stack;
     bool finished = false;
     std::function<bool()> until;  // waiting while set and false
   };
