@@ -12,9 +12,12 @@
 /// Both stage row chunks of the input in shared memory as float64 and give each thread an 8×8
 /// tile of the output, strided (thread (ti, tj) of a T×T grid owns entries (ti + T·a, tj + T·b),
 /// a, b < 8), so that a warp's shared-memory reads are consecutive float64s (conflict-free) and
-/// each read feeds 8 FMAs. Why not cuBLAS: its float64 GEMMs need a float64 copy of X (a cast
-/// pass that writes twice X's bytes) and write float64 results; these read the float input once
-/// per pass and write float outputs.
+/// each read feeds 8 FMAs. The Gram matrix is symmetric and thread (tj, ti)'s entries are the
+/// transposes of thread (ti, tj)'s, so gram_block runs only the T(T+1)/2 threads with ti <= tj
+/// (each writes its entries and their mirror images): 56% of the products at n = 64, 53% at 128.
+/// Why not cuBLAS: its float64 GEMMs need a float64 copy of X (a cast pass that writes twice X's
+/// bytes) and write float64 results; these read the float input once per pass and write float
+/// outputs.
 #ifndef ATTNPILOT_CUDA_EMU
 #include <cuda_runtime.h>
 #endif
@@ -23,7 +26,6 @@
 
 namespace attnpilot::perturbation::cuda::tall {
 
-constexpr int kGramThreads = 256;
 constexpr int kProductThreads = 128;
 constexpr int kTile = 8;  ///< outputs per thread along each dimension
 
@@ -31,12 +33,21 @@ constexpr int kTile = 8;  ///< outputs per thread along each dimension
 __host__ __device__ constexpr int padded_width(int n) {
   return n <= 32 ? 32 : n <= 64 ? 64 : n <= 128 ? 128 : 0;
 }
+/// Threads of a gram_block group: one per tile (ti, tj), ti <= tj, of the T×T grid (T = np/8).
+__host__ __device__ constexpr int gram_pairs(int np) { return (np / 8) * (np / 8 + 1) / 2; }
+/// Groups of gram_block (each takes every groups-th row of a chunk): about 256 threads in all.
+__host__ __device__ constexpr int gram_groups(int np) {
+  return (256 + gram_pairs(np) / 2) / gram_pairs(np);
+}
+/// Threads of a gram_block: 260 (np = 32), 252 (64) or 272 (128).
+__host__ __device__ constexpr int gram_threads(int np) { return gram_pairs(np) * gram_groups(np); }
 /// Rows per staged chunk of gram_block: about 32 KB of float64.
 __host__ __device__ constexpr int gram_chunk_rows(int np) { return 4096 / np; }
-/// Dynamic shared memory of gram_block, bytes: the chunk (np + 1 doubles per row), which is
-/// also the cross-group reduction buffer (np·np doubles).
+/// Dynamic shared memory of gram_block, bytes: the chunk (np + 1 doubles per row), also used as
+/// the cross-group reduction buffer (np·np doubles), whichever is larger.
 __host__ __device__ constexpr int64_t gram_shared_bytes(int np) {
-  return int64_t(8) * gram_chunk_rows(np) * (np + 1);
+  return int64_t(8) *
+         (gram_chunk_rows(np) * (np + 1) > np * np ? gram_chunk_rows(np) * (np + 1) : np * np);
 }
 /// Rows per staged chunk of product_block: kTile rows per thread row of the thread grid.
 __host__ __device__ constexpr int product_chunk_rows(int np) {
@@ -60,18 +71,25 @@ __device__ __forceinline__ void stage_rows(const T* z, int64_t ld, int n, int64_
 }
 
 /// G[i, j] += Σ_{r0 <= r < r1} Z[r, i] Z[r, j] for i, j < n (atomic float64 adds into g, row
-/// stride n). Called by all kGramThreads threads of a block; smem holds gram_shared_bytes(NP).
+/// stride n). Called by all gram_threads(NP) threads of a block; smem holds
+/// gram_shared_bytes(NP).
 template <typename T, int NP>
 __device__ void gram_block(const T* z, int64_t ld, int n, int64_t r0, int64_t r1, double* g,
                            double* smem) {
-  constexpr int kT = NP / kTile;                         // thread grid kT × kT per group
-  constexpr int kGroupThreads = kT * kT;                 // 16, 64 or 256
-  constexpr int kGroups = kGramThreads / kGroupThreads;  // rows are dealt out to groups
+  constexpr int kT = NP / kTile;                 // tile grid kT × kT; its upper triangle runs
+  constexpr int kGroupThreads = gram_pairs(NP);  // 10, 36 or 136
+  constexpr int kGroups = gram_groups(NP);       // rows are dealt out to groups
+  constexpr int kThreads = gram_threads(NP);
   constexpr int kChunk = gram_chunk_rows(NP);
   constexpr int kLd = NP + 1;
-  const int tid = threadIdx.x, grp = tid / kGroupThreads, lt = tid % kGroupThreads;
-  const int ti = lt / kT, tj = lt % kT;
-  for (int e = tid; e < kChunk * kLd; e += kGramThreads) smem[e] = 0.0;
+  const int tid = threadIdx.x, grp = tid / kGroupThreads;
+  int ti = 0, tj = tid % kGroupThreads;  // the (tid % pairs)-th pair ti <= tj, row by row
+  while (tj >= kT - ti) {
+    tj -= kT - ti;
+    ++ti;
+  }
+  tj += ti;
+  for (int e = tid; e < kChunk * kLd; e += kThreads) smem[e] = 0.0;
   double acc[kTile][kTile];
 #pragma unroll
   for (int a = 0; a < kTile; ++a)
@@ -80,7 +98,7 @@ __device__ void gram_block(const T* z, int64_t ld, int n, int64_t r0, int64_t r1
   for (int64_t c0 = r0; c0 < r1; c0 += kChunk) {
     const int rows = r1 - c0 < kChunk ? static_cast<int>(r1 - c0) : kChunk;
     __syncthreads();  // the previous chunk is consumed (and the zero fill is done)
-    stage_rows<T, kGramThreads>(z, ld, n, c0, rows, smem, NP);
+    stage_rows<T, kThreads>(z, ld, n, c0, rows, smem, NP);
     __syncthreads();
     for (int k = grp; k < rows; k += kGroups) {
       const double* row = smem + k * kLd;
@@ -96,33 +114,30 @@ __device__ void gram_block(const T* z, int64_t ld, int n, int64_t r0, int64_t r1
         for (int b = 0; b < kTile; ++b) acc[a][b] = fma(x[a], y[b], acc[a][b]);
     }
   }
-  // Groups add their tiles in turn into the (now free) chunk buffer, then one atomic per entry.
-  if (kGroups > 1) {
-    for (int gi = 0; gi < kGroups; ++gi) {
-      __syncthreads();
-      if (grp == gi) {
-#pragma unroll
-        for (int a = 0; a < kTile; ++a)
-#pragma unroll
-          for (int b = 0; b < kTile; ++b) {
-            double& red = smem[(ti + kT * a) * NP + tj + kT * b];
-            red = gi == 0 ? acc[a][b] : red + acc[a][b];
-          }
-      }
-    }
+  // Groups add their tiles and the tiles' mirror images in turn into the (now free) shared
+  // buffer, which then holds all of G (the tiles ti <= tj and their mirrors cover each entry
+  // once per group); then one atomic per entry.
+  for (int gi = 0; gi < kGroups; ++gi) {
     __syncthreads();
-    for (int e = tid; e < NP * NP; e += kGramThreads) {
-      const int i = e / NP, j = e - i * NP;
-      if (i < n && j < n) atomicAdd(g + i * n + j, smem[e]);
+    if (grp == gi) {
+#pragma unroll
+      for (int a = 0; a < kTile; ++a)
+#pragma unroll
+        for (int b = 0; b < kTile; ++b) {
+          const int i = ti + kT * a, j = tj + kT * b;
+          double& red = smem[i * NP + j];
+          red = gi == 0 ? acc[a][b] : red + acc[a][b];
+          if (ti != tj) {
+            double& mirror = smem[j * NP + i];
+            mirror = gi == 0 ? acc[a][b] : mirror + acc[a][b];
+          }
+        }
     }
-  } else {
-#pragma unroll
-    for (int a = 0; a < kTile; ++a)
-#pragma unroll
-      for (int b = 0; b < kTile; ++b) {
-        const int i = ti + kT * a, j = tj + kT * b;
-        if (i < n && j < n) atomicAdd(g + i * n + j, acc[a][b]);
-      }
+  }
+  __syncthreads();
+  for (int e = tid; e < NP * NP; e += kThreads) {
+    const int i = e / NP, j = e - i * NP;
+    if (i < n && j < n) atomicAdd(g + i * n + j, smem[e]);
   }
 }
 

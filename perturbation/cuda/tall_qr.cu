@@ -4,8 +4,8 @@
 //
 // Operation count and floor (256 matrices of 4096×64, float): each pass is 256·4096·64·64 =
 // 4.3e9 FMAs in float64; the H100's 132 SMs × 64 FP64 FMA/clk × ~1.75 GHz give 15 TFMA/s, so
-// 0.29 ms per pass at peak (the Gram pass does all n² entries, not the n(n+1)/2 distinct ones:
-// halving it would need an uneven thread map). Memory per pass: X read once (268 MB, 0.08 ms
+// 0.29 ms per pass at peak (a Gram pass computes only the thread tiles on and above the
+// diagonal, 56% of that at n = 64). Memory per pass: X read once (268 MB, 0.08 ms
 // at 3.35 TB/s), plus Y written for the product (268 MB). So every pass is FP64-bound, and the
 // tall path's three passes (Gram of X, product X·R₁⁻¹, Gram of Q₁) and the final U = Q₁·M cost
 // about 1.2 ms at the FP64 peak, against a float64 copy of X and cuBLAS float64 GEMMs on it
@@ -31,7 +31,7 @@ __device__ __forceinline__ Range block_range(int64_t rows, int splits, int chunk
 }
 
 template <typename T, int NP>
-__global__ void __launch_bounds__(tall::kGramThreads, 1) tall_gram_kernel(TallPassLaunch p) {
+__global__ void __launch_bounds__(tall::gram_threads(NP), 1) tall_gram_kernel(TallPassLaunch p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t b = blockIdx.y;
   const Range r = block_range(p.rows, gridDim.x, tall::gram_chunk_rows(NP));
@@ -63,9 +63,9 @@ template <typename T, int NP>
 cudaError_t launch_gram(const TallPassLaunch& p, cudaStream_t stream, const char** failed) {
   return launch_checked(tall_gram_kernel<T, NP>,
                         dim3(splits_for(p, 1024), static_cast<unsigned>(p.batch)),
-                        tall::kGramThreads, tall::gram_shared_bytes(NP), stream, p,
+                        tall::gram_threads(NP), tall::gram_shared_bytes(NP), stream, p,
                         "cudaFuncSetAttribute(tall_gram_kernel, MaxDynamicSharedMemorySize)",
-                        "tall_gram_kernel<<<(splits, batch), 256, bytes, stream>>>", failed);
+                        "tall_gram_kernel<<<(splits, batch), threads, bytes, stream>>>", failed);
 }
 
 template <typename T, typename TO, int NP>

@@ -426,7 +426,7 @@ void check_tall_passes(int n, int k, int64_t m, uint64_t seed) {
   std::vector<double> smem(static_cast<size_t>(tl::gram_shared_bytes(NP) / 8));
   const int64_t split = m / 2 + 5;
   for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, split}, {split, m}})
-    emu::run_block(tl::kGramThreads, [&, r0 = r0, r1 = r1] {
+    emu::run_block(tl::gram_threads(NP), [&, r0 = r0, r1 = r1] {
       tl::gram_block<T, NP>(x.data(), ld, n, r0, r1, g.data(), smem.data());
     });
   const auto gref = torch::matmul(x64.t(), x64);
