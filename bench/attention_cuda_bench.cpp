@@ -13,7 +13,9 @@
 //    sampled rows per query block, selection, CSR lists on the device) at L = 32k, r = 16 and 32,
 //    density 10% and 5%, 3xTF32 and one-pass TF32 scores, and with pooled queries (mode pool-q:
 //    one mean query per block, fp32), against the attention it plans and against the CPU twin's
-//    LibTorch code (estimators.cpp) run on the same GPU tensors.
+//    LibTorch code (estimators.cpp) run on the same GPU tensors. First the key projection alone
+//    (r = 8..64) by the projection kernel's two variants, 1 and 4 output rows per thread
+//    (CudaEstimatorOptions::projection_rows), side by side with their ratio and byte floor.
 // 3. Decoding, batch 16, 32 heads, 32k cache, d = 128: SDPA over the full cache, our split-K
 //    decode kernel over full keys and over rank-32 and rank-16 key caches, with byte floors.
 // On a machine without a CUDA device it says so and exits 0.
@@ -262,6 +264,24 @@ void run_estimator(bool quick) {
       "\n== low-rank block estimator (CSR lists written on the GPU) vs the sparse attention "
       "it plans: L={}, H={}, d={}, bf16, causal, block {} ==\n",
       len, heads, d, bs);
+  // The key projection alone (kp = k·a_k, every key: the estimator's memory-bound step), by
+  // the projection kernel's variants: one output row per thread (the default) and 4
+  // (CudaEstimatorOptions::projection_rows). Floor: k read once, kp written once, at 3.35 TB/s
+  // (the H100 SXM's datasheet rate; 4.8 on the H200).
+  fmt::print("{:>4} {:>16} {:>16} {:>8} {:>10}\n", "r", "kproj 1 row ms", "kproj 4 rows ms",
+             "4 / 1", "floor ms");
+  for (int64_t r : {8, 16, 32, 64}) {
+    const auto a_k = random_basis(1, heads, d, r, dev);
+    CudaEstimatorOptions one, four;
+    four.projection_rows = 4;
+    const double t1 = ev.median_ms([&] { (void)lowrank_project_keys_cuda(k, a_k, one); }, 3, 20);
+    const double t4 = ev.median_ms([&] { (void)lowrank_project_keys_cuda(k, a_k, four); }, 3, 20);
+    const int64_t rp = r <= 8 ? 8 : r <= 16 ? 16 : r <= 32 ? 32 : 64;
+    const double bytes = static_cast<double>(heads) * len * (d * 2 + rp * 4);
+    fmt::print("{:>4} {:>16.3f} {:>16.3f} {:>8.3f} {:>10.3f}\n", r, t1, t4, t4 / t1,
+               bytes / 3.35e12 * 1e3);
+    std::fflush(stdout);
+  }
   fmt::print("{:>4} {:>8} {:>6} {:>13} {:>13} {:>11} {:>10} {:>14} {:>10}\n", "r", "budget", "mode",
              "estimator ms", "attention ms", "est/attn", "density", "libtorch ms", "x libtorch");
   for (int64_t r : {16, 32}) {

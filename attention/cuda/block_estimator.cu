@@ -55,7 +55,15 @@
 // floor of this design (exp2 throughput). The mask/max/sum epilogue adds ~4 fp32 ops per pair
 // (~0.13 ms at 128/clk/SM, overlappable). The projection kernel reads k once (268 MB bf16,
 // 56 µs at 4.8 TB/s) and writes kp (67 MB fp32); the sampled query rows are 1/16 of q at block
-// 128. Plain fp32 FMAs instead of the tensor cores would be 0.5 ms of FFMA alone. Expected:
+// 128. Plain fp32 FMAs instead of the tensor cores would be 0.5 ms of FFMA alone.
+//
+// Projection (projection_block.cuh): measured 251 µs on an H100 for k [1, 32, 32768, 128] bf16 at
+// rank_pad 16 (2026-12-05) against the ~0.1 ms byte floor above, bound by the shared-memory float4
+// broadcasts of a (one per 4 FMAs: one output row per thread). ProjectionLaunch::rows_per_thread
+// = 4 (CudaEstimatorOptions::projection_rows) runs a variant with 4 rows per thread (2 at
+// rank_pad 64), so each broadcast feeds 16 FMAs, in CTAs of 512 rows with a staged per 64-byte
+// column chunk and at most 48 KB of shared memory; 113-230 registers, no spills (ptxas, sm_90).
+// Expected to approach the byte floor; not measured yet, so 1 stays the default. Expected:
 // ~0.4-0.5 ms in all at 32k/128 (block 64 doubles the sampled rows and so the pairs); a key-tile
 // double buffer and exp2 on the FMA pipe for part of the elements (FlashAttention-3's trick) are
 // the next steps if the measurement says so.
@@ -66,9 +74,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cub/device/device_scan.cuh>
+#include <type_traits>
 
 #include "attention/cuda/block_estimator_kernels.h"
 #include "attention/cuda/pooled_scores.cuh"
+#include "attention/cuda/projection_block.cuh"
 
 namespace attnpilot::attention::cuda {
 namespace {
@@ -79,7 +89,6 @@ constexpr int kScoreWarps = 4;               // each warp: 2 query blocks (16 mm
 constexpr int kScoreThreads = 32 * kScoreWarps;
 constexpr int kTileQueryBlocks = 2 * kScoreWarps;  // query blocks per CTA work item
 constexpr int64_t kLseSmemMaxBlocks = 128;         // L rows in shared memory up to this KB
-constexpr int kProjThreads = 128;  // output rows per CTA of the projections (one per thread)
 
 // ---- tensor-core helpers ----
 __device__ __forceinline__ uint32_t to_tf32(float x) {
@@ -110,10 +119,6 @@ __device__ __forceinline__ float exp2_ftz(float x) {
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
-__device__ __forceinline__ float load_elem(const float* p) { return *p; }
-__device__ __forceinline__ float load_elem(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ float load_elem(const __half* p) { return __half2float(*p); }
-
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
@@ -132,101 +137,15 @@ __device__ __forceinline__ int64_t visible_blocks(int64_t qb, int64_t n, int64_t
   return ceil_div(end < m ? end : m, bs);
 }
 
-// ---- (1) projections ----
+// ---- (1) projections (the bodies are in projection_block.cuh) ----
 
-// One thread per output row (CTAs of 128 rows of one head). Rows whose storage is 16-byte
-// aligned (head dim and strides multiples of 16 bytes) are staged through shared memory in
-// chunks of kProjCols input columns: the CTA reads each row chunk with consecutive threads on
-// consecutive 16-byte pieces (coalesced; a thread streaming its own row touched 32 rows per
-// warp load, and ran at a third of the memory bandwidth on the H100), then every thread
-// accumulates its row's R outputs against a·scale, read from shared memory as broadcasts.
-// Other rows take scalar loads from global memory.
-constexpr int kProjCols = 64;
-
-template <typename T>
-__host__ __device__ constexpr int proj_row_ld() {  // staged row, elements: chunk + 16 bytes
-  return kProjCols + 16 / static_cast<int>(sizeof(T));
-}
-
-template <typename T, int R>
-__global__ void __launch_bounds__(kProjThreads)
+// grid (row tiles of 128·ROWS rows, heads, batch). ROWS = 1: a·scale whole in shared memory
+// (d·R floats: over 48 KB for large d·R, the launcher opts in); ROWS > 1: at most 48 KB.
+template <typename T, int R, int ROWS>
+__global__ void __launch_bounds__(proj::kProjThreads)
     projection_kernel(ProjectionLaunch p, bool vectorized) {
   extern __shared__ __align__(16) unsigned char smem[];
-  float* as = reinterpret_cast<float*>(smem);             // [d][R], zero past column rank
-  T* xs = reinterpret_cast<T*>(as + p.d * R);             // [kProjThreads][proj_row_ld] staged rows
-  constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
-  constexpr int kLd = proj_row_ld<T>();
-  const int tid = threadIdx.x, d = p.d;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const float* ag = p.a + (p.a_batch == 1 ? 0 : b) * p.a_stride[0] + h * p.a_stride[1];
-  for (int e = tid; e < d * R; e += kProjThreads) {
-    const int i = e / R, c = e % R;
-    as[e] = c < p.rank ? ag[i * p.a_stride[2] + c] * p.scale : 0.f;
-  }
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kProjThreads;
-  const int xh = h / (p.heads / p.x_heads);
-  const T* xb = static_cast<const T*>(p.x) + b * p.x_stride[0] + xh * p.x_stride[1];
-  // Input row of output row j: j itself, or slot (qb, t) of the sampled query rows.
-  const auto source = [&](int64_t j) -> const T* {
-    int64_t src = j;
-    if (p.sample_block > 0) {
-      const int64_t qb = j / kRows, t = j % kRows, bs = p.sample_block;
-      const int64_t rows = p.n_in - qb * bs < bs ? p.n_in - qb * bs : bs;
-      const int64_t ns = rows < kRows ? rows : kRows;
-      const int64_t tt = t < ns - 1 ? t : ns - 1;
-      src = qb * bs + rows - 1 - (tt * rows) / ns;
-    }
-    return xb + src * p.x_stride[2];
-  };
-  const int64_t j = j0 + tid;
-  const bool mine = j < p.rows_out;
-  float acc[R];
-#pragma unroll
-  for (int c = 0; c < R; ++c) acc[c] = 0.f;
-  const auto accumulate = [&](float x, int i) {
-    const float4* a4 = reinterpret_cast<const float4*>(as + i * R);
-#pragma unroll
-    for (int q = 0; q < R / 4; ++q) {
-      const float4 w = a4[q];
-      acc[4 * q + 0] = fmaf(x, w.x, acc[4 * q + 0]);
-      acc[4 * q + 1] = fmaf(x, w.y, acc[4 * q + 1]);
-      acc[4 * q + 2] = fmaf(x, w.z, acc[4 * q + 2]);
-      acc[4 * q + 3] = fmaf(x, w.w, acc[4 * q + 3]);
-    }
-  };
-  if (vectorized) {
-    const int64_t nrows = p.rows_out - j0 < kProjThreads ? p.rows_out - j0 : kProjThreads;
-    for (int c0 = 0; c0 < d; c0 += kProjCols) {
-      const int pieces = (d - c0 < kProjCols ? d - c0 : kProjCols) / kVec;
-      __syncthreads();  // a is in place; the previous chunk is consumed
-      for (int e = tid; e < nrows * pieces; e += kProjThreads) {
-        const int r = e / pieces, pc = e - r * pieces;
-        *reinterpret_cast<uint4*>(xs + r * kLd + pc * kVec) =
-            *reinterpret_cast<const uint4*>(source(j0 + r) + c0 + pc * kVec);
-      }
-      __syncthreads();
-      if (mine) {
-        for (int pc = 0; pc < pieces; ++pc) {
-          const uint4 v = *reinterpret_cast<const uint4*>(xs + tid * kLd + pc * kVec);
-          const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-          for (int u = 0; u < kVec; ++u) accumulate(load_elem(e + u), c0 + pc * kVec + u);
-        }
-      }
-    }
-  } else {
-    __syncthreads();
-    if (mine) {
-      const T* row = source(j);
-      for (int i = 0; i < d; ++i) accumulate(load_elem(row + i), i);
-    }
-  }
-  if (!mine) return;
-  float4* out = reinterpret_cast<float4*>(
-      p.out + ((static_cast<int64_t>(b) * p.heads + h) * p.rows_out + j) * R);
-#pragma unroll
-  for (int q = 0; q < R / 4; ++q)
-    out[q] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
+  proj::projection_block<T, R, ROWS>(p, blockIdx.x, blockIdx.y, blockIdx.z, smem, vectorized);
 }
 
 // ---- (2) block scores ----
@@ -662,35 +581,67 @@ bool rank_ok(int r) { return r == 8 || r == 16 || r == 32 || r == 64; }
 template <typename T>
 cudaError_t launch_projection_typed(const ProjectionLaunch& p, cudaStream_t stream,
                                     const char** failed_call) {
-  const int64_t bytes =
-      int64_t(p.d) * p.rank_pad * 4 + int64_t(kProjThreads) * proj_row_ld<T>() * sizeof(T);
-  constexpr int64_t kVec = 16 / sizeof(T);
-  const bool vectorized = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && p.d % kVec == 0 &&
-                          p.x_stride[0] % kVec == 0 && p.x_stride[1] % kVec == 0 &&
-                          p.x_stride[2] % kVec == 0;
+  const bool vectorized = proj::projection_vectorized(p, static_cast<int>(sizeof(T)));
+  // One row per thread: a whole in shared memory (over 48 KB for large d·R: opt in).
   auto run = [&](auto kernel) -> cudaError_t {
+    const int64_t bytes = proj::projection_smem_bytes<T>(1, p.d, p.rank_pad);
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(bytes));
     if (e != cudaSuccess) {
       *failed_call = "cudaFuncSetAttribute(projection_kernel, MaxDynamicSharedMemorySize)";
       return e;
     }
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.rows_out, kProjThreads)),
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.rows_out, proj::kProjThreads)),
                     static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
-    kernel<<<grid, kProjThreads, static_cast<size_t>(bytes), stream>>>(p, vectorized);
+    kernel<<<grid, proj::kProjThreads, static_cast<size_t>(bytes), stream>>>(p, vectorized);
     e = cudaGetLastError();
     if (e != cudaSuccess) *failed_call = "projection_kernel<<<(row tiles, heads, batch), 128>>>";
     return e;
   };
+  // Several rows per thread: a staged per chunk, at most 48 KB (no opt-in).
+  auto run_rows = [&](auto kernel, auto rows_c) -> cudaError_t {
+    constexpr int kRowsPerThread = decltype(rows_c)::value;
+    const int64_t bytes = proj::projection_smem_bytes<T>(kRowsPerThread, p.d, p.rank_pad);
+    const dim3 grid(
+        static_cast<unsigned>(ceil_div(p.rows_out, proj::projection_cta_rows(kRowsPerThread))),
+        static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+    kernel<<<grid, proj::kProjThreads, static_cast<size_t>(bytes), stream>>>(p, vectorized);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess)
+      *failed_call =
+          "projection_kernel<rows per thread>"
+          "<<<(row tiles of 128·rows, heads, batch), 128>>>";
+    return e;
+  };
+  using Four = std::integral_constant<int, 4>;
+  using Two = std::integral_constant<int, 2>;
+  static_assert(
+      proj::projection_rows_per_thread(4, 64) == 2 && proj::projection_rows_per_thread(4, 32) == 4,
+      "the kernels instantiated below");
+  static_assert(proj::projection_smem_bytes<T>(4, 256, 32) <= 48 * 1024 &&
+                    proj::projection_smem_bytes<T>(2, 256, 64) <= 48 * 1024,
+                "the multi-row variant needs no shared-memory opt-in");
+  if (p.rows_per_thread == 1) {
+    switch (p.rank_pad) {
+      case 8:
+        return run(projection_kernel<T, 8, 1>);
+      case 16:
+        return run(projection_kernel<T, 16, 1>);
+      case 32:
+        return run(projection_kernel<T, 32, 1>);
+      default:
+        return run(projection_kernel<T, 64, 1>);
+    }
+  }
   switch (p.rank_pad) {
     case 8:
-      return run(projection_kernel<T, 8>);
+      return run_rows(projection_kernel<T, 8, 4>, Four{});
     case 16:
-      return run(projection_kernel<T, 16>);
+      return run_rows(projection_kernel<T, 16, 4>, Four{});
     case 32:
-      return run(projection_kernel<T, 32>);
-    default:
-      return run(projection_kernel<T, 64>);
+      return run_rows(projection_kernel<T, 32, 4>, Four{});
+    default:  // 4·64 accumulators would not fit in a thread's registers
+      return run_rows(projection_kernel<T, 64, 2>, Two{});
   }
 }
 
@@ -808,8 +759,9 @@ cudaError_t launch_projection(const ProjectionLaunch& p, InputType type, cudaStr
                   p.batch <= 65535 && p.heads >= 1 && p.heads <= 65535 && p.x_heads >= 1 &&
                   p.heads % p.x_heads == 0 && (p.a_batch == 1 || p.a_batch == p.batch) &&
                   p.n_in >= 1 && p.sample_block >= 0 && p.rows_out == expect_rows &&
-                  ceil_div(p.rows_out, kProjThreads) <= 0x7fffffff && p.d >= 1 && p.d <= 256 &&
-                  rank_ok(p.rank_pad) && p.rank >= 1 && p.rank <= p.rank_pad;
+                  ceil_div(p.rows_out, proj::kProjThreads) <= 0x7fffffff && p.d >= 1 &&
+                  p.d <= 256 && rank_ok(p.rank_pad) && p.rank >= 1 && p.rank <= p.rank_pad &&
+                  (p.rows_per_thread == 1 || p.rows_per_thread == 4);
   if (!ok) {
     *failed_call = "launch_projection (arguments outside the kernel's range)";
     return cudaErrorInvalidValue;

@@ -4,6 +4,7 @@
 /// compiles the LibTorch headers); cuda_estimator.cpp is the tensor-level code.
 ///
 ///   k [B, Hkv, M, d] ──(1) projection──► kp [B, H, M, R] fp32               (k · a_k, N×r work)
+///                    (projection_block.cuh: 1 or 4 output rows per thread, rows_per_thread)
 ///   q [B, H, N, d] ──(1) projection of 8 sampled rows per query block──► qs [B, H, QB, 8, R]
 ///                    (q · a_q · log2(e)/√d)
 ///   qs, kp ──(2) block scores──► scores [B, H, QB, KB] fp32 (rows sum to 1 over visible blocks)
@@ -58,6 +59,12 @@ struct ProjectionLaunch {
   int64_t sample_block = 0;  ///< 0: every row; > 0: the sampled rows of blocks of this size
   int d = 0;                 ///< 1 .. 256
   int rank_pad = 0;          ///< 8, 16, 32 or 64
+  /// Output rows per thread (a tuning knob; measure before changing the default): 1, each
+  /// float4 of `a` read from shared memory feeds 4 FMAs (measured: 251 µs for k [1, 32, 32768,
+  /// 128] bf16 at rank_pad 16 on an H100, bound by those reads); or 4 (2 at rank_pad 64), CTAs
+  /// of 512 (256) rows whose float4s of `a` each feed 16 (8) FMAs, at most 48 KB of shared
+  /// memory (projection_block.cuh). Not yet measured on a GPU. Anything else: invalid.
+  int rows_per_thread = 1;
 };
 
 /// (2) Block scores of lowrank_block_scores, from sampled projected queries.

@@ -101,6 +101,11 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
                       q.device().str(), k.device().str(), a_q.device().str(), a_k.device().str());
 }
 
+void check_projection_rows(const CudaEstimatorOptions& options) {
+  ATTNPILOT_CHECK_ARG(options.projection_rows == 1 || options.projection_rows == 4,
+                      "cuda estimator: projection_rows {} must be 1 or 4", options.projection_rows);
+}
+
 /// Rows of query block qb and its visible key count (the CPU twin's kend).
 int64_t block_rows(int64_t qb, int64_t n, int64_t bs) { return std::min(bs, n - qb * bs); }
 int64_t visible_keys(int64_t qb, int64_t n, int64_t m, int64_t bs, bool causal, int64_t q_offset) {
@@ -115,8 +120,10 @@ cuda::InputType input_type(const torch::Tensor& t) {
 
 /// out [b, h, rows, rp] = rows of x (every row, or the sampled rows of blocks of sample_block)
 /// times a·scale, zero past a's columns.
+/// rows_per_thread: CudaEstimatorOptions::projection_rows (1 or 4).
 void project(const torch::Tensor& x_in, const torch::Tensor& a_in, double scale,
-             int64_t sample_block, const torch::Tensor& out, cudaStream_t stream) {
+             int64_t sample_block, const torch::Tensor& out, cudaStream_t stream,
+             int rows_per_thread) {
   const auto x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
   auto a = a_in.to(torch::kFloat);
   if (a.stride(3) != 1) a = a.contiguous();
@@ -139,6 +146,7 @@ void project(const torch::Tensor& x_in, const torch::Tensor& a_in, double scale,
   p.sample_block = sample_block;
   p.d = static_cast<int>(x.size(3));
   p.rank_pad = static_cast<int>(out.size(3));
+  p.rows_per_thread = rows_per_thread;
   const char* failed = "launch_projection";
   const cudaError_t e = cuda::launch_projection(p, input_type(x), stream, &failed);
   if (e != cudaSuccess)
@@ -163,7 +171,8 @@ torch::Tensor block_means(const torch::Tensor& q, int64_t bs) {
 /// Pooled-query scores on the device; see lowrank_block_scores_cuda.
 torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k_in,
                                       const torch::Tensor& a_q, const torch::Tensor& a_k,
-                                      int64_t bs, bool causal, int64_t q_offset, double* flops) {
+                                      int64_t bs, bool causal, int64_t q_offset, double* flops,
+                                      int proj_rows) {
   c10::cuda::CUDAGuard guard(q_in.device());
   const auto stream = at::cuda::getCurrentCUDAStream(q_in.get_device()).stream();
   const int64_t b = q_in.size(0), h = q_in.size(1), n = q_in.size(2), d = q_in.size(3);
@@ -176,8 +185,9 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
   // rounding); every key projected.
   const auto pq = torch::empty({b, h, qbn, rp}, fopt);
   const auto kp = torch::empty({b, h, m, rp}, fopt);
-  project(block_means(q_in, bs), a_q, kLog2e / std::sqrt(static_cast<double>(d)), 0, pq, stream);
-  project(k_in, a_k, 1.0, 0, kp, stream);
+  project(block_means(q_in, bs), a_q, kLog2e / std::sqrt(static_cast<double>(d)), 0, pq, stream,
+          proj_rows);
+  project(k_in, a_k, 1.0, 0, kp, stream, proj_rows);
 
   auto scores = torch::empty({b, h, qbn, kbn}, fopt);
   cuda::PooledScoresLaunch pl;
@@ -210,7 +220,8 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
 /// Sampled-row scores on the device; see lowrank_block_scores_cuda.
 torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k_in,
                                const torch::Tensor& a_q, const torch::Tensor& a_k, int64_t bs,
-                               bool causal, int64_t q_offset, double* flops, bool tf32) {
+                               bool causal, int64_t q_offset, double* flops, bool tf32,
+                               int proj_rows) {
   c10::cuda::CUDAGuard guard(q_in.device());
   const auto stream = at::cuda::getCurrentCUDAStream(q_in.get_device()).stream();
   const int64_t b = q_in.size(0), h = q_in.size(1), n = q_in.size(2), d = q_in.size(3);
@@ -222,8 +233,8 @@ torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k
   // log2(e)/√d (the score kernel works in base 2), and every key.
   const auto qs = torch::empty({b, h, qbn * cuda::kEstimatorSampleRows, rp}, fopt);
   const auto kp = torch::empty({b, h, m, rp}, fopt);
-  project(q_in, a_q, kLog2e / std::sqrt(static_cast<double>(d)), bs, qs, stream);
-  project(k_in, a_k, 1.0, 0, kp, stream);
+  project(q_in, a_q, kLog2e / std::sqrt(static_cast<double>(d)), bs, qs, stream, proj_rows);
+  project(k_in, a_k, 1.0, 0, kp, stream, proj_rows);
 
   auto scores = torch::empty({b, h, qbn, kbn}, fopt);
   cuda::BlockScoresLaunch sl;
@@ -282,10 +293,13 @@ torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Ten
                                         const torch::Tensor& a_q, const torch::Tensor& a_k,
                                         int64_t block_size, bool causal, int64_t q_offset,
                                         double* flops, const CudaEstimatorOptions& options) {
+  check_projection_rows(options);
   check_inputs(q, k, a_q, a_k, block_size, q_offset);
   if (options.pool_queries)
-    return pooled_scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops);
-  return scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops, options.tf32);
+    return pooled_scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops,
+                                   options.projection_rows);
+  return scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops, options.tf32,
+                          options.projection_rows);
 }
 
 BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& k,
@@ -306,6 +320,7 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
                       shape_of(a_q), shape_of(a_k), plan.rank);
   const int64_t bs = plan.block_size;
   const auto aq = a_q.narrow(3, 0, plan.rank), ak = a_k.narrow(3, 0, plan.rank);
+  check_projection_rows(options);
   check_inputs(q, k, aq, ak, bs, q_offset);
   // Density 1 without gamma or top_k keeps every visible block whatever the scores: no estimate.
   const bool everything = plan.gamma <= 0 && plan.top_k <= 0 && plan.density >= 1.0;
@@ -314,11 +329,46 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
     scores = torch::zeros({q.size(0), q.size(1), div_up(q.size(2), bs), div_up(k.size(2), bs)},
                           q.options().dtype(torch::kFloat));
   else if (plan.pool_queries)
-    scores = pooled_scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops);
+    scores =
+        pooled_scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.projection_rows);
   else
-    scores = scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.tf32);
+    scores = scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.tf32,
+                              options.projection_rows);
 
   return select_blocks_cuda(scores, plan, q.size(2), k.size(2), causal, q_offset, options);
+}
+
+torch::Tensor lowrank_project_keys_cuda(const torch::Tensor& k, const torch::Tensor& a_k,
+                                        const CudaEstimatorOptions& options) {
+  ATTNPILOT_CHECK_ARG(k.defined() && k.dim() == 4 && io_dtype(k.scalar_type()),
+                      "cuda key projection: k must be a 4-D float32, bfloat16 or float16 tensor "
+                      "[b, hkv, M, d]; got {} of {}",
+                      shape_of(k), k.defined() ? c10::toString(k.scalar_type()) : "-");
+  const int64_t b = k.size(0), hkv = k.size(1), d = k.size(3);
+  ATTNPILOT_CHECK_ARG(a_k.defined() && a_k.dim() == 4 && a_k.is_floating_point() &&
+                          (a_k.size(0) == 1 || a_k.size(0) == b) && a_k.size(1) >= 1 && hkv >= 1 &&
+                          a_k.size(1) % hkv == 0 && a_k.size(2) == d,
+                      "cuda key projection: a_k must be floating point [1 or b={}, h (a multiple "
+                      "of hkv={}), d={}, r]; got {}",
+                      b, hkv, d, shape_of(a_k));
+  ATTNPILOT_CHECK_ARG(b >= 1 && b <= 65535 && a_k.size(1) <= 65535 && k.size(2) >= 1,
+                      "cuda key projection: batch {} and heads {} must be in [1, 65535] and M {} "
+                      ">= 1",
+                      b, a_k.size(1), k.size(2));
+  ATTNPILOT_CHECK_ARG(d >= 1 && d <= 256, "cuda key projection: head dim {} must be in [1, 256]",
+                      d);
+  ATTNPILOT_CHECK_ARG(a_k.size(3) >= 1 && a_k.size(3) <= 64,
+                      "cuda key projection: rank {} must be in [1, 64]", a_k.size(3));
+  check_projection_rows(options);
+  ATTNPILOT_CHECK_ARG(k.is_cuda() && a_k.device() == k.device(),
+                      "cuda key projection: k and a_k must be on one CUDA device; got {} and {}",
+                      k.device().str(), a_k.device().str());
+  c10::cuda::CUDAGuard guard(k.device());
+  const auto stream = at::cuda::getCurrentCUDAStream(k.get_device()).stream();
+  const auto kp = torch::empty({b, a_k.size(1), k.size(2), padded_rank(a_k.size(3))},
+                               k.options().dtype(torch::kFloat));
+  project(k, a_k, 1.0, 0, kp, stream, options.projection_rows);
+  return kp;
 }
 
 bool cuda_select_handles(const torch::Tensor& scores) {

@@ -37,6 +37,12 @@ struct CudaEstimatorOptions {
   /// estimate_block_mask_cuda with gamma > 0: read nnz back to the host (one synchronisation)
   /// and trim col_idx to it.
   bool exact_nnz = false;
+  /// Output rows per thread of the projection kernel (keys, sampled query rows, pooled means):
+  /// 1 (the default, measured) or 4 (4 rows per thread, 2 at padded rank 64: each shared-memory
+  /// read of the projection matrix feeds 4x the FMAs; ProjectionLaunch::rows_per_thread). Same
+  /// results (the same FMA order per element). A tuning knob, not yet measured on a GPU: measure
+  /// before changing the default. Anything else: InvalidArgument.
+  int projection_rows = 1;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one
@@ -73,6 +79,14 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
                                    const torch::Tensor& a_q, const torch::Tensor& a_k,
                                    const HeadPlan& plan, bool causal, int64_t q_offset,
                                    double* flops, const CudaEstimatorOptions& options = {});
+
+/// The estimator's key projection alone (as lowrank_block_scores_cuda runs it): kp [B, H,
+/// M, rp] fp32 on k's device, kp[b, h] = k[b, h / (H / Hkv)] · a_k[b or 0, h] with r = a_k.size(3)
+/// columns, zero-padded to rp = 8, 16, 32 or 64; H = a_k.size(1). k [B, Hkv, M, d] fp32 / bf16 /
+/// fp16 (last dim contiguous or copied), d <= 256, r in [1, 64]; options.projection_rows picks
+/// the kernel variant (the bench times both). On the current stream, no synchronisation.
+torch::Tensor lowrank_project_keys_cuda(const torch::Tensor& k, const torch::Tensor& a_k,
+                                        const CudaEstimatorOptions& options = {});
 
 /// Whether select_blocks_cuda takes these scores: a 4-D CUDA tensor with at most 16384 key
 /// blocks.

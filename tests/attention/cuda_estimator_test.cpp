@@ -197,6 +197,59 @@ TEST(CudaEstimator, ScoresMatchCpuTwin) {
   }
 }
 
+/// The projection kernel's variants (CudaEstimatorOptions::projection_rows 1 and 4: one and
+/// several output rows per thread) agree: the key projection alone (every row, GQA, strided k,
+/// head dims 36/64/100/128/256, ranks padded to 8..64 with zero columns, every dtype) and the
+/// sampled-row and pooled scores, which project sampled query rows and block means too. Both
+/// run the same FMAs in the same order per element (the CPU emulation, projection_emu_test, sees
+/// identical bits), so ~1e-6 relative is loose.
+TEST(CudaEstimator, ProjectionRowsPerThreadAgree) {
+  SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(20261206);
+  uint64_t seed = 500;
+  auto cases = random_cases(rng);
+  cases.push_back(Case{1, 4, 2, 900, 1500, 600, 256, 50, 128, true, torch::kBFloat16});
+  cases.push_back(Case{2, 2, 1, 700, 1100, 400, 100, 64, 64, true, torch::kHalf});
+  cases.push_back(Case{1, 2, 2, 520, 2100, 0, 256, 31, 64, false, torch::kFloat});
+  CudaEstimatorOptions four;
+  four.projection_rows = 4;
+  const auto rel = [](const torch::Tensor& a, const torch::Tensor& b) {
+    const auto x = a.to(torch::kDouble), y = b.to(torch::kDouble);
+    return ((x - y).norm() / y.norm().clamp_min(1e-300)).item<double>();
+  };
+  for (const Case& c : cases) {
+    auto in = make_inputs(c, seed);
+    give_queries_a_direction(c, &in, seed++);
+    const auto kp1 = lowrank_project_keys_cuda(in.k, in.a_k);
+    poison({kp1.numel()}, std::nan(""), torch::kFloat);
+    const auto kp4 = lowrank_project_keys_cuda(in.k, in.a_k, four);
+    ASSERT_EQ(kp4.sizes(), kp1.sizes()) << c.str();
+    ASSERT_TRUE(torch::isfinite(kp4).all().item<bool>()) << c.str() << ": unwritten kp";
+    EXPECT_LE(rel(kp4, kp1), 1e-6) << c.str() << " key projection";
+    EXPECT_LE((kp4 - kp1).abs().max().item<double>(), 1e-6 * kp1.abs().max().item<double>() + 1e-30)
+        << c.str() << " key projection";
+    // The key projection against LibTorch on the same (rounded) inputs, fp32 math.
+    const auto want = torch::matmul(in.k.to(torch::kFloat).repeat_interleave(c.h / c.hkv, 1),
+                                    in.a_k.to(torch::kFloat));
+    EXPECT_LE(rel(kp4.narrow(3, 0, c.r), want), 1e-5) << c.str() << " key projection vs matmul";
+    if (kp4.size(3) > c.r) {
+      EXPECT_EQ(kp4.narrow(3, c.r, kp4.size(3) - c.r).abs().max().item<double>(), 0.0)
+          << c.str() << ": columns past the rank";
+    }
+    double fl = 0;
+    for (bool pooled : {false, true}) {
+      CudaEstimatorOptions one, many = four;
+      one.pool_queries = many.pool_queries = pooled;
+      const auto s1 = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                c.q_offset, &fl, one);
+      const auto s4 = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                c.q_offset, &fl, many);
+      ASSERT_TRUE(torch::isfinite(s4).all().item<bool>()) << c.str() << " pooled " << pooled;
+      EXPECT_LE(rel(s4, s1), 1e-6) << c.str() << " pooled " << pooled;
+    }
+  }
+}
+
 TEST(CudaEstimator, ManyKeyBlocksUseTheWorkspace) {
   SKIP_WITHOUT_CUDA();
   // 400+ key blocks: the per-row log-sum-exp rows no longer fit in shared memory.
@@ -443,6 +496,17 @@ TEST(CudaEstimator, BadArgumentsAreRefused) {
   expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 96, true, 0, &fl); }, "block size 96");
   expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, -3, &fl); }, "q_offset -3");
   expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl); }, "CUDA device");
+  CudaEstimatorOptions three_rows;
+  three_rows.projection_rows = 3;
+  expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl, three_rows); },
+                 "projection_rows 3");
+  expect_invalid([&] { lowrank_project_keys_cuda(k, a, three_rows); }, "projection_rows 3");
+  expect_invalid(
+      [&] {
+        lowrank_project_keys_cuda(k, torch::randn({1, 3, 64, 16}));
+      },
+      "[1, 3, 64, 16]");
+  expect_invalid([&] { lowrank_project_keys_cuda(k, a); }, "CUDA device");
   // Plans: wrong estimator, rank above the projections, a budget outside its range.
   auto pooled = lowrank_plan(0.5, 64, 8);
   pooled.estimator = BlockEstimator::kPooled;
@@ -487,6 +551,9 @@ TEST(CudaEstimator, LaunchersRefuseArgumentsOutsideTheirRange) {
   pl.d = 64;
   pl.sample_block = 64;  // 10 rows in blocks of 64 give 8 sampled slots, not 10
   EXPECT_TRUE(refused(project, "launch_projection")) << "sampled rows 10";
+  pl.sample_block = 0;
+  pl.rows_per_thread = 3;  // 1 or 4
+  EXPECT_TRUE(refused(project, "launch_projection")) << "3 rows per thread";
 
   cuda::BlockScoresLaunch sl;
   sl.qs = sl.kp = buf;
