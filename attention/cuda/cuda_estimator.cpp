@@ -168,6 +168,23 @@ torch::Tensor block_means(const torch::Tensor& q, int64_t bs) {
   return parts.size() == 1 ? parts[0].contiguous() : torch::cat(parts, 2);
 }
 
+/// The geometry fields shared by the score kernels' launch structs (BlockScoresLaunch,
+/// PooledScoresLaunch) for q [b, h, n, d], k [b, hkv, m, d].
+template <class Launch>
+void set_geometry(Launch& l, const torch::Tensor& q, const torch::Tensor& k, int64_t bs,
+                  int64_t rank_pad, bool causal, int64_t q_offset) {
+  l.batch = static_cast<int>(q.size(0));
+  l.heads = static_cast<int>(q.size(1));
+  l.n = q.size(2);
+  l.m = k.size(2);
+  l.q_offset = q_offset;
+  l.q_blocks = div_up(l.n, bs);
+  l.k_blocks = div_up(l.m, bs);
+  l.block_size = static_cast<int>(bs);
+  l.rank_pad = static_cast<int>(rank_pad);
+  l.causal = causal;
+}
+
 /// Pooled-query scores on the device; see lowrank_block_scores_cuda.
 torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k_in,
                                       const torch::Tensor& a_q, const torch::Tensor& a_k,
@@ -194,16 +211,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
   pl.pq = pq.data_ptr<float>();
   pl.kp = kp.data_ptr<float>();
   pl.scores = scores.data_ptr<float>();
-  pl.batch = static_cast<int>(b);
-  pl.heads = static_cast<int>(h);
-  pl.n = n;
-  pl.m = m;
-  pl.q_offset = q_offset;
-  pl.q_blocks = qbn;
-  pl.k_blocks = kbn;
-  pl.block_size = static_cast<int>(bs);
-  pl.rank_pad = static_cast<int>(rp);
-  pl.causal = causal;
+  set_geometry(pl, q_in, k_in, bs, rp, causal, q_offset);
   const char* failed = "launch_pooled_block_scores";
   check_cuda(cuda::launch_pooled_block_scores(pl, stream, &failed), failed, q_in, k_in, bs);
 
@@ -241,16 +249,7 @@ torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k
   sl.qs = qs.data_ptr<float>();
   sl.kp = kp.data_ptr<float>();
   sl.scores = scores.data_ptr<float>();
-  sl.batch = static_cast<int>(b);
-  sl.heads = static_cast<int>(h);
-  sl.n = n;
-  sl.m = m;
-  sl.q_offset = q_offset;
-  sl.q_blocks = qbn;
-  sl.k_blocks = kbn;
-  sl.block_size = static_cast<int>(bs);
-  sl.rank_pad = static_cast<int>(rp);
-  sl.causal = causal;
+  set_geometry(sl, q_in, k_in, bs, rp, causal, q_offset);
   sl.split_tf32 = !tf32;
   size_t ws_bytes = 0;
   const char* failed = "lowrank_block_scores_workspace_bytes";

@@ -427,6 +427,15 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> subspace_iteration_step_
 
 namespace {
 
+// Writes the matrices of `re` (results for the batch rows idx of `out`) into `out`.
+void copy_rows(TopRResult& out, const torch::Tensor& idx, const TopRResult& re) {
+  out.u.index_copy_(0, idx, re.u);
+  out.s.index_copy_(0, idx, re.s);
+  out.v.index_copy_(0, idx, re.v);
+  out.iterations.index_copy_(0, idx, re.iterations);
+  out.converged.index_copy_(0, idx, re.converged);
+}
+
 // subspace_iteration_step_cuda without a host synchronisation: the two Jacobi launches' statuses
 // are OR-ed into `status` [B] int32 on the device (negative: NaN or Inf met) for the caller to
 // read once. A matrix whose status is not 0 must be redone by the checked step (zero columns
@@ -498,11 +507,7 @@ TopRResult topr_unfused(const torch::Tensor& c, const torch::Tensor& v0, int64_t
     auto idx = torch::tensor(redo, torch::TensorOptions().dtype(torch::kLong)).to(c.device());
     auto re = topr_unfused(c.index_select(0, idx), v0.index_select(0, idx), r, tol, max_iters,
                            /*checked=*/true);
-    out.u.index_copy_(0, idx, re.u);
-    out.s.index_copy_(0, idx, re.s);
-    out.v.index_copy_(0, idx, re.v);
-    out.iterations.index_copy_(0, idx, re.iterations);
-    out.converged.index_copy_(0, idx, re.converged);
+    copy_rows(out, idx, re);
   }
   return out;
 }
@@ -585,11 +590,7 @@ TopRResult topr_subspace_iteration(const torch::Tensor& c, const torch::Tensor& 
     auto idx = torch::tensor(redo, torch::TensorOptions().dtype(torch::kLong)).to(c.device());
     auto re = topr_unfused(cc.index_select(0, idx), vc.index_select(0, idx), r, tol, max_iters,
                            /*checked=*/false);
-    out.u.index_copy_(0, idx, re.u);
-    out.s.index_copy_(0, idx, re.s);
-    out.v.index_copy_(0, idx, re.v);
-    out.iterations.index_copy_(0, idx, re.iterations);
-    out.converged.index_copy_(0, idx, re.converged);
+    copy_rows(out, idx, re);
   }
   return out;
 }

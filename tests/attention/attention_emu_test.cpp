@@ -42,7 +42,10 @@ namespace {
 namespace emu = attnpilot::cuda_emu;
 namespace bsk = cuda::block_sparse;
 namespace dk = cuda::decode;
+using testing::block_sparse_expected;
+using testing::block_sparse_tolerance;
 using testing::expect_close;
+using testing::random_mask;
 using testing::Tol;
 
 /// A zeroed, 128-byte aligned byte buffer (the kernels' dynamic shared memory).
@@ -109,50 +112,6 @@ TEST(CudaEmuFloat16, ConversionsRoundLikeTorch) {
 }
 
 // ---- block-sparse attention ----
-
-/// The GPU test's tolerances (cuda_block_sparse_test.cpp).
-Tol block_sparse_tolerance(torch::ScalarType dt) {
-  return dt == torch::kBFloat16 ? Tol{1e-2, 5e-2} : Tol{2e-3, 1e-2};
-}
-
-/// Random CSR lists over batch x heads x q_blocks rows (as the GPU test draws them): about 12%
-/// empty, 18% every key block, the rest a random subset of density 5-70%.
-struct RandomMask {
-  BlockMask mask;
-  std::vector<bool> empty;  ///< per row
-};
-RandomMask random_mask(std::mt19937_64& rng, int64_t batch, int64_t heads, int64_t n, int64_t m,
-                       int64_t bs) {
-  std::uniform_real_distribution<double> u(0, 1);
-  const int64_t qbn = (n + bs - 1) / bs, kbn = (m + bs - 1) / bs;
-  std::vector<std::vector<int64_t>> rows;
-  RandomMask r;
-  for (int64_t row = 0; row < batch * heads * qbn; ++row) {
-    std::vector<int64_t> list;
-    const double kind = u(rng);
-    if (kind >= 0.12) {
-      const double density = kind < 0.3 ? 1.0 : 0.05 + 0.65 * u(rng);
-      for (int64_t kb = 0; kb < kbn; ++kb)
-        if (density >= 1.0 || u(rng) < density) list.push_back(kb);
-    }
-    r.empty.push_back(list.empty());
-    rows.push_back(std::move(list));
-  }
-  r.mask = BlockMask::from_rows(batch, heads, qbn, kbn, bs, rows);
-  return r;
-}
-
-/// The CPU backend on float32 copies (kv heads expanded), as the GPU test's reference.
-torch::Tensor cpu_expected(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                           const BlockMask& mask, double scale, bool causal, int64_t q_offset,
-                           int64_t sinks, int64_t window) {
-  const int64_t g = q.size(1) / k.size(1);
-  const auto f = [](const torch::Tensor& t) { return t.to(torch::kFloat); };
-  return backend_for(torch::Device(torch::kCPU))
-      .block_sparse(f(q), f(k).repeat_interleave(g, 1), f(v).repeat_interleave(g, 1), mask, scale,
-                    causal, q_offset, sinks, window)
-      .out;
-}
 
 /// The grid of block_sparse_fwd_kernel<T, D, kM>, one emulated CTA at a time.
 template <typename T, int D, int kM>
@@ -249,7 +208,7 @@ TEST(AttentionEmu, BlockSparseKernelMatchesCpuBackend) {
           const std::string what = fmt::format("{} d={} bs={} causal={} groups={} n={} m={}",
                                                c10::toString(dt), d, bs, causal, groups, n, m);
           const auto out = emu_block_sparse(q, k, v, &rm.mask, scale, causal, q_offset, 0, 0);
-          expect_close(out, cpu_expected(q, k, v, rm.mask, scale, causal, q_offset, 0, 0),
+          expect_close(out, block_sparse_expected(q, k, v, rm.mask, scale, causal, q_offset, 0, 0),
                        block_sparse_tolerance(dt), what);
           // Rows that list no block are exactly zero.
           const auto oc = out.to(torch::kFloat);
@@ -278,12 +237,12 @@ TEST(AttentionEmu, BlockSparseDenseAndStreamingMatchCpuBackend) {
     const double scale = 0.7 / std::sqrt(static_cast<double>(d));
     const auto all = BlockMask::all_visible(b, h, n, m, 64, true, q_offset);
     expect_close(emu_block_sparse(q, k, v, nullptr, scale, true, q_offset, 0, 0),
-                 cpu_expected(q, k, v, all, scale, true, q_offset, 0, 0),
+                 block_sparse_expected(q, k, v, all, scale, true, q_offset, 0, 0),
                  block_sparse_tolerance(dt), fmt::format("{} no lists", c10::toString(dt)));
     const int64_t sinks = 4, window = 70;
     const auto mask = streaming_block_mask(b, h, n, m, 64, q_offset, sinks, window);
     expect_close(emu_block_sparse(q, k, v, &mask, scale, true, q_offset, sinks, window),
-                 cpu_expected(q, k, v, mask, scale, true, q_offset, sinks, window),
+                 block_sparse_expected(q, k, v, mask, scale, true, q_offset, sinks, window),
                  block_sparse_tolerance(dt), fmt::format("{} streaming", c10::toString(dt)));
   }
 }

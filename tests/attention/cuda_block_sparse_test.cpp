@@ -24,57 +24,12 @@
 namespace attnpilot::attention {
 namespace {
 
+using testing::block_sparse_expected;
+using testing::block_sparse_tolerance;
 using testing::expect_close;
 using testing::kCuda;
+using testing::random_mask;
 using testing::Tol;
-
-/// Tolerances against the float32 CPU backend on the same (rounded) inputs: bf16 / fp16 P and
-/// output rounding with fp32 accumulation. Measured in a CPU emulation of the kernel (352 random
-/// cases, some with peaked scores, 2026-11-29): worst relative 2.3e-3 (bf16) and 3.1e-4 (fp16),
-/// worst absolute 1.5e-2 and 1.9e-3.
-Tol tolerance(torch::ScalarType dt) {
-  return dt == torch::kBFloat16 ? Tol{1e-2, 5e-2} : Tol{2e-3, 1e-2};
-}
-
-/// Random CSR lists over batch x heads x q_blocks rows: about 12% empty, 18% every key block,
-/// the rest a random subset of density 5-70%.
-struct RandomMask {
-  BlockMask mask;
-  std::vector<bool> empty;  ///< per row
-};
-RandomMask random_mask(std::mt19937_64& rng, int64_t batch, int64_t heads, int64_t n, int64_t m,
-                       int64_t bs) {
-  std::uniform_real_distribution<double> u(0, 1);
-  const int64_t qbn = (n + bs - 1) / bs, kbn = (m + bs - 1) / bs;
-  std::vector<std::vector<int64_t>> rows;
-  RandomMask r;
-  for (int64_t row = 0; row < batch * heads * qbn; ++row) {
-    std::vector<int64_t> list;
-    const double kind = u(rng);
-    if (kind >= 0.12) {
-      const double density = kind < 0.3 ? 1.0 : 0.05 + 0.65 * u(rng);
-      for (int64_t kb = 0; kb < kbn; ++kb)
-        if (density >= 1.0 || u(rng) < density) list.push_back(kb);
-    }
-    r.empty.push_back(list.empty());
-    rows.push_back(std::move(list));
-  }
-  r.mask = BlockMask::from_rows(batch, heads, qbn, kbn, bs, rows);
-  return r;
-}
-
-/// The CPU backend on float32 copies (kv heads expanded); a query row that sees no listed key
-/// is zero from both backends.
-torch::Tensor cpu_expected(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                           const BlockMask& mask, double scale, bool causal, int64_t q_offset,
-                           int64_t sinks, int64_t window) {
-  const int64_t g = q.size(1) / k.size(1);
-  const auto f = [](const torch::Tensor& t) { return t.to(torch::kCPU, torch::kFloat); };
-  return backend_for(torch::Device(torch::kCPU))
-      .block_sparse(f(q), f(k).repeat_interleave(g, 1), f(v).repeat_interleave(g, 1), mask, scale,
-                    causal, q_offset, sinks, window)
-      .out;
-}
 
 /// Launches the raw kernel into a NaN-poisoned output; checks every CUDA call.
 torch::Tensor launch(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -151,8 +106,9 @@ TEST(CudaBlockSparse, KernelMatchesCpuBackend) {
             const std::string what = fmt::format("{} d={} bs={} causal={} groups={} n={} m={}",
                                                  c10::toString(dt), d, bs, causal, groups, n, m);
             const auto out = launch(q, k, v, &rm.mask, scale, causal, q_offset, 0, 0);
-            expect_close(out, cpu_expected(q, k, v, rm.mask, scale, causal, q_offset, 0, 0),
-                         tolerance(dt), what);
+            expect_close(out,
+                         block_sparse_expected(q, k, v, rm.mask, scale, causal, q_offset, 0, 0),
+                         block_sparse_tolerance(dt), what);
             // Rows that list no block are exactly zero.
             const auto oc = out.cpu().to(torch::kFloat);
             const int64_t qbn = rm.mask.q_blocks;
@@ -188,8 +144,9 @@ TEST(CudaBlockSparse, BackendStridedStreamingAndGqaMatchCpu) {
         // Poison the allocator's next block of the output's size, so unwritten output shows.
         { auto poison = torch::full({b, h, n, d}, NAN, q.options()); }
         const auto got = cuda_backend.block_sparse(q, k, v, rm.mask, scale, true, q_offset, 0, 0);
-        expect_close(got.out, cpu_expected(q, k, v, rm.mask, scale, true, q_offset, 0, 0),
-                     tolerance(dt), fmt::format("backend {} d={} bs={}", c10::toString(dt), d, bs));
+        expect_close(got.out, block_sparse_expected(q, k, v, rm.mask, scale, true, q_offset, 0, 0),
+                     block_sparse_tolerance(dt),
+                     fmt::format("backend {} d={} bs={}", c10::toString(dt), d, bs));
         EXPECT_DOUBLE_EQ(got.pairs, rm.mask.listed_pairs(n, m));
       }
       // Streaming: sinks plus a window, through its block mask.
@@ -198,8 +155,9 @@ TEST(CudaBlockSparse, BackendStridedStreamingAndGqaMatchCpu) {
         { auto poison = torch::full({b, h, n, d}, NAN, q.options()); }
         const auto got =
             cuda_backend.block_sparse(q, k, v, mask, scale, true, q_offset, sinks, window);
-        expect_close(got.out, cpu_expected(q, k, v, mask, scale, true, q_offset, sinks, window),
-                     tolerance(dt),
+        expect_close(got.out,
+                     block_sparse_expected(q, k, v, mask, scale, true, q_offset, sinks, window),
+                     block_sparse_tolerance(dt),
                      fmt::format("streaming {} d={} sinks={} window={}", c10::toString(dt), d,
                                  sinks, window));
       }
@@ -230,7 +188,7 @@ TEST(CudaBlockSparse, AttendMatchesCpu) {
         const auto f = [](const torch::Tensor& t) { return t.to(torch::kCPU, torch::kFloat); };
         const auto want = cpu_backend.attend(f(q), f(k), f(v), scale, causal, off).out;
         expect_close(
-            got.out, want, tolerance(dt),
+            got.out, want, block_sparse_tolerance(dt),
             fmt::format("attend {} d={} n={} m={} causal={}", c10::toString(dt), d, n, m, causal));
       }
 }
@@ -270,7 +228,7 @@ TEST(CudaBlockSparse, RunAttentionPlansOnCudaMatchCpu) {
       const auto want = run_attention(cpu_in, {LayerPlan::uniform(plan)});
       const auto got = run_attention(gpu_in, {LayerPlan::uniform(plan)});
       EXPECT_TRUE(got.out.is_cuda());
-      expect_close(got.out, want.out, tolerance(torch::kBFloat16),
+      expect_close(got.out, want.out, block_sparse_tolerance(torch::kBFloat16),
                    "run_attention " + plan.to_string() + (use_sdpa ? " sdpa" : " matmul"));
       if (plan.kind != Kind::kDense) {
         EXPECT_DOUBLE_EQ(got.stats.score_flops, want.stats.score_flops) << plan.to_string();
