@@ -1,8 +1,9 @@
 #pragma once
 /// Inline-PTX wrappers of the attention kernels' warp-level primitives (block_sparse_block.cuh):
 /// cp.async (16 bytes, zero fill), ldmatrix x4 (plain and .trans), mma.sync m16n8k16 row.col
-/// with fp32 accumulators (bf16 and fp16 inputs) and ex2.approx. Each wrapper is one PTX
-/// instruction, so the kernels' SASS does not depend on where they are defined.
+/// with fp32 accumulators (bf16 and fp16 inputs) and ex2.approx; for the estimator's sampled-row
+/// scores (block_scores_block.cuh) cvt.rna.tf32.f32 and mma.sync m16n8k8 row.col tf32. Each
+/// wrapper is one PTX instruction, so the kernels' SASS does not depend on where they are defined.
 ///
 /// Under ATTNPILOT_CUDA_EMU (tests/cuda_emu/cuda_emu.h, the CPU emulation the tests run the
 /// kernel bodies in) the same names come from tests/cuda_emu/cuda_emu_mma.h instead: the warp
@@ -28,6 +29,8 @@ using ::attnpilot::cuda_emu::mma::exp2_approx;
 using ::attnpilot::cuda_emu::mma::ldmatrix_x4;
 using ::attnpilot::cuda_emu::mma::ldmatrix_x4_trans;
 using ::attnpilot::cuda_emu::mma::mma_16816;
+using ::attnpilot::cuda_emu::mma::mma_tf32;
+using ::attnpilot::cuda_emu::mma::to_tf32;
 
 #else
 
@@ -94,6 +97,24 @@ __device__ __forceinline__ float exp2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+/// x rounded to tf32 (10 mantissa bits, to nearest, ties away from zero), as a 32-bit pattern.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+/// c += a·b for one m16n8k8 tf32 tile (PTX fragment layout: groupID g = lane/4, tig = lane%4;
+/// a0 (g, tig), a1 (g+8, tig), a2 (g, tig+4), a3 (g+8, tig+4); b0 (k tig, n g), b1 (k tig+4, n g);
+/// c0 (g, 2tig), c1 (g, 2tig+1), c2 (g+8, 2tig), c3 (g+8, 2tig+1)).
+__device__ __forceinline__ void mma_tf32(float c[4], const uint32_t a[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 #endif  // ATTNPILOT_CUDA_EMU

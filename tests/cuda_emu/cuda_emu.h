@@ -356,3 +356,62 @@ inline T __ldg(const T* p) {
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::attnpilot::cuda_emu::Block::current_block()->warp_sync(mask);
 }
+
+// The estimator's selection and score kernels (attention/cuda/select_block.cuh,
+// block_scores_block.cuh): more warp collectives, integer atomics and intrinsics.
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src) {
+  static_assert(sizeof(T) <= 8, "cuda_emu: shuffles carry at most 8 bytes");
+  T r = v;
+  ::attnpilot::cuda_emu::Block::current_block()->warp_exchange(
+      mask, &v, sizeof v,
+      [&](auto lane_bytes) { std::memcpy(&r, lane_bytes(src % 32), sizeof r); });
+  return r;
+}
+/// Lane l gets lane l - delta's value (its own when l < delta); width 32.
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+  static_assert(sizeof(T) <= 8, "cuda_emu: shuffles carry at most 8 bytes");
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  T r = v;
+  ::attnpilot::cuda_emu::Block::current_block()->warp_exchange(
+      mask, &v, sizeof v, [&](auto lane_bytes) {
+        if (lane >= static_cast<int>(delta))
+          std::memcpy(&r, lane_bytes(lane - static_cast<int>(delta)), sizeof r);
+      });
+  return r;
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  const int mine = pred != 0;
+  unsigned r = 0;
+  ::attnpilot::cuda_emu::Block::current_block()->warp_exchange(
+      mask, &mine, sizeof mine, [&](auto lane_bytes) {
+        for (int l = 0; l < 32; ++l) {
+          if (!(mask & (1u << l))) continue;
+          int p;
+          std::memcpy(&p, lane_bytes(l), sizeof p);
+          if (p) r |= 1u << l;
+        }
+      });
+  return r;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old | v;
+  return old;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned r;
+  std::memcpy(&r, &f, sizeof r);
+  return r;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+/// IEEE double operations round to nearest even on the host as on the device.
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dsub_rn(double a, double b) { return a - b; }

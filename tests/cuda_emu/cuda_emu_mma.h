@@ -10,6 +10,9 @@
 ///   mma::cp_async_16 / _commit / _wait_all   cp.async.cg 16 bytes: a plain copy (or zero fill),
 ///                                            complete at once; commit and wait do nothing
 ///   mma::exp2_approx(x)                      ex2.approx.ftz.f32 as exp2f, subnormals flushed
+///   mma::to_tf32(x)                          cvt.rna.tf32.f32: to 10 mantissa bits, nearest,
+///                                            ties away from zero (a 32-bit pattern, low 13 bits 0)
+///   mma::mma_tf32(c, a, b0, b1)              mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32
 ///
 /// The warp collectives (ldmatrix, mma) follow the PTX ISA's fragment layouts (g = lane / 4,
 /// c = lane % 4; a 32-bit register holds two b16 elements, the lower-indexed in its low half):
@@ -257,6 +260,57 @@ inline float exp2_approx(float x) {
   if (std::fabs(x) < FLT_MIN) x = 0.f;
   const float y = std::exp2(x);
   return y < FLT_MIN ? 0.f : y;
+}
+
+/// cvt.rna.tf32.f32: x rounded to 10 mantissa bits, to nearest with ties away from zero, as a
+/// 32-bit pattern (the low 13 bits zero); Inf stays Inf, a finite value past the largest tf32
+/// rounds to Inf, NaN gives the quiet NaN 0x7fffe000.
+inline uint32_t to_tf32(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffe000u;
+  if ((u & 0x7fffffffu) == 0x7f800000u) return u;
+  return (u + 0x1000u) & 0xffffe000u;  // the magnitude rounds half up; a carry moves the exponent
+}
+
+/// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, c = a·b + c (warp collective). Fragment
+/// layout (PTX ISA; g = lane / 4, t = lane % 4): A 16×8 a[0] (row g, k t), a[1] (g+8, t),
+/// a[2] (g, t+4), a[3] (g+8, t+4); B 8×8 b0 (k t, col g), b1 (k t+4, col g); C as m16n8k16's.
+/// Operands must be tf32 patterns (low 13 bits zero, as to_tf32 writes them; a std::logic_error
+/// otherwise). The 8 exact products are summed in double and rounded once with the accumulator.
+inline void mma_tf32(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  struct Operands {
+    uint32_t a[4], b[2];
+  };
+  const Operands mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+  for (const uint32_t r : {a[0], a[1], a[2], a[3], b0, b1})
+    if ((r & 0x1fffu) != 0u)
+      throw std::logic_error("cuda_emu: mma tf32 operand is not a tf32 pattern (low 13 bits set)");
+  const int l = detail::lane(), g = l / 4, t = l % 4;
+  Block::current_block()->warp_exchange(0xffffffffu, &mine, sizeof mine, [&](auto lane_bytes) {
+    const auto operands = [&](int from) {
+      Operands o;
+      std::memcpy(&o, lane_bytes(from), sizeof o);
+      return o;
+    };
+    const auto value = [](uint32_t bits) {
+      float f;
+      std::memcpy(&f, &bits, sizeof f);
+      return static_cast<double>(f);
+    };
+    // A[row][k] sits in lane 4·(row % 8) + k % 4, register row / 8 + 2·(k / 4); B[k][col] in
+    // lane 4·col + k % 4, register k / 4.
+    const auto a_at = [&](int row, int k) {
+      return value(operands(4 * (row % 8) + k % 4).a[row / 8 + 2 * (k / 4)]);
+    };
+    const auto b_at = [&](int k, int col) { return value(operands(4 * col + k % 4).b[k / 4]); };
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+      double sum = 0;
+      for (int k = 0; k < 8; ++k) sum += a_at(row, k) * b_at(k, col);
+      c[i] = static_cast<float>(static_cast<double>(c[i]) + sum);
+    }
+  });
 }
 
 }  // namespace attnpilot::cuda_emu::mma
