@@ -3,6 +3,7 @@
 # machine"). Builds against the machine's PyTorch LibTorch + CUDA, runs every test and the
 # benchmarks named in BENCHES, and leaves logs under $OUT (or ./gpu-out).
 #   carry: [".devdeps"]   command: bash scripts/gpu-run.sh
+# CTEST_ARGS narrows the tests (e.g. "-R Cuda|Tall|TopR|Emulat"), BUILD_ARGS the build targets.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -23,10 +24,19 @@ echo "build: $(( $(date +%s) - start )) s"
 (cd build-gpu && ctest --output-on-failure --timeout 600 -j 4 ${CTEST_ARGS:-} >"$OUT/ctest.log" 2>&1)
 rc=$?
 grep -E "tests passed|tests failed|Failed|\*\*\*|SKIPPED|Skipped" "$OUT/ctest.log" | tail -30
-for b in ${BENCHES:-}; do
+# BENCHES: names, each optionally with its own arguments after a colon, commas for spaces, e.g.
+#   BENCHES="svd_bench:--device,cuda,--full,--repeats,5,--no-tracking attention_cuda_bench:--only,estimator"
+# (BENCH_ARGS, if set, is added to every bench without its own arguments).
+for spec in ${BENCHES:-}; do
+  b=${spec%%:*}
+  args=${BENCH_ARGS:-}
+  [ "$spec" != "$b" ] && args=${spec#*:} && args=${args//,/ }
   if [ -x "build-gpu/bench/$b" ]; then
-    echo "== $b"
-    timeout 300 "build-gpu/bench/$b" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$b.log" | tail -40
+    echo "== $b $args"
+    # shellcheck disable=SC2086
+    timeout 300 "build-gpu/bench/$b" $args 2>&1 | tee "$OUT/$b.log" | tail -40
+  else
+    echo "== $b: not built (build-gpu/bench/$b missing)"
   fi
 done
 exit $rc
