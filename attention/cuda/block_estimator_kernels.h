@@ -34,8 +34,13 @@ enum class InputType { kFloat32, kBFloat16, kFloat16 };
 inline constexpr int kEstimatorSampleRows = 8;
 /// Keys per tile of the score kernel; block sizes must be multiples of it.
 inline constexpr int kEstimatorKeyTile = 64;
-/// Keys per CTA of the pooled score kernel when PooledScoresLaunch::chunk_blocks is 0.
-inline constexpr int64_t kPooledChunkKeys = 2048;
+/// Keys per CTA of the pooled score kernel when PooledScoresLaunch::chunk_blocks is 0. Chosen by
+/// a work model, not yet by a measurement: under causal masks a chunk's work falls with its
+/// position (fewer query blocks see later keys), and at 32k / 32 heads / block 128 the 512 CTAs
+/// of 2048-key chunks fit in one wave (4 CTAs per SM at 127 registers) whose time is the first
+/// chunk's, twice the average; 1024-key chunks (1024 CTAs, heaviest first) halve that maximum
+/// and balance the two waves.
+inline constexpr int64_t kPooledChunkKeys = 1024;
 /// Largest key-block count the selection kernel sorts in shared memory (per row).
 inline constexpr int64_t kEstimatorMaxKeyBlocks = 16384;
 
