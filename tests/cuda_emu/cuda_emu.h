@@ -11,9 +11,11 @@
 ///
 /// What it checks beyond the results: a barrier that not every fiber reaches (a divergent
 /// __syncthreads, or a shuffle whose mask names lanes that never arrive) is reported as a
-/// deadlock by an exception, not a hang. What it does not model: memory races (fibers run one
-/// at a time, so a missing barrier between a write and another thread's read can go unseen),
-/// warp-synchronous execution without barriers, and performance.
+/// deadlock by an exception, not a hang. Between barriers the fibers run in a pseudo-random
+/// order, fresh at every round, so a missing barrier between one thread's write and another's
+/// read shows up as a wrong result in about half the cases instead of hiding behind a fixed
+/// order. What it does not model: concurrent access within a round (fibers run one at a time,
+/// each to its next barrier), warp-synchronous execution without barriers, and performance.
 ///
 /// Include this instead of <cuda_runtime.h> (define ATTNPILOT_CUDA_EMU before the device
 /// headers, which then skip their CUDA includes).
@@ -31,6 +33,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #define __device__
@@ -98,14 +101,26 @@ class Block {
     exchanges_.resize(static_cast<size_t>((threads + 31) / 32));
   }
 
-  /// Runs every fiber to completion; rethrows the first exception a fiber threw.
+  /// Runs every fiber to completion; rethrows the first exception a fiber threw. Each round
+  /// visits the ready fibers in a fresh pseudo-random order (seeded per block, so runs repeat):
+  /// between two barriers the GPU gives no order among threads, and a fixed order would hide a
+  /// missing barrier whenever the writer happens to come first.
   void run() {
     Block* outer = current_block();
     current_block() = this;
+    std::vector<size_t> order(fibers_.size());
+    for (size_t t = 0; t < order.size(); ++t) order[t] = t;
+    uint64_t rng = 0x9e3779b97f4a7c15ull * (++blocks_run() + 1);
     int done = 0;
     while (done < static_cast<int>(fibers_.size())) {
       bool progressed = false;
-      for (size_t t = 0; t < fibers_.size(); ++t) {
+      for (size_t i = order.size(); i > 1; --i) {  // Fisher-Yates with xorshift64
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::swap(order[i - 1], order[rng % i]);
+      }
+      for (size_t t : order) {
         auto& f = fibers_[t];
         if (f.finished || !ready(f)) continue;
         tid_ = static_cast<int>(t);
@@ -164,6 +179,11 @@ class Block {
   static Block*& current_block() {
     static Block* b = nullptr;
     return b;
+  }
+  /// Blocks run so far in this process (seeds each block's schedule).
+  static uint64_t& blocks_run() {
+    static uint64_t n = 0;
+    return n;
   }
 
  private:

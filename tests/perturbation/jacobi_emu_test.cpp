@@ -484,6 +484,19 @@ TEST(CudaEmulation, ShufflesBarriersAndDeadlocks) {
                                 if (threadIdx.x < 32) __syncthreads();
                               }),
                std::runtime_error);
+  // A missing barrier: thread t writes x[t], then reads x[t - 1] in the same phase. Visiting the
+  // threads in index order would always show the new value (the writer ran first); the
+  // emulation's shuffled order must expose the stale one for some threads.
+  std::vector<int> x(256, 0), seen(256, -1);
+  emu::run_block(256, [&] {
+    const int t = threadIdx.x;
+    x[t] = 1;
+    seen[t] = t > 0 ? x[t - 1] : 1;
+    __syncthreads();
+  });
+  EXPECT_GT(std::count(seen.begin(), seen.end(), 0), 10)
+      << "a read racing a write in the same phase never saw the old value";
+  EXPECT_GT(std::count(seen.begin(), seen.end(), 1), 10);
 }
 
 }  // namespace
