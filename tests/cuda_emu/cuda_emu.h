@@ -14,7 +14,8 @@
 /// deadlock by an exception, not a hang. Between barriers the fibers run in a pseudo-random
 /// order, fresh at every round, so a missing barrier between one thread's write and another's
 /// read shows up as a wrong result in about half the cases instead of hiding behind a fixed
-/// order. What it does not model: concurrent access within a round (fibers run one at a time,
+/// order (ATTNPILOT_EMU_SEED=<n> picks other orders). What it does not model: concurrent access
+/// within a round (fibers run one at a time,
 /// each to its next barrier), warp-synchronous execution without barriers, and performance.
 ///
 /// Include this instead of <cuda_runtime.h> (define ATTNPILOT_CUDA_EMU before the device
@@ -27,6 +28,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -110,7 +112,7 @@ class Block {
     current_block() = this;
     std::vector<size_t> order(fibers_.size());
     for (size_t t = 0; t < order.size(); ++t) order[t] = t;
-    uint64_t rng = 0x9e3779b97f4a7c15ull * (++blocks_run() + 1);
+    uint64_t rng = 0x9e3779b97f4a7c15ull * (++blocks_run() + 1) + schedule_seed();
     int done = 0;
     while (done < static_cast<int>(fibers_.size())) {
       bool progressed = false;
@@ -184,6 +186,14 @@ class Block {
   static uint64_t& blocks_run() {
     static uint64_t n = 0;
     return n;
+  }
+  /// The environment's ATTNPILOT_EMU_SEED (0 when unset): other schedules for hunting races.
+  static uint64_t schedule_seed() {
+    static const uint64_t seed = [] {
+      const char* e = std::getenv("ATTNPILOT_EMU_SEED");
+      return e != nullptr ? std::strtoull(e, nullptr, 10) * 0xd1b54a32d192ed03ull : 0ull;
+    }();
+    return seed;
   }
 
  private:
