@@ -29,6 +29,15 @@ if(_torch_manual)
          " -Wl,-rpath,${_torch_root}/lib -Wl,-rpath-link,${_torch_root}/lib -Wl,--allow-shlib-undefined")
 else()
   find_package(Torch REQUIRED)
+  # Torch's CUDA setup turns CMAKE_CUDA_ARCHITECTURES off and appends "-gencode
+  # arch=compute_90,code=sm_90" (TORCH_CUDA_ARCH_LIST) to every CUDA compile. The wgmma
+  # kernel's object library must get sm_90a alone (attention/CMakeLists.txt), so the flag moves
+  # back into CMAKE_CUDA_ARCHITECTURES (the same sm_90 code), which a target can override.
+  if(ATTNPILOT_CUDA)
+    string(REGEX REPLACE "-gencode[ =]+arch=compute_[0-9a-z]+,code=[][a-z_0-9,]+" ""
+           CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS}")
+    set(CMAKE_CUDA_ARCHITECTURES 90-real)
+  endif()
   # attnpilot_torch: LibTorch without the thin libtorch.so. PyPI's libtorch.so exports
   # broken copies of std::filesystem functions (remove_all jumps to address 0; seen with
   # torch 2.11.0 on Debian 12 and Ubuntu 24.04); libtorch_cpu.so carries working ones and

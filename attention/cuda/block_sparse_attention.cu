@@ -136,6 +136,20 @@ cudaError_t launch_for_type(const BlockSparseLaunch& p, cudaStream_t stream,
               : launch_typed<T, 128, 1>(p, stream, failed_call);
 }
 
+/// Whether the current device runs sm_90a code (compute capability 9.0 exactly).
+cudaError_t device_is_sm90(bool* yes, const char** failed_call) {
+  int dev = 0, major = 0, minor = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  if (e != cudaSuccess) {
+    *failed_call = "cudaGetDevice / cudaDeviceGetAttribute(compute capability)";
+    return e;
+  }
+  *yes = major == 9 && minor == 0;
+  return cudaSuccess;
+}
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 bool strides_ok(const int64_t* s) { return s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0; }
@@ -144,6 +158,10 @@ bool strides_ok(const int64_t* s) { return s[0] % 8 == 0 && s[1] % 8 == 0 && s[2
 
 bool block_sparse_kernel_supports(int d, int block_size) {
   return (d == 64 || d == 128) && block_size >= kBN && block_size % kBN == 0;
+}
+
+bool block_sparse_wgmma_supports(const BlockSparseLaunch& p) {
+  return (p.d == 64 || p.d == 128) && (p.row_ptr == nullptr || p.block_size % 128 == 0);
 }
 
 int64_t block_sparse_shared_bytes(int d) { return shared_bytes(d, 2); }
@@ -165,6 +183,20 @@ cudaError_t launch_block_sparse_attention(const BlockSparseLaunch& p, ElemType t
       !strides_ok(p.v_stride) || !std::isfinite(p.scale)) {
     *failed_call = "launch_block_sparse_attention (arguments outside the kernel's range)";
     return cudaErrorInvalidValue;
+  }
+  if (p.kernel != BlockSparseKernel::kMmaSync) {
+    bool sm90 = false;
+    const cudaError_t e = device_is_sm90(&sm90, failed_call);
+    if (e != cudaSuccess) return e;
+    const bool wgmma = sm90 && block_sparse_wgmma_supports(p);
+    if (wgmma) return launch_block_sparse_wgmma(p, type, stream, failed_call);
+    if (p.kernel == BlockSparseKernel::kWgmma) {
+      *failed_call = sm90 ? "launch_block_sparse_attention (the wgmma kernel needs blocks of a "
+                            "multiple of 128)"
+                          : "launch_block_sparse_attention (the wgmma kernel needs a compute "
+                            "capability 9.0 device)";
+      return cudaErrorInvalidValue;
+    }
   }
   if (type == ElemType::kBFloat16) return launch_for_type<__nv_bfloat16>(p, stream, failed_call);
   return launch_for_type<__half>(p, stream, failed_call);

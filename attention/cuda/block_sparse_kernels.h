@@ -18,6 +18,12 @@ namespace attnpilot::attention::cuda {
 /// Element type of q, k, v and out (fp32 accumulation in every case).
 enum class ElemType { kBFloat16, kFloat16 };
 
+/// Which kernel runs a launch. kAuto: the wgmma kernel (block_sparse_wgmma.cu, sm_90a) on
+/// compute capability 9.0 devices when block_sparse_wgmma_supports(), else the mma.sync kernel
+/// (any sm_90-compatible device, blocks of 64 too). The other two force one (the benchmarks and
+/// tests compare them); forcing the wgmma kernel where it cannot run is cudaErrorInvalidValue.
+enum class BlockSparseKernel { kAuto, kMmaSync, kWgmma };
+
 /// One launch. Tensors are given by pointer and element strides (the last dimension is
 /// contiguous); pointers 16-byte aligned and the strides multiples of 8 elements.
 struct BlockSparseLaunch {
@@ -43,6 +49,7 @@ struct BlockSparseLaunch {
   /// Streaming window (window > 0): key j is also hidden from query position p when
   /// j >= sinks and j <= p - window (the CPU backend's rule).
   int64_t sinks = 0, window = 0;
+  BlockSparseKernel kernel = BlockSparseKernel::kAuto;
 };
 
 /// Keys per step of the kernel's key loop, and the granularity of block sizes. A CTA takes 128
@@ -51,6 +58,15 @@ inline constexpr int kBlockSparseTile = 64;
 
 /// Whether the kernel handles head dim d (q, k and v alike) with blocks of block_size.
 bool block_sparse_kernel_supports(int d, int block_size);
+
+/// Whether the wgmma kernel takes this launch's shape (d 64 or 128; block_size a multiple of
+/// 128, or no CSR lists); the device must also be compute capability 9.0.
+bool block_sparse_wgmma_supports(const BlockSparseLaunch& p);
+
+/// The wgmma kernel's launcher (block_sparse_wgmma.cu); launch_block_sparse_attention checks
+/// the arguments and the device before calling it.
+cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type,
+                                      cudaStream_t stream, const char** failed_call);
 
 /// Dynamic shared memory of one CTA for head dim d, in bytes (the larger, 128-query CTA).
 int64_t block_sparse_shared_bytes(int d);

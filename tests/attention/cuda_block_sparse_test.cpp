@@ -31,10 +31,18 @@ using testing::kCuda;
 using testing::random_mask;
 using testing::Tol;
 
-/// Launches the raw kernel into a NaN-poisoned output; checks every CUDA call.
+/// Whether the current device runs the wgmma kernel (compute capability 9.0).
+bool device_is_sm90() {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->major == 9 && prop->minor == 0;
+}
+
+/// Launches the raw kernel (`kernel` picks which) into a NaN-poisoned output; checks every
+/// CUDA call.
 torch::Tensor launch(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                      const BlockMask* mask, double scale, bool causal, int64_t q_offset,
-                     int64_t sinks, int64_t window) {
+                     int64_t sinks, int64_t window,
+                     cuda::BlockSparseKernel kernel = cuda::BlockSparseKernel::kMmaSync) {
   auto out = torch::full({q.size(0), q.size(1), q.size(2), q.size(3)},
                          std::numeric_limits<float>::quiet_NaN(), q.options());
   torch::Tensor row_ptr, col_idx;
@@ -59,6 +67,7 @@ torch::Tensor launch(const torch::Tensor& q, const torch::Tensor& k, const torch
   p.causal = causal;
   p.sinks = sinks;
   p.window = window;
+  p.kernel = kernel;
   p.block_size = cuda::kBlockSparseTile;
   if (mask) {
     row_ptr = mask->row_ptr.to(q.device());
@@ -80,13 +89,17 @@ torch::Tensor launch(const torch::Tensor& q, const torch::Tensor& k, const torch
   return out;
 }
 
-TEST(CudaBlockSparse, KernelMatchesCpuBackend) {
-  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
-  std::mt19937_64 rng(20261129);
+/// Random CSR cases of both dtypes and head dims, causal and not, with GQA, for each block size
+/// in `block_sizes`, through `kernel`: against the CPU backend, empty rows exactly zero, and two
+/// runs bit-identical.
+void check_kernel_on_random_masks(cuda::BlockSparseKernel kernel,
+                                  std::initializer_list<int64_t> block_sizes, uint64_t seed0) {
+  std::mt19937_64 rng(seed0);
   int seed = 0;
+  const char* name = kernel == cuda::BlockSparseKernel::kWgmma ? "wgmma" : "mma.sync";
   for (auto dt : {torch::kBFloat16, torch::kHalf})
     for (int64_t d : {64, 128})
-      for (int64_t bs : {64, 128})
+      for (int64_t bs : block_sizes)
         for (bool causal : {true, false})
           for (int64_t groups : {1, 4}) {
             const int64_t b = 2, hkv = 2, h = hkv * groups;
@@ -103,9 +116,10 @@ TEST(CudaBlockSparse, KernelMatchesCpuBackend) {
             const auto v = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
             const auto rm = random_mask(rng, b, h, n, m, bs);
             const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-            const std::string what = fmt::format("{} d={} bs={} causal={} groups={} n={} m={}",
-                                                 c10::toString(dt), d, bs, causal, groups, n, m);
-            const auto out = launch(q, k, v, &rm.mask, scale, causal, q_offset, 0, 0);
+            const std::string what =
+                fmt::format("{} {} d={} bs={} causal={} groups={} n={} m={}", name,
+                            c10::toString(dt), d, bs, causal, groups, n, m);
+            const auto out = launch(q, k, v, &rm.mask, scale, causal, q_offset, 0, 0, kernel);
             expect_close(out,
                          block_sparse_expected(q, k, v, rm.mask, scale, causal, q_offset, 0, 0),
                          block_sparse_tolerance(dt), what);
@@ -119,9 +133,52 @@ TEST(CudaBlockSparse, KernelMatchesCpuBackend) {
               ASSERT_EQ(rows.abs().max().item<float>(), 0.f) << what << " empty row " << row;
             }
             // Same inputs, same bits: a race would show as a difference between runs.
-            EXPECT_TRUE(torch::equal(out, launch(q, k, v, &rm.mask, scale, causal, q_offset, 0, 0)))
+            EXPECT_TRUE(
+                torch::equal(out, launch(q, k, v, &rm.mask, scale, causal, q_offset, 0, 0, kernel)))
                 << what << ": two runs differ";
           }
+}
+
+TEST(CudaBlockSparse, KernelMatchesCpuBackend) {
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
+  check_kernel_on_random_masks(cuda::BlockSparseKernel::kMmaSync, {64, 128}, 20261129);
+}
+
+TEST(CudaBlockSparse, WgmmaKernelMatchesCpuBackend) {
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
+  if (!device_is_sm90()) GTEST_SKIP() << "the wgmma kernel needs a compute capability 9.0 GPU";
+  check_kernel_on_random_masks(cuda::BlockSparseKernel::kWgmma, {128, 256}, 20261206);
+  // Longer rows (many tiles, both stages reused), no lists, and a streaming window.
+  std::mt19937_64 rng(11);
+  int seed = 0;
+  for (auto dt : {torch::kBFloat16, torch::kHalf})
+    for (int64_t d : {64, 128}) {
+      const int64_t b = 1, h = 4, hkv = 2, n = 1000, m = 1300, q_offset = m - n;
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(900 + seed++);
+      const auto q = torch::randn({b, h, n, d}, gen).to(kCuda, dt);
+      const auto k = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
+      const auto v = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
+      const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+      const auto what = fmt::format("wgmma {} d={}", c10::toString(dt), d);
+      const auto all = BlockMask::all_visible(b, h, n, m, 128, true, q_offset);
+      const auto dense =
+          launch(q, k, v, nullptr, scale, true, q_offset, 0, 0, cuda::BlockSparseKernel::kWgmma);
+      expect_close(dense, block_sparse_expected(q, k, v, all, scale, true, q_offset, 0, 0),
+                   block_sparse_tolerance(dt), what + " no lists");
+      const auto mma = launch(q, k, v, nullptr, scale, true, q_offset, 0, 0);
+      expect_close(dense, mma, block_sparse_tolerance(dt), what + " against mma.sync");
+      const auto rm = random_mask(rng, b, h, n, m, 128);
+      expect_close(
+          launch(q, k, v, &rm.mask, scale, true, q_offset, 0, 0, cuda::BlockSparseKernel::kWgmma),
+          block_sparse_expected(q, k, v, rm.mask, scale, true, q_offset, 0, 0),
+          block_sparse_tolerance(dt), what + " random blocks of 128");
+      const int64_t sinks = 4, window = 300;
+      const auto sm = streaming_block_mask(b, h, n, m, 128, q_offset, sinks, window);
+      expect_close(launch(q, k, v, &sm, scale, true, q_offset, sinks, window,
+                          cuda::BlockSparseKernel::kWgmma),
+                   block_sparse_expected(q, k, v, sm, scale, true, q_offset, sinks, window),
+                   block_sparse_tolerance(dt), what + " streaming");
+    }
 }
 
 TEST(CudaBlockSparse, BackendStridedStreamingAndGqaMatchCpu) {
@@ -319,6 +376,11 @@ TEST(CudaBlockSparse, LauncherRefusesArgumentsOutsideItsRange) {
   x.q_blocks = 2;  // 10 queries in blocks of 64 make 1
   x.k_blocks = 1;
   EXPECT_TRUE(refused(x)) << "block grid that does not fit n";
+  x = p;
+  x.kernel = cuda::BlockSparseKernel::kWgmma;
+  x.row_ptr = reinterpret_cast<const int64_t*>(buf);
+  x.q_blocks = x.k_blocks = 1;  // blocks of 64: the wgmma kernel needs multiples of 128
+  EXPECT_FALSE(cuda::block_sparse_wgmma_supports(x));
   EXPECT_TRUE(cuda::block_sparse_kernel_supports(128, 128));
   EXPECT_FALSE(cuda::block_sparse_kernel_supports(128, 192 - 1));
   // One CTA of d = 128 must fit two to an H100/H200 SM (228 KB) with the kernel's 96 KB.

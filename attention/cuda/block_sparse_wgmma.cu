@@ -1,0 +1,71 @@
+// The Hopper block-sparse flash-attention forward kernel (wgmma, sm_90a): the __global__
+// wrapper of block_sparse_wgmma::fwd_block (block_sparse_wgmma_block.cuh, where the algorithm,
+// layouts and synchronisation are described) and its launcher. This file alone is compiled for
+// compute_90a/sm_90a (attention/CMakeLists.txt); launch_block_sparse_attention
+// (block_sparse_attention.cu) calls it on compute capability 9.0 devices for the shapes it
+// supports and keeps the mma.sync kernel for the rest.
+//
+// Operation count and floor as for the mma.sync kernel (block_sparse_attention.cu): 4·d FLOPs
+// per visible (query, key) pair, 8.8 TFLOP at L = 32k, 32 heads, d = 128, causal, all blocks,
+// 8.9 ms at ~990 TFLOP/s dense bf16. wgmma issues at the full tensor-core rate where mma.sync
+// reached ~230 TFLOP/s; this first wgmma kernel has no producer warpgroup and no ping-pong
+// between its two warpgroups (each waits for its S before the softmax), so the tensor cores
+// idle during softmax: FlashAttention-3's ablation puts such a kernel near 550-600 TFLOP/s of
+// its ~660 at d = 128.
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "block_sparse_wgmma.cu needs the sm_90a target (-gencode=arch=compute_90a,code=sm_90a)"
+#endif
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attention/cuda/block_sparse_kernels.h"
+#include "attention/cuda/block_sparse_wgmma_block.cuh"
+
+namespace attnpilot::attention::cuda {
+namespace {
+
+namespace bsw = block_sparse_wgmma;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(bsw::kThreads, 1) block_sparse_wgmma_kernel(BlockSparseLaunch p) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  bsw::fwd_block<T, D>(p, smem, gridDim.x - 1 - blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+template <typename T, int D>
+cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
+                         const char** failed_call) {
+  auto kernel = block_sparse_wgmma_kernel<T, D>;
+  const int64_t bytes = bsw::shared_bytes(D);
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(bytes));
+  if (e != cudaSuccess) {
+    *failed_call = "cudaFuncSetAttribute(block_sparse_wgmma_kernel, MaxDynamicSharedMemorySize)";
+    return e;
+  }
+  const dim3 grid(static_cast<unsigned>((p.n + bsw::kBM - 1) / bsw::kBM),
+                  static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+  kernel<<<grid, bsw::kThreads, static_cast<size_t>(bytes), stream>>>(p);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    *failed_call = "block_sparse_wgmma_kernel<<<(query tiles, heads, batch), 256, shared bytes>>>";
+    return e;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type,
+                                      cudaStream_t stream, const char** failed_call) {
+  if (type == ElemType::kBFloat16)
+    return p.d == 64 ? launch_typed<__nv_bfloat16, 64>(p, stream, failed_call)
+                     : launch_typed<__nv_bfloat16, 128>(p, stream, failed_call);
+  return p.d == 64 ? launch_typed<__half, 64>(p, stream, failed_call)
+                   : launch_typed<__half, 128>(p, stream, failed_call);
+}
+
+}  // namespace attnpilot::attention::cuda
