@@ -214,8 +214,14 @@ BlockMask estimate_block_mask(const torch::Tensor& q, const torch::Tensor& k, co
                               const torch::Tensor& a_q, const torch::Tensor& a_k) {
   const int64_t n = q.size(2), m = k.size(2), bs = plan.block_size;
   const bool everything = plan.gamma <= 0 && plan.top_k <= 0 && plan.density >= 1.0;
-  if (everything)  // density 1 keeps every visible block; no estimate needed
-    return BlockMask::all_visible(q.size(0), q.size(1), n, m, bs, causal, q_offset);
+  if (everything) {  // density 1 keeps every visible block; no estimate needed
+    BlockMask all = BlockMask::all_visible(q.size(0), q.size(1), n, m, bs, causal, q_offset);
+    if (q.is_cuda()) {  // masks of CUDA inputs live on their device, as the estimators' do
+      all.row_ptr = all.row_ptr.to(q.device());
+      all.col_idx = all.col_idx.to(q.device());
+    }
+    return all;
+  }
   torch::Tensor scores;
   switch (plan.estimator) {
     case BlockEstimator::kPooled:
