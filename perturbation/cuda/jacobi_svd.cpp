@@ -310,7 +310,7 @@ void tall_product_out(const torch::Tensor& x, const torch::Tensor& w, torch::Ten
   run_tall_pass(p, x);
 }
 
-TallQr tall_cholesky_qr2(const torch::Tensor& x_in) {
+TallQr tall_cholesky_qr2(const torch::Tensor& x_in, TallPasses passes) {
   ATTNPILOT_CHECK_ARG(
       x_in.defined() && x_in.dim() == 3 &&
           (x_in.scalar_type() == torch::kFloat64 || x_in.scalar_type() == torch::kFloat32) &&
@@ -319,7 +319,13 @@ TallQr tall_cholesky_qr2(const torch::Tensor& x_in) {
       "m >= n >= 1, got {} {}",
       x_in.defined() ? c10::str(x_in.sizes()) : std::string("undefined"),
       x_in.defined() ? dtype_name(x_in) : std::string("-"));
-  const auto x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  // kCublas: one float64 copy of X, every pass a cuBLAS DGEMM (tall_gram and tall_product_out
+  // take LibTorch's float64 route for float64 input off the kernels' path). kKernels: X as given.
+  const bool kernels = passes == TallPasses::kKernels;
+  const auto x = !kernels
+                     ? torch::empty(x_in.sizes(), x_in.options().dtype(torch::kFloat64)).copy_(x_in)
+                 : x_in.stride(2) == 1 ? x_in
+                                       : x_in.contiguous();
   const int64_t bsz = x.size(0), m = x.size(1), n = x.size(2);
   // Cholesky-QR2 with float64 Gram matrices: X = Q₁R₁, Q₁ = Q R₂, so X = Q R with R = R₂R₁ and
   // Q = Q₁R₂⁻¹. Float64 Gram matrices square cond(X) but stay accurate for cond(X) up to about
@@ -332,15 +338,22 @@ TallQr tall_cholesky_qr2(const torch::Tensor& x_in) {
   // in X's type, R = R_H, R₂⁻¹ = I).
   auto o64 = x.options().dtype(torch::kFloat64);
   auto eye = torch::eye(n, o64).expand({bsz, n, n}).contiguous();
-  auto g1 = tall_gram(x);
+  const auto gram = [&](const torch::Tensor& z) {
+    return kernels ? tall_gram(z) : torch::bmm(z.transpose(1, 2), z);
+  };
+  auto g1 = gram(x);
   auto [l1, info1] = torch::linalg_cholesky_ex(g1, /*upper=*/false, /*check_errors=*/false);
   auto r1 = l1.transpose(1, 2);
   auto r1inv = torch::linalg_solve_triangular(r1, eye, /*upper=*/true, /*left=*/true,
                                               /*unitriangular=*/false);
   TallQr out;
-  out.q1 = torch::empty({bsz, m, n}, x.options());
-  tall_product_out(x, r1inv, out.q1);
-  auto g2 = tall_gram(out.q1);
+  if (kernels) {
+    out.q1 = torch::empty({bsz, m, n}, x.options());
+    tall_product_out(x, r1inv, out.q1);
+  } else {
+    out.q1 = torch::bmm(x, r1inv);
+  }
+  auto g2 = gram(out.q1);
   auto [l2, info2] = torch::linalg_cholesky_ex(g2, /*upper=*/false, /*check_errors=*/false);
   auto r2 = l2.transpose(1, 2);
   out.r = torch::bmm(r2, r1).contiguous();
@@ -381,9 +394,10 @@ int64_t tall_qr_jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts
   c10::cuda::CUDAGuard guard(a.device());
   check_finite(a, "tall QR + Jacobi SVD");
   // X = A (or Aᵀ, copied so its rows are contiguous) is m×n, m > 128 >= n; X = Q R with
-  // Q = Q₁·R₂⁻¹ (tall_cholesky_qr2), Q₁ in the input's type.
-  const auto x = tr ? a.transpose(1, 2).contiguous() : a;
-  const auto qr = tall_cholesky_qr2(x);
+  // Q = Q₁·R₂⁻¹ (tall_cholesky_qr2; its float64 copy for kCublas takes the transpose as is).
+  const bool kernels = opts.tall_passes == TallPasses::kKernels;
+  const auto x = tr ? (kernels ? a.transpose(1, 2).contiguous() : a.transpose(1, 2)) : a;
+  const auto qr = tall_cholesky_qr2(x, opts.tall_passes);
   // SVD of the n×n factor R = U_R Σ V_Rᵀ in the input precision; X = (Q₁ R₂⁻¹ U_R) Σ V_Rᵀ.
   auto rt = qr.r.to(a.scalar_type()).contiguous();
   auto ur = torch::empty({bsz, n, k}, a.options());
@@ -391,7 +405,11 @@ int64_t tall_qr_jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts
   const int64_t not_converged = jacobi_svd_out(rt, opts, ur, s, vr);
   // A = X (U_A = U_X, V_A = V_R) or A = Xᵀ (U_A = V_R, V_A = U_X); U_X = Q₁·(R₂⁻¹ U_R) is
   // written straight into its output, float64 sums.
-  tall_product_out(qr.q1, torch::bmm(qr.r2inv, ur.to(torch::kFloat64)), tr ? v : u);
+  const auto w = torch::bmm(qr.r2inv, ur.to(torch::kFloat64));
+  if (kernels)
+    tall_product_out(qr.q1, w, tr ? v : u);
+  else
+    (tr ? v : u).copy_(torch::bmm(qr.q1, w));
   (tr ? u : v).copy_(vr);
   return not_converged;
 }

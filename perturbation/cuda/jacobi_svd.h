@@ -3,8 +3,8 @@
 ///
 ///   small  [B, m, n], max(m, n) <= 128 ──► one-sided Jacobi kernel, one block per matrix,
 ///                                          matrix + V in shared memory (jacobi_svd.cu)
-///   tall   [B, N, d], N > 128 >= d ─────► Cholesky-QR2 with float64 Gram matrices (our pass
-///                                          kernels over X, tall_qr.cu; batched Cholesky;
+///   tall   [B, N, d], N > 128 >= d ─────► Cholesky-QR2 with float64 Gram matrices (cuBLAS
+///                                          DGEMMs, or our pass kernels, tall_qr.cu; Cholesky;
 ///                                          Householder QR where it is not accurate)
 ///                                          ─► Jacobi kernel on R (d×d) ─► U = Q₁·(R₂⁻¹U_R)
 ///   top-r  core C [B, d, d], warm V₀ ───► block subspace iteration, step by step: two
@@ -24,6 +24,13 @@
 
 namespace attnpilot::perturbation::cuda {
 
+/// How the tall path's passes over X (Gram matrices, X·R⁻¹, the final U) run on CUDA.
+/// kCublas: a float64 copy of X, then cuBLAS DGEMMs (the FP64 tensor cores) — the default,
+/// measured faster on the H100 (bench/RESULTS.md, 2026-12-05: 4096×64 ×256 Cholesky-QR2 in
+/// ~1.3 ms against 4.3 ms). kKernels: our pass kernels (tall_qr.cu: float input read once,
+/// float64 sums on the CUDA cores, Q₁ in float), tested against float64 and kept for tuning.
+enum class TallPasses { kCublas, kKernels };
+
 struct JacobiOptions {
   int64_t rank = 0;  ///< top-k triplets; 0 = all min(m, n)
   double tol = 0;    ///< relative orthogonality for convergence; 0 = sqrt(m)·machine ε
@@ -31,6 +38,7 @@ struct JacobiOptions {
   /// Lanes per column pair in the kernel: 0 or 8 = 8; 4 (float with max(m, n) > 64 only) is a
   /// tuning and testing knob, measured slower (doubles and smaller shapes always use 8).
   int lanes = 0;
+  TallPasses tall_passes = TallPasses::kCublas;  ///< the tall path's passes over X
 };
 
 /// True when jacobi_svd handles [.., m, n] of this dtype: float32 with max(m, n) <= 128;
@@ -59,15 +67,16 @@ SvdResult tall_qr_jacobi_svd(const torch::Tensor& a, const JacobiOptions& opts);
 /// float64 Gram matrices, with Householder QR for the matrices where Cholesky-QR2 is not
 /// accurate.
 struct TallQr {
-  torch::Tensor q1;     ///< [B, m, n], X's dtype (Q₁ = X R₁⁻¹ with float64 sums, rounded)
-  torch::Tensor r;      ///< [B, n, n] float64
-  torch::Tensor r2inv;  ///< [B, n, n] float64
+  /// [B, m, n] Q₁ = X R₁⁻¹: float64 (kCublas), or X's dtype (kKernels: float64 sums, rounded)
+  torch::Tensor q1;
+  torch::Tensor r;          ///< [B, n, n] float64
+  torch::Tensor r2inv;      ///< [B, n, n] float64
   int64_t householder = 0;  ///< matrices that took the Householder fallback
 };
-/// x [B, m, n] float32 or float64, m >= n >= 1, on any device. On CUDA (n <= 128) the passes
-/// over X run in our kernels (tall_qr.cu: float64 sums, no float64 copy of X); elsewhere in
-/// LibTorch float64 (the reference the kernels are tested against).
-TallQr tall_cholesky_qr2(const torch::Tensor& x);
+/// x [B, m, n] float32 or float64, m >= n >= 1, on any device. kCublas: the passes in LibTorch
+/// float64 (cuBLAS DGEMMs on CUDA; the reference the kernels are tested against). kKernels, on
+/// CUDA with n <= 128: our kernels (tall_qr.cu: float64 sums, no float64 copy of X).
+TallQr tall_cholesky_qr2(const torch::Tensor& x, TallPasses passes = TallPasses::kCublas);
 
 /// G = XᵀX [B, n, n] float64 for x [B, m, n] float32/float64 (tall_qr.cu's Gram kernel on CUDA:
 /// exact float products, float64 sums; LibTorch float64 elsewhere or for n > 128).

@@ -126,7 +126,8 @@ void expect_descending(const torch::Tensor& s, const std::string& what) {
 
 // Runs the Jacobi kernel (or the tall path) into NaN-poisoned outputs and checks them.
 Errors run_poisoned(const torch::Tensor& a64, torch::Dtype dtype, int64_t rank, bool tall,
-                    const std::string& what, torch::Tensor* ref_out = nullptr, int lanes = 0) {
+                    const std::string& what, torch::Tensor* ref_out = nullptr, int lanes = 0,
+                    cuda::TallPasses passes = cuda::TallPasses::kCublas) {
   auto a = a64.to(torch::kCUDA).to(dtype);
   const int64_t b = a.size(0), m = a.size(1), n = a.size(2);
   const int64_t k = rank > 0 ? rank : std::min(m, n);
@@ -136,6 +137,7 @@ Errors run_poisoned(const torch::Tensor& a64, torch::Dtype dtype, int64_t rank, 
   cuda::JacobiOptions o;
   o.rank = rank;
   o.lanes = lanes;
+  o.tall_passes = passes;
   const int64_t nc =
       tall ? cuda::tall_qr_jacobi_svd_out(a, o, u, s, v) : cuda::jacobi_svd_out(a, o, u, s, v);
   EXPECT_EQ(nc, 0) << what << ": matrices that hit the sweep limit";
@@ -179,7 +181,7 @@ TEST(TallCholeskyQr2, FactorsOnCpuWithHouseholderFallback) {
   // Float input: Q₁ is stored in float; R₂ comes from the rounded Q₁'s own Gram matrix, so
   // Q = Q₁R₂⁻¹ stays orthonormal to float64 rounding, and Q R = X to float rounding.
   auto ill32 = ill.to(torch::kFloat32);
-  auto qf = cuda::tall_cholesky_qr2(ill32);
+  auto qf = cuda::tall_cholesky_qr2(ill32, cuda::TallPasses::kKernels);
   EXPECT_EQ(qf.q1.scalar_type(), torch::kFloat32);
   EXPECT_EQ(qf.householder, 0);
   {
@@ -193,6 +195,15 @@ TEST(TallCholeskyQr2, FactorsOnCpuWithHouseholderFallback) {
                torch::linalg_matrix_norm(x64, "fro");
     EXPECT_LE(rel.max().item<double>(), 1e-6) << "float input, cond 1e6: Q R = X";
   }
+  // The default (cuBLAS) route on float input: Q₁ in float64, the same guarantees.
+  auto qc = cuda::tall_cholesky_qr2(ill32);
+  EXPECT_EQ(qc.q1.scalar_type(), torch::kFloat64);
+  EXPECT_EQ(qc.householder, 0);
+  check(ill32.to(torch::kFloat64), qc, "float input, cuBLAS route, cond 1e6");
+  // Both routes through the kernels' twin in float64 input agree with the default.
+  auto qk = cuda::tall_cholesky_qr2(ill, cuda::TallPasses::kKernels);
+  EXPECT_EQ(qk.householder, 0);
+  check(ill, qk, "cond 1e6, pass kernels");
   EXPECT_THROW(cuda::tall_cholesky_qr2(well.to(torch::kInt64)), InvalidArgument);
   EXPECT_THROW(cuda::tall_cholesky_qr2(well.transpose(1, 2)), InvalidArgument);
 }
@@ -325,6 +336,10 @@ TEST(JacobiSvdCuda, TallAndWideMatchFloat64Reference) {
       const std::string what = fmt::format("tall {}x{} batch {} rank {} {}", sh.m, sh.n, sh.batch,
                                            sh.rank, spec_name(spec));
       expect_within(run_poisoned(a, torch::kFloat32, sh.rank, true, what), kTol, what);
+      // The same through our pass kernels (JacobiOptions::tall_passes).
+      expect_within(run_poisoned(a, torch::kFloat32, sh.rank, true, what + " (pass kernels)",
+                                 nullptr, 0, cuda::TallPasses::kKernels),
+                    kTol, what + " (pass kernels)");
     }
   }
   // Rank-deficient tall matrices: Cholesky-QR fails or loses orthogonality there, so these
