@@ -189,8 +189,12 @@ cudaError_t launch_block_sparse_attention(const BlockSparseLaunch& p, ElemType t
     const cudaError_t e = device_is_sm90(&sm90, failed_call);
     if (e != cudaSuccess) return e;
     const bool wgmma = sm90 && block_sparse_wgmma_supports(p);
-    if (wgmma) return launch_block_sparse_wgmma(p, type, stream, failed_call);
-    if (p.kernel == BlockSparseKernel::kWgmma) {
+    // kAuto takes the kernel whose threads all load (the warp-specialised one is opt-in until
+    // measured faster).
+    if (wgmma)
+      return launch_block_sparse_wgmma(p, type, p.kernel == BlockSparseKernel::kWgmmaWs, stream,
+                                       failed_call);
+    if (p.kernel != BlockSparseKernel::kAuto) {
       *failed_call = sm90 ? "launch_block_sparse_attention (the wgmma kernel needs blocks of a "
                             "multiple of 128)"
                           : "launch_block_sparse_attention (the wgmma kernel needs a compute "

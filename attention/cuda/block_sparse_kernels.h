@@ -18,11 +18,13 @@ namespace attnpilot::attention::cuda {
 /// Element type of q, k, v and out (fp32 accumulation in every case).
 enum class ElemType { kBFloat16, kFloat16 };
 
-/// Which kernel runs a launch. kAuto: the wgmma kernel (block_sparse_wgmma.cu, sm_90a) on
-/// compute capability 9.0 devices when block_sparse_wgmma_supports(), else the mma.sync kernel
-/// (any sm_90-compatible device, blocks of 64 too). The other two force one (the benchmarks and
-/// tests compare them); forcing the wgmma kernel where it cannot run is cudaErrorInvalidValue.
-enum class BlockSparseKernel { kAuto, kMmaSync, kWgmma };
+/// Which kernel runs a launch. kAuto: a wgmma kernel (block_sparse_wgmma.cu, sm_90a) on compute
+/// capability 9.0 devices when block_sparse_wgmma_supports(), else the mma.sync kernel (any
+/// sm_90-compatible device, blocks of 64 too). kWgmma is the wgmma kernel whose threads all load
+/// and meet at a barrier per tile, kWgmmaWs the warp-specialised one (a producer warpgroup,
+/// mbarrier stages, consumers taking turns). The others force one (the benchmarks and tests
+/// compare them); forcing a wgmma kernel where it cannot run is cudaErrorInvalidValue.
+enum class BlockSparseKernel { kAuto, kMmaSync, kWgmma, kWgmmaWs };
 
 /// One launch. Tensors are given by pointer and element strides (the last dimension is
 /// contiguous); pointers 16-byte aligned and the strides multiples of 8 elements.
@@ -65,7 +67,7 @@ bool block_sparse_wgmma_supports(const BlockSparseLaunch& p);
 
 /// The wgmma kernel's launcher (block_sparse_wgmma.cu); launch_block_sparse_attention checks
 /// the arguments and the device before calling it.
-cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type,
+cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type, bool ws,
                                       cudaStream_t stream, const char** failed_call);
 
 /// Dynamic shared memory of one CTA for head dim d, in bytes (the larger, 128-query CTA).

@@ -35,11 +35,20 @@ __global__ void __launch_bounds__(bsw::kThreads, 1) block_sparse_wgmma_kernel(Bl
   bsw::fwd_block<T, D>(p, smem, gridDim.x - 1 - blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
+// 384 threads enter with at most 168 registers each (the cap setmaxnreg needs); the producer
+// warpgroup then gives registers up and the consumers take them.
 template <typename T, int D>
-cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
+__global__ void __launch_bounds__(bsw::kWsThreads, 1)
+    block_sparse_wgmma_ws_kernel(BlockSparseLaunch p) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  bsw::fwd_block_ws<T, D>(p, smem, gridDim.x - 1 - blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+template <typename T, int D>
+cudaError_t launch_typed(const BlockSparseLaunch& p, bool ws, cudaStream_t stream,
                          const char** failed_call) {
-  auto kernel = block_sparse_wgmma_kernel<T, D>;
-  const int64_t bytes = bsw::shared_bytes(D);
+  auto kernel = ws ? block_sparse_wgmma_ws_kernel<T, D> : block_sparse_wgmma_kernel<T, D>;
+  const int64_t bytes = ws ? bsw::ws_shared_bytes(D) : bsw::shared_bytes(D);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(bytes));
   if (e != cudaSuccess) {
@@ -48,10 +57,13 @@ cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
   }
   const dim3 grid(static_cast<unsigned>((p.n + bsw::kBM - 1) / bsw::kBM),
                   static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
-  kernel<<<grid, bsw::kThreads, static_cast<size_t>(bytes), stream>>>(p);
+  kernel<<<grid, ws ? bsw::kWsThreads : bsw::kThreads, static_cast<size_t>(bytes), stream>>>(p);
   e = cudaGetLastError();
   if (e != cudaSuccess) {
-    *failed_call = "block_sparse_wgmma_kernel<<<(query tiles, heads, batch), 256, shared bytes>>>";
+    *failed_call = ws ? "block_sparse_wgmma_ws_kernel<<<(query tiles, heads, batch), 384, shared "
+                        "bytes>>>"
+                      : "block_sparse_wgmma_kernel<<<(query tiles, heads, batch), 256, shared "
+                        "bytes>>>";
     return e;
   }
   return cudaSuccess;
@@ -59,13 +71,13 @@ cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
 
 }  // namespace
 
-cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type,
+cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type, bool ws,
                                       cudaStream_t stream, const char** failed_call) {
   if (type == ElemType::kBFloat16)
-    return p.d == 64 ? launch_typed<__nv_bfloat16, 64>(p, stream, failed_call)
-                     : launch_typed<__nv_bfloat16, 128>(p, stream, failed_call);
-  return p.d == 64 ? launch_typed<__half, 64>(p, stream, failed_call)
-                   : launch_typed<__half, 128>(p, stream, failed_call);
+    return p.d == 64 ? launch_typed<__nv_bfloat16, 64>(p, ws, stream, failed_call)
+                     : launch_typed<__nv_bfloat16, 128>(p, ws, stream, failed_call);
+  return p.d == 64 ? launch_typed<__half, 64>(p, ws, stream, failed_call)
+                   : launch_typed<__half, 128>(p, ws, stream, failed_call);
 }
 
 }  // namespace attnpilot::attention::cuda

@@ -29,8 +29,24 @@
 /// (wgmma.fence) before issuing the next; the barrier at the end of a tile also guarantees that
 /// no warpgroup still reads the stage the next loads overwrite.
 ///
-/// Tests run this body on the CPU through tests/cuda_emu (cuda_emu_wgmma.h emulates wgmma with
-/// the PTX ISA's layouts, results held back until the covering wait).
+/// Two CTA bodies share the tile list, the swizzled loads and the softmax step:
+///   fwd_block     the above: every thread loads, one CTA barrier per tile, so both warpgroups
+///                 wait for their S and run their softmax at the same time (tensor cores idle)
+///   fwd_block_ws  warp-specialised, FlashAttention-3's scheme: a producer warpgroup (56
+///                 registers) streams Q and kStages K/V stages by cp.async and signals each stage
+///                 on an mbarrier (its threads wait for their copies and fence first); two
+///                 consumer warpgroups (232 registers) wait on those, take turns issuing their
+///                 S = QKᵀ (named barriers: one's softmax runs while the other's GEMM does) and
+///                 release each stage on an "empty" mbarrier after their P V.
+///
+///   producer WG0:  Q ─► [K0 V0] [K1 V1] [K2 V2] [K0 V0] ...   (wait empty[s] before reuse)
+///                       │full    │full    │full
+///   consumer WG1:  S0 softmax PV0 │ S1 softmax PV1 │ ...     (S issue when it is WG1's turn)
+///   consumer WG2:      S0 softmax PV0 │ S1 softmax PV1 │ ...
+///
+/// Tests run both bodies on the CPU through tests/cuda_emu (cuda_emu_wgmma.h emulates wgmma
+/// with the PTX ISA's layouts, results held back until the covering wait, and the mbarriers and
+/// named barriers).
 #ifndef ATTNPILOT_CUDA_EMU
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -76,20 +92,235 @@ __device__ __forceinline__ uint32_t swizzled(int row, int col) {
 }
 
 /// Rows r0 .. r0+127 of a [rows, D] matrix (row stride `stride` elements) into a swizzled tile
-/// by cp.async; rows at or past `limit` are zero.
-template <typename T, int D>
+/// by cp.async, by kNt threads (tid < kNt); rows at or past `limit` are zero.
+template <typename T, int D, int kNt = kThreads>
 __device__ __forceinline__ void load_tile_async(unsigned char* dst, const T* src, int64_t stride,
                                                 int64_t r0, int64_t limit, int tid) {
-  constexpr int kChunks = D / 8;                // 16-byte chunks per row
-  constexpr int kRowStep = kThreads / kChunks;  // rows per pass of the CTA (16 or 32)
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kRowStep =
+      kNt / kChunks;  // rows per pass (16 or 32 of 256 threads, 8 or 16 of 128)
   static_assert(kRowStep % 8 == 0 && kBN % kRowStep == 0, "whole passes, row % 8 fixed per thread");
   const int row0 = tid / kChunks, col = (tid % kChunks) * 8;
-#pragma unroll
+  // The swizzled column of this thread's chunk is the same in every pass (kRowStep % 8 == 0).
+  unsigned char* d = dst + swizzled(row0, col);
+  const T* g = src + (r0 + row0) * stride + col;
+  const int64_t valid_rows = limit - r0 - row0;  // passes i with i·kRowStep < this are in range
+#pragma unroll 4
   for (int i = 0; i < kBN / kRowStep; ++i) {
-    const int row = row0 + i * kRowStep;
-    const bool valid = r0 + row < limit;
-    cp_async_16(dst + swizzled(row, col), valid ? src + (r0 + row) * stride + col : src, valid);
+    const bool valid = i * kRowStep < valid_rows;
+    cp_async_16(d + i * kRowStep * 128, valid ? g + i * kRowStep * stride : src, valid);
   }
+}
+
+/// The key tiles one CTA visits (query tile q0.., head h, batch entry b): listed blocks split
+/// into 128-key tiles, or every tile up to the causal cut-off when there are no CSR lists; the
+/// same rules as block_sparse_block.cuh. Every thread of the CTA computes the same list.
+struct TileList {
+  const BlockSparseLaunch& p;
+  int64_t cta_first = 0, cta_last = 0;  ///< key positions of the CTA's first and last query
+  int64_t e0 = 0, tiles = 0;
+  int tiles_per_block = 1;
+
+  __device__ __forceinline__ TileList(const BlockSparseLaunch& launch, int64_t q0, int h, int b)
+      : p(launch) {
+    cta_first = p.q_offset + q0;
+    cta_last = p.q_offset + (q0 + kBM < p.n ? q0 + kBM : p.n) - 1;
+    if (p.row_ptr != nullptr) {
+      tiles_per_block = p.block_size / kBN;
+      const int64_t qb = q0 / p.block_size;
+      const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * p.q_blocks + qb;
+      e0 = p.row_ptr[row];
+      const int64_t e1 = p.row_ptr[row + 1];
+      tiles = e1 > e0 ? (e1 - e0) * tiles_per_block : 0;
+    } else {
+      const int64_t kend = p.causal ? (cta_last + 1 < p.m ? cta_last + 1 : p.m) : p.m;
+      tiles = (kend + kBN - 1) / kBN;
+    }
+  }
+  /// First key of tile t, or -1 when no query of the CTA sees any key of it.
+  __device__ __forceinline__ int64_t k0(int64_t t) const {
+    int64_t k;
+    if (p.row_ptr != nullptr) {
+      const int64_t kb = p.col_idx[e0 + t / tiles_per_block];
+      if (kb < 0) return -1;  // bad index
+      k = kb * p.block_size + (t % tiles_per_block) * kBN;
+    } else {
+      k = t * kBN;
+    }
+    if (k >= p.m) return -1;                              // past the keys
+    if (p.causal && k > cta_last) return -1;              // in every query's future
+    const int64_t first_old = k > p.sinks ? k : p.sinks;  // first non-sink key of the tile
+    if (p.window > 0 && first_old == k && k + kBN - 1 <= cta_first - p.window) return -1;
+    return k;
+  }
+  /// The first visited tile at or after t (tiles when none).
+  __device__ __forceinline__ int64_t next(int64_t t) const {
+    while (t < tiles && k0(t) < 0) ++t;
+    return t;
+  }
+  /// Whether tile k..k+127 needs the per-element mask for some query of the CTA.
+  __device__ __forceinline__ bool need_mask(int64_t k) const {
+    const int64_t k_last = k + kBN - 1;
+    const int64_t first_old = k > p.sinks ? k : p.sinks;
+    return k_last >= p.m || (p.causal && k_last > cta_first) ||
+           (p.window > 0 && first_old <= k_last && first_old <= cta_last - p.window);
+  }
+};
+
+/// Online-softmax state of one thread's two rows (g and g + 8 of its warp's 16): the reference
+/// max m (log2 units; moved lazily) and this lane's partial sum l of P.
+struct SoftmaxRows {
+  float m[2], l[2];
+};
+
+/// One tile's softmax step on S (the m64n128 accumulator fragment of this thread: s[4i + 2hr + e]
+/// is row g + 8hr, column 8i + 2c4 + e): mask (when need_mask), scale, row max over the lane
+/// quad, P = 2^(S - m) in place, l and m updated, O rescaled where m moved. qpos0 is the key
+/// position of row g's query.
+template <int D>
+__device__ __forceinline__ void softmax_step(float (&s)[kBN / 2], float (&o)[D / 2],
+                                             SoftmaxRows& st, const BlockSparseLaunch& p,
+                                             int64_t k0, bool need_mask, int64_t qpos0,
+                                             float scale_log2, int c4) {
+  constexpr float kSlack = 8.f;  // log2 headroom of the lazily moved reference max
+  const float kNegInf = -__int_as_float(0x7f800000);
+  float alpha[2];
+  bool rescale = false;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    // The CPU backend's rule for key k0 + col (see block_sparse_block.cuh).
+    int vis_end = kBN, win_lo = kBN + 1, win_hi = -1;
+    if (need_mask) {
+      const int64_t qpos = qpos0 + 8 * hr;
+      int64_t end = p.m - k0;
+      if (p.causal && qpos + 1 - k0 < end) end = qpos + 1 - k0;
+      vis_end = static_cast<int>(end < kBN ? (end > -1 ? end : -1) : kBN);
+      if (p.window > 0) {
+        const int64_t lo = p.sinks - k0, hi = qpos - p.window - k0;
+        win_lo = static_cast<int>(lo < kBN + 1 ? (lo > -1 ? lo : -1) : kBN + 1);
+        win_hi = static_cast<int>(hi < kBN + 1 ? (hi > -1 ? hi : -1) : kBN + 1);
+      }
+    }
+    float mx = kNegInf;
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float x = s[4 * i + 2 * hr + e] * scale_log2;
+        if (need_mask) {
+          const int col = 8 * i + 2 * c4 + e;
+          if (col >= vis_end || (col >= win_lo && col <= win_hi)) x = kNegInf;
+        }
+        s[4 * i + 2 * hr + e] = x;
+        mx = fmaxf(mx, x);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_old = st.m[hr];
+    const float m_new = mx > m_old + kSlack ? mx : m_old;
+    const float a = m_new == m_old ? 1.f : exp2_approx(m_old - m_new);  // m_old = -inf: 0
+    rescale |= m_new != m_old;
+    const float base = m_new == kNegInf ? 0.f : m_new;
+    float rs = 0.f;
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pe = exp2_approx(s[4 * i + 2 * hr + e] - base);
+        s[4 * i + 2 * hr + e] = pe;
+        rs += pe;
+      }
+    }
+    st.l[hr] = st.l[hr] * a + rs;
+    st.m[hr] = m_new;
+    alpha[hr] = a;
+  }
+  if (rescale) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[4 * i + 0] *= alpha[0];
+      o[4 * i + 1] *= alpha[0];
+      o[4 * i + 2] *= alpha[1];
+      o[4 * i + 3] *= alpha[1];
+    }
+  }
+}
+
+/// S = Q Kᵀ for one warpgroup's 64 rows (qa: shared address of its first Q row in region 0;
+/// ka: the K stage): k-step kk reads 16 columns (32 bytes) of region kk / 4; 8-row atoms 1024
+/// bytes apart (SBO), LBO unused for K-major swizzled operands. Issued and committed, not waited.
+template <typename T, int D>
+__device__ __forceinline__ void issue_s(float (&s)[kBN / 2], uint32_t qa, uint32_t ka) {
+  ptx::wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t off = (kk / 4) * kRegionBytes + (kk % 4) * 32;
+    ptx::wgmma_ss<T, kBN>(s, ptx::sw128_desc(qa + off, 16, 1024),
+                          ptx::sw128_desc(ka + off, 16, 1024), kk > 0);
+  }
+  ptx::wgmma_commit();
+}
+
+/// O += P V (va: the V stage): P packed from S first (registers written between two wgmma make
+/// the compiler fence each one, ptxas C7519); k-step kt is keys 16kt.. (2048 bytes down the
+/// tile); V's two 64-column regions are LBO apart, 8-key atoms SBO apart. Committed, not waited.
+template <typename T, int D>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const float (&s)[kBN / 2],
+                                         uint32_t va) {
+  uint32_t pa[kBN / 16][4];
+#pragma unroll
+  for (int kt = 0; kt < kBN / 16; ++kt) {
+    pa[kt][0] = pack2<T>(s[8 * kt + 0], s[8 * kt + 1]);
+    pa[kt][1] = pack2<T>(s[8 * kt + 2], s[8 * kt + 3]);
+    pa[kt][2] = pack2<T>(s[8 * kt + 4], s[8 * kt + 5]);
+    pa[kt][3] = pack2<T>(s[8 * kt + 6], s[8 * kt + 7]);
+  }
+  ptx::wgmma_fence();
+#pragma unroll
+  for (int kt = 0; kt < kBN / 16; ++kt)
+    ptx::wgmma_rs<T, D>(o, pa[kt], ptx::sw128_desc(va + kt * 2048, kRegionBytes, 1024), true);
+  ptx::wgmma_commit();
+}
+
+/// out = O / l for this thread's two rows, written into the swizzled staging tile `stage` (the
+/// warpgroup's own Q rows; row = the tile row of row g); l = 0 gives 0.
+template <typename T, int D>
+__device__ __forceinline__ void stage_output(unsigned char* stage, const float (&o)[D / 2],
+                                             const SoftmaxRows& st, int row, int c4) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float l = st.l[hr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int r = row + 8 * hr;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+      *reinterpret_cast<uint32_t*>(stage + swizzled(r, 8 * i) + 4 * c4) =
+          pack2<T>(o[4 * i + 2 * hr] * inv, o[4 * i + 2 * hr + 1] * inv);
+  }
+}
+
+/// Rows [r_begin, r_end) of the swizzled staging tile to out rows q0 + r (those below n), by
+/// `threads` threads from index `tid`, 16 bytes each.
+template <typename T, int D>
+__device__ __forceinline__ void store_output(const unsigned char* stage, T* out, int64_t q0,
+                                             int64_t n, int r_begin, int r_end, int tid,
+                                             int threads) {
+  constexpr int kChunks = D / 8;
+  for (int c = tid; c < (r_end - r_begin) * kChunks; c += threads) {
+    const int r = r_begin + c / kChunks, col = (c % kChunks) * 8;
+    const int64_t qi = q0 + r;
+    if (qi < n)
+      *reinterpret_cast<uint4*>(out + qi * D + col) =
+          *reinterpret_cast<const uint4*>(stage + swizzled(r, col));
+  }
+}
+
+/// The CTA's shared memory, 1024-byte aligned (the swizzle works on shared-space address bits).
+__device__ __forceinline__ unsigned char* align1024(unsigned char* smem_raw) {
+  return smem_raw + (1024 - ptx::smem_offset(smem_raw) % 1024) % 1024;
 }
 
 /// One CTA of kThreads threads: query tile `tile` (rows 128·tile ..), query head h, batch entry
@@ -100,13 +331,7 @@ __device__ __forceinline__ void fwd_block(const BlockSparseLaunch& p, unsigned c
                                           unsigned tile, int h, int b) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
   constexpr uint32_t kTile = tile_bytes(D);
-  constexpr int kDk = D / 16;    // k-steps of S = Q Kᵀ
-  constexpr int kKt = kBN / 16;  // k-steps of O += P V
-  constexpr int kSn = kBN / 8;   // 8-column chunks of S
-  constexpr int kOn = D / 8;     // 8-column chunks of O
-  constexpr float kSlack = 8.f;  // log2 headroom of the lazily moved reference max
-  // The swizzle works on shared-space address bits: atoms must be 1024-byte aligned.
-  unsigned char* sq = smem_raw + (1024 - ptx::smem_offset(smem_raw) % 1024) % 1024;
+  unsigned char* sq = align1024(smem_raw);
   unsigned char* sk = sq + kTile;      // 2 stages
   unsigned char* sv = sk + 2 * kTile;  // 2 stages
   const uint32_t q_addr = ptx::smem_offset(sq), k_addr = ptx::smem_offset(sk),
@@ -120,49 +345,13 @@ __device__ __forceinline__ void fwd_block(const BlockSparseLaunch& p, unsigned c
   const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
   const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
   const int wrow = 64 * wg + 16 * warp;  // this warp's first row in the tile
-
-  const int64_t cta_first = p.q_offset + q0;
-  const int64_t cta_last = p.q_offset + (q0 + kBM < p.n ? q0 + kBM : p.n) - 1;
-
-  // The key tiles to visit: listed blocks split into 128-key tiles, or every tile up to the
-  // causal cut-off when no CSR lists are given (block_sparse_block.cuh's rules).
-  const int tiles_per_block = p.row_ptr != nullptr ? p.block_size / kBN : 1;
-  int64_t e0 = 0, tiles = 0;
-  if (p.row_ptr != nullptr) {
-    const int64_t qb = q0 / p.block_size;
-    const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * p.q_blocks + qb;
-    e0 = p.row_ptr[row];
-    const int64_t e1 = p.row_ptr[row + 1];
-    tiles = e1 > e0 ? (e1 - e0) * tiles_per_block : 0;
-  } else {
-    const int64_t kend = p.causal ? (cta_last + 1 < p.m ? cta_last + 1 : p.m) : p.m;
-    tiles = (kend + kBN - 1) / kBN;
-  }
-  const auto tile_k0 = [&](int64_t t) -> int64_t {
-    int64_t k0;
-    if (p.row_ptr != nullptr) {
-      const int64_t kb = p.col_idx[e0 + t / tiles_per_block];
-      if (kb < 0) return -1;  // bad index
-      k0 = kb * p.block_size + (t % tiles_per_block) * kBN;
-    } else {
-      k0 = t * kBN;
-    }
-    if (k0 >= p.m) return -1;                               // past the keys
-    if (p.causal && k0 > cta_last) return -1;               // in every query's future
-    const int64_t first_old = k0 > p.sinks ? k0 : p.sinks;  // first non-sink key of the tile
-    if (p.window > 0 && first_old == k0 && k0 + kBN - 1 <= cta_first - p.window) return -1;
-    return k0;
-  };
-  const auto next_visited = [&](int64_t t) {
-    while (t < tiles && tile_k0(t) < 0) ++t;
-    return t;
-  };
+  const TileList list(p, q0, h, b);
 
   // Prologue: Q and the first visited K, V tile into stage 0.
   load_tile_async<T, D>(sq, qg, p.q_stride[2], q0, p.n, tid);
-  int64_t t = next_visited(0);
-  if (t < tiles) {
-    const int64_t k0 = tile_k0(t);
+  int64_t t = list.next(0);
+  if (t < list.tiles) {
+    const int64_t k0 = list.k0(t);
     load_tile_async<T, D>(sk, kg, p.k_stride[2], k0, p.m, tid);
     load_tile_async<T, D>(sv, vg, p.v_stride[2], k0, p.m, tid);
   }
@@ -172,129 +361,30 @@ __device__ __forceinline__ void fwd_block(const BlockSparseLaunch& p, unsigned c
   __syncthreads();
 
   const float scale_log2 = p.scale * 1.4426950408889634f;  // exp(x) = 2^(x·log2 e)
-  const float kNegInf = -__int_as_float(0x7f800000);
-  // O (unnormalised) for rows g + 8·hr of this warp's 16: o[4i + 2hr + e] is column 8i + 2c4 + e;
-  // m the row's reference max (log2 units), l this lane's partial sum of P (the quad sums at
-  // the end).
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  float m_i[2] = {kNegInf, kNegInf}, l_i[2] = {0.f, 0.f};
+  const float kNegInf = -__int_as_float(0x7f800000);
+  SoftmaxRows st{{kNegInf, kNegInf}, {0.f, 0.f}};
 
   int stage = 0;
-  while (t < tiles) {
-    const int64_t k0 = tile_k0(t);
-    const int64_t k_last = k0 + kBN - 1;
-    const int64_t first_old = k0 > p.sinks ? k0 : p.sinks;
-    const bool need_mask =
-        k_last >= p.m || (p.causal && k_last > cta_first) ||
-        (p.window > 0 && first_old <= k_last && first_old <= cta_last - p.window);
+  while (t < list.tiles) {
+    const int64_t k0 = list.k0(t);
     // Next tile's loads into the other stage, which both warpgroups finished reading before
     // the barrier that ended the previous step.
-    const int64_t tn = next_visited(t + 1);
-    if (tn < tiles) {
-      const int64_t kn = tile_k0(tn);
+    const int64_t tn = list.next(t + 1);
+    if (tn < list.tiles) {
+      const int64_t kn = list.k0(tn);
       load_tile_async<T, D>(sk + (stage ^ 1) * kTile, kg, p.k_stride[2], kn, p.m, tid);
       load_tile_async<T, D>(sv + (stage ^ 1) * kTile, vg, p.v_stride[2], kn, p.m, tid);
     }
     cp_async_commit();
-    const uint32_t ks = k_addr + stage * kTile, vs = v_addr + stage * kTile;
-
-    // S = Q Kᵀ: k-step kk reads 16 columns (32 bytes) of region kk / 4 of Q's rows 64·wg.. and
-    // of K; 8-row atoms 1024 bytes apart (SBO), LBO unused for K-major swizzled operands.
     float s[kBN / 2];
-    ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kDk; ++kk) {
-      const uint32_t off = (kk / 4) * kRegionBytes + (kk % 4) * 32;
-      ptx::wgmma_ss<T, kBN>(s, ptx::sw128_desc(q_addr + wg * 64 * 128 + off, 16, 1024),
-                            ptx::sw128_desc(ks + off, 16, 1024), kk > 0);
-    }
-    ptx::wgmma_commit();
+    issue_s<T, D>(s, q_addr + wg * 64 * 128, k_addr + stage * kTile);
     ptx::wgmma_wait<0>();
-
-    // Online softmax on rows g + 8·hr: this lane's columns 8i + 2c4 + e are s[4i + 2hr + e].
-    float alpha[2];
-    bool rescale = false;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      // The CPU backend's rule for key k0 + col (see block_sparse_block.cuh).
-      int vis_end = kBN, win_lo = kBN + 1, win_hi = -1;
-      if (need_mask) {
-        const int64_t qpos = cta_first + wrow + g + 8 * hr;
-        int64_t end = p.m - k0;
-        if (p.causal && qpos + 1 - k0 < end) end = qpos + 1 - k0;
-        vis_end = static_cast<int>(end < kBN ? (end > -1 ? end : -1) : kBN);
-        if (p.window > 0) {
-          const int64_t lo = p.sinks - k0, hi = qpos - p.window - k0;
-          win_lo = static_cast<int>(lo < kBN + 1 ? (lo > -1 ? lo : -1) : kBN + 1);
-          win_hi = static_cast<int>(hi < kBN + 1 ? (hi > -1 ? hi : -1) : kBN + 1);
-        }
-      }
-      float mx = kNegInf;
-#pragma unroll
-      for (int i = 0; i < kSn; ++i) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float x = s[4 * i + 2 * hr + e] * scale_log2;
-          if (need_mask) {
-            const int col = 8 * i + 2 * c4 + e;
-            if (col >= vis_end || (col >= win_lo && col <= win_hi)) x = kNegInf;
-          }
-          s[4 * i + 2 * hr + e] = x;
-          mx = fmaxf(mx, x);
-        }
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_old = m_i[hr];
-      const float m_new = mx > m_old + kSlack ? mx : m_old;
-      const float a = m_new == m_old ? 1.f : exp2_approx(m_old - m_new);  // m_old = -inf: 0
-      rescale |= m_new != m_old;
-      const float base = m_new == kNegInf ? 0.f : m_new;
-      float rs = 0.f;
-#pragma unroll
-      for (int i = 0; i < kSn; ++i) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = exp2_approx(s[4 * i + 2 * hr + e] - base);
-          s[4 * i + 2 * hr + e] = pe;
-          rs += pe;
-        }
-      }
-      l_i[hr] = l_i[hr] * a + rs;
-      m_i[hr] = m_new;
-      alpha[hr] = a;
-    }
-    if (rescale) {
-#pragma unroll
-      for (int i = 0; i < kOn; ++i) {
-        o[4 * i + 0] *= alpha[0];
-        o[4 * i + 1] *= alpha[0];
-        o[4 * i + 2] *= alpha[1];
-        o[4 * i + 3] *= alpha[1];
-      }
-    }
-
-    // O += P V: k-step kt is keys 16kt.. (2048 bytes down the tile); V's two 64-column regions
-    // are LBO apart, 8-key atoms SBO apart.
-    // P is packed whole before the fence: registers written between two wgmma would make the
-    // compiler fence each one (ptxas C7519).
-    uint32_t pa[kKt][4];
-#pragma unroll
-    for (int kt = 0; kt < kKt; ++kt) {
-      pa[kt][0] = pack2<T>(s[8 * kt + 0], s[8 * kt + 1]);
-      pa[kt][1] = pack2<T>(s[8 * kt + 2], s[8 * kt + 3]);
-      pa[kt][2] = pack2<T>(s[8 * kt + 4], s[8 * kt + 5]);
-      pa[kt][3] = pack2<T>(s[8 * kt + 6], s[8 * kt + 7]);
-    }
-    ptx::wgmma_fence();
-#pragma unroll
-    for (int kt = 0; kt < kKt; ++kt)
-      ptx::wgmma_rs<T, D>(o, pa[kt], ptx::sw128_desc(vs + kt * 2048, kRegionBytes, 1024), true);
-    ptx::wgmma_commit();
+    softmax_step<D>(s, o, st, p, k0, list.need_mask(k0), list.cta_first + wrow + g, scale_log2, c4);
+    issue_pv<T, D>(o, s, v_addr + stage * kTile);
     ptx::wgmma_wait<0>();
-
     // The next tile has landed (every thread's copies, fenced for the async proxy), and both
     // warpgroups are done with this stage.
     cp_async_wait_all();
@@ -305,30 +395,156 @@ __device__ __forceinline__ void fwd_block(const BlockSparseLaunch& p, unsigned c
   }
 
   // out = O / l through this warpgroup's own Q rows (every wgmma that read them has completed:
-  // each warpgroup waited for its last group), then 16-byte stores; l = 0 gives 0.
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float l = l_i[hr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int row = wrow + g + 8 * hr;
-#pragma unroll
-    for (int i = 0; i < kOn; ++i)
-      *reinterpret_cast<uint32_t*>(sq + swizzled(row, 8 * i) + 4 * c4) =
-          pack2<T>(o[4 * i + 2 * hr] * inv, o[4 * i + 2 * hr + 1] * inv);
+  // each warpgroup waited for its last group), then 16-byte stores.
+  stage_output<T, D>(sq, o, st, wrow + g, c4);
+  __syncthreads();
+  store_output<T, D>(sq, static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.heads + h) * p.n * D,
+                     q0, p.n, 0, kBM, tid, kThreads);
+}
+
+// ---- the warp-specialised body ----
+
+/// Threads of a warp-specialised CTA: a producer and two consumer warpgroups.
+inline constexpr int kWsThreads = 384;
+/// K/V stages of the warp-specialised body: with 3, a stage's "full" signal never waits for the
+/// stage the consumers are on (d = 128: Q + 3·(K + V) = 224 KB of the 227 KB an SM gives).
+inline constexpr int kWsStages = 3;
+/// Registers per thread after setmaxnreg (384 threads enter with 168 = 65536/384, rounded down
+/// to 8): 56 for the producer (40 spilled its address arithmetic), 224 for the consumers
+/// (128·56 + 256·224 <= 65536).
+inline constexpr int kProducerRegs = 56;
+inline constexpr int kConsumerRegs = 224;
+/// mbarriers: Q full, K full and V full per stage, stage empty per stage.
+__host__ __device__ constexpr int ws_barriers() { return 1 + 3 * kWsStages; }
+
+/// Dynamic shared memory of the warp-specialised body: Q, kWsStages K and V tiles, the
+/// mbarriers, and 1 KB to align the base.
+__host__ __device__ constexpr int64_t ws_shared_bytes(int d) {
+  return (1 + 2 * int64_t(kWsStages)) * tile_bytes(d) + 8 * ws_barriers() + 1024;
+}
+
+/// One warp-specialised CTA (kWsThreads threads); the rest as fwd_block.
+template <typename T, int D>
+__device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigned char* smem_raw,
+                                             unsigned tile, int h, int b) {
+  static_assert(D == 64 || D == 128, "head dims 64 and 128");
+  constexpr uint32_t kTile = tile_bytes(D);
+  constexpr int kS = kWsStages;
+  unsigned char* sq = align1024(smem_raw);
+  unsigned char* sk = sq + kTile;       // kS stages
+  unsigned char* sv = sk + kS * kTile;  // kS stages
+  uint64_t* bars = reinterpret_cast<uint64_t*>(sv + kS * kTile);
+  uint64_t* q_full = bars;
+  uint64_t* k_full = bars + 1;
+  uint64_t* v_full = bars + 1 + kS;
+  uint64_t* empty = bars + 1 + 2 * kS;
+  const int tid = threadIdx.x, wg = tid / 128;
+  const int64_t q0 = static_cast<int64_t>(tile) * kBM;
+  const TileList list(p, q0, h, b);
+  if (tid == 0) {
+    ptx::mbar_init(q_full, 128);
+    for (int s = 0; s < kS; ++s) {
+      ptx::mbar_init(k_full + s, 128);
+      ptx::mbar_init(v_full + s, 128);
+      ptx::mbar_init(empty + s, 8);  // one arrival per consumer warp
+    }
   }
   __syncthreads();
-  constexpr int kChunks = D / 8;
-  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.heads + h) * p.n * D;
+
+  if (wg == 0) {
+    // Producer: 128 threads copy; each waits for its own copies of a tile, fences them for the
+    // async proxy and arrives on the tile's barrier; the barrier completes when all 128 have.
+    ptx::setmaxnreg_dec<kProducerRegs>();
+    const int kvh = h / (p.heads / p.kv_heads);
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
+    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
+    load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
+    cp_async_commit();
+    // Groups in flight: Q, then per tile K and V. After issuing tile i, tile i-1's K and V
+    // (or Q, at i = 0) are waited for and signalled.
+    int64_t i = 0, prev_stage = -1;
+    for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
+      const int s = static_cast<int>(i % kS);
+      if (i >= kS) ptx::mbar_wait(empty + s, static_cast<unsigned>((i / kS - 1) & 1));
+      const int64_t k0 = list.k0(t);
+      load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
+      cp_async_commit();
+      load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
+      cp_async_commit();
+      if (prev_stage < 0) {  // Q (the oldest group) has landed
+        ptx::cp_async_wait_group<2>();
+        ptx::fence_proxy_async();
+        ptx::mbar_arrive(q_full);
+      } else {
+        ptx::cp_async_wait_group<3>();  // the previous tile's K
+        ptx::fence_proxy_async();
+        ptx::mbar_arrive(k_full + prev_stage);
+        ptx::cp_async_wait_group<2>();  // and its V
+        ptx::fence_proxy_async();
+        ptx::mbar_arrive(v_full + prev_stage);
+      }
+      prev_stage = s;
+    }
+    if (prev_stage < 0) {  // no tile: Q alone
+      ptx::cp_async_wait_group<0>();
+      ptx::fence_proxy_async();
+      ptx::mbar_arrive(q_full);
+    } else {
+      ptx::cp_async_wait_group<1>();
+      ptx::fence_proxy_async();
+      ptx::mbar_arrive(k_full + prev_stage);
+      ptx::cp_async_wait_group<0>();
+      ptx::fence_proxy_async();
+      ptx::mbar_arrive(v_full + prev_stage);
+    }
+  } else {
+    // Consumers: warpgroup c = wg - 1 on rows 64c .. 64c + 63.
+    ptx::setmaxnreg_inc<kConsumerRegs>();
+    const int c = wg - 1, ctid = tid - 128, warp = (ctid % 128) / 32, lane = tid % 32;
+    const int g = lane / 4, c4 = lane % 4;
+    const int wrow = 64 * c + 16 * warp;
+    const uint32_t q_addr = ptx::smem_offset(sq) + c * 64 * 128, k_addr = ptx::smem_offset(sk),
+                   v_addr = ptx::smem_offset(sv);
+    const float scale_log2 = p.scale * 1.4426950408889634f;
+    float o[D / 2];
 #pragma unroll
-  for (int i = 0; i < kBM * kChunks / kThreads; ++i) {
-    const int c = tid + kThreads * i;
-    const int r = c / kChunks, col = (c % kChunks) * 8;
-    const int64_t qi = q0 + r;
-    if (qi < p.n)
-      *reinterpret_cast<uint4*>(out + qi * D + col) =
-          *reinterpret_cast<const uint4*>(sq + swizzled(r, col));
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    const float kNegInf = -__int_as_float(0x7f800000);
+    SoftmaxRows st{{kNegInf, kNegInf}, {0.f, 0.f}};
+    // Turns (named barriers 1 and 2, 256 threads: the waiting warpgroup and the other's
+    // arrival): consumer c issues its S = QKᵀ after bar.sync(1 + c), then lets the other go.
+    // Consumer 0 goes first (consumer 1 arrives on barrier 1 up front) and takes one more turn
+    // at the end, so every arrival is matched.
+    if (c == 1) ptx::named_bar_arrive(1, 256);
+    ptx::mbar_wait(q_full, 0);
+    int64_t i = 0;
+    for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
+      const int s = static_cast<int>(i % kS);
+      const unsigned phase = static_cast<unsigned>((i / kS) & 1);
+      const int64_t k0 = list.k0(t);
+      ptx::mbar_wait(k_full + s, phase);
+      float sc[kBN / 2];
+      ptx::named_bar_sync(1 + c, 256);
+      issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
+      ptx::named_bar_arrive(2 - c, 256);
+      ptx::wgmma_wait<0>();
+      softmax_step<D>(sc, o, st, p, k0, list.need_mask(k0), list.cta_first + wrow + g, scale_log2,
+                      c4);
+      ptx::mbar_wait(v_full + s, phase);
+      issue_pv<T, D>(o, sc, v_addr + s * kTile);
+      ptx::wgmma_wait<0>();
+      if (lane == 0) ptx::mbar_arrive(empty + s);  // this warp is done with stage s
+    }
+    if (c == 0) ptx::named_bar_sync(1, 256);
+    // out = O / l through this warpgroup's own Q rows (its last S, the last read of them, has
+    // completed), then its 128 threads store its 64 rows.
+    unsigned char* stage_rows = sq;
+    stage_output<T, D>(stage_rows, o, st, wrow + g, c4);
+    ptx::named_bar_sync(3 + c, 128);
+    store_output<T, D>(stage_rows,
+                       static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.heads + h) * p.n * D,
+                       q0, p.n, 64 * c, 64 * c + 64, ctid % 128, 128);
   }
 }
 

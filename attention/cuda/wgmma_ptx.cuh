@@ -41,7 +41,15 @@ namespace attnpilot::attention::cuda::ptx {
 
 #ifdef ATTNPILOT_CUDA_EMU
 
+using ::attnpilot::cuda_emu::wgmma::cp_async_wait_group;
 using ::attnpilot::cuda_emu::wgmma::fence_proxy_async;
+using ::attnpilot::cuda_emu::wgmma::mbar_arrive;
+using ::attnpilot::cuda_emu::wgmma::mbar_init;
+using ::attnpilot::cuda_emu::wgmma::mbar_wait;
+using ::attnpilot::cuda_emu::wgmma::named_bar_arrive;
+using ::attnpilot::cuda_emu::wgmma::named_bar_sync;
+using ::attnpilot::cuda_emu::wgmma::setmaxnreg_dec;
+using ::attnpilot::cuda_emu::wgmma::setmaxnreg_inc;
 using ::attnpilot::cuda_emu::wgmma::smem_offset;
 using ::attnpilot::cuda_emu::wgmma::wgmma_commit;
 using ::attnpilot::cuda_emu::wgmma::wgmma_fence;
@@ -73,6 +81,47 @@ __device__ __forceinline__ void wgmma_wait() {
 /// become visible to the async proxy (wgmma operand reads) after the next barrier.
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+/// mbarrier.init: `count` arrivals complete a phase.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_offset(bar)), "r"(count)
+               : "memory");
+}
+/// mbarrier.arrive (release at CTA scope).
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_offset(bar)) : "memory");
+}
+/// Waits (acquire) until the phase with this parity has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(smem_offset(bar)),
+      "r"(parity)
+      : "memory");
+}
+/// bar.sync id, count: waits until `count` threads (this one included) arrived at barrier id.
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+/// bar.arrive id, count: counts this thread at barrier id without waiting.
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+/// setmaxnreg.dec / .inc: this warpgroup's registers per thread become N.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+/// cp.async.wait_group N: all but this thread's N most recent cp.async groups have landed.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // The accumulator operand lists: N/2 "+f" registers d[0..N/2-1].

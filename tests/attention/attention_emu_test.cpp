@@ -32,8 +32,10 @@
 #include "tests/cuda_emu/cuda_emu.h"
 // clang-format off (the emulation must come first)
 #include "attention/cuda/block_sparse_block.cuh"
+#include "attention/cuda/block_sparse_wgmma_block.cuh"
 #include "attention/cuda/decode_block.cuh"
 #include "tests/cuda_emu/cuda_emu_mma.h"
+#include "tests/cuda_emu/cuda_emu_wgmma.h"
 // clang-format on
 
 namespace attnpilot::attention {
@@ -41,6 +43,7 @@ namespace {
 
 namespace emu = attnpilot::cuda_emu;
 namespace bsk = cuda::block_sparse;
+namespace bsw = cuda::block_sparse_wgmma;
 namespace dk = cuda::decode;
 using testing::block_sparse_expected;
 using testing::block_sparse_tolerance;
@@ -48,19 +51,21 @@ using testing::expect_close;
 using testing::random_mask;
 using testing::Tol;
 
-/// A zeroed, 128-byte aligned byte buffer (the kernels' dynamic shared memory).
+/// A byte buffer aligned to `align` bytes (the kernels' dynamic shared memory).
 class Shared {
  public:
-  explicit Shared(int64_t bytes) : buf_(static_cast<size_t>(bytes + 128)) {}
+  explicit Shared(int64_t bytes, int align = 128)
+      : buf_(static_cast<size_t>(bytes + align)), align_(align) {}
   /// The buffer filled with 0xff bytes: NaN as bf16, fp16 and fp32, so reading shared memory
   /// before writing it shows in the output.
   unsigned char* poisoned() {
     std::memset(buf_.data(), 0xff, buf_.size());
-    return buf_.data() + (128 - reinterpret_cast<uintptr_t>(buf_.data()) % 128) % 128;
+    return buf_.data() + (align_ - reinterpret_cast<uintptr_t>(buf_.data()) % align_) % align_;
   }
 
  private:
   std::vector<unsigned char> buf_;
+  int align_;
 };
 
 // ---- 16-bit conversions of the emulation ----
@@ -137,10 +142,34 @@ void run_block_sparse_typed(const cuda::BlockSparseLaunch& p) {
   }
 }
 
-/// The emulated kernel into a NaN-poisoned output (the GPU test's launch(), on the CPU).
+/// The grid of block_sparse_wgmma_kernel<T, D> (block_sparse_wgmma.cu), one emulated CTA at a
+/// time; the shared window starts 1024-byte aligned, as the CTA's shared memory does on the GPU.
+template <typename T, int D>
+void run_block_sparse_wgmma(const cuda::BlockSparseLaunch& p, bool ws) {
+  const auto tiles = static_cast<unsigned>((p.n + bsw::kBM - 1) / bsw::kBM);
+  const int64_t bytes = ws ? bsw::ws_shared_bytes(D) : bsw::shared_bytes(D);
+  Shared smem(bytes, 1024);
+  for (int b = 0; b < p.batch; ++b)
+    for (int h = 0; h < p.heads; ++h)
+      for (unsigned x = 0; x < tiles; ++x) {
+        unsigned char* s = smem.poisoned();
+        emu::wgmma::set_shared_window(s, static_cast<size_t>(bytes));
+        if (ws)
+          emu::run_block(bsw::kWsThreads,
+                         [&] { bsw::fwd_block_ws<T, D>(p, s, tiles - 1 - x, h, b); });
+        else
+          emu::run_block(bsw::kThreads, [&] { bsw::fwd_block<T, D>(p, s, tiles - 1 - x, h, b); });
+      }
+}
+
+/// Which emulated kernel body runs.
+enum class Body { kMmaSync, kWgmma, kWgmmaWs };
+
+/// The emulated kernel body into a NaN-poisoned output (the GPU test's launch(), on the CPU).
 torch::Tensor emu_block_sparse(const torch::Tensor& q, const torch::Tensor& k,
                                const torch::Tensor& v, const BlockMask* mask, double scale,
-                               bool causal, int64_t q_offset, int64_t sinks, int64_t window) {
+                               bool causal, int64_t q_offset, int64_t sinks, int64_t window,
+                               Body body = Body::kMmaSync) {
   auto out = torch::full({q.size(0), q.size(1), q.size(2), q.size(3)},
                          std::numeric_limits<float>::quiet_NaN(), q.options());
   cuda::BlockSparseLaunch p;
@@ -172,7 +201,17 @@ torch::Tensor emu_block_sparse(const torch::Tensor& q, const torch::Tensor& k,
     p.k_blocks = mask->k_blocks;
     p.block_size = static_cast<int>(mask->block_size);
   }
-  if (q.scalar_type() == torch::kBFloat16) {
+  if (body != Body::kMmaSync) {
+    if (!cuda::block_sparse_wgmma_supports(p))
+      throw std::invalid_argument("emu_block_sparse: the wgmma kernel does not take this shape");
+    const bool bf16 = q.scalar_type() == torch::kBFloat16, ws = body == Body::kWgmmaWs;
+    if (p.d == 64)
+      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 64>(p, ws)
+           : run_block_sparse_wgmma<__half, 64>(p, ws);
+    else
+      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 128>(p, ws)
+           : run_block_sparse_wgmma<__half, 128>(p, ws);
+  } else if (q.scalar_type() == torch::kBFloat16) {
     run_block_sparse_typed<__nv_bfloat16>(p);
   } else {
     run_block_sparse_typed<__half>(p);
@@ -180,12 +219,14 @@ torch::Tensor emu_block_sparse(const torch::Tensor& q, const torch::Tensor& k,
   return out;
 }
 
-TEST(AttentionEmu, BlockSparseKernelMatchesCpuBackend) {
-  std::mt19937_64 rng(20261205);
+/// Random CSR cases (GQA, peaked scores, strided queries, empty rows) of every dtype, head dim,
+/// block size in `block_sizes` and causal flag, against the CPU backend.
+void check_random_masks(Body body, std::initializer_list<int64_t> block_sizes, uint64_t seed0) {
+  std::mt19937_64 rng(seed0);
   int seed = 0;
   for (auto dt : {torch::kBFloat16, torch::kHalf})
     for (int64_t d : {64, 128})
-      for (int64_t bs : {64, 128})
+      for (int64_t bs : block_sizes)
         for (bool causal : {true, false}) {
           // GQA in every other case; peaked scores (queries x4, so row maxima move past the
           // lazy-rescale slack mid-loop) in the GQA cases.
@@ -205,9 +246,12 @@ TEST(AttentionEmu, BlockSparseKernelMatchesCpuBackend) {
           ++seed;
           const auto rm = random_mask(rng, b, h, n, m, bs);
           const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-          const std::string what = fmt::format("{} d={} bs={} causal={} groups={} n={} m={}",
+          const std::string what = fmt::format("{} {} d={} bs={} causal={} groups={} n={} m={}",
+                                               body == Body::kMmaSync ? "mma.sync"
+                                               : body == Body::kWgmma ? "wgmma"
+                                                                      : "wgmma-ws",
                                                c10::toString(dt), d, bs, causal, groups, n, m);
-          const auto out = emu_block_sparse(q, k, v, &rm.mask, scale, causal, q_offset, 0, 0);
+          const auto out = emu_block_sparse(q, k, v, &rm.mask, scale, causal, q_offset, 0, 0, body);
           expect_close(out, block_sparse_expected(q, k, v, rm.mask, scale, causal, q_offset, 0, 0),
                        block_sparse_tolerance(dt), what);
           // Rows that list no block are exactly zero.
@@ -220,8 +264,22 @@ TEST(AttentionEmu, BlockSparseKernelMatchesCpuBackend) {
             ASSERT_EQ(rows.abs().max().item<float>(), 0.f) << what << " empty row " << row;
           }
         }
+}
+
+TEST(AttentionEmu, BlockSparseKernelMatchesCpuBackend) {
+  check_random_masks(Body::kMmaSync, {64, 128}, 20261205);
   EXPECT_EQ(emu::mma::ldmatrix_conflicted_phases(), 0u)
       << "ldmatrix phases with shared-memory bank conflicts (the padded rows should avoid them)";
+}
+
+// The wgmma kernel (128-row CTAs of two warpgroups, 128-key tiles) on blocks of 128 and 256.
+TEST(AttentionEmu, WgmmaBlockSparseKernelMatchesCpuBackend) {
+  check_random_masks(Body::kWgmma, {128, 256}, 20261206);
+}
+
+// The warp-specialised wgmma body (producer warpgroup, mbarrier stages, consumers taking turns).
+TEST(AttentionEmu, WarpSpecialisedWgmmaKernelMatchesCpuBackend) {
+  check_random_masks(Body::kWgmmaWs, {128, 256}, 20261207);
 }
 
 // No CSR lists (every tile up to the causal cut-off, 128-row CTAs), and a streaming window with
@@ -244,6 +302,20 @@ TEST(AttentionEmu, BlockSparseDenseAndStreamingMatchCpuBackend) {
     expect_close(emu_block_sparse(q, k, v, &mask, scale, true, q_offset, sinks, window),
                  block_sparse_expected(q, k, v, mask, scale, true, q_offset, sinks, window),
                  block_sparse_tolerance(dt), fmt::format("{} streaming", c10::toString(dt)));
+    // The wgmma kernel: no lists (128-key tiles up to the causal cut-off), and a window
+    // through blocks of 128 (a window shorter than a tile, sinks inside the first tile).
+    const auto mask128 = streaming_block_mask(b, h, n, m, 128, q_offset, sinks, window);
+    for (Body body : {Body::kWgmma, Body::kWgmmaWs}) {
+      const char* name = body == Body::kWgmma ? "wgmma" : "wgmma-ws";
+      expect_close(emu_block_sparse(q, k, v, nullptr, scale, true, q_offset, 0, 0, body),
+                   block_sparse_expected(q, k, v, all, scale, true, q_offset, 0, 0),
+                   block_sparse_tolerance(dt),
+                   fmt::format("{} {} no lists", name, c10::toString(dt)));
+      expect_close(emu_block_sparse(q, k, v, &mask128, scale, true, q_offset, sinks, window, body),
+                   block_sparse_expected(q, k, v, mask128, scale, true, q_offset, sinks, window),
+                   block_sparse_tolerance(dt),
+                   fmt::format("{} {} streaming", name, c10::toString(dt)));
+    }
   }
 }
 

@@ -96,7 +96,9 @@ void check_kernel_on_random_masks(cuda::BlockSparseKernel kernel,
                                   std::initializer_list<int64_t> block_sizes, uint64_t seed0) {
   std::mt19937_64 rng(seed0);
   int seed = 0;
-  const char* name = kernel == cuda::BlockSparseKernel::kWgmma ? "wgmma" : "mma.sync";
+  const char* name = kernel == cuda::BlockSparseKernel::kWgmma     ? "wgmma"
+                     : kernel == cuda::BlockSparseKernel::kWgmmaWs ? "wgmma-ws"
+                                                                   : "mma.sync";
   for (auto dt : {torch::kBFloat16, torch::kHalf})
     for (int64_t d : {64, 128})
       for (int64_t bs : block_sizes)
@@ -147,38 +149,41 @@ TEST(CudaBlockSparse, KernelMatchesCpuBackend) {
 TEST(CudaBlockSparse, WgmmaKernelMatchesCpuBackend) {
   ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
   if (!device_is_sm90()) GTEST_SKIP() << "the wgmma kernel needs a compute capability 9.0 GPU";
-  check_kernel_on_random_masks(cuda::BlockSparseKernel::kWgmma, {128, 256}, 20261206);
-  // Longer rows (many tiles, both stages reused), no lists, and a streaming window.
+  for (auto kernel : {cuda::BlockSparseKernel::kWgmma, cuda::BlockSparseKernel::kWgmmaWs})
+    check_kernel_on_random_masks(kernel, {128, 256}, 20261206);
+  // Longer rows (many tiles, every stage reused), no lists, and a streaming window.
   std::mt19937_64 rng(11);
   int seed = 0;
-  for (auto dt : {torch::kBFloat16, torch::kHalf})
-    for (int64_t d : {64, 128}) {
-      const int64_t b = 1, h = 4, hkv = 2, n = 1000, m = 1300, q_offset = m - n;
-      auto gen = at::make_generator<at::CPUGeneratorImpl>(900 + seed++);
-      const auto q = torch::randn({b, h, n, d}, gen).to(kCuda, dt);
-      const auto k = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
-      const auto v = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
-      const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-      const auto what = fmt::format("wgmma {} d={}", c10::toString(dt), d);
-      const auto all = BlockMask::all_visible(b, h, n, m, 128, true, q_offset);
-      const auto dense =
-          launch(q, k, v, nullptr, scale, true, q_offset, 0, 0, cuda::BlockSparseKernel::kWgmma);
-      expect_close(dense, block_sparse_expected(q, k, v, all, scale, true, q_offset, 0, 0),
-                   block_sparse_tolerance(dt), what + " no lists");
-      const auto mma = launch(q, k, v, nullptr, scale, true, q_offset, 0, 0);
-      expect_close(dense, mma, block_sparse_tolerance(dt), what + " against mma.sync");
-      const auto rm = random_mask(rng, b, h, n, m, 128);
-      expect_close(
-          launch(q, k, v, &rm.mask, scale, true, q_offset, 0, 0, cuda::BlockSparseKernel::kWgmma),
-          block_sparse_expected(q, k, v, rm.mask, scale, true, q_offset, 0, 0),
-          block_sparse_tolerance(dt), what + " random blocks of 128");
-      const int64_t sinks = 4, window = 300;
-      const auto sm = streaming_block_mask(b, h, n, m, 128, q_offset, sinks, window);
-      expect_close(launch(q, k, v, &sm, scale, true, q_offset, sinks, window,
-                          cuda::BlockSparseKernel::kWgmma),
-                   block_sparse_expected(q, k, v, sm, scale, true, q_offset, sinks, window),
-                   block_sparse_tolerance(dt), what + " streaming");
-    }
+  for (auto kernel : {cuda::BlockSparseKernel::kWgmma, cuda::BlockSparseKernel::kWgmmaWs})
+    for (auto dt : {torch::kBFloat16, torch::kHalf})
+      for (int64_t d : {64, 128}) {
+        const int64_t b = 1, h = 4, hkv = 2, n = 1000, m = 1300, q_offset = m - n;
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(900 + seed++);
+        const auto q = torch::randn({b, h, n, d}, gen).to(kCuda, dt);
+        const auto k = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
+        const auto v = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
+        const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+        const auto what = fmt::format(
+            "{} {} d={}", kernel == cuda::BlockSparseKernel::kWgmma ? "wgmma" : "wgmma-ws",
+            c10::toString(dt), d);
+        const auto all = BlockMask::all_visible(b, h, n, m, 128, true, q_offset);
+        const auto dense =
+            launch(q, k, v, nullptr, scale, true, q_offset, 0, 0, cuda::BlockSparseKernel::kWgmma);
+        expect_close(dense, block_sparse_expected(q, k, v, all, scale, true, q_offset, 0, 0),
+                     block_sparse_tolerance(dt), what + " no lists");
+        const auto mma = launch(q, k, v, nullptr, scale, true, q_offset, 0, 0);
+        expect_close(dense, mma, block_sparse_tolerance(dt), what + " against mma.sync");
+        const auto rm = random_mask(rng, b, h, n, m, 128);
+        expect_close(
+            launch(q, k, v, &rm.mask, scale, true, q_offset, 0, 0, cuda::BlockSparseKernel::kWgmma),
+            block_sparse_expected(q, k, v, rm.mask, scale, true, q_offset, 0, 0),
+            block_sparse_tolerance(dt), what + " random blocks of 128");
+        const int64_t sinks = 4, window = 300;
+        const auto sm = streaming_block_mask(b, h, n, m, 128, q_offset, sinks, window);
+        expect_close(launch(q, k, v, &sm, scale, true, q_offset, sinks, window, kernel),
+                     block_sparse_expected(q, k, v, sm, scale, true, q_offset, sinks, window),
+                     block_sparse_tolerance(dt), what + " streaming");
+      }
 }
 
 TEST(CudaBlockSparse, BackendStridedStreamingAndGqaMatchCpu) {

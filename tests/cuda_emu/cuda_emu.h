@@ -8,13 +8,20 @@
 ///   __shfl_xor_sync(mask, v, off)   the lanes of `mask` in the caller's warp exchange values
 ///   threadIdx.x, blockDim.x         the calling fiber's index, the block size
 ///   __shared__                      `static` (one block runs at a time, on one OS thread)
+///   Block::warp_exchange            warp collectives (ldmatrix, mma.sync: cuda_emu_mma.h)
+///   Block::warpgroup_exchange       the same among the 128 threads of the caller's warpgroup
+///                                   (threads with equal tid / 128; wgmma: cuda_emu_wgmma.h)
+///   Block::extension<E>()           per-block state of an emulation layered on this one (made on
+///                                   first use, gone with the block; E::thread_exit(tid) runs as
+///                                   each thread's body returns; what it throws fails the block)
 ///
 /// What it checks beyond the results: a barrier that not every fiber reaches (a divergent
-/// __syncthreads, or a shuffle whose mask names lanes that never arrive) is reported as a
-/// deadlock by an exception, not a hang. Between barriers the fibers run in a pseudo-random
-/// order, fresh at every round, so a missing barrier between one thread's write and another's
-/// read shows up as a wrong result in about half the cases instead of hiding behind a fixed
-/// order (ATTNPILOT_EMU_SEED=<n> picks other orders). What it does not model: concurrent access
+/// __syncthreads, or a shuffle whose mask names lanes that never arrive, or a warpgroup
+/// collective that a thread of the warpgroup skips) is reported as a deadlock by an exception,
+/// not a hang. Between barriers the fibers run in a pseudo-random order, fresh at every round,
+/// so a missing barrier between one thread's write and another's read shows up as a wrong
+/// result in about half the cases instead of hiding behind a fixed order (ATTNPILOT_EMU_SEED=<n>
+/// picks other orders). What it does not model: concurrent access
 /// within a round (fibers run one at a time,
 /// each to its next barrier), warp-synchronous execution without barriers, and performance.
 ///
@@ -101,6 +108,7 @@ class Block {
     }
     slots_.resize(static_cast<size_t>((threads + 31) / 32) * 32);
     exchanges_.resize(static_cast<size_t>((threads + 31) / 32));
+    group_exchanges_.resize(static_cast<size_t>((threads + 127) / 128));
   }
 
   /// Runs every fiber to completion; rethrows the first exception a fiber threw. Each round
@@ -209,6 +217,7 @@ class Block {
     Block* b = current_block();
     try {
       b->body_();
+      for (auto& [key, ext] : b->extensions_) ext->thread_exit(b->tid_);
     } catch (...) {
       if (!b->error_) b->error_ = std::current_exception();
     }
@@ -306,7 +315,67 @@ class Block {
       fail(std::string("cuda_emu: ") + what + " called by lane " + std::to_string(tid_ % 32) +
            " outside its mask");
   }
-  std::vector<std::vector<unsigned char>> deposits_;  // per thread, for warp_exchange
+  std::vector<std::vector<unsigned char>> deposits_;  // per thread, for the collectives
+
+ public:
+  /// Warpgroup-collective exchange (wgmma: cuda_emu_wgmma.h): like warp_exchange, among the 128
+  /// threads tid / 128 == the caller's tid / 128 (a std::logic_error when the block does not hold
+  /// all 128); lane_bytes(t) points at the deposit of thread t (0..127) of the warpgroup.
+  template <typename F>
+  void warpgroup_exchange(const void* mine, size_t bytes, F&& use) {
+    const int group = tid_ / 128;
+    if ((group + 1) * 128 > size())
+      fail("cuda_emu: a warpgroup collective in a block of " + std::to_string(size()) +
+           " threads: warpgroup " + std::to_string(group) + " is not 128 threads");
+    if (deposits_.size() != slots_.size()) deposits_.resize(slots_.size());
+    auto& mine_slot = deposits_[static_cast<size_t>(tid_)];
+    mine_slot.resize(bytes);
+    std::memcpy(mine_slot.data(), mine, bytes);
+    group_arrive(group);
+    use([&](int t) -> const unsigned char* {
+      if (t < 0 || t >= 128)
+        fail("cuda_emu: a warpgroup collective reads thread " + std::to_string(t) +
+             " outside the warpgroup");
+      return deposits_[static_cast<size_t>(group * 128 + t)].data();
+    });
+    group_arrive(group);
+  }
+
+  /// Blocks the calling thread until until() holds, letting the others run (mbarriers and
+  /// named barriers: cuda_emu_wgmma.h); when no thread can go on, a deadlock error.
+  void wait_until(std::function<bool()> until) {
+    if (!until()) wait(std::move(until));
+  }
+
+  /// Per-block state of an emulation layered on this one: one E (derived from Extension,
+  /// constructible from Block&) per block, made on first use, destroyed with the block.
+  struct Extension {
+    virtual ~Extension() = default;
+    /// Runs as thread `tid`'s body returns; a throw fails the block.
+    virtual void thread_exit(int tid) { (void)tid; }
+  };
+  template <typename E>
+  E& extension() {
+    static const char key = 0;
+    auto& slot = extensions_[&key];
+    if (!slot) slot = std::make_unique<E>(*this);
+    return static_cast<E&>(*slot);
+  }
+
+ private:
+  void group_arrive(int group) {
+    auto& ex = group_exchanges_[static_cast<size_t>(group)];
+    const uint64_t gen = ex.gen;
+    if (++ex.count == 128) {
+      ex.count = 0;
+      ++ex.gen;
+    } else {
+      Exchange* e = &ex;  // sized in the constructor: does not move
+      wait([e, gen] { return e->gen != gen; });
+    }
+  }
+  std::vector<Exchange> group_exchanges_;  // per warpgroup
+  std::map<const void*, std::unique_ptr<Extension>> extensions_;
 };
 
 /// Runs body() as one thread block of `threads` threads.
