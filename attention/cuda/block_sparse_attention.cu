@@ -191,9 +191,7 @@ cudaError_t launch_block_sparse_attention(const BlockSparseLaunch& p, ElemType t
     const bool wgmma = sm90 && block_sparse_wgmma_supports(p);
     // kAuto takes the kernel whose threads all load (the warp-specialised one is opt-in until
     // measured faster).
-    if (wgmma)
-      return launch_block_sparse_wgmma(p, type, p.kernel == BlockSparseKernel::kWgmmaWs, stream,
-                                       failed_call);
+    if (wgmma) return launch_block_sparse_wgmma(p, type, stream, failed_call);
     if (p.kernel != BlockSparseKernel::kAuto) {
       *failed_call = sm90 ? "launch_block_sparse_attention (the wgmma kernel needs blocks of a "
                             "multiple of 128)"

@@ -22,9 +22,11 @@ enum class ElemType { kBFloat16, kFloat16 };
 /// capability 9.0 devices when block_sparse_wgmma_supports(), else the mma.sync kernel (any
 /// sm_90-compatible device, blocks of 64 too). kWgmma is the wgmma kernel whose threads all load
 /// and meet at a barrier per tile, kWgmmaWs the warp-specialised one (a producer warpgroup,
-/// mbarrier stages, consumers taking turns). The others force one (the benchmarks and tests
-/// compare them); forcing a wgmma kernel where it cannot run is cudaErrorInvalidValue.
-enum class BlockSparseKernel { kAuto, kMmaSync, kWgmma, kWgmmaWs };
+/// mbarrier stages, consumers taking turns), kWgmmaWsOverlap that one with each consumer's
+/// softmax of a tile overlapping its P V of the previous one. The others force one (the
+/// benchmarks and tests compare them); forcing a wgmma kernel where it cannot run is
+/// cudaErrorInvalidValue.
+enum class BlockSparseKernel { kAuto, kMmaSync, kWgmma, kWgmmaWs, kWgmmaWsOverlap };
 
 /// One launch. Tensors are given by pointer and element strides (the last dimension is
 /// contiguous); pointers 16-byte aligned and the strides multiples of 8 elements.
@@ -65,9 +67,9 @@ bool block_sparse_kernel_supports(int d, int block_size);
 /// 128, or no CSR lists); the device must also be compute capability 9.0.
 bool block_sparse_wgmma_supports(const BlockSparseLaunch& p);
 
-/// The wgmma kernel's launcher (block_sparse_wgmma.cu); launch_block_sparse_attention checks
-/// the arguments and the device before calling it.
-cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type, bool ws,
+/// The wgmma kernels' launcher (block_sparse_wgmma.cu; p.kernel picks one, kAuto the first);
+/// launch_block_sparse_attention checks the arguments and the device before calling it.
+cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type,
                                       cudaStream_t stream, const char** failed_call);
 
 /// Dynamic shared memory of one CTA for head dim d, in bytes (the larger, 128-query CTA).

@@ -37,17 +37,22 @@ __global__ void __launch_bounds__(bsw::kThreads, 1) block_sparse_wgmma_kernel(Bl
 
 // 384 threads enter with at most 168 registers each (the cap setmaxnreg needs); the producer
 // warpgroup then gives registers up and the consumers take them.
-template <typename T, int D>
+template <typename T, int D, bool kOverlap>
 __global__ void __launch_bounds__(bsw::kWsThreads, 1)
     block_sparse_wgmma_ws_kernel(BlockSparseLaunch p) {
   extern __shared__ __align__(1024) unsigned char smem[];
-  bsw::fwd_block_ws<T, D>(p, smem, gridDim.x - 1 - blockIdx.x, blockIdx.y, blockIdx.z);
+  bsw::fwd_block_ws<T, D, kOverlap>(p, smem, gridDim.x - 1 - blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 template <typename T, int D>
-cudaError_t launch_typed(const BlockSparseLaunch& p, bool ws, cudaStream_t stream,
+cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
                          const char** failed_call) {
-  auto kernel = ws ? block_sparse_wgmma_ws_kernel<T, D> : block_sparse_wgmma_kernel<T, D>;
+  const bool ws =
+      p.kernel == BlockSparseKernel::kWgmmaWs || p.kernel == BlockSparseKernel::kWgmmaWsOverlap;
+  auto kernel = p.kernel == BlockSparseKernel::kWgmmaWsOverlap
+                    ? block_sparse_wgmma_ws_kernel<T, D, true>
+                : ws ? block_sparse_wgmma_ws_kernel<T, D, false>
+                     : block_sparse_wgmma_kernel<T, D>;
   const int64_t bytes = ws ? bsw::ws_shared_bytes(D) : bsw::shared_bytes(D);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(bytes));
@@ -71,13 +76,13 @@ cudaError_t launch_typed(const BlockSparseLaunch& p, bool ws, cudaStream_t strea
 
 }  // namespace
 
-cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type, bool ws,
+cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type,
                                       cudaStream_t stream, const char** failed_call) {
   if (type == ElemType::kBFloat16)
-    return p.d == 64 ? launch_typed<__nv_bfloat16, 64>(p, ws, stream, failed_call)
-                     : launch_typed<__nv_bfloat16, 128>(p, ws, stream, failed_call);
-  return p.d == 64 ? launch_typed<__half, 64>(p, ws, stream, failed_call)
-                   : launch_typed<__half, 128>(p, ws, stream, failed_call);
+    return p.d == 64 ? launch_typed<__nv_bfloat16, 64>(p, stream, failed_call)
+                     : launch_typed<__nv_bfloat16, 128>(p, stream, failed_call);
+  return p.d == 64 ? launch_typed<__half, 64>(p, stream, failed_call)
+                   : launch_typed<__half, 128>(p, stream, failed_call);
 }
 
 }  // namespace attnpilot::attention::cuda

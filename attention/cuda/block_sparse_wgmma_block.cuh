@@ -173,18 +173,17 @@ struct SoftmaxRows {
   float m[2], l[2];
 };
 
-/// One tile's softmax step on S (the m64n128 accumulator fragment of this thread: s[4i + 2hr + e]
+/// One tile's softmax on S (the m64n128 accumulator fragment of this thread: s[4i + 2hr + e]
 /// is row g + 8hr, column 8i + 2c4 + e): mask (when need_mask), scale, row max over the lane
-/// quad, P = 2^(S - m) in place, l and m updated, O rescaled where m moved. qpos0 is the key
-/// position of row g's query.
-template <int D>
-__device__ __forceinline__ void softmax_step(float (&s)[kBN / 2], float (&o)[D / 2],
-                                             SoftmaxRows& st, const BlockSparseLaunch& p,
-                                             int64_t k0, bool need_mask, int64_t qpos0,
-                                             float scale_log2, int c4) {
+/// quad, P = 2^(S - m) in place, l and m updated; alpha[hr] is the factor O's row must take
+/// (1 where m did not move), and the return value whether any did. qpos0 is the key position of
+/// row g's query.
+__device__ __forceinline__ bool softmax_probs(float (&s)[kBN / 2], float (&alpha)[2],
+                                              SoftmaxRows& st, const BlockSparseLaunch& p,
+                                              int64_t k0, bool need_mask, int64_t qpos0,
+                                              float scale_log2, int c4) {
   constexpr float kSlack = 8.f;  // log2 headroom of the lazily moved reference max
   const float kNegInf = -__int_as_float(0x7f800000);
-  float alpha[2];
   bool rescale = false;
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
@@ -236,15 +235,29 @@ __device__ __forceinline__ void softmax_step(float (&s)[kBN / 2], float (&o)[D /
     st.m[hr] = m_new;
     alpha[hr] = a;
   }
-  if (rescale) {
+  return rescale;
+}
+
+/// O's rows g and g + 8 times alpha[0] and alpha[1].
+template <int D>
+__device__ __forceinline__ void rescale_o(float (&o)[D / 2], const float (&alpha)[2]) {
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[4 * i + 0] *= alpha[0];
-      o[4 * i + 1] *= alpha[0];
-      o[4 * i + 2] *= alpha[1];
-      o[4 * i + 3] *= alpha[1];
-    }
+  for (int i = 0; i < D / 8; ++i) {
+    o[4 * i + 0] *= alpha[0];
+    o[4 * i + 1] *= alpha[0];
+    o[4 * i + 2] *= alpha[1];
+    o[4 * i + 3] *= alpha[1];
   }
+}
+
+/// softmax_probs, then O rescaled where m moved.
+template <int D>
+__device__ __forceinline__ void softmax_step(float (&s)[kBN / 2], float (&o)[D / 2],
+                                             SoftmaxRows& st, const BlockSparseLaunch& p,
+                                             int64_t k0, bool need_mask, int64_t qpos0,
+                                             float scale_log2, int c4) {
+  float alpha[2];
+  if (softmax_probs(s, alpha, st, p, k0, need_mask, qpos0, scale_log2, c4)) rescale_o<D>(o, alpha);
 }
 
 /// S = Q Kᵀ for one warpgroup's 64 rows (qa: shared address of its first Q row in region 0;
@@ -262,13 +275,9 @@ __device__ __forceinline__ void issue_s(float (&s)[kBN / 2], uint32_t qa, uint32
   ptx::wgmma_commit();
 }
 
-/// O += P V (va: the V stage): P packed from S first (registers written between two wgmma make
-/// the compiler fence each one, ptxas C7519); k-step kt is keys 16kt.. (2048 bytes down the
-/// tile); V's two 64-column regions are LBO apart, 8-key atoms SBO apart. Committed, not waited.
-template <typename T, int D>
-__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const float (&s)[kBN / 2],
-                                         uint32_t va) {
-  uint32_t pa[kBN / 16][4];
+/// P as wgmma register A fragments: k-step kt (keys 16kt..) from S's column chunks 2kt, 2kt+1.
+template <typename T>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[kBN / 16][4], const float (&s)[kBN / 2]) {
 #pragma unroll
   for (int kt = 0; kt < kBN / 16; ++kt) {
     pa[kt][0] = pack2<T>(s[8 * kt + 0], s[8 * kt + 1]);
@@ -276,11 +285,28 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const float (&s)[kBN
     pa[kt][2] = pack2<T>(s[8 * kt + 4], s[8 * kt + 5]);
     pa[kt][3] = pack2<T>(s[8 * kt + 6], s[8 * kt + 7]);
   }
+}
+
+/// O += P V with P packed (pack_p) and V at va: k-step kt is keys 16kt.. (2048 bytes down the
+/// tile); V's two 64-column regions are LBO apart, 8-key atoms SBO apart. Committed, not waited.
+template <typename T, int D>
+__device__ __forceinline__ void issue_pv_packed(float (&o)[D / 2],
+                                                const uint32_t (&pa)[kBN / 16][4], uint32_t va) {
   ptx::wgmma_fence();
 #pragma unroll
   for (int kt = 0; kt < kBN / 16; ++kt)
     ptx::wgmma_rs<T, D>(o, pa[kt], ptx::sw128_desc(va + kt * 2048, kRegionBytes, 1024), true);
   ptx::wgmma_commit();
+}
+
+/// O += P V from S's probabilities: P packed whole before the fence (registers written between
+/// two wgmma make the compiler fence each one, ptxas C7519). Committed, not waited.
+template <typename T, int D>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const float (&s)[kBN / 2],
+                                         uint32_t va) {
+  uint32_t pa[kBN / 16][4];
+  pack_p<T>(pa, s);
+  issue_pv_packed<T, D>(o, pa, va);
 }
 
 /// out = O / l for this thread's two rows, written into the swizzled staging tile `stage` (the
@@ -423,8 +449,11 @@ __host__ __device__ constexpr int64_t ws_shared_bytes(int d) {
   return (1 + 2 * int64_t(kWsStages)) * tile_bytes(d) + 8 * ws_barriers() + 1024;
 }
 
-/// One warp-specialised CTA (kWsThreads threads); the rest as fwd_block.
-template <typename T, int D>
+/// One warp-specialised CTA (kWsThreads threads); the rest as fwd_block. kOverlap: each
+/// consumer also overlaps its softmax of tile i with its own P V of tile i-1 (FlashAttention-3's
+/// intra-warpgroup pipelining: S_i and PV_{i-1} are issued together, the softmax waits for S_i
+/// only, O is rescaled once PV_{i-1} has landed).
+template <typename T, int D, bool kOverlap = false>
 __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigned char* smem_raw,
                                              unsigned tile, int h, int b) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
@@ -518,23 +547,73 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
     // at the end, so every arrival is matched.
     if (c == 1) ptx::named_bar_arrive(1, 256);
     ptx::mbar_wait(q_full, 0);
+    const int64_t qpos0 = list.cta_first + wrow + g;
     int64_t i = 0;
-    for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
-      const int s = static_cast<int>(i % kS);
-      const unsigned phase = static_cast<unsigned>((i / kS) & 1);
-      const int64_t k0 = list.k0(t);
-      ptx::mbar_wait(k_full + s, phase);
-      float sc[kBN / 2];
-      ptx::named_bar_sync(1 + c, 256);
-      issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
-      ptx::named_bar_arrive(2 - c, 256);
-      ptx::wgmma_wait<0>();
-      softmax_step<D>(sc, o, st, p, k0, list.need_mask(k0), list.cta_first + wrow + g, scale_log2,
-                      c4);
-      ptx::mbar_wait(v_full + s, phase);
-      issue_pv<T, D>(o, sc, v_addr + s * kTile);
-      ptx::wgmma_wait<0>();
-      if (lane == 0) ptx::mbar_arrive(empty + s);  // this warp is done with stage s
+    if constexpr (!kOverlap) {
+      for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
+        const int s = static_cast<int>(i % kS);
+        const unsigned phase = static_cast<unsigned>((i / kS) & 1);
+        const int64_t k0 = list.k0(t);
+        ptx::mbar_wait(k_full + s, phase);
+        float sc[kBN / 2];
+        ptx::named_bar_sync(1 + c, 256);
+        issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
+        ptx::named_bar_arrive(2 - c, 256);
+        ptx::wgmma_wait<0>();
+        softmax_step<D>(sc, o, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
+        ptx::mbar_wait(v_full + s, phase);
+        issue_pv<T, D>(o, sc, v_addr + s * kTile);
+        ptx::wgmma_wait<0>();
+        if (lane == 0) ptx::mbar_arrive(empty + s);  // this warp is done with stage s
+      }
+    } else {
+      // P of the previous tile waits in pa for its P V, issued beside the next tile's S. The
+      // first tile is peeled so the loop body has no branch around its wgmma (ptxas serialises
+      // wgmma on divergent paths, C7518).
+      uint32_t pa[kBN / 16][4];
+      int64_t t = list.next(0);
+      if (t < list.tiles) {
+        int prev = 0;  // stage of the tile whose P V is pending
+        unsigned prev_phase = 0;
+        {
+          const int64_t k0 = list.k0(t);
+          ptx::mbar_wait(k_full, 0);
+          float sc[kBN / 2];
+          ptx::named_bar_sync(1 + c, 256);
+          issue_s<T, D>(sc, q_addr, k_addr);
+          ptx::named_bar_arrive(2 - c, 256);
+          ptx::wgmma_wait<0>();
+          float alpha[2];  // O is still zero: nothing to rescale
+          softmax_probs(sc, alpha, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
+          pack_p<T>(pa, sc);
+        }
+        for (t = list.next(t + 1), i = 1; t < list.tiles; t = list.next(t + 1), ++i) {
+          const int s = static_cast<int>(i % kS);
+          const unsigned phase = static_cast<unsigned>((i / kS) & 1);
+          const int64_t k0 = list.k0(t);
+          ptx::mbar_wait(k_full + s, phase);
+          ptx::mbar_wait(v_full + prev, prev_phase);
+          float sc[kBN / 2];
+          ptx::named_bar_sync(1 + c, 256);
+          issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
+          issue_pv_packed<T, D>(o, pa, v_addr + prev * kTile);
+          ptx::named_bar_arrive(2 - c, 256);
+          ptx::wgmma_wait<1>();  // this tile's S (the last tile's P V may still run)
+          float alpha[2];
+          const bool rescale =
+              softmax_probs(sc, alpha, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
+          ptx::wgmma_wait<0>();  // the last tile's P V: its stage is free, O may be rescaled
+          if (lane == 0) ptx::mbar_arrive(empty + prev);
+          if (rescale) rescale_o<D>(o, alpha);
+          pack_p<T>(pa, sc);
+          prev = s;
+          prev_phase = phase;
+        }
+        ptx::mbar_wait(v_full + prev, prev_phase);  // the last tile's P V
+        issue_pv_packed<T, D>(o, pa, v_addr + prev * kTile);
+        ptx::wgmma_wait<0>();
+        if (lane == 0) ptx::mbar_arrive(empty + prev);
+      }
     }
     if (c == 0) ptx::named_bar_sync(1, 256);
     // out = O / l through this warpgroup's own Q rows (its last S, the last read of them, has

@@ -145,7 +145,7 @@ void run_block_sparse_typed(const cuda::BlockSparseLaunch& p) {
 /// The grid of block_sparse_wgmma_kernel<T, D> (block_sparse_wgmma.cu), one emulated CTA at a
 /// time; the shared window starts 1024-byte aligned, as the CTA's shared memory does on the GPU.
 template <typename T, int D>
-void run_block_sparse_wgmma(const cuda::BlockSparseLaunch& p, bool ws) {
+void run_block_sparse_wgmma(const cuda::BlockSparseLaunch& p, bool ws, bool overlap) {
   const auto tiles = static_cast<unsigned>((p.n + bsw::kBM - 1) / bsw::kBM);
   const int64_t bytes = ws ? bsw::ws_shared_bytes(D) : bsw::shared_bytes(D);
   Shared smem(bytes, 1024);
@@ -154,16 +154,19 @@ void run_block_sparse_wgmma(const cuda::BlockSparseLaunch& p, bool ws) {
       for (unsigned x = 0; x < tiles; ++x) {
         unsigned char* s = smem.poisoned();
         emu::wgmma::set_shared_window(s, static_cast<size_t>(bytes));
-        if (ws)
+        if (ws && overlap)
           emu::run_block(bsw::kWsThreads,
-                         [&] { bsw::fwd_block_ws<T, D>(p, s, tiles - 1 - x, h, b); });
+                         [&] { bsw::fwd_block_ws<T, D, true>(p, s, tiles - 1 - x, h, b); });
+        else if (ws)
+          emu::run_block(bsw::kWsThreads,
+                         [&] { bsw::fwd_block_ws<T, D, false>(p, s, tiles - 1 - x, h, b); });
         else
           emu::run_block(bsw::kThreads, [&] { bsw::fwd_block<T, D>(p, s, tiles - 1 - x, h, b); });
       }
 }
 
 /// Which emulated kernel body runs.
-enum class Body { kMmaSync, kWgmma, kWgmmaWs };
+enum class Body { kMmaSync, kWgmma, kWgmmaWs, kWgmmaWsOverlap };
 
 /// The emulated kernel body into a NaN-poisoned output (the GPU test's launch(), on the CPU).
 torch::Tensor emu_block_sparse(const torch::Tensor& q, const torch::Tensor& k,
@@ -204,13 +207,14 @@ torch::Tensor emu_block_sparse(const torch::Tensor& q, const torch::Tensor& k,
   if (body != Body::kMmaSync) {
     if (!cuda::block_sparse_wgmma_supports(p))
       throw std::invalid_argument("emu_block_sparse: the wgmma kernel does not take this shape");
-    const bool bf16 = q.scalar_type() == torch::kBFloat16, ws = body == Body::kWgmmaWs;
+    const bool bf16 = q.scalar_type() == torch::kBFloat16;
+    const bool ov = body == Body::kWgmmaWsOverlap, ws = ov || body == Body::kWgmmaWs;
     if (p.d == 64)
-      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 64>(p, ws)
-           : run_block_sparse_wgmma<__half, 64>(p, ws);
+      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 64>(p, ws, ov)
+           : run_block_sparse_wgmma<__half, 64>(p, ws, ov);
     else
-      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 128>(p, ws)
-           : run_block_sparse_wgmma<__half, 128>(p, ws);
+      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 128>(p, ws, ov)
+           : run_block_sparse_wgmma<__half, 128>(p, ws, ov);
   } else if (q.scalar_type() == torch::kBFloat16) {
     run_block_sparse_typed<__nv_bfloat16>(p);
   } else {
@@ -280,6 +284,7 @@ TEST(AttentionEmu, WgmmaBlockSparseKernelMatchesCpuBackend) {
 // The warp-specialised wgmma body (producer warpgroup, mbarrier stages, consumers taking turns).
 TEST(AttentionEmu, WarpSpecialisedWgmmaKernelMatchesCpuBackend) {
   check_random_masks(Body::kWgmmaWs, {128, 256}, 20261207);
+  check_random_masks(Body::kWgmmaWsOverlap, {128, 256}, 20261208);
 }
 
 // No CSR lists (every tile up to the causal cut-off, 128-row CTAs), and a streaming window with
@@ -305,8 +310,10 @@ TEST(AttentionEmu, BlockSparseDenseAndStreamingMatchCpuBackend) {
     // The wgmma kernel: no lists (128-key tiles up to the causal cut-off), and a window
     // through blocks of 128 (a window shorter than a tile, sinks inside the first tile).
     const auto mask128 = streaming_block_mask(b, h, n, m, 128, q_offset, sinks, window);
-    for (Body body : {Body::kWgmma, Body::kWgmmaWs}) {
-      const char* name = body == Body::kWgmma ? "wgmma" : "wgmma-ws";
+    for (Body body : {Body::kWgmma, Body::kWgmmaWs, Body::kWgmmaWsOverlap}) {
+      const char* name = body == Body::kWgmma     ? "wgmma"
+                         : body == Body::kWgmmaWs ? "wgmma-ws"
+                                                  : "wgmma-ws-overlap";
       expect_close(emu_block_sparse(q, k, v, nullptr, scale, true, q_offset, 0, 0, body),
                    block_sparse_expected(q, k, v, all, scale, true, q_offset, 0, 0),
                    block_sparse_tolerance(dt),

@@ -89,6 +89,22 @@ torch::Tensor launch(const torch::Tensor& q, const torch::Tensor& k, const torch
   return out;
 }
 
+const char* kernel_name(cuda::BlockSparseKernel kernel) {
+  switch (kernel) {
+    case cuda::BlockSparseKernel::kWgmma:
+      return "wgmma";
+    case cuda::BlockSparseKernel::kWgmmaWs:
+      return "wgmma-ws";
+    case cuda::BlockSparseKernel::kWgmmaWsOverlap:
+      return "wgmma-ws-overlap";
+    case cuda::BlockSparseKernel::kMmaSync:
+      return "mma.sync";
+    case cuda::BlockSparseKernel::kAuto:
+      break;
+  }
+  return "auto";
+}
+
 /// Random CSR cases of both dtypes and head dims, causal and not, with GQA, for each block size
 /// in `block_sizes`, through `kernel`: against the CPU backend, empty rows exactly zero, and two
 /// runs bit-identical.
@@ -96,9 +112,7 @@ void check_kernel_on_random_masks(cuda::BlockSparseKernel kernel,
                                   std::initializer_list<int64_t> block_sizes, uint64_t seed0) {
   std::mt19937_64 rng(seed0);
   int seed = 0;
-  const char* name = kernel == cuda::BlockSparseKernel::kWgmma     ? "wgmma"
-                     : kernel == cuda::BlockSparseKernel::kWgmmaWs ? "wgmma-ws"
-                                                                   : "mma.sync";
+  const char* name = kernel_name(kernel);
   for (auto dt : {torch::kBFloat16, torch::kHalf})
     for (int64_t d : {64, 128})
       for (int64_t bs : block_sizes)
@@ -149,7 +163,8 @@ TEST(CudaBlockSparse, KernelMatchesCpuBackend) {
 TEST(CudaBlockSparse, WgmmaKernelMatchesCpuBackend) {
   ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
   if (!device_is_sm90()) GTEST_SKIP() << "the wgmma kernel needs a compute capability 9.0 GPU";
-  for (auto kernel : {cuda::BlockSparseKernel::kWgmma, cuda::BlockSparseKernel::kWgmmaWs})
+  for (auto kernel : {cuda::BlockSparseKernel::kWgmma, cuda::BlockSparseKernel::kWgmmaWs,
+                      cuda::BlockSparseKernel::kWgmmaWsOverlap})
     check_kernel_on_random_masks(kernel, {128, 256}, 20261206);
   // Longer rows (many tiles, every stage reused), no lists, and a streaming window.
   std::mt19937_64 rng(11);
@@ -163,9 +178,7 @@ TEST(CudaBlockSparse, WgmmaKernelMatchesCpuBackend) {
         const auto k = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
         const auto v = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
         const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-        const auto what = fmt::format(
-            "{} {} d={}", kernel == cuda::BlockSparseKernel::kWgmma ? "wgmma" : "wgmma-ws",
-            c10::toString(dt), d);
+        const auto what = fmt::format("{} {} d={}", kernel_name(kernel), c10::toString(dt), d);
         const auto all = BlockMask::all_visible(b, h, n, m, 128, true, q_offset);
         const auto dense =
             launch(q, k, v, nullptr, scale, true, q_offset, 0, 0, cuda::BlockSparseKernel::kWgmma);
