@@ -160,10 +160,6 @@ bool block_sparse_kernel_supports(int d, int block_size) {
   return (d == 64 || d == 128) && block_size >= kBN && block_size % kBN == 0;
 }
 
-bool block_sparse_wgmma_supports(const BlockSparseLaunch& p) {
-  return (p.d == 64 || p.d == 128) && (p.row_ptr == nullptr || p.block_size % 128 == 0);
-}
-
 int64_t block_sparse_shared_bytes(int d) { return shared_bytes(d, 2); }
 
 cudaError_t launch_block_sparse_attention(const BlockSparseLaunch& p, ElemType type,

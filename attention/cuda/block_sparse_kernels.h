@@ -65,7 +65,9 @@ bool block_sparse_kernel_supports(int d, int block_size);
 
 /// Whether the wgmma kernel takes this launch's shape (d 64 or 128; block_size a multiple of
 /// 128, or no CSR lists); the device must also be compute capability 9.0.
-bool block_sparse_wgmma_supports(const BlockSparseLaunch& p);
+inline bool block_sparse_wgmma_supports(const BlockSparseLaunch& p) {
+  return (p.d == 64 || p.d == 128) && (p.row_ptr == nullptr || p.block_size % 128 == 0);
+}
 
 /// The wgmma kernels' launcher (block_sparse_wgmma.cu; p.kernel picks one, kAuto the first);
 /// launch_block_sparse_attention checks the arguments and the device before calling it.
