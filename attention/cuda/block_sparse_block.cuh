@@ -15,6 +15,7 @@
 
 #include "attention/cuda/block_sparse_kernels.h"
 #include "attention/cuda/mma_ptx.cuh"
+#include "attention/cuda/tile_list.cuh"
 
 namespace attnpilot::attention::cuda::block_sparse {
 
@@ -115,50 +116,16 @@ __device__ __forceinline__ void fwd_block(const BlockSparseLaunch& p, unsigned c
   const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
   const int wrow = warp * 16 * kM;  // this warp's first row in the tile
 
-  const int64_t cta_first = p.q_offset + q0;
-  const int64_t cta_last = p.q_offset + (q0 + kBM < p.n ? q0 + kBM : p.n) - 1;
-
-  // The key tiles to visit: listed blocks split into 64-key tiles, or every tile up to the
-  // causal cut-off when no CSR lists are given.
-  const int tiles_per_block = p.block_size / kBN;
-  int64_t e0 = 0, tiles = 0;
-  if (p.row_ptr != nullptr) {
-    const int64_t qb = q0 / p.block_size;
-    const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * p.q_blocks + qb;
-    e0 = p.row_ptr[row];
-    const int64_t e1 = p.row_ptr[row + 1];
-    tiles = e1 > e0 ? (e1 - e0) * tiles_per_block : 0;
-  } else {
-    const int64_t kend = p.causal ? (cta_last + 1 < p.m ? cta_last + 1 : p.m) : p.m;
-    tiles = (kend + kBN - 1) / kBN;
-  }
-  // First key of tile t, or -1 when the whole tile is skipped (the same for every thread of the
-  // CTA, so barriers stay uniform).
-  const auto tile_k0 = [&](int64_t t) -> int64_t {
-    int64_t k0;
-    if (p.row_ptr != nullptr) {
-      const int64_t kb = p.col_idx[e0 + t / tiles_per_block];
-      if (kb < 0) return -1;  // bad index
-      k0 = kb * p.block_size + (t % tiles_per_block) * kBN;
-    } else {
-      k0 = t * kBN;
-    }
-    if (k0 >= p.m) return -1;                               // past the keys
-    if (p.causal && k0 > cta_last) return -1;               // in every query's future
-    const int64_t first_old = k0 > p.sinks ? k0 : p.sinks;  // first non-sink key of the tile
-    if (p.window > 0 && first_old == k0 && k0 + kBN - 1 <= cta_first - p.window) return -1;
-    return k0;
-  };
-  const auto next_visited = [&](int64_t t) {
-    while (t < tiles && tile_k0(t) < 0) ++t;
-    return t;
-  };
+  // The key tiles to visit (tile_list.cuh): listed blocks split into 64-key tiles, or every
+  // tile up to the causal cut-off when no CSR lists are given.
+  const TileList<kBM, kBN> list(p, q0, h, b);
+  const int64_t cta_first = list.cta_first;
 
   // Prologue: Q and the first visited K, V tile into stage 0.
   load_rows_async<T, D, kBM>(sq, qg, p.q_stride[2], q0, p.n, tid);
-  int64_t t = next_visited(0);
-  if (t < tiles) {
-    const int64_t k0 = tile_k0(t);
+  int64_t t = list.next(0);
+  if (t < list.tiles) {
+    const int64_t k0 = list.k0(t);
     load_rows_async<T, D, kBN>(sk, kg, p.k_stride[2], k0, p.m, tid);
     load_rows_async<T, D, kBN>(sv, vg, p.v_stride[2], k0, p.m, tid);
   }
@@ -201,18 +168,14 @@ __device__ __forceinline__ void fwd_block(const BlockSparseLaunch& p, unsigned c
     for (int hr = 0; hr < 2; ++hr) m_i[mi][hr] = kNegInf, l_i[mi][hr] = 0.f;
 
   int stage = 0;
-  while (t < tiles) {
-    const int64_t k0 = tile_k0(t);
-    const int64_t k_last = k0 + kBN - 1;
-    const int64_t first_old = k0 > p.sinks ? k0 : p.sinks;
-    const bool need_mask =
-        k_last >= p.m || (p.causal && k_last > cta_first) ||
-        (p.window > 0 && first_old <= k_last && first_old <= cta_last - p.window);
+  while (t < list.tiles) {
+    const int64_t k0 = list.k0(t);
+    const bool need_mask = list.need_mask(k0);
     // Next tile's loads into the other stage, which every warp finished reading before the
     // barrier that ended the previous step.
-    const int64_t tn = next_visited(t + 1);
-    if (tn < tiles) {
-      const int64_t kn = tile_k0(tn);
+    const int64_t tn = list.next(t + 1);
+    if (tn < list.tiles) {
+      const int64_t kn = list.k0(tn);
       load_rows_async<T, D, kBN>(sk + (stage ^ 1) * kBN * kLd, kg, p.k_stride[2], kn, p.m, tid);
       load_rows_async<T, D, kBN>(sv + (stage ^ 1) * kBN * kLd, vg, p.v_stride[2], kn, p.m, tid);
     }

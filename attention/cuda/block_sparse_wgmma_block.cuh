@@ -58,6 +58,7 @@
 #include "attention/cuda/block_sparse_block.cuh"
 #include "attention/cuda/block_sparse_kernels.h"
 #include "attention/cuda/mma_ptx.cuh"
+#include "attention/cuda/tile_list.cuh"
 #include "attention/cuda/wgmma_ptx.cuh"
 
 namespace attnpilot::attention::cuda::block_sparse_wgmma {
@@ -112,60 +113,8 @@ __device__ __forceinline__ void load_tile_async(unsigned char* dst, const T* src
   }
 }
 
-/// The key tiles one CTA visits (query tile q0.., head h, batch entry b): listed blocks split
-/// into 128-key tiles, or every tile up to the causal cut-off when there are no CSR lists; the
-/// same rules as block_sparse_block.cuh. Every thread of the CTA computes the same list.
-struct TileList {
-  const BlockSparseLaunch& p;
-  int64_t cta_first = 0, cta_last = 0;  ///< key positions of the CTA's first and last query
-  int64_t e0 = 0, tiles = 0;
-  int tiles_per_block = 1;
-
-  __device__ __forceinline__ TileList(const BlockSparseLaunch& launch, int64_t q0, int h, int b)
-      : p(launch) {
-    cta_first = p.q_offset + q0;
-    cta_last = p.q_offset + (q0 + kBM < p.n ? q0 + kBM : p.n) - 1;
-    if (p.row_ptr != nullptr) {
-      tiles_per_block = p.block_size / kBN;
-      const int64_t qb = q0 / p.block_size;
-      const int64_t row = (static_cast<int64_t>(b) * p.heads + h) * p.q_blocks + qb;
-      e0 = p.row_ptr[row];
-      const int64_t e1 = p.row_ptr[row + 1];
-      tiles = e1 > e0 ? (e1 - e0) * tiles_per_block : 0;
-    } else {
-      const int64_t kend = p.causal ? (cta_last + 1 < p.m ? cta_last + 1 : p.m) : p.m;
-      tiles = (kend + kBN - 1) / kBN;
-    }
-  }
-  /// First key of tile t, or -1 when no query of the CTA sees any key of it.
-  __device__ __forceinline__ int64_t k0(int64_t t) const {
-    int64_t k;
-    if (p.row_ptr != nullptr) {
-      const int64_t kb = p.col_idx[e0 + t / tiles_per_block];
-      if (kb < 0) return -1;  // bad index
-      k = kb * p.block_size + (t % tiles_per_block) * kBN;
-    } else {
-      k = t * kBN;
-    }
-    if (k >= p.m) return -1;                              // past the keys
-    if (p.causal && k > cta_last) return -1;              // in every query's future
-    const int64_t first_old = k > p.sinks ? k : p.sinks;  // first non-sink key of the tile
-    if (p.window > 0 && first_old == k && k + kBN - 1 <= cta_first - p.window) return -1;
-    return k;
-  }
-  /// The first visited tile at or after t (tiles when none).
-  __device__ __forceinline__ int64_t next(int64_t t) const {
-    while (t < tiles && k0(t) < 0) ++t;
-    return t;
-  }
-  /// Whether tile k..k+127 needs the per-element mask for some query of the CTA.
-  __device__ __forceinline__ bool need_mask(int64_t k) const {
-    const int64_t k_last = k + kBN - 1;
-    const int64_t first_old = k > p.sinks ? k : p.sinks;
-    return k_last >= p.m || (p.causal && k_last > cta_first) ||
-           (p.window > 0 && first_old <= k_last && first_old <= cta_last - p.window);
-  }
-};
+/// The key tiles of one CTA (tile_list.cuh): 128-key tiles for 128 queries.
+using TileList = cuda::TileList<kBM, kBN>;
 
 /// Online-softmax state of one thread's two rows (g and g + 8 of its warp's 16): the reference
 /// max m (log2 units; moved lazily) and this lane's partial sum l of P.
