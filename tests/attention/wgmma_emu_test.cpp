@@ -299,6 +299,69 @@ std::string logic_error_of(const std::function<void()>& f) {
     EXPECT_NE(what_.find(text), std::string::npos) << "message: \"" << what_ << "\""; \
   } while (0)
 
+// cp.async (cuda_emu_mma.h): the source is read at issue, the destination written only at the
+// wait that covers the copy; wait_group N leaves the N newest committed groups in flight.
+TEST(WgmmaEmu, CpAsyncLandsAtTheCoveringWait) {
+  alignas(16) static unsigned char src[48], dst[48];
+  for (int i = 0; i < 48; ++i) src[i] = static_cast<unsigned char>(i + 1);
+  std::memset(dst, 0xee, sizeof dst);
+  emu::run_block(32, [&] {
+    if (threadIdx.x != 0) return;
+    emu::mma::cp_async_16(dst, src, true);
+    emu::mma::cp_async_commit();
+    emu::mma::cp_async_16(dst + 16, src + 16, true);
+    emu::mma::cp_async_commit();
+    emu::mma::cp_async_16(dst + 32, src, false);  // zero fill, left uncommitted
+    src[0] = 99;                                  // after issue: the copy read 1
+    EXPECT_EQ(dst[0], 0xee) << "a copy landed before its wait";
+    ptx::cp_async_wait_group<1>();  // the older group only
+    EXPECT_EQ(dst[0], 1);
+    EXPECT_EQ(dst[16], 0xee);
+    ptx::cp_async_wait_group<0>();  // every committed group; the open copy stays in flight
+    EXPECT_EQ(dst[16], 17);
+    EXPECT_EQ(dst[32], 0xee);
+    emu::mma::cp_async_wait_all();  // commits and lands it
+    EXPECT_EQ(dst[32], 0);
+  });
+}
+
+// mbarriers and named barriers (cuda_emu_wgmma.h): a parity wait returns once that phase has
+// completed; bar.sync waits for `count` arrivals, bar.arrive does not wait.
+TEST(WgmmaEmu, MbarriersAndNamedBarriers) {
+  alignas(1024) static unsigned char window[1024];
+  emu::wgmma::set_shared_window(window, sizeof window);
+  auto* bar = reinterpret_cast<uint64_t*>(window);
+  static int stage_value = 0, seen[64];
+  emu::run_block(64, [&] {
+    const int t = threadIdx.x;
+    if (t == 0) ptx::mbar_init(bar, 32);
+    __syncthreads();
+    if (t < 32) {  // producers: write, then arrive; twice (phases 0 and 1)
+      if (t == 0) stage_value = 1;
+      ptx::mbar_arrive(bar);
+      ptx::named_bar_sync(1, 64);  // the consumers have read phase 0's value
+      if (t == 0) stage_value = 2;
+      ptx::mbar_arrive(bar);
+    } else {  // consumers
+      ptx::mbar_wait(bar, 0);
+      seen[t] = stage_value;
+      ptx::named_bar_arrive(1, 64);
+      ptx::mbar_wait(bar, 1);
+      seen[t] += 10 * stage_value;
+    }
+  });
+  for (int t = 32; t < 64; ++t) EXPECT_EQ(seen[t], 21) << "consumer " << t;
+  // A wait for a phase that never completes is a deadlock, not a hang.
+  EXPECT_THROW(emu::run_block(32,
+                              [&] {
+                                if (threadIdx.x == 0) ptx::mbar_init(bar, 33);
+                                __syncthreads();
+                                ptx::mbar_arrive(bar);
+                                ptx::mbar_wait(bar, 0);
+                              }),
+               std::runtime_error);
+}
+
 TEST(WgmmaEmu, MissingFenceThrows) {
   SmallProblem pb;
   EXPECT_LOGIC_ERROR(emu::run_block(128,

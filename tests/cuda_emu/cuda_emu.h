@@ -14,6 +14,8 @@
 ///   Block::extension<E>()           per-block state of an emulation layered on this one (made on
 ///                                   first use, gone with the block; E::thread_exit(tid) runs as
 ///                                   each thread's body returns; what it throws fails the block)
+///   Block::wait_until / yield(n)    block the caller until a condition holds / sit out 1..n
+///                                   scheduling rounds (mbarriers, named barriers, a slow thread)
 ///
 /// What it checks beyond the results: a barrier that not every fiber reaches (a divergent
 /// __syncthreads, or a shuffle whose mask names lanes that never arrive, or a warpgroup
@@ -120,10 +122,12 @@ class Block {
     current_block() = this;
     std::vector<size_t> order(fibers_.size());
     for (size_t t = 0; t < order.size(); ++t) order[t] = t;
-    uint64_t rng = 0x9e3779b97f4a7c15ull * (++blocks_run() + 1) + schedule_seed();
+    uint64_t& rng = rng_;
+    rng = 0x9e3779b97f4a7c15ull * (++blocks_run() + 1) + schedule_seed();
     int done = 0;
     while (done < static_cast<int>(fibers_.size())) {
       bool progressed = false;
+      ++round_;
       for (size_t i = order.size(); i > 1; --i) {  // Fisher-Yates with xorshift64
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -140,7 +144,7 @@ class Block {
         if (error_) break;
       }
       if (error_) break;
-      if (!progressed) {
+      if (!progressed && yielding_ == 0) {
         error_ = std::make_exception_ptr(std::runtime_error(
             "cuda_emu: deadlock: every unfinished thread waits at a barrier or shuffle that "
             "not all of its participants reach"));
@@ -269,6 +273,9 @@ class Block {
   ucontext_t sched_{};
   int tid_ = 0;
   std::exception_ptr error_;
+  uint64_t round_ = 0;  // scheduling rounds so far
+  uint64_t rng_ = 0;    // the schedule's generator (xorshift64), seeded per block in run()
+  int yielding_ = 0;    // threads in yield(): a round without progress is no deadlock then
   // Block barrier.
   int bar_count_ = 0;
   uint64_t bar_gen_ = 0;
@@ -339,6 +346,25 @@ class Block {
       return deposits_[static_cast<size_t>(group * 128 + t)].data();
     });
     group_arrive(group);
+  }
+
+  /// Lets the other threads run before this one goes on (it resumes in the next round): for
+  /// operations after which the GPU gives other threads a chance to observe a state this
+  /// thread is about to change (an mbarrier arrival, cuda_emu_wgmma.h).
+  /// With max_rounds > 1 it sits out a pseudo-random 1..max_rounds rounds (the block's seeded
+  /// generator): a slow thread, so others may get several steps ahead of it.
+  void yield(int max_rounds = 1) {
+    uint64_t rounds = 1;
+    if (max_rounds > 1) {
+      rng_ ^= rng_ << 13;
+      rng_ ^= rng_ >> 7;
+      rng_ ^= rng_ << 17;
+      rounds += rng_ % static_cast<uint64_t>(max_rounds);
+    }
+    const uint64_t until = round_ + rounds;
+    ++yielding_;
+    wait([this, until] { return round_ >= until; });
+    --yielding_;
   }
 
   /// Blocks the calling thread until until() holds, letting the others run (mbarriers and

@@ -7,8 +7,9 @@
 ///                                            gives Inf, fp16 subnormals exact) and exact ones back
 ///   mma::ldmatrix_x4(r, row)                 ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16
 ///   mma::mma_16816<T>(d, a, b0, b1)          mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32
-///   mma::cp_async_16 / _commit / _wait_all   cp.async.cg 16 bytes: a plain copy (or zero fill),
-///                                            complete at once; commit and wait do nothing
+///   mma::cp_async_16 / _commit / _wait_all   cp.async.cg 16 bytes (or zero fill), read at issue,
+///                                            written when a wait covers it (commit groups,
+///                                            wait_group N, wait_all)
 ///   mma::exp2_approx(x)                      ex2.approx.ftz.f32 as exp2f, subnormals flushed
 ///   mma::to_tf32(x)                          cvt.rna.tf32.f32: to 10 mantissa bits, nearest,
 ///                                            ties away from zero (a 32-bit pattern, low 13 bits 0)
@@ -28,9 +29,10 @@
 /// double and rounds once with the accumulator (the hardware's fp32 summation order and rounding
 /// are unspecified; the difference is far below the kernels' bf16/fp16 tolerances).
 ///
-/// Not modelled: shared vs global address spaces, asynchronous completion of cp.async (a missing
-/// wait goes unseen), and timing. ldmatrix_conflicted_phases() counts 8-row ldmatrix phases whose
-/// rows fall into the same 16-byte bank group (offsets modulo 128 bytes), the shared-memory bank
+/// Not modelled: shared vs global address spaces, and timing; cp.async copies land at the
+/// covering wait, not earlier (so a read before the wait always sees the old bytes).
+/// ldmatrix_conflicted_phases() counts 8-row ldmatrix phases whose rows fall into the same
+/// 16-byte bank group (offsets modulo 128 bytes), the shared-memory bank
 /// conflicts of the real instruction when the shared buffer is 128-byte aligned.
 #include <cfloat>
 #include <cmath>
@@ -38,6 +40,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "tests/cuda_emu/cuda_emu.h"
 
@@ -200,20 +203,68 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 /// 8-row ldmatrix phases so far whose 8 rows did not cover the 8 bank groups (see the top).
 inline uint64_t ldmatrix_conflicted_phases() { return detail::conflicted_phases(); }
 
-/// cp.async.cg.shared.global 16 bytes: copies at once; !valid writes 16 zero bytes.
+namespace detail {
+/// Per-block state of the emulated cp.async: per thread, the copies issued since its last
+/// commit and its committed groups not yet waited for, each copy's 16 bytes read at issue.
+struct CpAsyncState : Block::Extension {
+  explicit CpAsyncState(Block& b) : threads(static_cast<size_t>(b.size())) {}
+  struct Copy {
+    unsigned char* dst;
+    unsigned char bytes[16];
+  };
+  struct Thread {
+    std::vector<Copy> open;
+    std::vector<std::vector<Copy>> groups;  // oldest first
+  };
+  std::vector<Thread> threads;
+};
+inline CpAsyncState::Thread& cp_async_thread() {
+  Block* b = Block::current_block();
+  if (b == nullptr) throw std::logic_error("cuda_emu: cp.async outside an emulated block");
+  return b->extension<CpAsyncState>().threads[static_cast<size_t>(b->tid())];
+}
+inline void land(std::vector<CpAsyncState::Copy>& copies) {
+  for (auto& c : copies) std::memcpy(c.dst, c.bytes, 16);
+  copies.clear();
+}
+}  // namespace detail
+
+/// cp.async.cg.shared.global 16 bytes (!valid: 16 zero bytes). The source is read at issue, the
+/// destination written only when a wait covers the copy (cp_async_wait_all, or
+/// cp_async_wait_group N once N newer groups are committed), as on the GPU where it lands at
+/// some point before that wait: a kernel that reads the destination before its wait sees the
+/// old bytes.
 inline void cp_async_16(void* dst, const void* src, bool valid) {
   detail::check_aligned16(dst, "cp.async destination");
+  detail::CpAsyncState::Copy c;
+  c.dst = static_cast<unsigned char*>(dst);
   if (valid) {
     detail::check_aligned16(src, "cp.async source");
-    std::memcpy(dst, src, 16);
+    std::memcpy(c.bytes, src, 16);
   } else {
-    std::memset(dst, 0, 16);
+    std::memset(c.bytes, 0, 16);
   }
+  detail::cp_async_thread().open.push_back(c);
 }
-/// cp.async.commit_group: nothing to do (copies complete at once).
-inline void cp_async_commit() {}
-/// cp.async.wait_group 0: nothing to do.
-inline void cp_async_wait_all() {}
+/// cp.async.commit_group: this thread's copies since the last commit become a group.
+inline void cp_async_commit() {
+  auto& t = detail::cp_async_thread();
+  t.groups.push_back(std::move(t.open));
+  t.open.clear();
+}
+/// cp.async.wait_group N: all but this thread's N newest committed groups land.
+inline void cp_async_wait_group_n(int n) {
+  auto& t = detail::cp_async_thread();
+  const size_t keep = static_cast<size_t>(n);
+  size_t done = 0;
+  while (t.groups.size() - done > keep) detail::land(t.groups[done++]);
+  t.groups.erase(t.groups.begin(), t.groups.begin() + static_cast<std::ptrdiff_t>(done));
+}
+/// cp.async.wait_all (= commit_group, then wait_group 0): every copy of this thread lands.
+inline void cp_async_wait_all() {
+  cp_async_commit();
+  cp_async_wait_group_n(0);
+}
 
 /// ldmatrix.sync.aligned.m8n8.x4.shared.b16 (warp collective; layouts at the top).
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { detail::ldmatrix_x4<false>(r, row); }

@@ -29,8 +29,8 @@
 ///                                    completes when `count` threads (a multiple of 32, the
 ///                                    same count from everyone in one use) have arrived; sync
 ///                                    waits for that, arrive does not
-///   setmaxnreg_dec<N> / _inc<N>, cp_async_wait_group<N>   nothing to do (registers are not
-///                                    modelled; cp.async copies complete at once)
+///   setmaxnreg_dec<N> / _inc<N>      nothing to do (registers are not modelled)
+///   cp_async_wait_group<N>           cp.async.wait_group N (cuda_emu_mma.h's cp.async)
 ///
 /// Layouts are wgmma_ptx.cuh's (its header comment; w = warp of the warpgroup, g = lane / 4,
 /// c = lane % 4): d[4i + e] is row 16w + g + 8·(e / 2), column 8i + 2c + (e % 2); the register A
@@ -498,13 +498,17 @@ inline void mbar_init(uint64_t* bar, unsigned count) {
   if (count < 1) detail::fail("mbar_init: an arrival count of 0");
   detail::block("mbar_init").extension<detail::SyncState>().mbars[bar] = {count, count, 0};
 }
-/// mbarrier.arrive: one arrival; the last of a phase completes it.
+/// mbarrier.arrive: one arrival; the last of a phase completes it. The arriving thread then
+/// sits out 1 to 16 scheduling rounds, so waiters may run well ahead of it (on the GPU they can):
+/// a waiter that relies on something the arriving thread does only after the arrival sees it
+/// undone.
 inline void mbar_arrive(uint64_t* bar) {
   auto& m = detail::mbar(bar, "mbar_arrive");
   if (--m.pending == 0) {
     m.pending = m.count;
     ++m.completed;
   }
+  detail::block("mbar_arrive").yield(64);
 }
 /// mbarrier.try_wait.parity loop: until the phase with this parity has completed.
 inline void mbar_wait(uint64_t* bar, unsigned parity) {
@@ -524,9 +528,11 @@ template <int N>
 inline void setmaxnreg_dec() {}
 template <int N>
 inline void setmaxnreg_inc() {}
-/// cp.async.wait_group N: emulated copies complete at once.
+/// cp.async.wait_group N (cuda_emu_mma.h's emulated cp.async).
 template <int N>
-inline void cp_async_wait_group() {}
+inline void cp_async_wait_group() {
+  ::attnpilot::cuda_emu::mma::cp_async_wait_group_n(N);
+}
 
 /// wgmma.mma_async m64nNk16, A and B K-major in shared memory: d = A·Bᵀ (+ d when acc), the
 /// result held back until the covering wgmma_wait (the top).
