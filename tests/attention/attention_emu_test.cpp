@@ -285,6 +285,20 @@ TEST(AttentionEmu, WgmmaBlockSparseKernelMatchesCpuBackend) {
 TEST(AttentionEmu, WarpSpecialisedWgmmaKernelMatchesCpuBackend) {
   check_random_masks(Body::kWgmmaWs, {128, 256}, 20261207);
   check_random_masks(Body::kWgmmaWsOverlap, {128, 256}, 20261208);
+  // Long rows: 12 key tiles per CTA, so each of the 3 stages goes round 4 times (the mbarrier
+  // phases alternate), with the last CTA's rows partly past n.
+  const int64_t b = 1, h = 2, hkv = 1, n = 200, m = 1500, q_offset = m - n, d = 64;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(4321);
+  const auto q = torch::randn({b, h, n, d}, gen).to(torch::kBFloat16);
+  const auto k = torch::randn({b, hkv, m, d}, gen).to(torch::kBFloat16);
+  const auto v = torch::randn({b, hkv, m, d}, gen).to(torch::kBFloat16);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const auto all = BlockMask::all_visible(b, h, n, m, 128, true, q_offset);
+  for (Body body : {Body::kWgmmaWs, Body::kWgmmaWsOverlap})
+    expect_close(emu_block_sparse(q, k, v, &all, scale, true, q_offset, 0, 0, body),
+                 block_sparse_expected(q, k, v, all, scale, true, q_offset, 0, 0),
+                 block_sparse_tolerance(torch::kBFloat16),
+                 body == Body::kWgmmaWs ? "wgmma-ws, 12 tiles" : "wgmma-ws-overlap, 12 tiles");
 }
 
 // No CSR lists (every tile up to the causal cut-off, 128-row CTAs), and a streaming window with
