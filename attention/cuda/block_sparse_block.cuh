@@ -227,21 +227,10 @@ __device__ __forceinline__ void fwd_block(const BlockSparseLaunch& p, unsigned c
       for (int mi = 0; mi < kM; ++mi) {
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          // The CPU backend's rule for key k0 + col: hidden when k >= M, (causal) k > qpos, or
-          // (window) sinks <= k <= qpos - window; as tile columns: visible when col < vis_end
-          // and not win_lo <= col <= win_hi (bounds clamped to [-1, kBN + 1], 32-bit).
-          int vis_end = kBN, win_lo = kBN + 1, win_hi = -1;
-          if (need_mask) {
-            const int64_t qpos = cta_first + wrow + mi * 16 + g + 8 * hr;
-            int64_t end = p.m - k0;
-            if (p.causal && qpos + 1 - k0 < end) end = qpos + 1 - k0;
-            vis_end = static_cast<int>(end < kBN ? (end > -1 ? end : -1) : kBN);
-            if (p.window > 0) {
-              const int64_t lo = p.sinks - k0, hi = qpos - p.window - k0;
-              win_lo = static_cast<int>(lo < kBN + 1 ? (lo > -1 ? lo : -1) : kBN + 1);
-              win_hi = static_cast<int>(hi < kBN + 1 ? (hi > -1 ? hi : -1) : kBN + 1);
-            }
-          }
+          // The CPU backend's rule for the keys of this row (tile_list.cuh).
+          const RowMask<kBN> rm = need_mask
+                                      ? RowMask<kBN>(p, k0, cta_first + wrow + mi * 16 + g + 8 * hr)
+                                      : RowMask<kBN>();
           float mx = kNegInf;
 #pragma unroll
           for (int nj = 0; nj < kNt; ++nj) {
@@ -249,8 +238,7 @@ __device__ __forceinline__ void fwd_block(const BlockSparseLaunch& p, unsigned c
             for (int e = 0; e < 2; ++e) {
               float x = s[mi][nj][2 * hr + e] * scale_log2;
               if (need_mask) {
-                const int col = sub * kSub + nj * 8 + 2 * c4 + e;
-                if (col >= vis_end || (col >= win_lo && col <= win_hi)) x = kNegInf;
+                if (rm.hidden(sub * kSub + nj * 8 + 2 * c4 + e)) x = kNegInf;
               }
               s[mi][nj][2 * hr + e] = x;
               mx = fmaxf(mx, x);

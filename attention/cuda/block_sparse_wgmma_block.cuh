@@ -115,6 +115,7 @@ __device__ __forceinline__ void load_tile_async(unsigned char* dst, const T* src
 
 /// The key tiles of one CTA (tile_list.cuh): 128-key tiles for 128 queries.
 using TileList = cuda::TileList<kBM, kBN>;
+using cuda::RowMask;
 
 /// Online-softmax state of one thread's two rows (g and g + 8 of its warp's 16): the reference
 /// max m (log2 units; moved lazily) and this lane's partial sum l of P.
@@ -136,19 +137,8 @@ __device__ __forceinline__ bool softmax_probs(float (&s)[kBN / 2], float (&alpha
   bool rescale = false;
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    // The CPU backend's rule for key k0 + col (see block_sparse_block.cuh).
-    int vis_end = kBN, win_lo = kBN + 1, win_hi = -1;
-    if (need_mask) {
-      const int64_t qpos = qpos0 + 8 * hr;
-      int64_t end = p.m - k0;
-      if (p.causal && qpos + 1 - k0 < end) end = qpos + 1 - k0;
-      vis_end = static_cast<int>(end < kBN ? (end > -1 ? end : -1) : kBN);
-      if (p.window > 0) {
-        const int64_t lo = p.sinks - k0, hi = qpos - p.window - k0;
-        win_lo = static_cast<int>(lo < kBN + 1 ? (lo > -1 ? lo : -1) : kBN + 1);
-        win_hi = static_cast<int>(hi < kBN + 1 ? (hi > -1 ? hi : -1) : kBN + 1);
-      }
-    }
+    // The CPU backend's rule for the keys of this row (tile_list.cuh).
+    const RowMask<kBN> rm = need_mask ? RowMask<kBN>(p, k0, qpos0 + 8 * hr) : RowMask<kBN>();
     float mx = kNegInf;
 #pragma unroll
     for (int i = 0; i < kBN / 8; ++i) {
@@ -156,8 +146,7 @@ __device__ __forceinline__ bool softmax_probs(float (&s)[kBN / 2], float (&alpha
       for (int e = 0; e < 2; ++e) {
         float x = s[4 * i + 2 * hr + e] * scale_log2;
         if (need_mask) {
-          const int col = 8 * i + 2 * c4 + e;
-          if (col >= vis_end || (col >= win_lo && col <= win_hi)) x = kNegInf;
+          if (rm.hidden(8 * i + 2 * c4 + e)) x = kNegInf;
         }
         s[4 * i + 2 * hr + e] = x;
         mx = fmaxf(mx, x);

@@ -7,7 +7,8 @@
 ///     into block_size / kBN tiles; without, every tile up to the causal cut-off;
 ///   - a tile is skipped (k0() = -1) when no query of the CTA sees any of its keys: past M, wholly
 ///     in the causal future, or wholly left of every query's streaming window (sinks excepted);
-///   - need_mask() tells the tiles where some (query, key) pair of the CTA is hidden.
+///   - need_mask() tells the tiles where some (query, key) pair of the CTA is hidden, and
+///     RowMask which columns of one query's row those are.
 /// Every thread of a CTA computes the same list, so barriers in the tile loop stay uniform.
 #ifndef ATTNPILOT_CUDA_EMU
 #include <cuda_runtime.h>
@@ -73,6 +74,36 @@ struct TileList {
     const int64_t first_old = k > p.sinks ? k : p.sinks;
     return k_last >= p.m || (p.causal && k_last > cta_first) ||
            (p.window > 0 && first_old <= k_last && first_old <= cta_last - p.window);
+  }
+};
+
+/// The visible columns of one query's row in a tile of kBN keys from k0, by the CPU backend's
+/// rule (key k is hidden when k >= M, (causal) k > qpos, or (window) sinks <= k <= qpos -
+/// window): column col is visible when col < vis_end and not win_lo <= col <= win_hi (bounds
+/// clamped to [-1, kBN + 1], so the per-element test is 32-bit). Default-constructed: all
+/// visible (tiles that need no mask).
+template <int kBN>
+struct RowMask {
+  int vis_end = kBN, win_lo = kBN + 1, win_hi = -1;
+
+  RowMask() = default;
+  /// The row of the query at key position qpos.
+  __device__ __forceinline__ RowMask(const BlockSparseLaunch& p, int64_t k0, int64_t qpos) {
+    int64_t end = p.m - k0;
+    if (p.causal && qpos + 1 - k0 < end) end = qpos + 1 - k0;
+    vis_end = clamp(end);
+    if (p.window > 0) {
+      win_lo = clamp(p.sinks - k0);
+      win_hi = clamp(qpos - p.window - k0);
+    }
+  }
+  __device__ __forceinline__ bool hidden(int col) const {
+    return col >= vis_end || (col >= win_lo && col <= win_hi);
+  }
+
+ private:
+  __device__ __forceinline__ static int clamp(int64_t x) {
+    return static_cast<int>(x < kBN + 1 ? (x > -1 ? x : -1) : kBN + 1);
   }
 };
 
