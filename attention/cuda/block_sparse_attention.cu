@@ -6,7 +6,11 @@
 // holds the __global__ wrapper and the launcher. CI runs the body on the CPU through the CUDA
 // emulation (tests/cuda_emu, whose cuda_emu_mma.h emulates the PTX with the same fragment
 // layouts): tests/attention/attention_emu_test.cpp, against the CPU backend. Moving the body
-// there left the SASS of every instantiation unchanged (cuobjdump -sass, 2026-12-05).
+// there left the SASS of every instantiation unchanged (cuobjdump -sass, 2026-12-05); the tile
+// list and row mask it now shares with the wgmma kernels (tile_list.cuh, later the same day)
+// changed its registers slightly (255 -> 250/252 at kM = 2) and have not run on a GPU yet. On
+// H100/H200 the launcher sends blocks of multiples of 128 to the wgmma kernel
+// (block_sparse_wgmma.cu); this one serves blocks of 64 and other GPUs.
 //
 // One CTA of 4 warps per (query tile, query head, batch entry). The query tile is kBM = 64·kM
 // rows: kM = 2 (128 rows, each warp 32 rows as two 16-row m-tiles) when the whole CTA lies in
