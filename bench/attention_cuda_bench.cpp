@@ -11,11 +11,13 @@
 // rate, a lead); at density 100% the relative error against SDPA.
 // 2. The low-rank block estimator (cuda/cuda_estimator.h; key projection, rank-r scores of 8
 //    sampled rows per query block, selection, CSR lists on the device) at L = 32k, r = 16 and 32,
-//    density 10% and 5%, 3xTF32 and one-pass TF32 scores, and with pooled queries (mode pool-q:
-//    one mean query per block, fp32), against the attention it plans and against the CPU twin's
-//    LibTorch code (estimators.cpp) run on the same GPU tensors. First the key projection alone
-//    (r = 8..64) by the projection kernel's two variants, 1 and 4 output rows per thread
-//    (CudaEstimatorOptions::projection_rows), side by side with their ratio and byte floor.
+//    density 10% and 5%, 3xTF32 and one-pass TF32 scores, and with pooled queries (one mean
+//    query per block; mode pq-mma: scored against the stored keys on the tensor cores, the
+//    default; pool-q: against the projected keys, fp32 CUDA cores), against the attention it plans
+//    and against the CPU twin's LibTorch code (estimators.cpp) run on the same GPU tensors. First
+//    the key projection alone (r = 8..64) by the projection kernel's two variants, 1 and 4 output
+//    rows per thread (CudaEstimatorOptions::projection_rows), side by side with their ratio and
+//    byte floor.
 // 3. Decoding, batch 16, 32 heads, 32k cache, d = 128: SDPA over the full cache, our split-K
 //    decode kernel over full keys and over rank-32 and rank-16 key caches, with byte floors.
 // On a machine without a CUDA device it says so and exits 0.
@@ -350,17 +352,24 @@ void run_estimator(bool quick) {
             (void)select_blocks(sc, pooled, len, len, true, 0);
           },
           1, 3);
-      double flops = 0;
-      BlockMask mask;
-      const double t_est = ev.median_ms(
-          [&] { mask = estimate_block_mask_cuda(q, k, a_q, a_k, pooled, true, 0, &flops); }, 2, 10);
-      const double t_att = ev.median_ms(
-          [&] { (void)backend.block_sparse(q, k, v, mask, scale, true, 0, 0, 0); }, 2, 10);
-      fmt::print(
-          "{:>4} {:>7.0f}% {:>6} {:>13.3f} {:>13.3f} {:>11.3f} {:>10.3f} {:>14.3f} {:>10.1f}\n", r,
-          100 * density, "pool-q", t_est, t_att, t_est / t_att,
-          mask.on_host().density(len, len, true, 0), t_ref_pooled, t_ref_pooled / t_est);
-      std::fflush(stdout);
+      // pq-mma: the tensor-core kernel on the stored keys (the default); pool-q: the keys
+      // projected, then the CUDA-core kernel.
+      for (bool key_mma : {true, false}) {
+        CudaEstimatorOptions eo;
+        eo.pooled_key_mma = key_mma;
+        double flops = 0;
+        BlockMask mask;
+        const double t_est = ev.median_ms(
+            [&] { mask = estimate_block_mask_cuda(q, k, a_q, a_k, pooled, true, 0, &flops, eo); },
+            2, 10);
+        const double t_att = ev.median_ms(
+            [&] { (void)backend.block_sparse(q, k, v, mask, scale, true, 0, 0, 0); }, 2, 10);
+        fmt::print(
+            "{:>4} {:>7.0f}% {:>6} {:>13.3f} {:>13.3f} {:>11.3f} {:>10.3f} {:>14.3f} {:>10.1f}\n",
+            r, 100 * density, key_mma ? "pq-mma" : "pool-q", t_est, t_att, t_est / t_att,
+            mask.on_host().density(len, len, true, 0), t_ref_pooled, t_ref_pooled / t_est);
+        std::fflush(stdout);
+      }
     }
   }
   // The pooled estimator (softmax over mean-pooled query and key blocks: LibTorch on the GPU)

@@ -79,6 +79,7 @@
 #include "attention/cuda/block_estimator_kernels.h"
 #include "attention/cuda/block_scores_block.cuh"
 #include "attention/cuda/estimator_common.cuh"
+#include "attention/cuda/pooled_keys_mma.cuh"
 #include "attention/cuda/pooled_scores.cuh"
 #include "attention/cuda/projection_block.cuh"
 #include "attention/cuda/select_block.cuh"
@@ -138,6 +139,19 @@ __global__ void __launch_bounds__(32 * kNormaliseWarps)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormaliseWarps + threadIdx.x / 32;
   if (row >= rows) return;  // whole warps; no block barriers
   pooled::pooled_normalise_row(p, row);
+}
+
+// ---- (2k) pooled-query block scores from the stored keys (pooled_keys_mma.cuh) ----
+
+// grid (query groups × key chunks, heads, batch): blockIdx.x = group + groups·chunk, so the
+// query groups that share a key chunk run side by side (one DRAM read of the chunk).
+template <typename T, int D>
+__global__ void __launch_bounds__(pooled_keys::kThreads)
+    pooled_keys_kernel(PooledKeysLaunch p, int64_t groups) {
+  __shared__ __align__(16) T tiles[pooled_keys::shared_bytes(D) / sizeof(T)];
+  const int64_t group = blockIdx.x % groups, chunk = blockIdx.x / groups;
+  const int64_t bh = static_cast<int64_t>(blockIdx.z) * p.heads + blockIdx.y;
+  pooled_keys::pooled_keys_block<T, D>(p, chunk, group, bh, tiles);
 }
 
 // ---- (3) selection (the body is select_block.cuh's select_row) ----
@@ -436,6 +450,62 @@ cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p_in, cudaStrea
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_blocks;
   pooled_normalise_kernel<<<static_cast<unsigned>(ceil_div(rows, kNormaliseWarps)),
                             32 * kNormaliseWarps, 0, stream>>>(p, rows);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) *failed_call = "pooled_normalise_kernel<<<rows / 4, 128>>>";
+  return e;
+}
+
+cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t stream,
+                                     const char** failed_call) {
+  PooledKeysLaunch p = p_in;
+  if (p.chunk_blocks == 0)
+    p.chunk_blocks = kPooledChunkKeys / p.block_size > 0 ? kPooledChunkKeys / p.block_size : 1;
+  const bool ok =
+      p.w != nullptr && p.k != nullptr && p.scores != nullptr &&
+      reinterpret_cast<uintptr_t>(p.k) % 16 == 0 && p.k_stride[0] % 8 == 0 &&
+      p.k_stride[1] % 8 == 0 && p.k_stride[2] % 8 == 0 && p.k_stride[2] >= p.d &&
+      (p.type == InputType::kBFloat16 || p.type == InputType::kFloat16) &&
+      (p.d == 64 || p.d == 128) && p.batch >= 1 && p.batch <= 65535 && p.heads >= 1 &&
+      p.heads <= 65535 && p.kv_heads >= 1 && p.heads % p.kv_heads == 0 && p.n >= 1 && p.m >= 1 &&
+      p.q_offset >= 0 && p.block_size >= kKeyTile && p.block_size % kKeyTile == 0 &&
+      p.q_blocks == ceil_div(p.n, p.block_size) && p.k_blocks == ceil_div(p.m, p.block_size) &&
+      p.chunk_blocks >= 1 && pooled_keys::chunks(p) * pooled_keys::groups(p) <= 0x7fffffff &&
+      static_cast<int64_t>(p.batch) * p.heads * p.q_blocks <= int64_t(0x7fffffff) * kNormaliseWarps;
+  if (!ok) {
+    *failed_call = "launch_pooled_key_scores (arguments outside the kernel's range)";
+    return cudaErrorInvalidValue;
+  }
+  const int64_t groups = pooled_keys::groups(p);
+  const dim3 grid(static_cast<unsigned>(pooled_keys::chunks(p) * groups),
+                  static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+  const auto run = [&](auto kernel) {
+    kernel<<<grid, pooled_keys::kThreads, 0, stream>>>(p, groups);
+  };
+  const bool bf16 = p.type == InputType::kBFloat16;
+  if (p.d == 64)
+    bf16 ? run(pooled_keys_kernel<__nv_bfloat16, 64>) : run(pooled_keys_kernel<__half, 64>);
+  else
+    bf16 ? run(pooled_keys_kernel<__nv_bfloat16, 128>) : run(pooled_keys_kernel<__half, 128>);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    *failed_call = "pooled_keys_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
+    return e;
+  }
+  // The normalisation reads only the geometry and the scores.
+  PooledScoresLaunch np;
+  np.scores = p.scores;
+  np.batch = p.batch;
+  np.heads = p.heads;
+  np.n = p.n;
+  np.m = p.m;
+  np.q_offset = p.q_offset;
+  np.q_blocks = p.q_blocks;
+  np.k_blocks = p.k_blocks;
+  np.block_size = p.block_size;
+  np.causal = p.causal;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_blocks;
+  pooled_normalise_kernel<<<static_cast<unsigned>(ceil_div(rows, kNormaliseWarps)),
+                            32 * kNormaliseWarps, 0, stream>>>(np, rows);
   e = cudaGetLastError();
   if (e != cudaSuccess) *failed_call = "pooled_normalise_kernel<<<rows / 4, 128>>>";
   return e;

@@ -13,6 +13,9 @@
 ///       every row──► pq [B, H, QB, R] (mean query · a_q · log2(e)/√d)
 ///   pq, kp ──(2p) pooled scores: per-(query block, key block) log-sum-exp into scores, then a
 ///       normalisation in place──► scores [B, H, QB, KB] fp32 (pooled_scores.cuh)
+/// or, for bf16/fp16 keys of d 64 or 128, without projecting the keys:
+///   pq ──(LibTorch: · A_kᵀ)──► w [B, H, QB, d]; w, k ──(2k) the same scores on the tensor
+///       cores (pooled_keys_mma.cuh), then the same normalisation
 ///   scores ──(3) selection (one warp per row) ──► bitmap [rows, ⌈KB/32⌉] + counts [rows]
 ///          ──(4) CUB exclusive scan──► row_ptr [rows+1] ──(5) scatter──► col_idx (ascending)
 ///
@@ -113,6 +116,29 @@ struct PooledScoresLaunch {
   int64_t chunk_blocks = 0;
 };
 
+/// (2k) The scores of (2p) from the keys as stored, on the tensor cores (pooled_keys_mma.cuh):
+/// the rank-r score of query block qb and key j is w_qb · k_j with w_qb = A_k A_qᵀ q̄_qb, so no
+/// key projection is needed. Same output as (2p); bf16 or fp16 keys, d 64 or 128.
+struct PooledKeysLaunch {
+  /// [batch, heads, q_blocks, d] fp32 contiguous: A_k A_qᵀ (mean query of qb) · log2(e)/√d
+  const float* w = nullptr;
+  /// [batch, kv_heads, m, d] of `type` (kBFloat16 or kFloat16), d contiguous, 16-byte aligned
+  /// rows (k_stride[2] a multiple of 8)
+  const void* k = nullptr;
+  int64_t k_stride[3] = {0, 0, 0};  ///< element strides over (batch, kv head, row)
+  InputType type = InputType::kBFloat16;
+  float* scores = nullptr;  ///< [batch, heads, q_blocks, k_blocks] fp32, every element written
+  int batch = 0, heads = 0, kv_heads = 0;
+  int64_t n = 0, m = 0, q_offset = 0;
+  int64_t q_blocks = 0, k_blocks = 0;
+  int block_size = 0;  ///< multiple of kEstimatorKeyTile
+  int d = 0;           ///< 64 or 128
+  bool causal = false;
+  /// Key blocks per CTA (its grid's key chunks); 0: the launcher's choice (kPooledChunkKeys
+  /// keys, at least one block).
+  int64_t chunk_blocks = 0;
+};
+
 /// (3)-(5) select_blocks on device-resident scores, written as CSR lists.
 struct SelectLaunch {
   const float* scores = nullptr;  ///< [rows, k_blocks] (rows = batch·heads·q_blocks)
@@ -149,6 +175,10 @@ cudaError_t launch_lowrank_block_scores(const BlockScoresLaunch& p, cudaStream_t
 /// Two kernels on `stream`: the pooled scores' per-block log-sum-exps, then their normalisation.
 cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p, cudaStream_t stream,
                                        const char** failed_call);
+/// Two kernels on `stream`: the pooled scores from the stored keys (L per block), then the same
+/// normalisation as launch_pooled_block_scores.
+cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p, cudaStream_t stream,
+                                     const char** failed_call);
 cudaError_t launch_select_blocks(const SelectLaunch& p, cudaStream_t stream,
                                  const char** failed_call);
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -185,41 +186,82 @@ void set_geometry(Launch& l, const torch::Tensor& q, const torch::Tensor& k, int
   l.causal = causal;
 }
 
-/// Pooled-query scores on the device; see lowrank_block_scores_cuda.
+/// Whether the tensor-core pooled kernel (pooled_keys_mma.cuh) takes keys k: bf16 or fp16,
+/// head dim 64 or 128, rows contiguous and 16-byte aligned.
+bool pooled_keys_mma_handles(const torch::Tensor& k) {
+  const int64_t d = k.size(3);
+  return (k.scalar_type() == torch::kBFloat16 || k.scalar_type() == torch::kHalf) &&
+         (d == 64 || d == 128) && k.stride(3) == 1 && k.stride(0) % 8 == 0 &&
+         k.stride(1) % 8 == 0 && k.stride(2) % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0;
+}
+
+/// Pooled-query scores on the device; see lowrank_block_scores_cuda. key_mma: the tensor-core
+/// kernel on the stored keys where pooled_keys_mma_handles(k), else the key projection and the
+/// CUDA-core kernel.
 torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k_in,
                                       const torch::Tensor& a_q, const torch::Tensor& a_k,
                                       int64_t bs, bool causal, int64_t q_offset, double* flops,
-                                      int proj_rows) {
+                                      int proj_rows, bool key_mma) {
   c10::cuda::CUDAGuard guard(q_in.device());
   const auto stream = at::cuda::getCurrentCUDAStream(q_in.get_device()).stream();
   const int64_t b = q_in.size(0), h = q_in.size(1), n = q_in.size(2), d = q_in.size(3);
   const int64_t m = k_in.size(2), r = a_q.size(3), rp = padded_rank(r);
   const int64_t qbn = div_up(n, bs), kbn = div_up(m, bs);
   const auto fopt = q_in.options().dtype(torch::kFloat);
+  key_mma = key_mma && pooled_keys_mma_handles(k_in);
 
   // The block means of q (LibTorch reductions on the current stream), projected and scaled by
   // log2(e)/√d like the sampled rows (mean then project: the CPU twin's project then mean up to
-  // rounding); every key projected.
+  // rounding).
   const auto pq = torch::empty({b, h, qbn, rp}, fopt);
-  const auto kp = torch::empty({b, h, m, rp}, fopt);
   project(block_means(q_in, bs), a_q, kLog2e / std::sqrt(static_cast<double>(d)), 0, pq, stream,
           proj_rows);
-  project(k_in, a_k, 1.0, 0, kp, stream, proj_rows);
-
   auto scores = torch::empty({b, h, qbn, kbn}, fopt);
+  double pairs = 0;
+  for (int64_t i = 0; i < qbn; ++i)
+    pairs += static_cast<double>(visible_keys(i, n, m, bs, causal, q_offset));
+  const char* failed = "launch_pooled_block_scores";
+  if (key_mma) {
+    // w = pq A_kᵀ [b, h, qbn, d] (fp32 cuBLAS; LibTorch's TF32 setting for matmuls applies),
+    // scored against k itself: the rank-r scores without projecting the keys.
+    const auto w =
+        torch::matmul(pq.narrow(3, 0, r), a_k.to(torch::kFloat).transpose(2, 3)).contiguous();
+    cuda::PooledKeysLaunch pl;
+    pl.w = w.data_ptr<float>();
+    pl.k = k_in.data_ptr();
+    for (int i = 0; i < 3; ++i) pl.k_stride[i] = k_in.stride(i);
+    pl.type = input_type(k_in);
+    pl.scores = scores.data_ptr<float>();
+    pl.batch = static_cast<int>(b);
+    pl.heads = static_cast<int>(h);
+    pl.kv_heads = static_cast<int>(k_in.size(1));
+    pl.n = n;
+    pl.m = m;
+    pl.q_offset = q_offset;
+    pl.q_blocks = qbn;
+    pl.k_blocks = kbn;
+    pl.block_size = static_cast<int>(bs);
+    pl.d = static_cast<int>(d);
+    pl.causal = causal;
+    failed = "launch_pooled_key_scores";
+    check_cuda(cuda::launch_pooled_key_scores(pl, stream, &failed), failed, q_in, k_in, bs);
+    // FLOPs: the block means (n·d adds), the projection of the means and its product with
+    // A_kᵀ, then 2·2d + 1 per (query block, visible key) pair (w's two 16-bit parts).
+    *flops += static_cast<double>(b) * h *
+              (static_cast<double>(n) * d + 4.0 * qbn * d * r + pairs * (4.0 * d + 1));
+    return scores;
+  }
+  const auto kp = torch::empty({b, h, m, rp}, fopt);
+  project(k_in, a_k, 1.0, 0, kp, stream, proj_rows);
   cuda::PooledScoresLaunch pl;
   pl.pq = pq.data_ptr<float>();
   pl.kp = kp.data_ptr<float>();
   pl.scores = scores.data_ptr<float>();
   set_geometry(pl, q_in, k_in, bs, rp, causal, q_offset);
-  const char* failed = "launch_pooled_block_scores";
   check_cuda(cuda::launch_pooled_block_scores(pl, stream, &failed), failed, q_in, k_in, bs);
-
   // FLOPs: the block means (n·d adds), the projections of the means and of the keys, then 2r+1
   // per (query block, visible key) pair.
-  double pairs = 0;
-  for (int64_t i = 0; i < qbn; ++i)
-    pairs += static_cast<double>(visible_keys(i, n, m, bs, causal, q_offset));
   *flops += static_cast<double>(b) * h *
             (static_cast<double>(n) * d + 2.0 * (qbn + m) * d * r + pairs * (2.0 * r + 1));
   return scores;
@@ -296,7 +338,7 @@ torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Ten
   check_inputs(q, k, a_q, a_k, block_size, q_offset);
   if (options.pool_queries)
     return pooled_scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops,
-                                   options.projection_rows);
+                                   options.projection_rows, options.pooled_key_mma);
   return scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops, options.tf32,
                           options.projection_rows);
 }
@@ -328,8 +370,8 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
     scores = torch::zeros({q.size(0), q.size(1), div_up(q.size(2), bs), div_up(k.size(2), bs)},
                           q.options().dtype(torch::kFloat));
   else if (plan.pool_queries)
-    scores =
-        pooled_scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.projection_rows);
+    scores = pooled_scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops,
+                                     options.projection_rows, options.pooled_key_mma);
   else
     scores = scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.tf32,
                               options.projection_rows);

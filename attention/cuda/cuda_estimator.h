@@ -5,17 +5,19 @@
 ///   q [B, H, N, d], k [B, Hkv, M, d] (fp32 / bf16 / fp16; fp32 math), a_q, a_k [1 or B, H, d, R]
 ///     ──► lowrank_block_scores_cuda: scores [B, H, q_blocks, k_blocks] fp32 on q's device
 ///         (8 sampled query rows per block on the tensor cores, or with pooled queries one mean
-///         query per block on the CUDA cores)
+///         query per block: against the stored bf16/fp16 keys on the tensor cores, else against
+///         the projected keys on the CUDA cores)
 ///     ──► estimate_block_mask_cuda: BlockMask whose row_ptr / col_idx are CUDA int64 tensors
 ///   scores of any estimator on the device ──► select_blocks_cuda: the same selection
 ///
 /// No host synchronisation: the sampled-row indices (or the query block means), projections,
-/// scores, selection, scan and scatter all run on the caller's current stream. The pooled mode
-/// is tested against the CPU twin in a CPU emulation of its kernels (estimator_emu_test); its
-/// GPU tests and timing have not been run yet. Note that BlockMask's own comment says its
-/// lists are CPU tensors; the masks returned here are not (see estimate_block_mask_cuda).
-/// Limits of the kernels: block size a multiple of 64, head dim <= 256, rank <= 64 (padded to 8,
-/// 16, 32 or 64 with zero columns), at most 16384 key blocks. Outside them: InvalidArgument.
+/// scores, selection, scan and scatter all run on the caller's current stream. The pooled mode's
+/// kernels are tested against the CPU twin in a CPU emulation (estimator_emu_test) and on the
+/// GPU (cuda_estimator_test; the tensor-core kernel on the stored keys not yet on a GPU). Note that
+/// BlockMask's own comment says its lists are CPU tensors; the masks returned here are not (see
+/// estimate_block_mask_cuda). Limits of the kernels: block size a multiple of 64, head dim <= 256,
+/// rank <= 64 (padded to 8, 16, 32 or 64 with zero columns), at most 16384 key blocks. Outside
+/// them: InvalidArgument.
 #include <torch/torch.h>
 
 #include <cstdint>
@@ -43,6 +45,12 @@ struct CudaEstimatorOptions {
   /// results (the same FMA order per element). A tuning knob, not yet measured on a GPU: measure
   /// before changing the default. Anything else: InvalidArgument.
   int projection_rows = 1;
+  /// Pooled queries with bf16/fp16 keys of head dim 64 or 128: score w = A_k A_qᵀ q̄ (per query
+  /// block) against the keys as stored, on the tensor cores (w split into two 16-bit parts:
+  /// scores within ~1e-5 of the fp32 path), with no key projection. false: project the keys,
+  /// then the CUDA-core kernel (the path this one is tested against). Other shapes and types
+  /// always take that path.
+  bool pooled_key_mma = true;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one

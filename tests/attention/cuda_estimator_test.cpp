@@ -44,7 +44,8 @@ constexpr double kRelTol = 5e-5;
 /// Pooled queries (CudaEstimatorOptions::pool_queries): plain fp32 on both sides, the GPU
 /// projecting the block means, the CPU twin averaging projected rows. The CPU emulation of the
 /// kernels (estimator_emu_test) measured at most 8.4e-7 absolute against float64; not yet
-/// measured on the GPU, so the sampled mode's tolerance.
+/// measured on the GPU, so the sampled mode's tolerance. The tensor-core kernel on the stored
+/// keys (bf16/fp16) measured at most 1.1e-5 in the emulation (w split into two 16-bit parts).
 constexpr double kPooledAbsTol = 5e-5;
 constexpr double kPooledRelTol = 5e-5;
 /// The one-pass tf32 mode (CudaEstimatorOptions::tf32): scores from 10-bit-mantissa products;
@@ -268,8 +269,9 @@ TEST(CudaEstimator, ManyKeyBlocksUseTheWorkspace) {
 }
 
 /// Pooled queries (lowrank_block_scores(..., pool_queries = true)) on the GPU against the CPU
-/// twin: every input dtype, GQA, causal and not, odd lengths, strided k, more than 128 query
-/// blocks (two query groups of the score kernel) and hundreds of key blocks (many key chunks).
+/// twin, both kernels (on the stored keys and on the projected keys): every input dtype, GQA,
+/// causal and not, odd lengths, strided k, more than 128 query blocks (two query groups of the
+/// score kernel) and hundreds of key blocks (many key chunks).
 TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
   SKIP_WITHOUT_CUDA();
   std::mt19937_64 rng(20261202);
@@ -278,38 +280,62 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
   cases.push_back(Case{1, 2, 1, 9000, 9100, 100, 64, 16, 64, true, torch::kBFloat16});
   cases.push_back(Case{1, 2, 2, 200, 26000, 7, 64, 16, 64, false, torch::kHalf});
   cases.push_back(Case{1, 2, 1, 300, 26000, 25700, 128, 64, 128, true, torch::kBFloat16});
-  CudaEstimatorOptions pooled;
-  pooled.pool_queries = true;
   for (const Case& c : cases) {
     auto in = make_inputs(c, seed);
     give_queries_a_direction(c, &in, seed++);
-    double cpu_flops = 0, gpu_flops = 0;
+    double cpu_flops = 0;
     const auto want = cpu_pooled_scores(c, in, &cpu_flops);
-    poison({want.numel()}, std::nan(""), torch::kFloat);
-    const auto got = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
-                                               c.q_offset, &gpu_flops, pooled);
-    ASSERT_TRUE(got.is_cuda()) << c.str();
-    ASSERT_EQ(got.sizes(), want.sizes()) << c.str();
-    const auto g = got.cpu().to(torch::kDouble), w = want.to(torch::kDouble);
-    ASSERT_TRUE(torch::isfinite(g).all().item<bool>()) << c.str() << ": unwritten or NaN scores";
-    EXPECT_LE((g - w).abs().max().item<double>(), kPooledAbsTol) << c.str();
-    EXPECT_LE(((g - w).norm() / w.norm()).item<double>(), kPooledRelTol) << c.str();
-    EXPECT_LE((g.sum(-1) - 1.0).abs().max().item<double>(), 1e-4) << c.str();
-    EXPECT_EQ((g < 0).sum().item<int64_t>(), 0) << c.str();
-    // The CPU projects every query row, the GPU the block means (n·d adds to form them).
+    const auto w = want.to(torch::kDouble);
     const int64_t qbn = (c.n + c.bs - 1) / c.bs;
-    EXPECT_NEAR(gpu_flops,
-                cpu_flops - 2.0 * c.b * c.h * (c.n - qbn) * c.d * c.r +
-                    static_cast<double>(c.b) * c.h * c.n * c.d,
-                1e-9 * cpu_flops)
-        << c.str();
-    // tf32 does not apply to the pooled path; same inputs, same bits (no race).
-    CudaEstimatorOptions pooled_tf32 = pooled;
-    pooled_tf32.tf32 = true;
-    EXPECT_TRUE(
-        torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
-                                                    c.q_offset, &gpu_flops, pooled_tf32)))
-        << c.str() << ": two runs differ";
+    double pairs = 0;  // Σ over query blocks of the keys each sees
+    for (int64_t qb = 0; qb < qbn; ++qb)
+      pairs += static_cast<double>(
+          c.causal ? std::min(c.m, c.q_offset + qb * c.bs + std::min(c.bs, c.n - qb * c.bs)) : c.m);
+    // key_mma: bf16/fp16 keys (d is 64 or 128 in every case) take the tensor-core kernel on the
+    // stored keys; fp32 keys, and key_mma = false, the projected keys.
+    for (bool key_mma : {true, false}) {
+      CudaEstimatorOptions pooled;
+      pooled.pool_queries = true;
+      pooled.pooled_key_mma = key_mma;
+      const bool on_keys = key_mma && c.dt != torch::kFloat;
+      const std::string what = c.str() + (on_keys ? " (stored keys, tensor cores)" : "");
+      double gpu_flops = 0;
+      poison({want.numel()}, std::nan(""), torch::kFloat);
+      const auto got = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                 c.q_offset, &gpu_flops, pooled);
+      ASSERT_TRUE(got.is_cuda()) << what;
+      ASSERT_EQ(got.sizes(), want.sizes()) << what;
+      const auto g = got.cpu().to(torch::kDouble);
+      ASSERT_TRUE(torch::isfinite(g).all().item<bool>()) << what << ": unwritten or NaN scores";
+      EXPECT_LE((g - w).abs().max().item<double>(), kPooledAbsTol) << what;
+      EXPECT_LE(((g - w).norm() / w.norm()).item<double>(), kPooledRelTol) << what;
+      EXPECT_LE((g.sum(-1) - 1.0).abs().max().item<double>(), 1e-4) << what;
+      EXPECT_EQ((g < 0).sum().item<int64_t>(), 0) << what;
+      const double bh = static_cast<double>(c.b) * c.h;
+      if (on_keys) {
+        // The block means (n·d adds), the means' projection and its product with A_kᵀ, then
+        // 2·2d + 1 per (query block, visible key) pair.
+        EXPECT_NEAR(
+            gpu_flops,
+            bh * (static_cast<double>(c.n) * c.d + 4.0 * qbn * c.d * c.r + pairs * (4.0 * c.d + 1)),
+            1e-9 * gpu_flops)
+            << what;
+      } else {
+        // The CPU projects every query row, the GPU the block means (n·d adds to form them).
+        EXPECT_NEAR(
+            gpu_flops,
+            cpu_flops - 2.0 * bh * (c.n - qbn) * c.d * c.r + bh * static_cast<double>(c.n) * c.d,
+            1e-9 * cpu_flops)
+            << what;
+      }
+      // tf32 does not apply to the pooled path; same inputs, same bits (no race).
+      CudaEstimatorOptions pooled_tf32 = pooled;
+      pooled_tf32.tf32 = true;
+      EXPECT_TRUE(
+          torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                      c.q_offset, &gpu_flops, pooled_tf32)))
+          << what << ": two runs differ";
+    }
   }
 }
 

@@ -1,10 +1,13 @@
 /// The pooled-query block scores' device code (attention/cuda/pooled_scores.cuh: the score
-/// kernel's CTA body and the normalising warp) run on the CPU through the CUDA emulation in
+/// kernel's CTA body and the normalising warp; attention/cuda/pooled_keys_mma.cuh: the
+/// tensor-core body on the stored keys, mma.sync and ldmatrix emulated by cuda_emu_mma.h) run
+/// on the CPU through the CUDA emulation in
 /// tests/cuda_emu, against the CPU twin lowrank_block_scores(..., pool_queries = true) in
 /// float64: N not a multiple of the block, q_offset > 0, causal and not, M != N (fewer keys than
 /// the causal limit too), blocks 64 and 128, ranks padded to 8/16/32/64 (two query blocks per
 /// thread up to 32, one at 64), two query groups, key chunks of 1..4 blocks and the launcher's
-/// default. The inputs of
+/// default; for the tensor-core body also bf16 and fp16 keys, d 64 and 128, GQA and padded key
+/// rows. The inputs of
 /// the kernels (the projected block-mean queries and keys) are computed in float64 here and
 /// rounded to fp32, as the GPU path's projection kernel writes them. Runs everywhere, CI
 /// included; the GPU tests (cuda_estimator_test.cpp) check the compiled kernels on the device.
@@ -17,6 +20,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention/estimators.h"
@@ -24,13 +28,16 @@
 // After LibTorch and GoogleTest: the emulation defines CUDA's keywords as macros.
 #include "tests/cuda_emu/cuda_emu.h"
 // clang-format off (the emulation must come first)
+#include "attention/cuda/pooled_keys_mma.cuh"
 #include "attention/cuda/pooled_scores.cuh"
+#include "tests/cuda_emu/cuda_emu_mma.h"
 // clang-format on
 
 namespace {
 
 namespace cu = attnpilot::attention::cuda;
 namespace pooled = attnpilot::attention::cuda::pooled;
+namespace pooled_keys = attnpilot::attention::cuda::pooled_keys;
 namespace emu = attnpilot::cuda_emu;
 
 /// fp32 rounding of the kernels' inputs (pq, kp) and fp32 dot products, exp2 and sums, amplified
@@ -223,6 +230,231 @@ TEST(PooledScoresEmulated, OneKeyOfMaskIsVisibleAboveTheTolerance) {
         pr.q, pr.k, pr.a_q, pr.a_k, s.bs, s.causal, s.q_offset + shift, &flops, true);
     EXPECT_GT((got - off).abs().max().item<double>(), 10 * kAbsTol) << "shift " << shift;
   }
+}
+
+// ---- the tensor-core body on the stored keys (pooled_keys_mma.cuh) ----
+
+/// Its inputs: w = A_k A_qᵀ q̄ · log2(e)/√d (float64, rounded to fp32) and k rounded to T,
+/// stored with a row stride of `ld` elements; the CPU twin gets the same rounded keys (in
+/// float64, each query head's key head repeated).
+struct KeysProblem {
+  torch::Tensor q, k64, a_q, a_k;  // float64; k64 [b, h, m, d] (GQA expanded), rounded to T
+  std::vector<float> w;
+  std::vector<uint16_t> k;  // [b, hkv, m, ld] raw 16-bit values (padding: NaN)
+};
+
+template <typename T>
+KeysProblem make_keys_problem(const Shape& s, int64_t hkv, int64_t ld, uint64_t seed,
+                              double sharp) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  KeysProblem p;
+  const auto dir = torch::randn({s.b, s.h, 1, s.d}, gen, o64);
+  p.q = 0.5 * torch::randn({s.b, s.h, s.n, s.d}, gen, o64) + dir;
+  const auto k_raw = torch::randn({s.b, hkv, s.m, s.d}, gen, o64);
+  const auto k16 = k_raw.to(bf16 ? torch::kBFloat16 : torch::kHalf);
+  p.k64 = k16.to(torch::kFloat64).repeat_interleave(s.h / hkv, 1);
+  p.a_q =
+      torch::randn({1, s.h, s.d, s.r}, gen, o64) * (sharp / std::sqrt(static_cast<double>(s.d)));
+  p.a_k = torch::randn({1, s.h, s.d, s.r}, gen, o64) / std::sqrt(static_cast<double>(s.r));
+  const int64_t qbn = (s.n + s.bs - 1) / s.bs;
+  std::vector<torch::Tensor> means;
+  for (int64_t qb = 0; qb < qbn; ++qb)
+    means.push_back(p.q.narrow(2, qb * s.bs, std::min(s.bs, s.n - qb * s.bs)).mean(2, true));
+  const double scale = 1.4426950408889634 / std::sqrt(static_cast<double>(s.d));
+  const auto w =
+      (torch::matmul(torch::matmul(torch::cat(means, 2), p.a_q) * scale, p.a_k.transpose(2, 3)))
+          .to(torch::kFloat)
+          .contiguous();
+  p.w.assign(w.data_ptr<float>(), w.data_ptr<float>() + w.numel());
+  const auto bits = k16.contiguous().view(torch::kInt16);
+  const int16_t* src = bits.data_ptr<int16_t>();
+  p.k.assign(static_cast<size_t>(s.b * hkv * s.m * ld), bf16 ? 0x7fc0 : 0x7e00);
+  for (int64_t row = 0; row < s.b * hkv * s.m; ++row)
+    for (int64_t c = 0; c < s.d; ++c)
+      p.k[static_cast<size_t>(row * ld + c)] = static_cast<uint16_t>(src[row * s.d + c]);
+  return p;
+}
+
+/// The two kernels as the launcher runs them (every CTA of the grid, then the normaliser), on
+/// poisoned scores; `lse` (if not null) receives the scores between the two.
+template <typename T, int D>
+std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const KeysProblem& pr,
+                                std::vector<float>* lse) {
+  cu::PooledKeysLaunch p;
+  const int64_t qbn = (s.n + s.bs - 1) / s.bs, kbn = (s.m + s.bs - 1) / s.bs;
+  std::vector<float> scores(static_cast<size_t>(s.b * s.h * qbn * kbn),
+                            std::numeric_limits<float>::quiet_NaN());
+  p.w = pr.w.data();
+  p.k = pr.k.data();
+  p.k_stride[0] = hkv * s.m * ld;
+  p.k_stride[1] = s.m * ld;
+  p.k_stride[2] = ld;
+  p.type = std::is_same_v<T, __nv_bfloat16> ? cu::InputType::kBFloat16 : cu::InputType::kFloat16;
+  p.scores = scores.data();
+  p.batch = static_cast<int>(s.b);
+  p.heads = static_cast<int>(s.h);
+  p.kv_heads = static_cast<int>(hkv);
+  p.n = s.n;
+  p.m = s.m;
+  p.q_offset = s.q_offset;
+  p.q_blocks = qbn;
+  p.k_blocks = kbn;
+  p.block_size = static_cast<int>(s.bs);
+  p.d = D;
+  p.causal = s.causal;
+  p.chunk_blocks =
+      s.chunk_blocks > 0 ? s.chunk_blocks : std::max<int64_t>(1, cu::kPooledChunkKeys / s.bs);
+  const int64_t groups = pooled_keys::groups(p), chunks = pooled_keys::chunks(p);
+  for (int64_t bh = 0; bh < s.b * s.h; ++bh)
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t g = 0; g < groups; ++g) {
+        // The CTA's shared memory, poisoned (NaN) before each CTA.
+        std::vector<uint16_t> tiles(pooled_keys::shared_bytes(D) / 2,
+                                    std::is_same_v<T, __nv_bfloat16> ? 0x7fc0 : 0x7e00);
+        emu::run_block(pooled_keys::kThreads, [&] {
+          pooled_keys::pooled_keys_block<T, D>(p, c, g, bh, reinterpret_cast<T*>(tiles.data()));
+        });
+      }
+  if (lse != nullptr) *lse = scores;
+  cu::PooledScoresLaunch np;
+  np.scores = scores.data();
+  np.batch = p.batch;
+  np.heads = p.heads;
+  np.n = p.n;
+  np.m = p.m;
+  np.q_offset = p.q_offset;
+  np.q_blocks = qbn;
+  np.k_blocks = kbn;
+  np.block_size = p.block_size;
+  np.causal = p.causal;
+  const int64_t rows = s.b * s.h * qbn;
+  for (int64_t blk = 0; blk < (rows + 3) / 4; ++blk)
+    emu::run_block(128, [&] {
+      const int64_t row = blk * 4 + threadIdx.x / 32;
+      if (row >= rows) return;
+      pooled::pooled_normalise_row(np, row);
+    });
+  return scores;
+}
+
+struct KeysCase {
+  Shape s;
+  int64_t hkv, ld;
+  bool bf16;
+};
+
+std::vector<float> emulate_keys_any(const KeysCase& c, const KeysProblem& pr,
+                                    std::vector<float>* lse) {
+  if (c.s.d == 64)
+    return c.bf16 ? emulate_keys<__nv_bfloat16, 64>(c.s, c.hkv, c.ld, pr, lse)
+                  : emulate_keys<__half, 64>(c.s, c.hkv, c.ld, pr, lse);
+  return c.bf16 ? emulate_keys<__nv_bfloat16, 128>(c.s, c.hkv, c.ld, pr, lse)
+                : emulate_keys<__half, 128>(c.s, c.hkv, c.ld, pr, lse);
+}
+
+KeysProblem make_keys_any(const KeysCase& c, uint64_t seed, double sharp) {
+  return c.bf16 ? make_keys_problem<__nv_bfloat16>(c.s, c.hkv, c.ld, seed, sharp)
+                : make_keys_problem<__half>(c.s, c.hkv, c.ld, seed, sharp);
+}
+
+/// w's 16-bit split (scaled to [-1, 1] per row) leaves each element of w off by <= 2^-17 of its
+/// row's largest (bf16; 2^-22 for fp16), the twin is float64: on sharp scores (a few keys
+/// dominate) a score moves by ~1e-5 (measured 1.1e-5, bf16), on flat ones by < 1e-6; one key
+/// more or less on flat scores moves them by ~1e-3, w without its low part by ~1e-3.
+constexpr double kKeysAbsTol = 3e-5;
+
+std::vector<KeysCase> keys_cases() {
+  return {
+      // N not a multiple of the block, queries mid-cache, chunks of 2 blocks, bf16, d 64.
+      {Shape{1, 2, 300, 700, 400, 64, 16, 64, true, 2}, 2, 64, true},
+      // fp16, d 128, GQA (2 query heads per key head), padded key rows, block 128.
+      {Shape{1, 4, 257, 257, 0, 128, 5, 128, true, 1}, 2, 136, false},
+      // Not causal, M >> N, rank 20, chunks of 3 blocks (the last one short), batch 2.
+      {Shape{2, 1, 100, 1000, 7, 64, 20, 64, false, 3}, 1, 72, true},
+      // One query seeing 129 keys: its second key block holds one visible key.
+      {Shape{1, 1, 1, 129, 128, 128, 16, 128, true, 0}, 1, 128, false},
+      // 70 query blocks: two query groups (64 each), some warps past the last block, fewer keys
+      // than the causal limit.
+      {Shape{1, 1, 70 * 64 - 3, 60 * 64 + 5, 100, 64, 64, 64, true, 0}, 1, 64, true},
+      // Causal limits ending a key tile mid-block, block 128, fp16.
+      {Shape{1, 2, 190, 449, 259, 64, 8, 128, true, 1}, 1, 64, false},
+  };
+}
+
+TEST(PooledKeyScoresEmulated, MatchTheCpuTwinInFloat64) {
+  uint64_t seed = 31;
+  double worst = 0;
+  for (const KeysCase& c : keys_cases()) {
+    const Shape& s = c.s;
+    const double sharp = seed % 2 == 0 ? 8.0 : 1.0;
+    const KeysProblem pr = make_keys_any(c, seed++, sharp);
+    double flops = 0;
+    const auto want = attnpilot::attention::lowrank_block_scores(
+        pr.q, pr.k64, pr.a_q, pr.a_k, s.bs, s.causal, s.q_offset, &flops, /*pool_queries=*/true);
+    std::vector<float> lse;
+    const auto got_v = emulate_keys_any(c, pr, &lse);
+    const int64_t qbn = want.size(2), kbn = want.size(3);
+    const auto got = torch::from_blob(const_cast<float*>(got_v.data()), want.sizes(), torch::kFloat)
+                         .to(torch::kDouble);
+    const auto l = torch::from_blob(lse.data(), want.sizes(), torch::kFloat).to(torch::kDouble);
+    const std::string what =
+        fmt::format("{} hkv={} ld={} {}", s.str(), c.hkv, c.ld, c.bf16 ? "bf16" : "fp16");
+    for (int64_t qb = 0; qb < qbn; ++qb) {
+      const int64_t i0 = qb * s.bs, rows = std::min(s.bs, s.n - i0);
+      const int64_t kend = s.causal ? std::min(s.m, s.q_offset + i0 + rows) : s.m;
+      const int64_t vis = (kend + s.bs - 1) / s.bs;
+      const auto row = l.select(2, qb);
+      EXPECT_TRUE(torch::isfinite(row.narrow(2, 0, vis)).all().item<bool>())
+          << what << " query block " << qb << ": an L value of a visible block is missing";
+      if (vis < kbn) {
+        EXPECT_TRUE(torch::isnan(row.narrow(2, vis, kbn - vis)).all().item<bool>())
+            << what << " query block " << qb << ": L written past the visible blocks";
+      }
+    }
+    ASSERT_TRUE(torch::isfinite(got).all().item<bool>()) << what << ": unwritten or NaN scores";
+    const double err = (got - want).abs().max().item<double>();
+    worst = std::max(worst, err);
+    EXPECT_LE(err, kKeysAbsTol) << what << " sharp " << sharp;
+    EXPECT_LE((got.sum(-1) - 1.0).abs().max().item<double>(), 1e-5) << what;
+  }
+  std::printf(
+      "pooled scores on the stored keys, emulated vs float64 CPU twin: max abs error %.3g\n",
+      worst);
+}
+
+/// The split of w matters: with its low part dropped (w rounded to bf16 first, ~2^-9 of each
+/// product) the comparison fails on sharp scores; and on flat ones a causal limit moved by one
+/// key shows above the tolerance.
+TEST(PooledKeyScoresEmulated, ToleranceSeesTheLowPartAndOneKey) {
+  const KeysCase c{Shape{1, 2, 300, 700, 400, 64, 16, 64, true, 2}, 2, 64, true};
+  const auto run = [&](const KeysProblem& pr) {
+    const auto v = emulate_keys_any(c, pr, nullptr);
+    return torch::from_blob(const_cast<float*>(v.data()), {1, 2, 5, 11}, torch::kFloat)
+        .to(torch::kDouble);
+  };
+  const auto twin = [&](const KeysProblem& pr, int64_t shift) {
+    double flops = 0;
+    return attnpilot::attention::lowrank_block_scores(pr.q, pr.k64, pr.a_q, pr.a_k, c.s.bs,
+                                                      c.s.causal, c.s.q_offset + shift, &flops,
+                                                      /*pool_queries=*/true);
+  };
+  const KeysProblem flat = make_keys_any(c, 33, 1.0);
+  const auto got_flat = run(flat);
+  EXPECT_LE((got_flat - twin(flat, 0)).abs().max().item<double>(), kKeysAbsTol);
+  for (int64_t shift : {-1, 1}) {
+    const double moved = (got_flat - twin(flat, shift)).abs().max().item<double>();
+    std::printf("one key %+lld: %.3g\n", static_cast<long long>(shift), moved);
+    EXPECT_GT(moved, 10 * kKeysAbsTol) << "shift " << shift;
+  }
+  KeysProblem sharp = make_keys_any(c, 32, 8.0);
+  const auto want = twin(sharp, 0);
+  EXPECT_LE((run(sharp) - want).abs().max().item<double>(), kKeysAbsTol);
+  for (float& x : sharp.w) x = __bfloat162float(__float2bfloat16(x));
+  const double hi_only = (run(sharp) - want).abs().max().item<double>();
+  std::printf("w without its low part: %.3g\n", hi_only);
+  EXPECT_GT(hi_only, 10 * kKeysAbsTol);
 }
 
 }  // namespace

@@ -1,0 +1,262 @@
+#pragma once
+/// Block-level device code of the pooled-query block scores on the tensor cores, against the
+/// keys as stored (block_estimator.cu's pooled_keys_kernel is a thin wrapper around
+/// pooled_keys_block): the same scores as pooled_scores.cuh, the GPU twin of estimators.cpp's
+/// lowrank_block_scores(..., pool_queries = true), without the key projection.
+///
+/// The rank-r score of query block qb and key j is (q̄_qb A_q)·(k_j A_k) = w_qb · k_j with
+/// w_qb = A_k A_qᵀ q̄_qb (a d-vector per query block, computed by LibTorch in fp32, scaled by
+/// log2(e)/√d). Scoring w against k itself reads k once (d 16-bit values per key) instead of
+/// projecting it first (the projection kernel reads k and writes kp: 0.24 ms of the 0.81 ms
+/// pooled estimator at 32k on an H100, 2026-12-05); the products run on the tensor cores:
+///
+///   w [64 query blocks × d] fp32 ──per row, scaled by a power of two σ into [-1, 1] and split
+///       into hi + lo (16-bit, T = k's type: |w/σ - hi - lo| <= 2^-17 (bf16) or 2^-22 (fp16))
+///       ──► A fragments in registers (each warp 16 query blocks, 2·d/16 · 4 registers)
+///   k [keys × d] ──cp.async, 64-key tiles, double-buffered──► smem ──ldmatrix──► B fragments
+///   S[16 × 64] = σ·(hi·kᵀ + lo·kᵀ)   mma.sync m16n8k16, fp32 accumulators (2·d/16·8 per tile)
+///   per row and key block: keys j >= kend masked, lane-local running (max, Σ 2^(s - max)),
+///   combined over the lane quad at the block's end: L[qb, kb] = log2 Σ_{j in kb} 2^(s_j)
+///   (then pooled_scores.cuh's pooled_normalise_row, as for the CUDA-core kernel)
+///
+/// k is exact in T; the split keeps ~16 (bf16) or ~21 (fp16) bits of w, so the scores match
+/// the fp32 kernel's to ~1e-5 of their size. One CTA of 4 warps per (b·h, group of 64 query
+/// blocks, chunk of chunk_blocks key blocks), the chunk cut at the group's last kend; grid x =
+/// group + groups·chunk, so the groups sharing a key chunk run side by side (the chunk is read
+/// from DRAM once, the other groups hit L2).
+///
+/// Work at L = 32k, 32 heads, d = 128, block 128, causal: 1.35e8 (query block, key) pairs,
+/// 2·128 MACs each on the tensor cores (69 GFLOP: ~0.07 ms at 990 TFLOP/s, ~0.11 ms at the
+/// ~60% mma.sync reaches), one exp2 per pair (~0.04 ms of MUFU), k read once (268 MB, 0.08 ms).
+#ifndef ATTNPILOT_CUDA_EMU
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+
+#include "attention/cuda/block_estimator_kernels.h"
+#include "attention/cuda/block_sparse_block.cuh"
+#include "attention/cuda/mma_ptx.cuh"
+
+namespace attnpilot::attention::cuda::pooled_keys {
+
+using block_sparse::load_rows_async;
+using block_sparse::pack2;
+using block_sparse::tile_ld;
+
+/// Warps, threads and query blocks (16 per warp: the mma's M) of a CTA; keys per tile.
+inline constexpr int kWarps = 4;
+inline constexpr int kThreads = 32 * kWarps;
+inline constexpr int kGroupBlocks = 16 * kWarps;
+inline constexpr int kTileKeys = kEstimatorKeyTile;
+static_assert(kThreads == block_sparse::kThreads, "load_rows_async's thread count");
+
+/// Shared memory of a CTA: two key tiles of 64 rows × tile_ld(D) 16-bit elements.
+__host__ __device__ constexpr int64_t shared_bytes(int d) {
+  return int64_t(2) * kTileKeys * tile_ld(d) * 2;
+}
+
+__host__ __device__ inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/// The CPU twin's kend: keys query block qb sees (non-decreasing in qb).
+__host__ __device__ inline int64_t visible_keys(const PooledKeysLaunch& p, int64_t qb) {
+  if (!p.causal) return p.m;
+  const int64_t bs = p.block_size, i0 = qb * bs;
+  const int64_t rows = p.n - i0 < bs ? p.n - i0 : bs;
+  const int64_t end = p.q_offset + i0 + rows;
+  return end < p.m ? end : p.m;
+}
+
+/// Query groups and key chunks of the grid (chunk_blocks >= 1).
+__host__ __device__ inline int64_t groups(const PooledKeysLaunch& p) {
+  return div_up(p.q_blocks, kGroupBlocks);
+}
+__host__ __device__ inline int64_t chunks(const PooledKeysLaunch& p) {
+  return div_up(p.k_blocks, p.chunk_blocks);
+}
+
+/// x rounded to T (to nearest even), as a float.
+template <typename T>
+__device__ __forceinline__ float round_to(float x);
+template <>
+__device__ __forceinline__ float round_to<__nv_bfloat16>(float x) {
+  return __bfloat162float(__float2bfloat16(x));
+}
+template <>
+__device__ __forceinline__ float round_to<__half>(float x) {
+  return __half2float(__float2half(x));
+}
+
+/// This thread's two rows of w (g and g + 8 of its warp's 16) as hi and lo A fragments of
+/// m16n8k16 (a0: row g, columns 2c4, 2c4+1 of the k-step; a1: row g+8; a2, a3: columns + 8),
+/// each row divided by sigma[hr], a power of two >= its largest |w| (1 for a zero row).
+template <typename T, int D>
+__device__ __forceinline__ void load_w(uint32_t (&hi)[D / 16][4], uint32_t (&lo)[D / 16][4],
+                                       float (&sigma)[2], const float* const (&row)[2], int c4) {
+  float mx[2] = {0.f, 0.f};
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          mx[hr] = fmaxf(mx[hr], fabsf(row[hr][16 * kk + 8 * half + 2 * c4 + e]));
+  float inv[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+    int ex = 0;
+    frexpf(mx[hr], &ex);  // mx < 2^ex (0 for mx = 0)
+    sigma[hr] = mx[hr] > 0.f ? ldexpf(1.f, ex) : 1.f;
+    inv[hr] = mx[hr] > 0.f ? ldexpf(1.f, -ex) : 1.f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int c = 16 * kk + 8 * half + 2 * c4;
+        const float x0 = row[hr][c] * inv[hr], x1 = row[hr][c + 1] * inv[hr];
+        const float h0 = round_to<T>(x0), h1 = round_to<T>(x1);
+        hi[kk][2 * half + hr] = pack2<T>(h0, h1);  // exact
+        lo[kk][2 * half + hr] = pack2<T>(x0 - h0, x1 - h1);
+      }
+}
+
+/// One CTA (kThreads threads, all of which call it: it holds barriers): query blocks group·64 ..
+/// group·64 + 63, key blocks chunk·chunk_blocks .. of head bh = b·heads + h; writes L[qb, kb]
+/// into p.scores for the visible key blocks kb < vis(qb) of its chunk, nothing else. `tiles`:
+/// shared_bytes(D) bytes, 16-byte aligned.
+template <typename T, int D>
+__device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chunk, int64_t group,
+                                         int64_t bh, T* tiles) {
+  constexpr int kLd = tile_ld(D);
+  constexpr int kDk = D / 16;
+  const float kNegInf = -INFINITY;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c4 = lane % 4;
+  const int64_t bs = p.block_size, first = group * kGroupBlocks;
+  const int64_t qb_cta_last =
+      first + kGroupBlocks <= p.q_blocks ? first + kGroupBlocks - 1 : p.q_blocks - 1;
+  const int64_t k_lo = chunk * p.chunk_blocks * bs;
+  int64_t k_hi = (chunk + 1) * p.chunk_blocks * bs;
+  const int64_t kend_cta = visible_keys(p, qb_cta_last);
+  if (k_hi > kend_cta) k_hi = kend_cta;
+  if (k_lo >= k_hi) return;  // CTA-uniform: the group sees nothing of this chunk
+  const int64_t ntiles = div_up(k_hi - k_lo, kTileKeys);
+
+  // This warp's query blocks qb0 .. qb0 + 15 (rows past q_blocks: kend 0, w read as zero).
+  const int64_t qb0 = first + 16 * warp;
+  const int64_t qb_last = qb0 + 15 < p.q_blocks ? qb0 + 15 : p.q_blocks - 1;
+  const int64_t warp_kmax = qb0 < p.q_blocks ? visible_keys(p, qb_last) : 0;
+  const int64_t warp_kmin = qb0 + 15 < p.q_blocks ? visible_keys(p, qb0) : 0;
+  int64_t kend[2], vis[2];
+  float* out[2];
+  const float* wrow[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int64_t qb = qb0 + g + 8 * hr;
+    const bool active = qb < p.q_blocks;
+    kend[hr] = active ? visible_keys(p, qb) : 0;
+    vis[hr] = div_up(kend[hr], bs);
+    out[hr] = p.scores + (bh * p.q_blocks + (active ? qb : 0)) * p.k_blocks;
+    wrow[hr] = p.w + (bh * p.q_blocks + (active ? qb : 0)) * D;
+  }
+  uint32_t ahi[kDk][4], alo[kDk][4];
+  float sigma[2];
+  load_w<T, D>(ahi, alo, sigma, wrow, c4);  // rows past q_blocks read row 0 (all masked)
+
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t kvh = h / (p.heads / p.kv_heads);
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
+  // K rows as B of S (non-transposed, as block_sparse_block.cuh's S = Q Kᵀ).
+  const int kb_row = (lane % 8) + 8 * (lane / 16), kb_col = 8 * ((lane / 8) % 2);
+
+  load_rows_async<T, D, kTileKeys>(tiles, kg, p.k_stride[2], k_lo, p.m, tid);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait_all();
+  __syncthreads();
+
+  // Lane-local running max and Σ 2^(s - max) of the current key block, per row.
+  float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int64_t k0 = k_lo + t * kTileKeys;
+    const int stage = static_cast<int>(t & 1);
+    if (t + 1 < ntiles)  // the other stage was last read in tile t-1, before its barrier
+      load_rows_async<T, D, kTileKeys>(tiles + (stage ^ 1) * kTileKeys * kLd, kg, p.k_stride[2],
+                                       k0 + kTileKeys, p.m, tid);
+    ptx::cp_async_commit();
+    if (k0 < warp_kmax) {  // warp-uniform: some row of the warp sees a key of the tile
+      const T* ks = tiles + stage * kTileKeys * kLd;
+      float s[kTileKeys / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < kTileKeys / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kDk; ++kk)
+#pragma unroll
+        for (int np = 0; np < kTileKeys / 16; ++np) {
+          uint32_t bf[4];
+          ptx::ldmatrix_x4(bf, ks + (16 * np + kb_row) * kLd + 16 * kk + kb_col);
+          ptx::mma_16816<T>(s[2 * np], ahi[kk], bf[0], bf[1]);
+          ptx::mma_16816<T>(s[2 * np], alo[kk], bf[0], bf[1]);
+          ptx::mma_16816<T>(s[2 * np + 1], ahi[kk], bf[2], bf[3]);
+          ptx::mma_16816<T>(s[2 * np + 1], alo[kk], bf[2], bf[3]);
+        }
+      const bool need_mask = k0 + kTileKeys > warp_kmin;  // warp-uniform
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float tmax = kNegInf;
+#pragma unroll
+        for (int nt = 0; nt < kTileKeys / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float x = s[nt][2 * hr + e] * sigma[hr];
+            if (need_mask && k0 + 8 * nt + 2 * c4 + e >= kend[hr]) x = kNegInf;
+            s[nt][2 * hr + e] = x;
+            tmax = fmaxf(tmax, x);
+          }
+        if (tmax > mx[hr]) {
+          sum[hr] *= ptx::exp2_approx(mx[hr] - tmax);  // mx = -inf: sum is 0 and stays 0
+          mx[hr] = tmax;
+        }
+        const float base = mx[hr] == kNegInf ? 0.f : mx[hr];  // all masked so far: adds 0
+        float acc = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kTileKeys / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) acc += ptx::exp2_approx(s[nt][2 * hr + e] - base);
+        sum[hr] += acc;
+      }
+    }
+    // End of a key block (tiles never straddle one: k_lo and bs are multiples of 64) or of the
+    // CTA's keys: the quad's partial (max, sum) pairs combine into L, written by lane c4 = 0.
+    if ((k0 + kTileKeys) % bs == 0 || t + 1 == ntiles) {
+      const int64_t kb = k0 / bs;
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float m_all = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+        m_all = fmaxf(m_all, __shfl_xor_sync(0xffffffffu, m_all, 2));
+        const float base = m_all == kNegInf ? 0.f : m_all;
+        float l = mx[hr] == kNegInf ? 0.f : sum[hr] * ptx::exp2_approx(mx[hr] - base);
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        // kb < vis: a key of kb is visible to the row, so m_all is finite and l >= 1.
+        if (c4 == 0 && kb < vis[hr]) out[hr][kb] = m_all + log2f(l);
+        mx[hr] = kNegInf;
+        sum[hr] = 0.f;
+      }
+    }
+    ptx::cp_async_wait_all();  // tile t+1 has landed (this thread's copies) ...
+    __syncthreads();           // ... everyone's, and every warp is done with stage t
+  }
+}
+
+}  // namespace attnpilot::attention::cuda::pooled_keys
