@@ -376,6 +376,89 @@ TallQr tall_cholesky_qr2(const torch::Tensor& x_in, TallPasses passes) {
   return out;
 }
 
+TallSvdCounts tall_svd_out(const torch::Tensor& x_in, TallPasses passes, const SmallSvdOut& small,
+                           torch::Tensor& ux, torch::Tensor& s, torch::Tensor& vx) {
+  ATTNPILOT_CHECK_ARG(
+      x_in.defined() && x_in.dim() == 3 &&
+          (x_in.scalar_type() == torch::kFloat64 || x_in.scalar_type() == torch::kFloat32) &&
+          x_in.size(1) >= x_in.size(2) && x_in.size(2) >= 1,
+      "tall_svd_out expects a float32 or float64 [B, m, n] tensor with m >= n >= 1, got {} {}",
+      x_in.defined() ? c10::str(x_in.sizes()) : std::string("undefined"),
+      x_in.defined() ? dtype_name(x_in) : std::string("-"));
+  const int64_t bsz = x_in.size(0), m = x_in.size(1), n = x_in.size(2);
+  const int64_t k = s.defined() && s.dim() == 2 ? s.size(1) : -1;
+  const auto dt = x_in.scalar_type();
+  for (const auto& [t, shape, name] : {std::tuple{&ux, std::vector<int64_t>{bsz, m, k}, "U"},
+                                       std::tuple{&s, std::vector<int64_t>{bsz, k}, "S"},
+                                       std::tuple{&vx, std::vector<int64_t>{bsz, n, k}, "V"}}) {
+    ATTNPILOT_CHECK_ARG(
+        k >= 1 && k <= n && t->defined() && t->sizes() == c10::IntArrayRef(shape) &&
+            t->scalar_type() == dt && t->device() == x_in.device() && t->is_contiguous(),
+        "tall_svd_out: output {} must be a contiguous {} tensor {} on {} "
+        "(1 <= k <= n = {}), got {}",
+        name, dtype_name(x_in), c10::str(c10::IntArrayRef(shape)), x_in.device().str(), n,
+        t->defined() ? c10::str(t->sizes()) + " " + dtype_name(*t) : std::string("undefined"));
+  }
+  TallSvdCounts counts;
+  if (bsz == 0) return counts;
+  // One Cholesky pass: G = XᵀX in float64 (cuBLAS on a float64 copy of X, or our Gram kernel on
+  // X itself), R₁ = chol(G), the SVD of R₁ in X's precision, U = X·(R₁⁻¹U_R) in float64. Q₁ =
+  // X R₁⁻¹ is orthonormal to about ε₆₄·κ(X)² (the rounding of G and of its Cholesky factor,
+  // amplified by 1/σ_min²), so wherever the SVD of R₁ shows κ(X) <= kTallOnePassCond (1e3:
+  // ~1e-10 typical, far inside the 1e-5 target even at the analysis' worst-case constants of
+  // ~(m + n)·ε₆₄·κ²), this is X's SVD: no Q₁ is formed and no second Gram pass runs.
+  const bool kernels = passes == TallPasses::kKernels;
+  const auto xp =
+      !kernels ? torch::empty(x_in.sizes(), x_in.options().dtype(torch::kFloat64)).copy_(x_in)
+      : x_in.stride(2) == 1 ? x_in
+                            : x_in.contiguous();
+  const auto o64 = xp.options().dtype(torch::kFloat64);
+  const auto g1 = kernels ? tall_gram(xp) : torch::bmm(xp.transpose(1, 2), xp);
+  auto [l1, info1] = torch::linalg_cholesky_ex(g1, /*upper=*/false, /*check_errors=*/false);
+  auto r1 = l1.transpose(1, 2);
+  // Where Cholesky failed (or left non-finite entries) R₁ becomes I: those matrices are redone.
+  const auto failed1 = (info1 != 0) | ~torch::isfinite(r1).flatten(1).all(1);
+  r1 = torch::where(failed1.view({bsz, 1, 1}), torch::eye(n, o64), r1).contiguous();
+  auto ur = torch::empty({bsz, n, n}, ux.options()), sr = torch::empty({bsz, n}, ux.options()),
+       vr = torch::empty({bsz, n, n}, ux.options());
+  counts.not_converged = small(r1.to(dt).contiguous(), ur, sr, vr);
+  const auto w = torch::linalg_solve_triangular(r1, ur.narrow(2, 0, k).to(torch::kFloat64),
+                                                /*upper=*/true, /*left=*/true,
+                                                /*unitriangular=*/false);
+  if (kernels)
+    tall_product_out(xp, w, ux);
+  else
+    ux.copy_(torch::bmm(xp, w));
+  s.copy_(sr.narrow(1, 0, k));
+  vx.copy_(vr.narrow(2, 0, k));
+  // The rest (κ above the bound, rank deficient, Cholesky failed): Cholesky-QR2, with
+  // Householder QR where that is not accurate either. One host synchronisation.
+  const auto one_pass = ~failed1 & torch::isfinite(sr).all(1) &
+                        (sr.select(1, n - 1).to(torch::kFloat64) * kTallOnePassCond >
+                         sr.select(1, 0).to(torch::kFloat64));
+  const auto redo = (~one_pass).nonzero().flatten();
+  counts.two_pass = redo.numel();
+  counts.one_pass = bsz - counts.two_pass;
+  if (counts.two_pass == 0) return counts;
+  const auto qr = tall_cholesky_qr2(x_in.index_select(0, redo), passes);
+  counts.householder = qr.householder;
+  const int64_t nr = counts.two_pass;
+  auto ur2 = torch::empty({nr, n, n}, ux.options()), sr2 = torch::empty({nr, n}, ux.options()),
+       vr2 = torch::empty({nr, n, n}, ux.options());
+  counts.not_converged += small(qr.r.to(dt).contiguous(), ur2, sr2, vr2);
+  // X = (Q₁ R₂⁻¹ U_R) Σ V_Rᵀ: U = Q₁·(R₂⁻¹ U_R), float64 sums.
+  const auto w2 = torch::bmm(qr.r2inv, ur2.narrow(2, 0, k).to(torch::kFloat64));
+  auto u2 = torch::empty({nr, m, k}, ux.options());
+  if (kernels)
+    tall_product_out(qr.q1, w2, u2);
+  else
+    u2.copy_(torch::bmm(qr.q1, w2));
+  ux.index_copy_(0, redo, u2);
+  s.index_copy_(0, redo, sr2.narrow(1, 0, k));
+  vx.index_copy_(0, redo, vr2.narrow(2, 0, k).contiguous());
+  return counts;
+}
+
 int64_t tall_qr_jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts, torch::Tensor& u,
                                torch::Tensor& s, torch::Tensor& v) {
   check_input(a, "tall QR + Jacobi SVD");
@@ -393,25 +476,16 @@ int64_t tall_qr_jacobi_svd_out(const torch::Tensor& a, const JacobiOptions& opts
   if (bsz == 0) return 0;
   c10::cuda::CUDAGuard guard(a.device());
   check_finite(a, "tall QR + Jacobi SVD");
-  // X = A (or Aᵀ, copied so its rows are contiguous) is m×n, m > 128 >= n; X = Q R with
-  // Q = Q₁·R₂⁻¹ (tall_cholesky_qr2; its float64 copy for kCublas takes the transpose as is).
+  // X = A (or Aᵀ: the float64 copy of the cuBLAS route takes the transpose as is, the pass
+  // kernels want rows contiguous); A = X (U_A = U_X, V_A = V_X) or A = Xᵀ (U_A = V_X, V_A = U_X).
   const bool kernels = opts.tall_passes == TallPasses::kKernels;
   const auto x = tr ? (kernels ? a.transpose(1, 2).contiguous() : a.transpose(1, 2)) : a;
-  const auto qr = tall_cholesky_qr2(x, opts.tall_passes);
-  // SVD of the n×n factor R = U_R Σ V_Rᵀ in the input precision; X = (Q₁ R₂⁻¹ U_R) Σ V_Rᵀ.
-  auto rt = qr.r.to(a.scalar_type()).contiguous();
-  auto ur = torch::empty({bsz, n, k}, a.options());
-  auto vr = torch::empty({bsz, n, k}, a.options());
-  const int64_t not_converged = jacobi_svd_out(rt, opts, ur, s, vr);
-  // A = X (U_A = U_X, V_A = V_R) or A = Xᵀ (U_A = V_R, V_A = U_X); U_X = Q₁·(R₂⁻¹ U_R) is
-  // written straight into its output, float64 sums.
-  const auto w = torch::bmm(qr.r2inv, ur.to(torch::kFloat64));
-  if (kernels)
-    tall_product_out(qr.q1, w, tr ? v : u);
-  else
-    (tr ? v : u).copy_(torch::bmm(qr.q1, w));
-  (tr ? u : v).copy_(vr);
-  return not_converged;
+  // The n×n SVDs (all n triplets: the one-pass test needs σ_min) by the Jacobi kernel.
+  JacobiOptions full = opts;
+  full.rank = 0;
+  const SmallSvdOut jacobi = [&](const torch::Tensor& r, torch::Tensor& ur, torch::Tensor& sr,
+                                 torch::Tensor& vr) { return jacobi_svd_out(r, full, ur, sr, vr); };
+  return tall_svd_out(x, opts.tall_passes, jacobi, tr ? v : u, s, tr ? u : v).not_converged;
 }
 
 SvdResult tall_qr_jacobi_svd(const torch::Tensor& a, const JacobiOptions& opts) {

@@ -3,10 +3,11 @@
 ///
 ///   small  [B, m, n], max(m, n) <= 128 ──► one-sided Jacobi kernel, one block per matrix,
 ///                                          matrix + V in shared memory (jacobi_svd.cu)
-///   tall   [B, N, d], N > 128 >= d ─────► Cholesky-QR2 with float64 Gram matrices (cuBLAS
-///                                          DGEMMs, or our pass kernels, tall_qr.cu; Cholesky;
-///                                          Householder QR where it is not accurate)
-///                                          ─► Jacobi kernel on R (d×d) ─► U = Q₁·(R₂⁻¹U_R)
+///   tall   [B, N, d], N > 128 >= d ─────► one Cholesky pass with a float64 Gram matrix (cuBLAS
+///                                          DGEMMs, or our pass kernels, tall_qr.cu) ─► Jacobi
+///                                          kernel on R₁ (d×d) ─► U = X·(R₁⁻¹U_R) where κ <= 1e3;
+///                                          the rest Cholesky-QR2 (Householder QR where that is
+///                                          not accurate) ─► Jacobi on R ─► U = Q₁·(R₂⁻¹U_R)
 ///   top-r  core C [B, d, d], warm V₀ ───► block subspace iteration, step by step: two
 ///                                          batched GEMMs and two Jacobi calls on d×p blocks
 ///                                          per step; or all steps fused in one kernel
@@ -18,6 +19,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <functional>
 #include <tuple>
 
 #include "perturbation/batched_svd.h"
@@ -85,6 +87,30 @@ torch::Tensor tall_gram(const torch::Tensor& x);
 /// y [B, m, k] float32/float64 contiguous (tall_qr.cu's product kernel on CUDA, float64 sums;
 /// LibTorch float64 elsewhere).
 void tall_product_out(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y);
+
+/// κ(X) up to which tall_svd_out takes X's SVD from one Cholesky pass.
+inline constexpr double kTallOnePassCond = 1e3;
+
+/// How tall_svd_out handled a batch.
+struct TallSvdCounts {
+  int64_t one_pass = 0;       ///< matrices done by one Cholesky pass (κ <= kTallOnePassCond)
+  int64_t two_pass = 0;       ///< the rest, redone by Cholesky-QR2 (Householder included)
+  int64_t householder = 0;    ///< of those, matrices that took the Householder fallback
+  int64_t not_converged = 0;  ///< the small SVD's count over both calls (a redone matrix may
+                              ///< count twice)
+};
+/// The n×n SVD the tall path calls: r [B, n, n] (X's dtype, contiguous) into u, s, v [B, n, n],
+/// [B, n], [B, n, n] (all n triplets, descending); returns its count of unconverged matrices.
+using SmallSvdOut = std::function<int64_t(const torch::Tensor& r, torch::Tensor& u,
+                                          torch::Tensor& s, torch::Tensor& v)>;
+/// The tall path on any device (tall_qr_jacobi_svd_out's CUDA path passes the Jacobi kernel as
+/// `small`; tests on the CPU pass LAPACK): x [B, m, n] float32/float64, m >= n, into ux
+/// [B, m, k], s [B, k], vx [B, n, k] (x's dtype and device, contiguous; k = s.size(1) <= n).
+/// One Cholesky pass with a float64 Gram matrix, the SVD of R₁, U = X·(R₁⁻¹U_R); the matrices
+/// whose κ (from that SVD) exceeds kTallOnePassCond, or whose Cholesky failed, are redone by
+/// tall_cholesky_qr2 (one host synchronisation to find them).
+TallSvdCounts tall_svd_out(const torch::Tensor& x, TallPasses passes, const SmallSvdOut& small,
+                           torch::Tensor& ux, torch::Tensor& s, torch::Tensor& vx);
 
 /// Replaces the exactly-zero trailing columns of ub [m, k] (m >= k; the Jacobi kernel writes 0
 /// where σ_j has no direction, and σ is sorted, so they are last) by an orthonormal completion
