@@ -282,6 +282,26 @@ int main(int argc, char** argv) {
           "{:>10} {:>10} {:>16.3f} {:>11.2f}\n",
           r, p, tt * 1e3, tg * 1e3, tg / tt, to * 1e3, to / tt, it.mean().item<double>(),
           it.max().item<double>(), res.converged.sum().item<int64_t>(), ts * 1e3, ts / tt);
+      if (r != 8) continue;
+      // Where one step's time goes (each operation alone on the whole batch, median ms).
+      auto cv = torch::bmm(c1, v0);
+      auto uy = cuda::jacobi_svd(cv, {}).u;
+      auto ctu = torch::bmm(c1.transpose(1, 2), uy);
+      auto z = cuda::jacobi_svd(ctu, {});
+      const double t_cv = time_it(dev, repeats, [&] { (void)torch::bmm(c1, v0); });
+      const double t_j1 = time_it(dev, repeats, [&] { (void)cuda::jacobi_svd(cv, {}); });
+      const double t_ctu = time_it(dev, repeats, [&] { (void)torch::bmm(c1.transpose(1, 2), uy); });
+      const double t_j2 = time_it(dev, repeats, [&] { (void)cuda::jacobi_svd(ctu, {}); });
+      const double t_rot = time_it(dev, repeats, [&] { (void)torch::bmm(uy, z.v); });
+      const double t_res = time_it(
+          dev, repeats, [&] { (void)triplet_residual(c1, torch::bmm(uy, z.v), z.s, z.u, r); });
+      const double t_step =
+          time_it(dev, repeats, [&] { (void)cuda::subspace_iteration_step_cuda(c1, v0); });
+      std::cout << fmt::format(
+          "    one step at r = 8 (ms): C·V {:.3f}, Jacobi on C·V ({}x{}) {:.3f}, Cᵀ·U {:.3f}, "
+          "Jacobi on Cᵀ·U {:.3f}, U·Q {:.3f}, residual {:.3f}; whole checked step {:.3f}\n",
+          t_cv * 1e3, d, p, t_j1 * 1e3, t_ctu * 1e3, t_j2 * 1e3, t_rot * 1e3, t_res * 1e3,
+          t_step * 1e3);
     }
   }
 #endif
