@@ -27,10 +27,16 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> subspace_iteration_step(
 }
 
 torch::Tensor triplet_residual(const torch::Tensor& c, const torch::Tensor& u,
-                               const torch::Tensor& s, const torch::Tensor& v, int64_t r) {
+                               const torch::Tensor& s, const torch::Tensor& v, int64_t r,
+                               const torch::Tensor& cv) {
   auto ur = u.narrow(-1, 0, r), vr = v.narrow(-1, 0, r);
   auto sr = s.narrow(-1, 0, r).unsqueeze(-2);
-  auto r1 = torch::linalg_vector_norm(torch::matmul(c, vr) - ur * sr, 2, {-2}, false, c10::nullopt);
+  ATTNPILOT_CHECK_ARG(
+      !cv.defined() || (cv.dim() == v.dim() && cv.size(-1) >= r && cv.size(-2) == c.size(-2)),
+      "triplet_residual: cv must be C·V with at least r = {} columns, got {}", r,
+      cv.defined() ? c10::str(cv.sizes()) : std::string("undefined"));
+  auto cvr = cv.defined() ? cv.narrow(-1, 0, r) : torch::matmul(c, vr);
+  auto r1 = torch::linalg_vector_norm(cvr - ur * sr, 2, {-2}, false, c10::nullopt);
   auto r2 = torch::linalg_vector_norm(torch::matmul(c.transpose(-1, -2), ur) - vr * sr, 2, {-2},
                                       false, c10::nullopt);
   auto worst = torch::maximum(r1, r2).amax(-1);

@@ -96,7 +96,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> subspace_iteration_step(
     const torch::Tensor& c, const torch::Tensor& v);
 
 /// max_{i<r} max(‖C v_i − σ_i u_i‖, ‖Cᵀ u_i − σ_i v_i‖) / σ₁ per element ([B]); 0 if σ₁ = 0.
+/// cv, if given: C·V already computed (at least r columns; the top-r iteration carries it into
+/// its next step).
 torch::Tensor triplet_residual(const torch::Tensor& c, const torch::Tensor& u,
-                               const torch::Tensor& s, const torch::Tensor& v, int64_t r);
+                               const torch::Tensor& s, const torch::Tensor& v, int64_t r,
+                               const torch::Tensor& cv = {});
 
 }  // namespace attnpilot::perturbation

@@ -47,12 +47,12 @@ __global__ void __launch_bounds__(bsw::kWsThreads, 1)
 template <typename T, int D>
 cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
                          const char** failed_call) {
-  const bool ws =
-      p.kernel == BlockSparseKernel::kWgmmaWs || p.kernel == BlockSparseKernel::kWgmmaWsOverlap;
-  auto kernel = p.kernel == BlockSparseKernel::kWgmmaWsOverlap
-                    ? block_sparse_wgmma_ws_kernel<T, D, true>
-                : ws ? block_sparse_wgmma_ws_kernel<T, D, false>
-                     : block_sparse_wgmma_kernel<T, D>;
+  const bool overlap =
+      p.kernel == BlockSparseKernel::kWgmmaWsOverlap || p.kernel == BlockSparseKernel::kAuto;
+  const bool ws = overlap || p.kernel == BlockSparseKernel::kWgmmaWs;
+  auto kernel = overlap ? block_sparse_wgmma_ws_kernel<T, D, true>
+                : ws    ? block_sparse_wgmma_ws_kernel<T, D, false>
+                        : block_sparse_wgmma_kernel<T, D>;
   const int64_t bytes = ws ? bsw::ws_shared_bytes(D) : bsw::shared_bytes(D);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(bytes));

@@ -106,7 +106,7 @@ __device__ __forceinline__ void load_tile_async(unsigned char* dst, const T* src
   unsigned char* d = dst + swizzled(row0, col);
   const T* g = src + (r0 + row0) * stride + col;
   const int64_t valid_rows = limit - r0 - row0;  // passes i with i·kRowStep < this are in range
-#pragma unroll 4
+#pragma unroll
   for (int i = 0; i < kBN / kRowStep; ++i) {
     const bool valid = i * kRowStep < valid_rows;
     cp_async_16(d + i * kRowStep * 128, valid ? g + i * kRowStep * stride : src, valid);

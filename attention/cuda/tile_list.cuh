@@ -97,8 +97,10 @@ struct RowMask {
       win_hi = clamp(qpos - p.window - k0);
     }
   }
+  /// Bitwise, not short-circuit: one predicated select per element, no branch (with `||` the
+  /// compiler emitted a divergent branch per element, 1.1-1.2x slower kernels on an H100).
   __device__ __forceinline__ bool hidden(int col) const {
-    return col >= vis_end || (col >= win_lo && col <= win_hi);
+    return (col >= vis_end) | ((col >= win_lo) & (col <= win_hi));
   }
 
  private:

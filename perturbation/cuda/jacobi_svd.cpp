@@ -310,81 +310,111 @@ void tall_product_out(const torch::Tensor& x, const torch::Tensor& w, torch::Ten
   run_tall_pass(p, x);
 }
 
-TallQr tall_cholesky_qr2(const torch::Tensor& x_in, TallPasses passes) {
+namespace {
+
+void check_tall_input(const torch::Tensor& x, const char* what) {
   ATTNPILOT_CHECK_ARG(
-      x_in.defined() && x_in.dim() == 3 &&
-          (x_in.scalar_type() == torch::kFloat64 || x_in.scalar_type() == torch::kFloat32) &&
-          x_in.size(1) >= x_in.size(2) && x_in.size(2) >= 1,
-      "tall_cholesky_qr2 expects a float32 or float64 [B, m, n] tensor with "
-      "m >= n >= 1, got {} {}",
-      x_in.defined() ? c10::str(x_in.sizes()) : std::string("undefined"),
-      x_in.defined() ? dtype_name(x_in) : std::string("-"));
-  // kCublas: one float64 copy of X, every pass a cuBLAS DGEMM (tall_gram and tall_product_out
-  // take LibTorch's float64 route for float64 input off the kernels' path). kKernels: X as given.
+      x.defined() && x.dim() == 3 &&
+          (x.scalar_type() == torch::kFloat64 || x.scalar_type() == torch::kFloat32) &&
+          x.size(1) >= x.size(2) && x.size(2) >= 1,
+      "{} expects a float32 or float64 [B, m, n] tensor with m >= n >= 1, got {} {}", what,
+      x.defined() ? c10::str(x.sizes()) : std::string("undefined"),
+      x.defined() ? dtype_name(x) : std::string("-"));
+}
+
+/// The first Cholesky pass over X: X = Q₁R₁ with Q₁ = X R₁⁻¹ (not formed).
+struct TallFirstPass {
+  torch::Tensor x;       ///< the passes' input: a float64 copy of X (kCublas) or X (kKernels)
+  torch::Tensor r1;      ///< [B, n, n] float64 upper triangular; I where Cholesky failed
+  torch::Tensor r1inv;   ///< [B, n, n] float64
+  torch::Tensor failed;  ///< [B] bool: Cholesky failed or left non-finite entries
+  TallFirstPass select(const torch::Tensor& idx) const {
+    return {x.index_select(0, idx), r1.index_select(0, idx), r1inv.index_select(0, idx),
+            failed.index_select(0, idx)};
+  }
+};
+
+torch::Tensor tall_gram_of(const torch::Tensor& z, bool kernels) {
+  return kernels ? tall_gram(z) : torch::bmm(z.transpose(1, 2), z);
+}
+
+TallFirstPass tall_first_pass(const torch::Tensor& x_in, TallPasses passes) {
   const bool kernels = passes == TallPasses::kKernels;
-  const auto x = !kernels
-                     ? torch::empty(x_in.sizes(), x_in.options().dtype(torch::kFloat64)).copy_(x_in)
-                 : x_in.stride(2) == 1 ? x_in
-                                       : x_in.contiguous();
-  const int64_t bsz = x.size(0), m = x.size(1), n = x.size(2);
-  // Cholesky-QR2 with float64 Gram matrices: X = Q₁R₁, Q₁ = Q R₂, so X = Q R with R = R₂R₁ and
-  // Q = Q₁R₂⁻¹. Float64 Gram matrices square cond(X) but stay accurate for cond(X) up to about
-  // 1e7, far beyond float32 data; the second pass restores orthogonality to float64 rounding.
-  // Q₁ = X R₁⁻¹ is computed with float64 sums and stored in X's type: for float X, its rounding
-  // to float perturbs X = Q₁R₁ by ~ε_float·‖X‖ (within the SVD's accuracy), and R₂ is the
-  // Cholesky factor of the rounded Q₁'s own Gram matrix, so Q stays orthonormal to float64
-  // rounding. Where Cholesky-QR2 cannot work (Cholesky fails, or Q₁ is far from orthonormal:
-  // ‖Q₁ᵀQ₁ − I‖_max > 0.1), Householder QR of that matrix in float64 is used instead (Q₁ = Q_H
-  // in X's type, R = R_H, R₂⁻¹ = I).
-  auto o64 = x.options().dtype(torch::kFloat64);
-  auto eye = torch::eye(n, o64).expand({bsz, n, n}).contiguous();
-  const auto gram = [&](const torch::Tensor& z) {
-    return kernels ? tall_gram(z) : torch::bmm(z.transpose(1, 2), z);
-  };
-  auto g1 = gram(x);
-  auto [l1, info1] = torch::linalg_cholesky_ex(g1, /*upper=*/false, /*check_errors=*/false);
+  TallFirstPass f;
+  f.x = !kernels ? torch::empty(x_in.sizes(), x_in.options().dtype(torch::kFloat64)).copy_(x_in)
+        : x_in.stride(2) == 1 ? x_in
+                              : x_in.contiguous();
+  const int64_t bsz = f.x.size(0), n = f.x.size(2);
+  const auto o64 = f.x.options().dtype(torch::kFloat64);
+  auto [l1, info1] = torch::linalg_cholesky_ex(tall_gram_of(f.x, kernels), /*upper=*/false,
+                                               /*check_errors=*/false);
   auto r1 = l1.transpose(1, 2);
-  auto r1inv = torch::linalg_solve_triangular(r1, eye, /*upper=*/true, /*left=*/true,
-                                              /*unitriangular=*/false);
+  f.failed = (info1 != 0) | ~torch::isfinite(r1).flatten(1).all(1);
+  const auto eye = torch::eye(n, o64);
+  f.r1 = torch::where(f.failed.view({bsz, 1, 1}), eye, r1).contiguous();
+  f.r1inv = torch::linalg_solve_triangular(f.r1, eye.expand({bsz, n, n}), /*upper=*/true,
+                                           /*left=*/true, /*unitriangular=*/false)
+                .contiguous();
+  return f;
+}
+
+/// The second pass from the first: Q₁ = X R₁⁻¹, R₂ = chol(Q₁ᵀQ₁), R = R₂R₁; Householder QR
+/// where that is not accurate (tall_cholesky_qr2's contract).
+TallQr tall_second_pass(const TallFirstPass& f, TallPasses passes) {
+  const bool kernels = passes == TallPasses::kKernels;
+  const auto& x = f.x;
+  const int64_t bsz = x.size(0), m = x.size(1), n = x.size(2);
+  const auto o64 = x.options().dtype(torch::kFloat64);
+  const auto eye = torch::eye(n, o64);
+  // Q₁ = X R₁⁻¹ with float64 sums, stored in the passes' type: for float X (kKernels) its
+  // rounding to float perturbs X = Q₁R₁ by ~ε_float·‖X‖ (within the SVD's accuracy), and R₂ is
+  // the Cholesky factor of the rounded Q₁'s own Gram matrix, so Q stays orthonormal to float64
+  // rounding.
   TallQr out;
   if (kernels) {
     out.q1 = torch::empty({bsz, m, n}, x.options());
-    tall_product_out(x, r1inv, out.q1);
+    tall_product_out(x, f.r1inv, out.q1);
   } else {
-    out.q1 = torch::bmm(x, r1inv);
+    out.q1 = torch::bmm(x, f.r1inv);
   }
-  auto g2 = gram(out.q1);
+  const auto g2 = tall_gram_of(out.q1, kernels);
   auto [l2, info2] = torch::linalg_cholesky_ex(g2, /*upper=*/false, /*check_errors=*/false);
   auto r2 = l2.transpose(1, 2);
-  out.r = torch::bmm(r2, r1).contiguous();
-  out.r2inv = torch::linalg_solve_triangular(r2, eye, /*upper=*/true, /*left=*/true,
-                                             /*unitriangular=*/false)
+  out.r = torch::bmm(r2, f.r1).contiguous();
+  out.r2inv = torch::linalg_solve_triangular(r2, eye.expand({bsz, n, n}), /*upper=*/true,
+                                             /*left=*/true, /*unitriangular=*/false)
                   .contiguous();
-  auto g2_finite = torch::isfinite(g2).flatten(1).all(1);
-  auto g2_far = (g2 - eye).abs().flatten(1).amax(1) > 0.1;
-  auto bad = (info1 != 0) | (info2 != 0) | ~g2_finite | g2_far |
-             ~torch::isfinite(out.r).flatten(1).all(1) |
-             ~torch::isfinite(out.r2inv).flatten(1).all(1);
-  auto bad_idx = bad.nonzero().flatten();
+  // Where Cholesky-QR2 cannot work (a Cholesky fails, or Q₁ is far from orthonormal:
+  // ‖Q₁ᵀQ₁ − I‖_max > 0.1), Householder QR of that matrix in float64 instead (Q₁ = Q_H in the
+  // passes' type, R = R_H, R₂⁻¹ = I).
+  const auto bad = f.failed | (info2 != 0) | ~torch::isfinite(g2).flatten(1).all(1) |
+                   ((g2 - eye).abs().flatten(1).amax(1) > 0.1) |
+                   ~torch::isfinite(out.r).flatten(1).all(1) |
+                   ~torch::isfinite(out.r2inv).flatten(1).all(1);
+  const auto bad_idx = bad.nonzero().flatten();
   out.householder = bad_idx.numel();
   if (out.householder > 0) {
     auto [qh, rh] = torch::linalg_qr(x.index_select(0, bad_idx).to(torch::kFloat64), "reduced");
     out.q1.index_copy_(0, bad_idx, qh.to(x.scalar_type()).contiguous());
     out.r.index_copy_(0, bad_idx, rh.contiguous());
-    out.r2inv.index_copy_(0, bad_idx, eye.index_select(0, bad_idx));
+    out.r2inv.index_copy_(0, bad_idx, eye.expand({out.householder, n, n}).contiguous());
   }
   return out;
 }
 
+}  // namespace
+
+TallQr tall_cholesky_qr2(const torch::Tensor& x_in, TallPasses passes) {
+  check_tall_input(x_in, "tall_cholesky_qr2");
+  // Cholesky-QR2 with float64 Gram matrices: X = Q₁R₁, Q₁ = Q R₂, so X = Q R with R = R₂R₁ and
+  // Q = Q₁R₂⁻¹. Float64 Gram matrices square cond(X) but stay accurate for cond(X) up to about
+  // 1e7, far beyond float32 data; the second pass restores orthogonality to float64 rounding.
+  return tall_second_pass(tall_first_pass(x_in, passes), passes);
+}
+
 TallSvdCounts tall_svd_out(const torch::Tensor& x_in, TallPasses passes, const SmallSvdOut& small,
                            torch::Tensor& ux, torch::Tensor& s, torch::Tensor& vx) {
-  ATTNPILOT_CHECK_ARG(
-      x_in.defined() && x_in.dim() == 3 &&
-          (x_in.scalar_type() == torch::kFloat64 || x_in.scalar_type() == torch::kFloat32) &&
-          x_in.size(1) >= x_in.size(2) && x_in.size(2) >= 1,
-      "tall_svd_out expects a float32 or float64 [B, m, n] tensor with m >= n >= 1, got {} {}",
-      x_in.defined() ? c10::str(x_in.sizes()) : std::string("undefined"),
-      x_in.defined() ? dtype_name(x_in) : std::string("-"));
+  check_tall_input(x_in, "tall_svd_out");
   const int64_t bsz = x_in.size(0), m = x_in.size(1), n = x_in.size(2);
   const int64_t k = s.defined() && s.dim() == 2 ? s.size(1) : -1;
   const auto dt = x_in.scalar_type();
@@ -401,61 +431,65 @@ TallSvdCounts tall_svd_out(const torch::Tensor& x_in, TallPasses passes, const S
   }
   TallSvdCounts counts;
   if (bsz == 0) return counts;
-  // One Cholesky pass: G = XᵀX in float64 (cuBLAS on a float64 copy of X, or our Gram kernel on
-  // X itself), R₁ = chol(G), the SVD of R₁ in X's precision, U = X·(R₁⁻¹U_R) in float64. Q₁ =
-  // X R₁⁻¹ is orthonormal to about ε₆₄·κ(X)² (the rounding of G and of its Cholesky factor,
-  // amplified by 1/σ_min²), so wherever the SVD of R₁ shows κ(X) <= kTallOnePassCond (1e3:
-  // ~1e-10 typical, far inside the 1e-5 target even at the analysis' worst-case constants of
-  // ~(m + n)·ε₆₄·κ²), this is X's SVD: no Q₁ is formed and no second Gram pass runs.
   const bool kernels = passes == TallPasses::kKernels;
-  const auto xp =
-      !kernels ? torch::empty(x_in.sizes(), x_in.options().dtype(torch::kFloat64)).copy_(x_in)
-      : x_in.stride(2) == 1 ? x_in
-                            : x_in.contiguous();
-  const auto o64 = xp.options().dtype(torch::kFloat64);
-  const auto g1 = kernels ? tall_gram(xp) : torch::bmm(xp.transpose(1, 2), xp);
-  auto [l1, info1] = torch::linalg_cholesky_ex(g1, /*upper=*/false, /*check_errors=*/false);
-  auto r1 = l1.transpose(1, 2);
-  // Where Cholesky failed (or left non-finite entries) R₁ becomes I: those matrices are redone.
-  const auto failed1 = (info1 != 0) | ~torch::isfinite(r1).flatten(1).all(1);
-  r1 = torch::where(failed1.view({bsz, 1, 1}), torch::eye(n, o64), r1).contiguous();
+  // One Cholesky pass: G = XᵀX in float64, R₁ = chol(G). Q₁ = X R₁⁻¹ is orthonormal to about
+  // ε₆₄·κ(X)² (the rounding of G and of its Cholesky factor, amplified by 1/σ_min²). Where
+  // ‖R₁‖_F‖R₁⁻¹‖_F (>= κ(X), <= n·κ(X)) is at most kTallOnePassBound, that loss is <= ~1e-8
+  // (~7e-7 at the analysis' typical constant (√m + √n)·ε₆₄·κ², m = 4096, n = 64), so the SVD of
+  // R₁ gives X's: U = X·(R₁⁻¹U_R), no Q₁ formed and no second Gram pass. The rest take the
+  // second pass from this one (Cholesky-QR2, Householder QR where that fails too). One host
+  // synchronisation, to split the batch.
+  const auto first = tall_first_pass(x_in, passes);
+  const auto bound =
+      torch::linalg_matrix_norm(first.r1, "fro") * torch::linalg_matrix_norm(first.r1inv, "fro");
+  const auto one_pass_dev = ~first.failed & torch::isfinite(bound) & (bound <= kTallOnePassBound);
+  const auto one_pass = one_pass_dev.cpu();
+  std::vector<int64_t> one_idx, redo_idx;
+  const bool* op = one_pass.data_ptr<bool>();
+  for (int64_t i = 0; i < bsz; ++i) (op[i] ? one_idx : redo_idx).push_back(i);
+  counts.one_pass = static_cast<int64_t>(one_idx.size());
+  counts.two_pass = static_cast<int64_t>(redo_idx.size());
+  const auto to_dev = [&](const std::vector<int64_t>& v) {
+    return torch::tensor(v, torch::TensorOptions().dtype(torch::kLong)).to(x_in.device());
+  };
+  // R (the factor whose SVD is X's) and, per matrix, U = B·W with B = X (one pass) or Q₁, and
+  // W = R₁⁻¹ (one pass) or R₂⁻¹, times U_R.
+  torch::Tensor r = first.r1, winv = first.r1inv, q1_redo;
+  torch::Tensor redo;
+  if (counts.two_pass > 0) {
+    redo = to_dev(redo_idx);
+    const auto qr = tall_second_pass(first.select(redo), passes);
+    counts.householder = qr.householder;
+    q1_redo = qr.q1;
+    r = r.index_copy(0, redo, qr.r);
+    winv = winv.index_copy(0, redo, qr.r2inv);
+  }
+  // The n×n SVD of every R at once (all n triplets), in X's precision.
   auto ur = torch::empty({bsz, n, n}, ux.options()), sr = torch::empty({bsz, n}, ux.options()),
        vr = torch::empty({bsz, n, n}, ux.options());
-  counts.not_converged = small(r1.to(dt).contiguous(), ur, sr, vr);
-  const auto w = torch::linalg_solve_triangular(r1, ur.narrow(2, 0, k).to(torch::kFloat64),
-                                                /*upper=*/true, /*left=*/true,
-                                                /*unitriangular=*/false);
-  if (kernels)
-    tall_product_out(xp, w, ux);
-  else
-    ux.copy_(torch::bmm(xp, w));
+  counts.not_converged = small(r.to(dt).contiguous(), ur, sr, vr);
   s.copy_(sr.narrow(1, 0, k));
   vx.copy_(vr.narrow(2, 0, k));
-  // The rest (κ above the bound, rank deficient, Cholesky failed): Cholesky-QR2, with
-  // Householder QR where that is not accurate either. One host synchronisation.
-  const auto one_pass = ~failed1 & torch::isfinite(sr).all(1) &
-                        (sr.select(1, n - 1).to(torch::kFloat64) * kTallOnePassCond >
-                         sr.select(1, 0).to(torch::kFloat64));
-  const auto redo = (~one_pass).nonzero().flatten();
-  counts.two_pass = redo.numel();
-  counts.one_pass = bsz - counts.two_pass;
-  if (counts.two_pass == 0) return counts;
-  const auto qr = tall_cholesky_qr2(x_in.index_select(0, redo), passes);
-  counts.householder = qr.householder;
-  const int64_t nr = counts.two_pass;
-  auto ur2 = torch::empty({nr, n, n}, ux.options()), sr2 = torch::empty({nr, n}, ux.options()),
-       vr2 = torch::empty({nr, n, n}, ux.options());
-  counts.not_converged += small(qr.r.to(dt).contiguous(), ur2, sr2, vr2);
-  // X = (Q₁ R₂⁻¹ U_R) Σ V_Rᵀ: U = Q₁·(R₂⁻¹ U_R), float64 sums.
-  const auto w2 = torch::bmm(qr.r2inv, ur2.narrow(2, 0, k).to(torch::kFloat64));
-  auto u2 = torch::empty({nr, m, k}, ux.options());
-  if (kernels)
-    tall_product_out(qr.q1, w2, u2);
-  else
-    u2.copy_(torch::bmm(qr.q1, w2));
+  const auto w = torch::bmm(winv, ur.narrow(2, 0, k).to(torch::kFloat64));  // [B, n, k]
+  const auto product = [&](const torch::Tensor& base, const torch::Tensor& wi, torch::Tensor& out) {
+    if (kernels)
+      tall_product_out(base, wi, out);
+    else
+      out.copy_(torch::bmm(base, wi));
+  };
+  if (counts.two_pass == 0) {
+    product(first.x, w, ux);
+    return counts;
+  }
+  auto u2 = torch::empty({counts.two_pass, m, k}, ux.options());
+  product(q1_redo, w.index_select(0, redo), u2);
   ux.index_copy_(0, redo, u2);
-  s.index_copy_(0, redo, sr2.narrow(1, 0, k));
-  vx.index_copy_(0, redo, vr2.narrow(2, 0, k).contiguous());
+  if (counts.one_pass > 0) {
+    const auto one = to_dev(one_idx);
+    auto u1 = torch::empty({counts.one_pass, m, k}, ux.options());
+    product(first.x.index_select(0, one), w.index_select(0, one), u1);
+    ux.index_copy_(0, one, u1);
+  }
   return counts;
 }
 
@@ -532,13 +566,14 @@ void copy_rows(TopRResult& out, const torch::Tensor& idx, const TopRResult& re) 
 // are OR-ed into `status` [B] int32 on the device (negative: NaN or Inf met) for the caller to
 // read once. A matrix whose status is not 0 must be redone by the checked step (zero columns
 // are not completed here).
+// cv = C·V (the caller's product: the previous step's residual computed it).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> subspace_step_unchecked(
-    const torch::Tensor& c, const torch::Tensor& v, torch::Tensor& status) {
-  const int64_t bsz = c.size(0), d = c.size(1), p = v.size(2);
+    const torch::Tensor& c, const torch::Tensor& cv, torch::Tensor& status) {
+  const int64_t bsz = c.size(0), d = c.size(1), p = cv.size(2);
   const JacobiOptions o;
   auto uy = torch::empty({bsz, d, p}, c.options()), sy = torch::empty({bsz, p}, c.options()),
        vy = torch::empty({bsz, p, p}, c.options());
-  status.bitwise_or_(jacobi_launch(torch::bmm(c, v), o, uy, sy, vy));
+  status.bitwise_or_(jacobi_launch(cv, o, uy, sy, vy));
   auto zu = torch::empty({bsz, d, p}, c.options()), zs = torch::empty({bsz, p}, c.options()),
        zv = torch::empty({bsz, p, p}, c.options());
   status.bitwise_or_(jacobi_launch(torch::bmm(c.transpose(1, 2), uy), o, zu, zs, zv));
@@ -563,6 +598,9 @@ TopRResult topr_unfused(const torch::Tensor& c, const torch::Tensor& v0, int64_t
   out.converged = torch::zeros({bsz}, c.options().dtype(torch::kBool));
   auto status = torch::zeros({bsz}, c.options().dtype(torch::kInt32));
   auto active = torch::arange(bsz, lopt);
+  // C·V of the active matrices: each step's residual computes it for the step's new V, and the
+  // next step starts from it (one product per step instead of two).
+  torch::Tensor cv;
   for (int it = 0; it < max_iters && active.numel() > 0; ++it) {
     const bool all = active.numel() == bsz;
     auto ca = all ? c : c.index_select(0, active);
@@ -571,17 +609,32 @@ TopRResult topr_unfused(const torch::Tensor& c, const torch::Tensor& v0, int64_t
     if (checked) {
       std::tie(u1, s1, v1) = subspace_iteration_step_cuda(ca, va);
     } else {
+      if (!cv.defined()) cv = torch::bmm(ca, va);
       auto st = all ? status : status.index_select(0, active);
-      std::tie(u1, s1, v1) = subspace_step_unchecked(ca, va, st);
+      std::tie(u1, s1, v1) = subspace_step_unchecked(ca, cv, st);
       if (!all) status.index_copy_(0, active, st);
     }
-    out.u.index_copy_(0, active, u1);
-    out.s.index_copy_(0, active, s1);
-    out.v.index_copy_(0, active, v1);
-    out.iterations.index_add_(0, active, torch::ones({active.numel()}, lopt));
-    auto done = triplet_residual(ca, u1, s1, v1, r) <= tol;
-    out.converged.index_fill_(0, active.masked_select(done), true);
-    active = active.masked_select(~done);  // synchronises (size known on the host)
+    if (all) {  // no index kernels while every matrix is active
+      out.u = u1;
+      out.s = s1;
+      out.v = v1;
+      out.iterations.add_(1);
+    } else {
+      out.u.index_copy_(0, active, u1);
+      out.s.index_copy_(0, active, s1);
+      out.v.index_copy_(0, active, v1);
+      out.iterations.index_add_(0, active, torch::ones({active.numel()}, lopt));
+    }
+    const auto cv_next = torch::bmm(ca, v1);
+    const auto done = triplet_residual(ca, u1, s1, v1, r, cv_next) <= tol;
+    out.converged.index_copy_(0, active, done);     // the active ones were not converged
+    const auto keep = (~done).nonzero().flatten();  // the one synchronisation of a step
+    if (keep.numel() == active.numel()) {
+      cv = cv_next;
+    } else {
+      active = active.index_select(0, keep);
+      cv = cv_next.index_select(0, keep);
+    }
   }
   if (checked) return out;
   const auto sc = status.cpu();

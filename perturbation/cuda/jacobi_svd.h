@@ -5,7 +5,7 @@
 ///                                          matrix + V in shared memory (jacobi_svd.cu)
 ///   tall   [B, N, d], N > 128 >= d ─────► one Cholesky pass with a float64 Gram matrix (cuBLAS
 ///                                          DGEMMs, or our pass kernels, tall_qr.cu) ─► Jacobi
-///                                          kernel on R₁ (d×d) ─► U = X·(R₁⁻¹U_R) where κ <= 1e3;
+///                                          kernel on R₁ (d×d) ─► U = X·(R₁⁻¹U_R) where κ <~ 1e4;
 ///                                          the rest Cholesky-QR2 (Householder QR where that is
 ///                                          not accurate) ─► Jacobi on R ─► U = Q₁·(R₂⁻¹U_R)
 ///   top-r  core C [B, d, d], warm V₀ ───► block subspace iteration, step by step: two
@@ -88,16 +88,16 @@ torch::Tensor tall_gram(const torch::Tensor& x);
 /// LibTorch float64 elsewhere).
 void tall_product_out(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y);
 
-/// κ(X) up to which tall_svd_out takes X's SVD from one Cholesky pass.
-inline constexpr double kTallOnePassCond = 1e3;
+/// Bound on ‖R₁‖_F‖R₁⁻¹‖_F (>= κ(X)) up to which tall_svd_out takes X's SVD from one Cholesky
+/// pass.
+inline constexpr double kTallOnePassBound = 1e4;
 
 /// How tall_svd_out handled a batch.
 struct TallSvdCounts {
-  int64_t one_pass = 0;       ///< matrices done by one Cholesky pass (κ <= kTallOnePassCond)
+  int64_t one_pass = 0;       ///< matrices done by one Cholesky pass (bound <= kTallOnePassBound)
   int64_t two_pass = 0;       ///< the rest, redone by Cholesky-QR2 (Householder included)
   int64_t householder = 0;    ///< of those, matrices that took the Householder fallback
-  int64_t not_converged = 0;  ///< the small SVD's count over both calls (a redone matrix may
-                              ///< count twice)
+  int64_t not_converged = 0;  ///< the small SVD's count of unconverged matrices
 };
 /// The n×n SVD the tall path calls: r [B, n, n] (X's dtype, contiguous) into u, s, v [B, n, n],
 /// [B, n], [B, n, n] (all n triplets, descending); returns its count of unconverged matrices.
@@ -106,9 +106,10 @@ using SmallSvdOut = std::function<int64_t(const torch::Tensor& r, torch::Tensor&
 /// The tall path on any device (tall_qr_jacobi_svd_out's CUDA path passes the Jacobi kernel as
 /// `small`; tests on the CPU pass LAPACK): x [B, m, n] float32/float64, m >= n, into ux
 /// [B, m, k], s [B, k], vx [B, n, k] (x's dtype and device, contiguous; k = s.size(1) <= n).
-/// One Cholesky pass with a float64 Gram matrix, the SVD of R₁, U = X·(R₁⁻¹U_R); the matrices
-/// whose κ (from that SVD) exceeds kTallOnePassCond, or whose Cholesky failed, are redone by
-/// tall_cholesky_qr2 (one host synchronisation to find them).
+/// One Cholesky pass with a float64 Gram matrix; where ‖R₁‖_F‖R₁⁻¹‖_F <= kTallOnePassBound
+/// the SVD of R₁ and U = X·(R₁⁻¹U_R), elsewhere the second pass of Cholesky-QR2 from the first
+/// (Householder QR where that fails); then one small SVD call on every matrix's R. One host
+/// synchronisation to split the batch.
 TallSvdCounts tall_svd_out(const torch::Tensor& x, TallPasses passes, const SmallSvdOut& small,
                            torch::Tensor& ux, torch::Tensor& s, torch::Tensor& vx);
 

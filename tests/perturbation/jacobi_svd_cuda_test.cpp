@@ -212,7 +212,7 @@ TEST(TallCholeskyQr2, FactorsOnCpuWithHouseholderFallback) {
 // matrices take one Cholesky pass, κ = 1e6 and rank-deficient ones are redone (the latter by
 // Householder QR), in one mixed batch, float32 and float64, both pass routes, top-k outputs;
 // every result within issue 8's tolerances of the float64 reference. The one-pass bound is
-// checked from both sides: κ just below it stays one pass, just above it is redone.
+// checked from both sides: a matrix at half of it stays one pass, one at twice it is redone.
 TEST(TallSvd, OnePassWhereWellConditionedOnCpu) {
   auto gen = make_gen(813);
   const cuda::SmallSvdOut lapack = [](const torch::Tensor& r, torch::Tensor& u, torch::Tensor& s,
@@ -224,18 +224,30 @@ TEST(TallSvd, OnePassWhereWellConditionedOnCpu) {
     return int64_t(0);
   };
   const int64_t m = 700, n = 24;
-  // κ = c: log-spaced spectrum from 1 down to 1/c.
-  const auto with_cond = [&](int64_t b, double c) {
+  // n - 1 singular values 1 and one 1/c: ‖X‖_F‖X⁺‖_F = sqrt((n - 1 + c⁻²)(n - 1 + c²)) ≈ 4.8c.
+  const auto with_small_sigma = [&](double c) {
     auto opt = torch::TensorOptions().dtype(torch::kFloat64);
-    auto u = std::get<0>(torch::linalg_qr(torch::randn({b, m, n}, gen, opt)));
-    auto v = std::get<0>(torch::linalg_qr(torch::randn({b, n, n}, gen, opt)));
-    auto sv = torch::pow(10.0, torch::linspace(0, -std::log10(c), n, opt)).expand({b, n});
+    auto u = std::get<0>(torch::linalg_qr(torch::randn({1, m, n}, gen, opt)));
+    auto v = std::get<0>(torch::linalg_qr(torch::randn({1, n, n}, gen, opt)));
+    auto sv = torch::ones({1, n}, opt);
+    sv[0][n - 1] = 1.0 / c;
     return torch::matmul(u * sv.unsqueeze(-2), v.transpose(-1, -2));
   };
-  const auto batch = torch::cat(
-      {make_matrices(Spec::kWell, 3, m, n, gen), make_matrices(Spec::kCond1e6, 2, m, n, gen),
-       testing::random_matrix(Family::kRankDeficient, 2, m, n, gen),
-       with_cond(1, 0.7 * cuda::kTallOnePassCond), with_cond(1, 1.4 * cuda::kTallOnePassCond)});
+  const double b = cuda::kTallOnePassBound;
+  const auto batch = torch::cat({make_matrices(Spec::kWell, 3, m, n, gen),
+                                 make_matrices(Spec::kCond1e6, 2, m, n, gen),
+                                 testing::random_matrix(Family::kRankDeficient, 2, m, n, gen),
+                                 with_small_sigma(0.5 * b / std::sqrt(n - 1.0)),
+                                 with_small_sigma(2 * b / std::sqrt(n - 1.0))});
+  {
+    // The bound of each matrix, from its float64 singular values: one pass exactly where the
+    // driver should take it.
+    const auto sv = torch::linalg_svdvals(batch);
+    const auto fro_bound = (sv.square().sum(1) * sv.square().reciprocal().sum(1)).sqrt();
+    const auto want = (fro_bound <= b).to(torch::kLong);
+    EXPECT_TRUE(torch::equal(want, torch::tensor({1, 1, 1, 0, 0, 0, 0, 1, 0})))
+        << "test matrices: " << fro_bound;
+  }
   for (auto dt : {torch::kFloat32, torch::kFloat64})
     for (auto passes : {cuda::TallPasses::kCublas, cuda::TallPasses::kKernels})
       for (int64_t k : {n, int64_t(5)}) {
@@ -248,8 +260,8 @@ TEST(TallSvd, OnePassWhereWellConditionedOnCpu) {
              s = torch::full({b, k}, kNaN, x.options()),
              v = torch::full({b, n, k}, kNaN, x.options());
         const auto c = cuda::tall_svd_out(x, passes, lapack, u, s, v);
-        EXPECT_EQ(c.one_pass, 4) << what << ": the well-conditioned ones and κ = 700";
-        EXPECT_EQ(c.two_pass, 5) << what << ": κ 1e6, rank deficient, κ = 1400";
+        EXPECT_EQ(c.one_pass, 4) << what << ": the well-conditioned ones and bound b/2";
+        EXPECT_EQ(c.two_pass, 5) << what << ": κ 1e6, rank deficient, bound 2b";
         EXPECT_EQ(c.householder, 2) << what << ": the rank-deficient ones";
         EXPECT_EQ(c.not_converged, 0) << what;
         ASSERT_TRUE(all_finite(u) && all_finite(s) && all_finite(v)) << what << ": unwritten";
