@@ -21,7 +21,8 @@
 // 3. Decoding, batch 16, 32 heads, 32k cache, d = 128: SDPA over the full cache, our split-K
 //    decode kernel over full keys and over rank-32 and rank-16 key caches, with byte floors.
 // On a machine without a CUDA device it says so and exits 0.
-// Usage: attention_cuda_bench [--quick] [--no-flex] [--max-len N] [--only sparse|estimator|decode]
+// Usage: attention_cuda_bench [--quick] [--no-flex] [--min-len N] [--max-len N]
+//                             [--only sparse|estimator|decode]
 // (python: $ATTNPILOT_BENCH_PYTHON or python3)
 #include <fmt/format.h>
 #include <torch/torch.h>
@@ -164,7 +165,7 @@ double flex_ms(const BlockMask& mask, int64_t len, int64_t heads, int64_t d, int
   return std::atof(text.c_str() + at + 8);
 }
 
-void run(bool quick, bool with_flex, int64_t max_len) {
+void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len) {
   const int64_t heads = 32, d = 128, bs = 128;
   const auto dev = torch::Device(torch::kCUDA, 0);
   const auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(dev);
@@ -174,7 +175,8 @@ void run(bool quick, bool with_flex, int64_t max_len) {
       quick ? std::vector<int64_t>{8192} : std::vector<int64_t>{8192, 32768};
   // 128k: q, k, v, two outputs (1 GiB each in bf16) plus SDPA's workspace.
   if (!quick && free_b > (12ull << 30)) lens.push_back(131072);
-  lens.erase(std::remove_if(lens.begin(), lens.end(), [&](int64_t l) { return l > max_len; }),
+  lens.erase(std::remove_if(lens.begin(), lens.end(),
+                            [&](int64_t l) { return l < min_len || l > max_len; }),
              lens.end());
   fmt::print("== block-sparse attention on {}: B=1, H={}, d={}, bf16, causal, block {} ==\n",
              at::cuda::getCurrentDeviceProperties()->name, heads, d, bs);
@@ -452,6 +454,7 @@ void run_decode(bool quick) {
 int main(int argc, char** argv) {
   bool quick = false, with_flex = true;
   int64_t max_len = int64_t(1) << 40;  // --max-len: skip longer sequences in the sparse table
+  int64_t min_len = 0;                 // --min-len: skip shorter ones
   std::string only;                    // empty: every section
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
@@ -461,6 +464,9 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--max-len") == 0 && i + 1 < argc &&
                std::atoll(argv[i + 1]) > 0) {
       max_len = std::atoll(argv[++i]);
+    } else if (std::strcmp(argv[i], "--min-len") == 0 && i + 1 < argc &&
+               std::atoll(argv[i + 1]) > 0) {
+      min_len = std::atoll(argv[++i]);
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc &&
                (std::strcmp(argv[i + 1], "sparse") == 0 ||
                 std::strcmp(argv[i + 1], "estimator") == 0 ||
@@ -468,7 +474,7 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else {
       fmt::print(stderr,
-                 "usage: attention_cuda_bench [--quick] [--no-flex] [--max-len N] "
+                 "usage: attention_cuda_bench [--quick] [--no-flex] [--min-len N] [--max-len N] "
                  "[--only sparse|estimator|decode]\n(got '{}')\n",
                  argv[i]);
       return 2;
@@ -478,6 +484,7 @@ int main(int argc, char** argv) {
   (void)quick;
   (void)with_flex;
   (void)max_len;
+  (void)min_len;
   fmt::print("attention_cuda_bench: built without CUDA (ATTNPILOT_CUDA=OFF); nothing measured\n");
   return 0;
 #else
@@ -486,7 +493,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
-    if (only.empty() || only == "sparse") run(quick, with_flex, max_len);
+    if (only.empty() || only == "sparse") run(quick, with_flex, min_len, max_len);
     if (only.empty() || only == "estimator") run_estimator(quick);
     if (only.empty() || only == "decode") run_decode(quick);
   } catch (const std::exception& e) {
