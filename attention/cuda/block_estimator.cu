@@ -141,6 +141,17 @@ __global__ void __launch_bounds__(32 * kNormaliseWarps)
   pooled::pooled_normalise_row(p, row);
 }
 
+// The normalisation of the L values in p.scores, in place (both pooled score kernels).
+cudaError_t launch_pooled_normalise(const PooledScoresLaunch& p, cudaStream_t stream,
+                                    const char** failed_call) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_blocks;
+  pooled_normalise_kernel<<<static_cast<unsigned>(ceil_div(rows, kNormaliseWarps)),
+                            32 * kNormaliseWarps, 0, stream>>>(p, rows);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) *failed_call = "pooled_normalise_kernel<<<rows / 4, 128>>>";
+  return e;
+}
+
 // ---- (2k) pooled-query block scores from the stored keys (pooled_keys_mma.cuh) ----
 
 // grid (query groups × key chunks, heads, batch): blockIdx.x = group + groups·chunk, so the
@@ -447,12 +458,7 @@ cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p_in, cudaStrea
     *failed_call = "pooled_scores_kernel<<<(key chunks × query groups, heads, batch), 128>>>";
     return e;
   }
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_blocks;
-  pooled_normalise_kernel<<<static_cast<unsigned>(ceil_div(rows, kNormaliseWarps)),
-                            32 * kNormaliseWarps, 0, stream>>>(p, rows);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) *failed_call = "pooled_normalise_kernel<<<rows / 4, 128>>>";
-  return e;
+  return launch_pooled_normalise(p, stream, failed_call);
 }
 
 cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t stream,
@@ -503,12 +509,7 @@ cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t 
   np.k_blocks = p.k_blocks;
   np.block_size = p.block_size;
   np.causal = p.causal;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_blocks;
-  pooled_normalise_kernel<<<static_cast<unsigned>(ceil_div(rows, kNormaliseWarps)),
-                            32 * kNormaliseWarps, 0, stream>>>(np, rows);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) *failed_call = "pooled_normalise_kernel<<<rows / 4, 128>>>";
-  return e;
+  return launch_pooled_normalise(np, stream, failed_call);
 }
 
 cudaError_t launch_select_blocks(const SelectLaunch& p, cudaStream_t stream,

@@ -40,6 +40,7 @@
 #include "attention/cuda/block_estimator_kernels.h"
 #include "attention/cuda/block_sparse_block.cuh"
 #include "attention/cuda/mma_ptx.cuh"
+#include "attention/cuda/pooled_scores.cuh"
 
 namespace attnpilot::attention::cuda::pooled_keys {
 
@@ -59,15 +60,10 @@ __host__ __device__ constexpr int64_t shared_bytes(int d) {
   return int64_t(2) * kTileKeys * tile_ld(d) * 2;
 }
 
-__host__ __device__ inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-/// The CPU twin's kend: keys query block qb sees (non-decreasing in qb).
+using pooled::div_up;
+/// The CPU twin's kend of query block qb.
 __host__ __device__ inline int64_t visible_keys(const PooledKeysLaunch& p, int64_t qb) {
-  if (!p.causal) return p.m;
-  const int64_t bs = p.block_size, i0 = qb * bs;
-  const int64_t rows = p.n - i0 < bs ? p.n - i0 : bs;
-  const int64_t end = p.q_offset + i0 + rows;
-  return end < p.m ? end : p.m;
+  return pooled::pooled_visible_keys(p, qb);
 }
 
 /// Query groups and key chunks of the grid (chunk_blocks >= 1).

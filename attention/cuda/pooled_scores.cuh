@@ -59,8 +59,10 @@ __host__ __device__ constexpr int pooled_queries_per_thread(int rank_pad) {
 
 __host__ __device__ inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-/// The CPU twin's kend: keys query block qb sees.
-__host__ __device__ inline int64_t pooled_visible_keys(const PooledScoresLaunch& p, int64_t qb) {
+/// The CPU twin's kend: keys query block qb sees (non-decreasing in qb). Launch: any launch
+/// struct with the geometry fields (PooledScoresLaunch, PooledKeysLaunch).
+template <class Launch>
+__host__ __device__ inline int64_t pooled_visible_keys(const Launch& p, int64_t qb) {
   if (!p.causal) return p.m;
   const int64_t bs = p.block_size, i0 = qb * bs;
   const int64_t rows = p.n - i0 < bs ? p.n - i0 : bs;
