@@ -15,6 +15,7 @@
 //     kernel) vs a full gesvda and our full kernel.
 //     (Printed before section 2, whose CUDA tracker runs are the slowest part of the bench.)
 // Usage: svd_bench [--device cpu|cuda] [--full] [--repeats N] [--threads N] [--no-tracking]
+//                  [--only square|tall|topr]
 //   Without --full on CPU the batch counts are scaled down (64 square, 8 tall, 64 heads) so it
 //   finishes in about a minute on 2 cores; --full uses the GPU sizes (1024 square, 256 tall).
 #include <torch/torch.h>
@@ -70,6 +71,11 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--full", full, "GPU batch sizes (1024 square, 256 tall, 1024 heads)");
   app.add_flag("--no-tracking", no_tracking, "skip section 2 (the slowest part on the GPU)");
+  std::string only;
+  app.add_option("--only", only,
+                 "one part: square (section 1's square rows), tall (its 4096x64 rows, no 1b), "
+                 "topr (section 1c); implies --no-tracking")
+      ->check(CLI::IsMember({"square", "tall", "topr"}));
   app.add_option("--repeats", repeats, "timed repeats (median reported)")
       ->check(CLI::Range(1, 1000));
   app.add_option("--threads", threads, "CPU threads for LibTorch")->check(CLI::Range(1, 256));
@@ -97,6 +103,15 @@ int main(int argc, char** argv) {
   std::vector<Shape> shapes = {
       {32, 32, n_square, 0}, {64, 64, n_square, 0},  {128, 128, n_square, 0}, {4096, 64, n_tall, 0},
       {4096, 64, n_tall, 8}, {4096, 128, n_tall, 0}, {4096, 128, n_tall, 8}};
+  if (!only.empty()) no_tracking = true;
+  if (only == "topr") shapes.clear();
+  if (only == "square" || only == "tall")
+    shapes.erase(std::remove_if(shapes.begin(), shapes.end(),
+                                [&](const Shape& s) {
+                                  return (s.m == s.n) != (only == "square") ||
+                                         (only == "tall" && s.n != 64);
+                                }),
+                 shapes.end());
   auto fmt_ms = [](double t) {
     return t > 0 ? fmt::format("{:.3f}", t * 1e3) : std::string("n/a");
   };
@@ -216,7 +231,7 @@ int main(int argc, char** argv) {
 #endif
   }
 
-  if (cuda) {
+  if (cuda && only.empty()) {
     std::cout << "\n1b. accuracy, fp32, condition number 1e6 (σ log-spaced over 6 decades), 16 "
                  "matrices per shape, vs float64 CPU: max |σ - σ_ref| / σ_max and max |UᵀU - I|\n";
     std::cout << "shape          ours_sigma_err  ours_orth_U  gesvda_sigma_err  gesvda_orth_U\n";
@@ -249,7 +264,7 @@ int main(int argc, char** argv) {
   }
 
 #ifdef ATTNPILOT_WITH_CUDA
-  if (cuda) {
+  if (cuda && (only.empty() || only == "topr")) {
     std::cout << "\n1c. top-r warm-started update, 1024 cores 128x128 fp32 (σ_i = 0.8^i, the new "
                  "core = old + 1e-3 noise), tol 1e-5·σ₁, median ms\n";
     std::cout << "r   p   topr_ms  gesvda_full_ms  gesvda/topr  ours_full_ms  ours/topr  "
