@@ -456,13 +456,15 @@ TallSvdCounts tall_svd_out(const torch::Tensor& x_in, TallPasses passes, const S
   // W = R₁⁻¹ (one pass) or R₂⁻¹, times U_R.
   torch::Tensor r = first.r1, winv = first.r1inv, q1_redo;
   torch::Tensor redo;
+  // Every matrix redone (ill-conditioned batches): no subsets gathered or scattered.
+  const bool all_redo = counts.one_pass == 0;
   if (counts.two_pass > 0) {
     redo = to_dev(redo_idx);
-    const auto qr = tall_second_pass(first.select(redo), passes);
+    const auto qr = tall_second_pass(all_redo ? first : first.select(redo), passes);
     counts.householder = qr.householder;
     q1_redo = qr.q1;
-    r = r.index_copy(0, redo, qr.r);
-    winv = winv.index_copy(0, redo, qr.r2inv);
+    r = all_redo ? qr.r : r.index_copy(0, redo, qr.r);
+    winv = all_redo ? qr.r2inv : winv.index_copy(0, redo, qr.r2inv);
   }
   // The n×n SVD of every R at once (all n triplets), in X's precision.
   auto ur = torch::empty({bsz, n, n}, ux.options()), sr = torch::empty({bsz, n}, ux.options()),
@@ -477,8 +479,8 @@ TallSvdCounts tall_svd_out(const torch::Tensor& x_in, TallPasses passes, const S
     else
       out.copy_(torch::bmm(base, wi));
   };
-  if (counts.two_pass == 0) {
-    product(first.x, w, ux);
+  if (counts.two_pass == 0 || all_redo) {
+    product(all_redo ? q1_redo : first.x, w, ux);
     return counts;
   }
   auto u2 = torch::empty({counts.two_pass, m, k}, ux.options());

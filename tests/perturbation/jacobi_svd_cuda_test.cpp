@@ -279,6 +279,17 @@ TEST(TallSvd, OnePassWhereWellConditionedOnCpu) {
         EXPECT_LE(e.sigma, kTol) << what << " rank deficient: σ";
         EXPECT_LE(e.recon, kTol) << what << " rank deficient: reconstruction";
       }
+  // Batches that take one path only: all one pass, all second pass (no gathering).
+  for (const auto& [x, one] :
+       {std::pair{make_matrices(Spec::kWell, 3, m, n, gen), int64_t(3)},
+        std::pair{make_matrices(Spec::kCond1e6, 3, m, n, gen), int64_t(0)}}) {
+    auto u = torch::full({3, m, n}, kNaN, x.options()), s = torch::full({3, n}, kNaN, x.options()),
+         v = torch::full({3, n, n}, kNaN, x.options());
+    const auto c = cuda::tall_svd_out(x, cuda::TallPasses::kCublas, lapack, u, s, v);
+    EXPECT_EQ(c.one_pass, one);
+    EXPECT_EQ(c.two_pass, 3 - one);
+    expect_within(svd_errors(x, u, s, v), kTol, fmt::format("uniform batch, {} one pass", one));
+  }
   auto u = torch::empty({1, m, n}, torch::kFloat64), s = torch::empty({1, n}, torch::kFloat64),
        v = torch::empty({1, n, n}, torch::kFloat64);
   auto wrong_s = torch::empty({1, n + 1}, torch::kFloat64);
