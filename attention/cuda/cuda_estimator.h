@@ -13,7 +13,7 @@
 /// No host synchronisation: the sampled-row indices (or the query block means), projections,
 /// scores, selection, scan and scatter all run on the caller's current stream. The pooled mode's
 /// kernels are tested against the CPU twin in a CPU emulation (estimator_emu_test) and on the
-/// GPU (cuda_estimator_test; the tensor-core kernel on the stored keys not yet on a GPU). Note that
+/// GPU (cuda_estimator_test, both pooled kernels; H100, 2026-12-06). Note that
 /// BlockMask's own comment says its lists are CPU tensors; the masks returned here are not (see
 /// estimate_block_mask_cuda). Limits of the kernels: block size a multiple of 64, head dim <= 256,
 /// rank <= 64 (padded to 8, 16, 32 or 64 with zero columns), at most 16384 key blocks. Outside
@@ -42,8 +42,8 @@ struct CudaEstimatorOptions {
   /// Output rows per thread of the projection kernel (keys, sampled query rows, pooled means):
   /// 1 (the default, measured) or 4 (4 rows per thread, 2 at padded rank 64: each shared-memory
   /// read of the projection matrix feeds 4x the FMAs; ProjectionLaunch::rows_per_thread). Same
-  /// results (the same FMA order per element). A tuning knob, not yet measured on a GPU: measure
-  /// before changing the default. Anything else: InvalidArgument.
+  /// results (the same FMA order per element). A tuning knob: 4 measured no faster on an H100
+  /// (bench/RESULTS.md, 2026-12-05). Anything else: InvalidArgument.
   int projection_rows = 1;
   /// Pooled queries with bf16/fp16 keys of head dim 64 or 128: score w = A_k A_qᵀ q̄ (per query
   /// block) against the keys as stored, on the tensor cores (w split into two 16-bit parts:
