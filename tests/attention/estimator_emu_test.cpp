@@ -176,6 +176,37 @@ std::vector<Shape> shapes() {
   };
 }
 
+/// The checks both pooled kernels pass against the CPU twin's scores `want`: the score kernel
+/// wrote exactly the visible blocks' L values (`lse`: the scores between the two kernels, the
+/// poison left past them), the normaliser every element; rows sum to 1, nothing negative, and
+/// the largest error (returned) within tol.
+double expect_pooled_scores(const Shape& s, const torch::Tensor& want,
+                            const std::vector<float>& got_v, std::vector<float>& lse, double tol,
+                            const std::string& what) {
+  const int64_t qbn = want.size(2), kbn = want.size(3);
+  const auto got = torch::from_blob(const_cast<float*>(got_v.data()), want.sizes(), torch::kFloat)
+                       .to(torch::kDouble);
+  const auto l = torch::from_blob(lse.data(), want.sizes(), torch::kFloat).to(torch::kDouble);
+  for (int64_t qb = 0; qb < qbn; ++qb) {
+    const int64_t i0 = qb * s.bs, rows = std::min(s.bs, s.n - i0);
+    const int64_t kend = s.causal ? std::min(s.m, s.q_offset + i0 + rows) : s.m;
+    const int64_t vis = (kend + s.bs - 1) / s.bs;
+    const auto row = l.select(2, qb);
+    EXPECT_TRUE(torch::isfinite(row.narrow(2, 0, vis)).all().item<bool>())
+        << what << " query block " << qb << ": an L value of a visible block is missing";
+    if (vis < kbn) {
+      EXPECT_TRUE(torch::isnan(row.narrow(2, vis, kbn - vis)).all().item<bool>())
+          << what << " query block " << qb << ": L written past the visible blocks";
+    }
+  }
+  EXPECT_TRUE(torch::isfinite(got).all().item<bool>()) << what << ": unwritten or NaN scores";
+  const double err = (got - want).abs().max().item<double>();
+  EXPECT_LE(err, tol) << what;
+  EXPECT_LE((got.sum(-1) - 1.0).abs().max().item<double>(), 1e-5) << what;
+  EXPECT_EQ((got < 0).sum().item<int64_t>(), 0) << what;
+  return err;
+}
+
 TEST(PooledScoresEmulated, MatchTheCpuTwinInFloat64) {
   uint64_t seed = 11;
   double worst = 0;
@@ -187,30 +218,8 @@ TEST(PooledScoresEmulated, MatchTheCpuTwinInFloat64) {
         pr.q, pr.k, pr.a_q, pr.a_k, s.bs, s.causal, s.q_offset, &flops, /*pool_queries=*/true);
     std::vector<float> lse;
     const auto got_v = emulate_any(s, pr, &lse);
-    const int64_t qbn = want.size(2), kbn = want.size(3);
-    const auto got = torch::from_blob(const_cast<float*>(got_v.data()), want.sizes(), torch::kFloat)
-                         .to(torch::kDouble);
-    const auto l = torch::from_blob(lse.data(), want.sizes(), torch::kFloat).to(torch::kDouble);
-    // The score kernel writes exactly the visible blocks' L (the poison stays past them), the
-    // normaliser every element.
-    for (int64_t qb = 0; qb < qbn; ++qb) {
-      const int64_t i0 = qb * s.bs, rows = std::min(s.bs, s.n - i0);
-      const int64_t kend = s.causal ? std::min(s.m, s.q_offset + i0 + rows) : s.m;
-      const int64_t vis = (kend + s.bs - 1) / s.bs;
-      const auto row = l.select(2, qb);
-      EXPECT_TRUE(torch::isfinite(row.narrow(2, 0, vis)).all().item<bool>())
-          << s.str() << " query block " << qb << ": an L value of a visible block is missing";
-      if (vis < kbn) {
-        EXPECT_TRUE(torch::isnan(row.narrow(2, vis, kbn - vis)).all().item<bool>())
-            << s.str() << " query block " << qb << ": L written past the visible blocks";
-      }
-    }
-    ASSERT_TRUE(torch::isfinite(got).all().item<bool>()) << s.str() << ": unwritten or NaN scores";
-    const double err = (got - want).abs().max().item<double>();
-    worst = std::max(worst, err);
-    EXPECT_LE(err, kAbsTol) << s.str() << " sharp " << sharp;
-    EXPECT_LE((got.sum(-1) - 1.0).abs().max().item<double>(), 1e-5) << s.str();
-    EXPECT_EQ((got < 0).sum().item<int64_t>(), 0) << s.str();
+    worst = std::max(worst, expect_pooled_scores(s, want, got_v, lse, kAbsTol,
+                                                 fmt::format("{} sharp {}", s.str(), sharp)));
   }
   std::printf("pooled scores, emulated kernels vs float64 CPU twin: max abs error %.3g\n", worst);
 }
@@ -395,29 +404,10 @@ TEST(PooledKeyScoresEmulated, MatchTheCpuTwinInFloat64) {
         pr.q, pr.k64, pr.a_q, pr.a_k, s.bs, s.causal, s.q_offset, &flops, /*pool_queries=*/true);
     std::vector<float> lse;
     const auto got_v = emulate_keys_any(c, pr, &lse);
-    const int64_t qbn = want.size(2), kbn = want.size(3);
-    const auto got = torch::from_blob(const_cast<float*>(got_v.data()), want.sizes(), torch::kFloat)
-                         .to(torch::kDouble);
-    const auto l = torch::from_blob(lse.data(), want.sizes(), torch::kFloat).to(torch::kDouble);
-    const std::string what =
-        fmt::format("{} hkv={} ld={} {}", s.str(), c.hkv, c.ld, c.bf16 ? "bf16" : "fp16");
-    for (int64_t qb = 0; qb < qbn; ++qb) {
-      const int64_t i0 = qb * s.bs, rows = std::min(s.bs, s.n - i0);
-      const int64_t kend = s.causal ? std::min(s.m, s.q_offset + i0 + rows) : s.m;
-      const int64_t vis = (kend + s.bs - 1) / s.bs;
-      const auto row = l.select(2, qb);
-      EXPECT_TRUE(torch::isfinite(row.narrow(2, 0, vis)).all().item<bool>())
-          << what << " query block " << qb << ": an L value of a visible block is missing";
-      if (vis < kbn) {
-        EXPECT_TRUE(torch::isnan(row.narrow(2, vis, kbn - vis)).all().item<bool>())
-            << what << " query block " << qb << ": L written past the visible blocks";
-      }
-    }
-    ASSERT_TRUE(torch::isfinite(got).all().item<bool>()) << what << ": unwritten or NaN scores";
-    const double err = (got - want).abs().max().item<double>();
-    worst = std::max(worst, err);
-    EXPECT_LE(err, kKeysAbsTol) << what << " sharp " << sharp;
-    EXPECT_LE((got.sum(-1) - 1.0).abs().max().item<double>(), 1e-5) << what;
+    worst = std::max(
+        worst, expect_pooled_scores(s, want, got_v, lse, kKeysAbsTol,
+                                    fmt::format("{} hkv={} ld={} {} sharp {}", s.str(), c.hkv, c.ld,
+                                                c.bf16 ? "bf16" : "fp16", sharp)));
   }
   std::printf(
       "pooled scores on the stored keys, emulated vs float64 CPU twin: max abs error %.3g\n",
