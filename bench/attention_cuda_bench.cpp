@@ -360,9 +360,17 @@ void run_estimator(bool quick) {
           1, 3);
       // pq-mma: the tensor-core kernel on the stored keys (the default); pool-q: the keys
       // projected, then the CUDA-core kernel.
-      for (bool key_mma : {true, false}) {
+      // pq-2k / pq-4k: pq-mma with 2048- and 4096-key chunks per CTA (the default, 1024, was
+      // chosen for the CUDA-core kernel).
+      for (int variant = 0; variant < 4; ++variant) {
+        const bool key_mma = variant != 1;
         CudaEstimatorOptions eo;
         eo.pooled_key_mma = key_mma;
+        eo.pooled_chunk_keys = variant == 2 ? 2048 : variant == 3 ? 4096 : 0;
+        const char* mode = variant == 0   ? "pq-mma"
+                           : variant == 1 ? "pool-q"
+                           : variant == 2 ? "pq-2k"
+                                          : "pq-4k";
         double flops = 0;
         BlockMask mask;
         const double t_est = ev.median_ms(
@@ -372,7 +380,7 @@ void run_estimator(bool quick) {
             [&] { (void)backend.block_sparse(q, k, v, mask, scale, true, 0, 0, 0); }, 2, 10);
         fmt::print(
             "{:>4} {:>7.0f}% {:>6} {:>13.3f} {:>13.3f} {:>11.3f} {:>10.3f} {:>14.3f} {:>10.1f}\n",
-            r, 100 * density, key_mma ? "pq-mma" : "pool-q", t_est, t_att, t_est / t_att,
+            r, 100 * density, mode, t_est, t_att, t_est / t_att,
             mask.on_host().density(len, len, true, 0), t_ref_pooled, t_ref_pooled / t_est);
         std::fflush(stdout);
       }

@@ -105,6 +105,9 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
 void check_projection_rows(const CudaEstimatorOptions& options) {
   ATTNPILOT_CHECK_ARG(options.projection_rows == 1 || options.projection_rows == 4,
                       "cuda estimator: projection_rows {} must be 1 or 4", options.projection_rows);
+  ATTNPILOT_CHECK_ARG(options.pooled_chunk_keys >= 0,
+                      "cuda estimator: pooled_chunk_keys {} must be >= 0 (0: the default)",
+                      options.pooled_chunk_keys);
 }
 
 /// Rows of query block qb and its visible key count (the CPU twin's kend).
@@ -196,13 +199,18 @@ bool pooled_keys_mma_handles(const torch::Tensor& k) {
          reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0;
 }
 
-/// Pooled-query scores on the device; see lowrank_block_scores_cuda. key_mma: the tensor-core
-/// kernel on the stored keys where pooled_keys_mma_handles(k), else the key projection and the
-/// CUDA-core kernel.
+/// Pooled-query scores on the device; see lowrank_block_scores_cuda. options.pooled_key_mma:
+/// the tensor-core kernel on the stored keys where pooled_keys_mma_handles(k), else the key
+/// projection and the CUDA-core kernel.
 torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k_in,
                                       const torch::Tensor& a_q, const torch::Tensor& a_k,
                                       int64_t bs, bool causal, int64_t q_offset, double* flops,
-                                      int proj_rows, bool key_mma) {
+                                      const CudaEstimatorOptions& options) {
+  const int proj_rows = options.projection_rows;
+  bool key_mma = options.pooled_key_mma;
+  // Key blocks per CTA (0: the launchers' default).
+  const int64_t chunk_blocks =
+      options.pooled_chunk_keys > 0 ? std::max<int64_t>(1, options.pooled_chunk_keys / bs) : 0;
   c10::cuda::CUDAGuard guard(q_in.device());
   const auto stream = at::cuda::getCurrentCUDAStream(q_in.get_device()).stream();
   const int64_t b = q_in.size(0), h = q_in.size(1), n = q_in.size(2), d = q_in.size(3);
@@ -244,6 +252,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     pl.block_size = static_cast<int>(bs);
     pl.d = static_cast<int>(d);
     pl.causal = causal;
+    pl.chunk_blocks = chunk_blocks;
     failed = "launch_pooled_key_scores";
     check_cuda(cuda::launch_pooled_key_scores(pl, stream, &failed), failed, q_in, k_in, bs);
     // FLOPs: the block means (n·d adds), the projection of the means and its product with
@@ -259,6 +268,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
   pl.kp = kp.data_ptr<float>();
   pl.scores = scores.data_ptr<float>();
   set_geometry(pl, q_in, k_in, bs, rp, causal, q_offset);
+  pl.chunk_blocks = chunk_blocks;
   check_cuda(cuda::launch_pooled_block_scores(pl, stream, &failed), failed, q_in, k_in, bs);
   // FLOPs: the block means (n·d adds), the projections of the means and of the keys, then 2r+1
   // per (query block, visible key) pair.
@@ -337,8 +347,7 @@ torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Ten
   check_projection_rows(options);
   check_inputs(q, k, a_q, a_k, block_size, q_offset);
   if (options.pool_queries)
-    return pooled_scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops,
-                                   options.projection_rows, options.pooled_key_mma);
+    return pooled_scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops, options);
   return scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops, options.tf32,
                           options.projection_rows);
 }
@@ -370,8 +379,7 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
     scores = torch::zeros({q.size(0), q.size(1), div_up(q.size(2), bs), div_up(k.size(2), bs)},
                           q.options().dtype(torch::kFloat));
   else if (plan.pool_queries)
-    scores = pooled_scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops,
-                                     options.projection_rows, options.pooled_key_mma);
+    scores = pooled_scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options);
   else
     scores = scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.tf32,
                               options.projection_rows);

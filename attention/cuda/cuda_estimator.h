@@ -51,6 +51,11 @@ struct CudaEstimatorOptions {
   /// then the CUDA-core kernel (the path this one is tested against). Other shapes and types
   /// always take that path.
   bool pooled_key_mma = true;
+  /// Keys per CTA of the pooled score kernels (rounded down to whole blocks, at least one); 0:
+  /// kPooledChunkKeys (1024, chosen for the CUDA-core kernel). A tuning knob for the
+  /// benchmark; results do not depend on it beyond float rounding order. Negative:
+  /// InvalidArgument.
+  int64_t pooled_chunk_keys = 0;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one

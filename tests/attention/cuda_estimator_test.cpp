@@ -328,13 +328,23 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
             1e-9 * cpu_flops)
             << what;
       }
-      // tf32 does not apply to the pooled path; same inputs, same bits (no race).
+      // tf32 does not apply to the pooled path; same inputs, same bits (no race). Each (query
+      // block, key block) value comes from one CTA whatever the key chunks, so other chunk
+      // sizes give the same bits too.
       CudaEstimatorOptions pooled_tf32 = pooled;
       pooled_tf32.tf32 = true;
       EXPECT_TRUE(
           torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
                                                       c.q_offset, &gpu_flops, pooled_tf32)))
           << what << ": two runs differ";
+      for (int64_t chunk : {int64_t(1), int64_t(3 * c.bs), int64_t(4096)}) {
+        CudaEstimatorOptions chunked = pooled;
+        chunked.pooled_chunk_keys = chunk;
+        EXPECT_TRUE(
+            torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                        c.q_offset, &gpu_flops, chunked)))
+            << what << ": key chunks of " << chunk << " keys change the scores";
+      }
     }
   }
 }
