@@ -181,11 +181,12 @@ void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len) {
   fmt::print("== block-sparse attention on {}: B=1, H={}, d={}, bf16, causal, block {} ==\n",
              at::cuda::getCurrentDeviceProperties()->name, heads, d, bs);
   fmt::print(
-      "{:>7} {:>8} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8} "
-      "{:>9} {:>9} {:>15} {:>9}\n",
+      "{:>7} {:>8} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} "
+      "{:>9} "
+      "{:>8} {:>9} {:>9} {:>23} {:>9}\n",
       "L", "density", "blocks", "sdpa ms", "flex ms", "mma.sync", "wgmma", "wgmma-ws", "ws-overlap",
-      "ours ms", "call ms", "x sdpa", "x flex", "TFLOP/s", "floor ms", "rel err", "wgmma/ws err",
-      "flex err");
+      "ws-async", "ours ms", "call ms", "x sdpa", "x flex", "TFLOP/s", "floor ms", "rel err",
+      "wgmma/ws/ovl/async err", "flex err");
   EventPair ev;
   for (int64_t len : lens) {
     torch::manual_seed(1000 + len);
@@ -239,6 +240,9 @@ void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len) {
       const auto out_ws = out.clone();
       const double t_wso = time_kernel(cuda::BlockSparseKernel::kWgmmaWsOverlap);
       const auto out_wso = out.clone();
+      // ws-async: ws-overlap with the producer arriving by cp.async.mbarrier.arrive.
+      const double t_wsa = time_kernel(cuda::BlockSparseKernel::kWgmmaWsAsync);
+      const auto out_wsa = out.clone();
       const double t_ours = time_kernel(cuda::BlockSparseKernel::kAuto);
       const auto& backend = backend_for(dev);
       const double t_call =
@@ -251,18 +255,19 @@ void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len) {
             .item<double>();
       };
       if (density == 1.0) err = fmt::format("{:.2e}", rel_to_dense(out));
-      std::string ws_err = density == 1.0
-                               ? fmt::format("{:.1e}/{:.1e}/{:.1e}", rel_to_dense(out_wg),
-                                             rel_to_dense(out_ws), rel_to_dense(out_wso))
-                               : "-";
+      std::string ws_err =
+          density == 1.0
+              ? fmt::format("{:.1e}/{:.1e}/{:.1e}/{:.1e}", rel_to_dense(out_wg),
+                            rel_to_dense(out_ws), rel_to_dense(out_wso), rel_to_dense(out_wsa))
+              : "-";
       std::string flex_err = "-";
       const double t_flex = with_flex ? flex_ms(mask, len, heads, d, bs, &flex_err) : std::nan("");
       fmt::print(
           "{:>7} {:>7.0f}% {:>9} {:>10.3f} {:>10.3f} {:>10.3f} {:>10.3f} {:>10.3f} {:>10.3f} "
-          "{:>10.3f} {:>10.3f} {:>9.2f} {:>9.2f} {:>8.0f} {:>9.3f} {:>9} {:>15} {:>9}\n",
-          len, 100 * density, mask.nnz(), t_sdpa, t_flex, t_mma, t_wg, t_ws, t_wso, t_ours, t_call,
-          t_sdpa / t_ours, t_flex / t_ours, flops / (t_ours * 1e-3) / 1e12, flops / 990e12 * 1e3,
-          err, ws_err, flex_err);
+          "{:>10.3f} {:>10.3f} {:>10.3f} {:>9.2f} {:>9.2f} {:>8.0f} {:>9.3f} {:>9} {:>23} {:>9}\n",
+          len, 100 * density, mask.nnz(), t_sdpa, t_flex, t_mma, t_wg, t_ws, t_wso, t_wsa, t_ours,
+          t_call, t_sdpa / t_ours, t_flex / t_ours, flops / (t_ours * 1e-3) / 1e12,
+          flops / 990e12 * 1e3, err, ws_err, flex_err);
       std::fflush(stdout);
     }
   }

@@ -25,10 +25,12 @@ enum class ElemType { kBFloat16, kFloat16 };
 /// (any sm_90-compatible device, blocks of 64 too). kWgmma is the wgmma kernel whose threads all
 /// load and meet at a barrier per tile, kWgmmaWs the warp-specialised one (a producer warpgroup,
 /// mbarrier stages, consumers taking turns), kWgmmaWsOverlap that one with each consumer's
-/// softmax of a tile overlapping its P V of the previous one. The others force one (the
+/// softmax of a tile overlapping its P V of the previous one, kWgmmaWsAsync that one with the
+/// producer signalling stages by cp.async.mbarrier.arrive (no waits or fences in the producer;
+/// the consumers fence after their waits; not yet run on a GPU). The others force one (the
 /// benchmarks and tests compare them); forcing a wgmma kernel where it cannot run is
 /// cudaErrorInvalidValue.
-enum class BlockSparseKernel { kAuto, kMmaSync, kWgmma, kWgmmaWs, kWgmmaWsOverlap };
+enum class BlockSparseKernel { kAuto, kMmaSync, kWgmma, kWgmmaWs, kWgmmaWsOverlap, kWgmmaWsAsync };
 
 /// One launch. Tensors are given by pointer and element strides (the last dimension is
 /// contiguous); pointers 16-byte aligned and the strides multiples of 8 elements.

@@ -37,22 +37,25 @@ __global__ void __launch_bounds__(bsw::kThreads, 1) block_sparse_wgmma_kernel(Bl
 
 // 384 threads enter with at most 168 registers each (the cap setmaxnreg needs); the producer
 // warpgroup then gives registers up and the consumers take them.
-template <typename T, int D, bool kOverlap>
+template <typename T, int D, bool kOverlap, bool kAsyncArrive = false>
 __global__ void __launch_bounds__(bsw::kWsThreads, 1)
     block_sparse_wgmma_ws_kernel(BlockSparseLaunch p) {
   extern __shared__ __align__(1024) unsigned char smem[];
-  bsw::fwd_block_ws<T, D, kOverlap>(p, smem, gridDim.x - 1 - blockIdx.x, blockIdx.y, blockIdx.z);
+  bsw::fwd_block_ws<T, D, kOverlap, kAsyncArrive>(p, smem, gridDim.x - 1 - blockIdx.x, blockIdx.y,
+                                                  blockIdx.z);
 }
 
 template <typename T, int D>
 cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
                          const char** failed_call) {
-  const bool overlap =
-      p.kernel == BlockSparseKernel::kWgmmaWsOverlap || p.kernel == BlockSparseKernel::kAuto;
+  const bool async_arrive = p.kernel == BlockSparseKernel::kWgmmaWsAsync;
+  const bool overlap = p.kernel == BlockSparseKernel::kWgmmaWsOverlap ||
+                       p.kernel == BlockSparseKernel::kAuto || async_arrive;
   const bool ws = overlap || p.kernel == BlockSparseKernel::kWgmmaWs;
-  auto kernel = overlap ? block_sparse_wgmma_ws_kernel<T, D, true>
-                : ws    ? block_sparse_wgmma_ws_kernel<T, D, false>
-                        : block_sparse_wgmma_kernel<T, D>;
+  auto kernel = async_arrive ? block_sparse_wgmma_ws_kernel<T, D, true, true>
+                : overlap    ? block_sparse_wgmma_ws_kernel<T, D, true>
+                : ws         ? block_sparse_wgmma_ws_kernel<T, D, false>
+                             : block_sparse_wgmma_kernel<T, D>;
   const int64_t bytes = ws ? bsw::ws_shared_bytes(D) : bsw::shared_bytes(D);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(bytes));

@@ -390,8 +390,11 @@ __host__ __device__ constexpr int64_t ws_shared_bytes(int d) {
 /// One warp-specialised CTA (kWsThreads threads); the rest as fwd_block. kOverlap: each
 /// consumer also overlaps its softmax of tile i with its own P V of tile i-1 (FlashAttention-3's
 /// intra-warpgroup pipelining: S_i and PV_{i-1} are issued together, the softmax waits for S_i
-/// only, O is rescaled once PV_{i-1} has landed).
-template <typename T, int D, bool kOverlap = false>
+/// only, O is rescaled once PV_{i-1} has landed). kAsyncArrive: the producer signals each stage
+/// by cp.async.mbarrier.arrive (the arrival made by the hardware once the thread's copies have
+/// landed) instead of waiting for its copies and fencing them itself, so it never stalls on a
+/// load; each consumer thread fences (fence.proxy.async) after its wait instead.
+template <typename T, int D, bool kOverlap = false, bool kAsyncArrive = false>
 __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigned char* smem_raw,
                                              unsigned tile, int h, int b) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
@@ -427,6 +430,20 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
     const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
     const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
     load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
+    if constexpr (kAsyncArrive) {
+      ptx::cp_async_mbar_arrive(q_full);
+      int64_t i = 0;
+      for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
+        const int s = static_cast<int>(i % kS);
+        if (i >= kS) ptx::mbar_wait(empty + s, static_cast<unsigned>((i / kS - 1) & 1));
+        const int64_t k0 = list.k0(t);
+        load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
+        ptx::cp_async_mbar_arrive(k_full + s);
+        load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
+        ptx::cp_async_mbar_arrive(v_full + s);
+      }
+      return;
+    }
     cp_async_commit();
     // Groups in flight: Q, then per tile K and V. After issuing tile i, tile i-1's K and V
     // (or Q, at i = 0) are waited for and signalled.
@@ -468,6 +485,12 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
   } else {
     // Consumers: warpgroup c = wg - 1 on rows 64c .. 64c + 63.
     ptx::setmaxnreg_inc<kConsumerRegs>();
+    // A full stage (or Q): with kAsyncArrive the copies are the producer's generic-proxy writes,
+    // seen through the barrier; this thread fences them for its wgmma's async-proxy reads.
+    const auto wait_full = [](uint64_t* bar, unsigned parity) {
+      ptx::mbar_wait(bar, parity);
+      if constexpr (kAsyncArrive) ptx::fence_proxy_async();
+    };
     const int c = wg - 1, ctid = tid - 128, warp = (ctid % 128) / 32, lane = tid % 32;
     const int g = lane / 4, c4 = lane % 4;
     const int wrow = 64 * c + 16 * warp;
@@ -484,7 +507,7 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
     // Consumer 0 goes first (consumer 1 arrives on barrier 1 up front) and takes one more turn
     // at the end, so every arrival is matched.
     if (c == 1) ptx::named_bar_arrive(1, 256);
-    ptx::mbar_wait(q_full, 0);
+    wait_full(q_full, 0);
     const int64_t qpos0 = list.cta_first + wrow + g;
     int64_t i = 0;
     if constexpr (!kOverlap) {
@@ -492,14 +515,14 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
         const int s = static_cast<int>(i % kS);
         const unsigned phase = static_cast<unsigned>((i / kS) & 1);
         const int64_t k0 = list.k0(t);
-        ptx::mbar_wait(k_full + s, phase);
+        wait_full(k_full + s, phase);
         float sc[kBN / 2];
         ptx::named_bar_sync(1 + c, 256);
         issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
         ptx::named_bar_arrive(2 - c, 256);
         ptx::wgmma_wait<0>();
         softmax_step<D>(sc, o, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
-        ptx::mbar_wait(v_full + s, phase);
+        wait_full(v_full + s, phase);
         issue_pv<T, D>(o, sc, v_addr + s * kTile);
         ptx::wgmma_wait<0>();
         if (lane == 0) ptx::mbar_arrive(empty + s);  // this warp is done with stage s
@@ -515,7 +538,7 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
         unsigned prev_phase = 0;
         {
           const int64_t k0 = list.k0(t);
-          ptx::mbar_wait(k_full, 0);
+          wait_full(k_full, 0);
           float sc[kBN / 2];
           ptx::named_bar_sync(1 + c, 256);
           issue_s<T, D>(sc, q_addr, k_addr);
@@ -529,8 +552,8 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
           const int s = static_cast<int>(i % kS);
           const unsigned phase = static_cast<unsigned>((i / kS) & 1);
           const int64_t k0 = list.k0(t);
-          ptx::mbar_wait(k_full + s, phase);
-          ptx::mbar_wait(v_full + prev, prev_phase);
+          wait_full(k_full + s, phase);
+          wait_full(v_full + prev, prev_phase);
           float sc[kBN / 2];
           ptx::named_bar_sync(1 + c, 256);
           issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
@@ -547,7 +570,7 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
           prev = s;
           prev_phase = phase;
         }
-        ptx::mbar_wait(v_full + prev, prev_phase);  // the last tile's P V
+        wait_full(v_full + prev, prev_phase);  // the last tile's P V
         issue_pv_packed<T, D>(o, pa, v_addr + prev * kTile);
         ptx::wgmma_wait<0>();
         if (lane == 0) ptx::mbar_arrive(empty + prev);

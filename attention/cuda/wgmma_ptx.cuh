@@ -41,6 +41,7 @@ namespace attnpilot::attention::cuda::ptx {
 
 #ifdef ATTNPILOT_CUDA_EMU
 
+using ::attnpilot::cuda_emu::wgmma::cp_async_mbar_arrive;
 using ::attnpilot::cuda_emu::wgmma::cp_async_wait_group;
 using ::attnpilot::cuda_emu::wgmma::fence_proxy_async;
 using ::attnpilot::cuda_emu::wgmma::mbar_arrive;
@@ -122,6 +123,12 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait_group() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+/// cp.async.mbarrier.arrive.noinc: one arrival on `bar`, made when every cp.async this thread
+/// issued before it has landed; the thread goes on at once (the barrier's count includes it).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_offset(bar))
+               : "memory");
 }
 
 // The accumulator operand lists: N/2 "+f" registers d[0..N/2-1].

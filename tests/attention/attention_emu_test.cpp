@@ -145,7 +145,8 @@ void run_block_sparse_typed(const cuda::BlockSparseLaunch& p) {
 /// The grid of block_sparse_wgmma_kernel<T, D> (block_sparse_wgmma.cu), one emulated CTA at a
 /// time; the shared window starts 1024-byte aligned, as the CTA's shared memory does on the GPU.
 template <typename T, int D>
-void run_block_sparse_wgmma(const cuda::BlockSparseLaunch& p, bool ws, bool overlap) {
+void run_block_sparse_wgmma(const cuda::BlockSparseLaunch& p, bool ws, bool overlap,
+                            bool async_arrive) {
   const auto tiles = static_cast<unsigned>((p.n + bsw::kBM - 1) / bsw::kBM);
   const int64_t bytes = ws ? bsw::ws_shared_bytes(D) : bsw::shared_bytes(D);
   Shared smem(bytes, 1024);
@@ -154,7 +155,10 @@ void run_block_sparse_wgmma(const cuda::BlockSparseLaunch& p, bool ws, bool over
       for (unsigned x = 0; x < tiles; ++x) {
         unsigned char* s = smem.poisoned();
         emu::wgmma::set_shared_window(s, static_cast<size_t>(bytes));
-        if (ws && overlap)
+        if (ws && async_arrive)
+          emu::run_block(bsw::kWsThreads,
+                         [&] { bsw::fwd_block_ws<T, D, true, true>(p, s, tiles - 1 - x, h, b); });
+        else if (ws && overlap)
           emu::run_block(bsw::kWsThreads,
                          [&] { bsw::fwd_block_ws<T, D, true>(p, s, tiles - 1 - x, h, b); });
         else if (ws)
@@ -166,7 +170,7 @@ void run_block_sparse_wgmma(const cuda::BlockSparseLaunch& p, bool ws, bool over
 }
 
 /// Which emulated kernel body runs.
-enum class Body { kMmaSync, kWgmma, kWgmmaWs, kWgmmaWsOverlap };
+enum class Body { kMmaSync, kWgmma, kWgmmaWs, kWgmmaWsOverlap, kWgmmaWsAsync };
 
 /// The emulated kernel body into a NaN-poisoned output (the GPU test's launch(), on the CPU).
 torch::Tensor emu_block_sparse(const torch::Tensor& q, const torch::Tensor& k,
@@ -208,13 +212,14 @@ torch::Tensor emu_block_sparse(const torch::Tensor& q, const torch::Tensor& k,
     if (!cuda::block_sparse_wgmma_supports(p))
       throw std::invalid_argument("emu_block_sparse: the wgmma kernel does not take this shape");
     const bool bf16 = q.scalar_type() == torch::kBFloat16;
-    const bool ov = body == Body::kWgmmaWsOverlap, ws = ov || body == Body::kWgmmaWs;
+    const bool as = body == Body::kWgmmaWsAsync, ov = as || body == Body::kWgmmaWsOverlap,
+               ws = ov || body == Body::kWgmmaWs;
     if (p.d == 64)
-      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 64>(p, ws, ov)
-           : run_block_sparse_wgmma<__half, 64>(p, ws, ov);
+      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 64>(p, ws, ov, as)
+           : run_block_sparse_wgmma<__half, 64>(p, ws, ov, as);
     else
-      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 128>(p, ws, ov)
-           : run_block_sparse_wgmma<__half, 128>(p, ws, ov);
+      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 128>(p, ws, ov, as)
+           : run_block_sparse_wgmma<__half, 128>(p, ws, ov, as);
   } else if (q.scalar_type() == torch::kBFloat16) {
     run_block_sparse_typed<__nv_bfloat16>(p);
   } else {
@@ -285,6 +290,7 @@ TEST(AttentionEmu, WgmmaBlockSparseKernelMatchesCpuBackend) {
 TEST(AttentionEmu, WarpSpecialisedWgmmaKernelMatchesCpuBackend) {
   check_random_masks(Body::kWgmmaWs, {128, 256}, 20261207);
   check_random_masks(Body::kWgmmaWsOverlap, {128, 256}, 20261208);
+  check_random_masks(Body::kWgmmaWsAsync, {128, 256}, 20261209);
   // Long rows: 12 key tiles per CTA, so each of the 3 stages goes round 4 times (the mbarrier
   // phases alternate), with the last CTA's rows partly past n.
   const int64_t b = 1, h = 2, hkv = 1, n = 200, m = 1500, q_offset = m - n, d = 64;
@@ -294,7 +300,7 @@ TEST(AttentionEmu, WarpSpecialisedWgmmaKernelMatchesCpuBackend) {
   const auto v = torch::randn({b, hkv, m, d}, gen).to(torch::kBFloat16);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const auto all = BlockMask::all_visible(b, h, n, m, 128, true, q_offset);
-  for (Body body : {Body::kWgmmaWs, Body::kWgmmaWsOverlap})
+  for (Body body : {Body::kWgmmaWs, Body::kWgmmaWsOverlap, Body::kWgmmaWsAsync})
     expect_close(emu_block_sparse(q, k, v, &all, scale, true, q_offset, 0, 0, body),
                  block_sparse_expected(q, k, v, all, scale, true, q_offset, 0, 0),
                  block_sparse_tolerance(torch::kBFloat16),

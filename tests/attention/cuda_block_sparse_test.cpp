@@ -97,6 +97,8 @@ const char* kernel_name(cuda::BlockSparseKernel kernel) {
       return "wgmma-ws";
     case cuda::BlockSparseKernel::kWgmmaWsOverlap:
       return "wgmma-ws-overlap";
+    case cuda::BlockSparseKernel::kWgmmaWsAsync:
+      return "wgmma-ws-async";
     case cuda::BlockSparseKernel::kMmaSync:
       return "mma.sync";
     case cuda::BlockSparseKernel::kAuto:
@@ -163,8 +165,9 @@ TEST(CudaBlockSparse, KernelMatchesCpuBackend) {
 TEST(CudaBlockSparse, WgmmaKernelMatchesCpuBackend) {
   ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
   if (!device_is_sm90()) GTEST_SKIP() << "the wgmma kernel needs a compute capability 9.0 GPU";
-  for (auto kernel : {cuda::BlockSparseKernel::kWgmma, cuda::BlockSparseKernel::kWgmmaWs,
-                      cuda::BlockSparseKernel::kWgmmaWsOverlap})
+  for (auto kernel :
+       {cuda::BlockSparseKernel::kWgmma, cuda::BlockSparseKernel::kWgmmaWs,
+        cuda::BlockSparseKernel::kWgmmaWsOverlap, cuda::BlockSparseKernel::kWgmmaWsAsync})
     check_kernel_on_random_masks(kernel, {128, 256}, 20261206);
   // Longer rows (many tiles, every stage reused), no lists, and a streaming window.
   std::mt19937_64 rng(11);

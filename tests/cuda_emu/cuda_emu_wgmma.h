@@ -31,6 +31,8 @@
 ///                                    waits for that, arrive does not
 ///   setmaxnreg_dec<N> / _inc<N>      nothing to do (registers are not modelled)
 ///   cp_async_wait_group<N>           cp.async.wait_group N (cuda_emu_mma.h's cp.async)
+///   cp_async_mbar_arrive(bar)        cp.async.mbarrier.arrive.noinc: arrives once this thread's
+///                                    earlier copies have landed (emulated late, see below)
 ///
 /// Layouts are wgmma_ptx.cuh's (its header comment; w = warp of the warpgroup, g = lane / 4,
 /// c = lane % 4): d[4i + e] is row 16w + g + 8·(e / 2), column 8i + 2c + (e % 2); the register A
@@ -532,6 +534,20 @@ inline void setmaxnreg_inc() {}
 template <int N>
 inline void cp_async_wait_group() {
   ::attnpilot::cuda_emu::mma::cp_async_wait_group_n(N);
+}
+/// cp.async.mbarrier.arrive.noinc: the arrival waits for this thread's earlier copies. Emulated
+/// late: the thread first sits out 1 to 64 scheduling rounds (waiters that do not wait for the
+/// barrier run ahead and see the old bytes), then its copies land, then it arrives.
+inline void cp_async_mbar_arrive(uint64_t* bar) {
+  (void)detail::mbar(bar, "cp_async_mbar_arrive");
+  detail::block("cp_async_mbar_arrive").yield(64);
+  ::attnpilot::cuda_emu::mma::cp_async_commit();
+  ::attnpilot::cuda_emu::mma::cp_async_wait_group_n(0);
+  auto& m = detail::mbar(bar, "cp_async_mbar_arrive");
+  if (--m.pending == 0) {
+    m.pending = m.count;
+    ++m.completed;
+  }
 }
 
 /// wgmma.mma_async m64nNk16, A and B K-major in shared memory: d = A·Bᵀ (+ d when acc), the
