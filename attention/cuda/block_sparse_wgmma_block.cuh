@@ -37,7 +37,10 @@
 ///                 on an mbarrier (its threads wait for their copies and fence first); two
 ///                 consumer warpgroups (232 registers) wait on those, take turns issuing their
 ///                 S = QKᵀ (named barriers: one's softmax runs while the other's GEMM does) and
-///                 release each stage on an "empty" mbarrier after their P V.
+///                 release each stage on an "empty" mbarrier after their P V. Variants:
+///                 kOverlap (each consumer's softmax beside its previous P V; the default
+///                 kernel) and kAsyncArrive (the producer signals a stage by
+///                 cp.async.mbarrier.arrive, never waiting for its own copies; opt-in, unmeasured)
 ///
 ///   producer WG0:  Q ─► [K0 V0] [K1 V1] [K2 V2] [K0 V0] ...   (wait empty[s] before reuse)
 ///                       │full    │full    │full

@@ -11,6 +11,9 @@
 ///                                   memory, both K-major (imm-trans-a = imm-trans-b = 0)
 ///   wgmma_rs<T, N>(d, a, b, acc)    the same with A from registers and B MN-major (imm-trans-b =
 ///   1)
+///   mbar_init / mbar_arrive / mbar_wait, named_bar_sync / _arrive, setmaxnreg_dec / _inc,
+///   cp_async_wait_group<N>, cp_async_mbar_arrive(bar) (cp.async.mbarrier.arrive.noinc): the
+///   warp-specialised body's synchronisation
 ///
 /// Layouts (PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"; w = warp within
 /// the warpgroup, g = lane / 4, c = lane % 4):
