@@ -416,20 +416,30 @@ cudaError_t launch_lowrank_block_scores(const BlockScoresLaunch& p, cudaStream_t
   return e;
 }
 
+// The geometry checks both pooled launchers share (after pooled_default_chunk).
+template <class Launch>
+bool pooled_geometry_ok(const Launch& p) {
+  return p.scores != nullptr && p.batch >= 1 && p.batch <= 65535 && p.heads >= 1 &&
+         p.heads <= 65535 && p.n >= 1 && p.m >= 1 && p.q_offset >= 0 && p.block_size >= kKeyTile &&
+         p.block_size % kKeyTile == 0 && p.q_blocks == ceil_div(p.n, p.block_size) &&
+         p.k_blocks == ceil_div(p.m, p.block_size) && p.chunk_blocks >= 1 &&
+         static_cast<int64_t>(p.batch) * p.heads * p.q_blocks <=
+             int64_t(0x7fffffff) * kNormaliseWarps;
+}
+// chunk_blocks 0: kPooledChunkKeys keys per CTA, at least one block.
+template <class Launch>
+void pooled_default_chunk(Launch& p) {
+  if (p.chunk_blocks == 0)
+    p.chunk_blocks = kPooledChunkKeys / p.block_size > 0 ? kPooledChunkKeys / p.block_size : 1;
+}
+
 cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p_in, cudaStream_t stream,
                                        const char** failed_call) {
   PooledScoresLaunch p = p_in;
-  if (p.chunk_blocks == 0)
-    p.chunk_blocks = kPooledChunkKeys / p.block_size > 0 ? kPooledChunkKeys / p.block_size : 1;
-  const bool ok =
-      p.pq != nullptr && p.kp != nullptr && p.scores != nullptr &&
-      reinterpret_cast<uintptr_t>(p.kp) % 16 == 0 && p.batch >= 1 && p.batch <= 65535 &&
-      p.heads >= 1 && p.heads <= 65535 && p.n >= 1 && p.m >= 1 && p.q_offset >= 0 &&
-      p.block_size >= kKeyTile && p.block_size % kKeyTile == 0 &&
-      p.q_blocks == ceil_div(p.n, p.block_size) && p.k_blocks == ceil_div(p.m, p.block_size) &&
-      rank_ok(p.rank_pad) && p.chunk_blocks >= 1 &&
-      pooled::pooled_chunks(p) * pooled::pooled_groups(p) <= 0x7fffffff &&
-      static_cast<int64_t>(p.batch) * p.heads * p.q_blocks <= int64_t(0x7fffffff) * kNormaliseWarps;
+  pooled_default_chunk(p);
+  const bool ok = pooled_geometry_ok(p) && p.pq != nullptr && p.kp != nullptr &&
+                  reinterpret_cast<uintptr_t>(p.kp) % 16 == 0 && rank_ok(p.rank_pad) &&
+                  pooled::pooled_chunks(p) * pooled::pooled_groups(p) <= 0x7fffffff;
   if (!ok) {
     *failed_call = "launch_pooled_block_scores (arguments outside the kernel's range)";
     return cudaErrorInvalidValue;
@@ -465,19 +475,13 @@ cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p_in, cudaStrea
 cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t stream,
                                      const char** failed_call) {
   PooledKeysLaunch p = p_in;
-  if (p.chunk_blocks == 0)
-    p.chunk_blocks = kPooledChunkKeys / p.block_size > 0 ? kPooledChunkKeys / p.block_size : 1;
-  const bool ok =
-      p.w != nullptr && p.k != nullptr && p.scores != nullptr &&
-      reinterpret_cast<uintptr_t>(p.k) % 16 == 0 && p.k_stride[0] % 8 == 0 &&
-      p.k_stride[1] % 8 == 0 && p.k_stride[2] % 8 == 0 && p.k_stride[2] >= p.d &&
-      (p.type == InputType::kBFloat16 || p.type == InputType::kFloat16) &&
-      (p.d == 64 || p.d == 128) && p.batch >= 1 && p.batch <= 65535 && p.heads >= 1 &&
-      p.heads <= 65535 && p.kv_heads >= 1 && p.heads % p.kv_heads == 0 && p.n >= 1 && p.m >= 1 &&
-      p.q_offset >= 0 && p.block_size >= kKeyTile && p.block_size % kKeyTile == 0 &&
-      p.q_blocks == ceil_div(p.n, p.block_size) && p.k_blocks == ceil_div(p.m, p.block_size) &&
-      p.chunk_blocks >= 1 && pooled_keys::chunks(p) * pooled_keys::groups(p) <= 0x7fffffff &&
-      static_cast<int64_t>(p.batch) * p.heads * p.q_blocks <= int64_t(0x7fffffff) * kNormaliseWarps;
+  pooled_default_chunk(p);
+  const bool ok = pooled_geometry_ok(p) && p.w != nullptr && p.k != nullptr &&
+                  reinterpret_cast<uintptr_t>(p.k) % 16 == 0 && p.k_stride[0] % 8 == 0 &&
+                  p.k_stride[1] % 8 == 0 && p.k_stride[2] % 8 == 0 && p.k_stride[2] >= p.d &&
+                  (p.type == InputType::kBFloat16 || p.type == InputType::kFloat16) &&
+                  (p.d == 64 || p.d == 128) && p.kv_heads >= 1 && p.heads % p.kv_heads == 0 &&
+                  pooled_keys::chunks(p) * pooled_keys::groups(p) <= 0x7fffffff;
   if (!ok) {
     *failed_call = "launch_pooled_key_scores (arguments outside the kernel's range)";
     return cudaErrorInvalidValue;
@@ -498,19 +502,7 @@ cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t 
     *failed_call = "pooled_keys_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
     return e;
   }
-  // The normalisation reads only the geometry and the scores.
-  PooledScoresLaunch np;
-  np.scores = p.scores;
-  np.batch = p.batch;
-  np.heads = p.heads;
-  np.n = p.n;
-  np.m = p.m;
-  np.q_offset = p.q_offset;
-  np.q_blocks = p.q_blocks;
-  np.k_blocks = p.k_blocks;
-  np.block_size = p.block_size;
-  np.causal = p.causal;
-  return launch_pooled_normalise(np, stream, failed_call);
+  return launch_pooled_normalise(pooled_normalise_launch(p), stream, failed_call);
 }
 
 cudaError_t launch_select_blocks(const SelectLaunch& p, cudaStream_t stream,

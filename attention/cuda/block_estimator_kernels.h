@@ -140,6 +140,25 @@ struct PooledKeysLaunch {
   int64_t chunk_blocks = 0;
 };
 
+/// The normalisation's launch (pooled_normalise_row reads only the geometry and the scores)
+/// for either pooled score launch.
+template <class Launch>
+PooledScoresLaunch pooled_normalise_launch(const Launch& p) {
+  PooledScoresLaunch np;
+  np.scores = p.scores;
+  np.batch = p.batch;
+  np.heads = p.heads;
+  np.n = p.n;
+  np.m = p.m;
+  np.q_offset = p.q_offset;
+  np.q_blocks = p.q_blocks;
+  np.k_blocks = p.k_blocks;
+  np.block_size = p.block_size;
+  np.causal = p.causal;
+  np.chunk_blocks = p.chunk_blocks;
+  return np;
+}
+
 /// (3)-(5) select_blocks on device-resident scores, written as CSR lists.
 struct SelectLaunch {
   const float* scores = nullptr;  ///< [rows, k_blocks] (rows = batch·heads·q_blocks)

@@ -173,10 +173,10 @@ torch::Tensor block_means(const torch::Tensor& q, int64_t bs) {
 }
 
 /// The geometry fields shared by the score kernels' launch structs (BlockScoresLaunch,
-/// PooledScoresLaunch) for q [b, h, n, d], k [b, hkv, m, d].
+/// PooledScoresLaunch, PooledKeysLaunch) for q [b, h, n, d], k [b, hkv, m, d].
 template <class Launch>
 void set_geometry(Launch& l, const torch::Tensor& q, const torch::Tensor& k, int64_t bs,
-                  int64_t rank_pad, bool causal, int64_t q_offset) {
+                  bool causal, int64_t q_offset) {
   l.batch = static_cast<int>(q.size(0));
   l.heads = static_cast<int>(q.size(1));
   l.n = q.size(2);
@@ -185,7 +185,6 @@ void set_geometry(Launch& l, const torch::Tensor& q, const torch::Tensor& k, int
   l.q_blocks = div_up(l.n, bs);
   l.k_blocks = div_up(l.m, bs);
   l.block_size = static_cast<int>(bs);
-  l.rank_pad = static_cast<int>(rank_pad);
   l.causal = causal;
 }
 
@@ -241,17 +240,9 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     for (int i = 0; i < 3; ++i) pl.k_stride[i] = k_in.stride(i);
     pl.type = input_type(k_in);
     pl.scores = scores.data_ptr<float>();
-    pl.batch = static_cast<int>(b);
-    pl.heads = static_cast<int>(h);
+    set_geometry(pl, q_in, k_in, bs, causal, q_offset);
     pl.kv_heads = static_cast<int>(k_in.size(1));
-    pl.n = n;
-    pl.m = m;
-    pl.q_offset = q_offset;
-    pl.q_blocks = qbn;
-    pl.k_blocks = kbn;
-    pl.block_size = static_cast<int>(bs);
     pl.d = static_cast<int>(d);
-    pl.causal = causal;
     pl.chunk_blocks = chunk_blocks;
     failed = "launch_pooled_key_scores";
     check_cuda(cuda::launch_pooled_key_scores(pl, stream, &failed), failed, q_in, k_in, bs);
@@ -267,7 +258,8 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
   pl.pq = pq.data_ptr<float>();
   pl.kp = kp.data_ptr<float>();
   pl.scores = scores.data_ptr<float>();
-  set_geometry(pl, q_in, k_in, bs, rp, causal, q_offset);
+  set_geometry(pl, q_in, k_in, bs, causal, q_offset);
+  pl.rank_pad = static_cast<int>(rp);
   pl.chunk_blocks = chunk_blocks;
   check_cuda(cuda::launch_pooled_block_scores(pl, stream, &failed), failed, q_in, k_in, bs);
   // FLOPs: the block means (n·d adds), the projections of the means and of the keys, then 2r+1
@@ -301,7 +293,8 @@ torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k
   sl.qs = qs.data_ptr<float>();
   sl.kp = kp.data_ptr<float>();
   sl.scores = scores.data_ptr<float>();
-  set_geometry(sl, q_in, k_in, bs, rp, causal, q_offset);
+  set_geometry(sl, q_in, k_in, bs, causal, q_offset);
+  sl.rank_pad = static_cast<int>(rp);
   sl.split_tf32 = !tf32;
   size_t ws_bytes = 0;
   const char* failed = "lowrank_block_scores_workspace_bytes";

@@ -606,12 +606,14 @@ TopRResult topr_unfused(const torch::Tensor& c, const torch::Tensor& v0, int64_t
   for (int it = 0; it < max_iters && active.numel() > 0; ++it) {
     const bool all = active.numel() == bsz;
     auto ca = all ? c : c.index_select(0, active);
-    auto va = all ? out.v : out.v.index_select(0, active);
+    // The active V, gathered only where a step needs V itself (the unchecked steps after the
+    // first start from the carried C·V).
+    const auto va = [&] { return all ? out.v : out.v.index_select(0, active); };
     torch::Tensor u1, s1, v1;
     if (checked) {
-      std::tie(u1, s1, v1) = subspace_iteration_step_cuda(ca, va);
+      std::tie(u1, s1, v1) = subspace_iteration_step_cuda(ca, va());
     } else {
-      if (!cv.defined()) cv = torch::bmm(ca, va);
+      if (!cv.defined()) cv = torch::bmm(ca, va());
       auto st = all ? status : status.index_select(0, active);
       std::tie(u1, s1, v1) = subspace_step_unchecked(ca, cv, st);
       if (!all) status.index_copy_(0, active, st);

@@ -96,6 +96,37 @@ Problem make_problem(const Shape& s, uint64_t seed, double sharp) {
   return p;
 }
 
+/// The geometry of either pooled launch struct for shape s, chunk_blocks as the launcher
+/// defaults it when the shape gives none.
+template <class Launch>
+void set_shape(Launch& p, const Shape& s, float* scores) {
+  p.scores = scores;
+  p.batch = static_cast<int>(s.b);
+  p.heads = static_cast<int>(s.h);
+  p.n = s.n;
+  p.m = s.m;
+  p.q_offset = s.q_offset;
+  p.q_blocks = (s.n + s.bs - 1) / s.bs;
+  p.k_blocks = (s.m + s.bs - 1) / s.bs;
+  p.block_size = static_cast<int>(s.bs);
+  p.causal = s.causal;
+  p.chunk_blocks =
+      s.chunk_blocks > 0 ? s.chunk_blocks : std::max<int64_t>(1, cu::kPooledChunkKeys / s.bs);
+}
+
+/// pooled_normalise_kernel: 4 warps per CTA, one row each; whole warps past the rows return.
+template <class Launch>
+void emulate_normalise(const Launch& launch) {
+  const cu::PooledScoresLaunch p = cu::pooled_normalise_launch(launch);
+  const int64_t rows = int64_t(p.batch) * p.heads * p.q_blocks;
+  for (int64_t blk = 0; blk < (rows + 3) / 4; ++blk)
+    emu::run_block(128, [&] {
+      const int64_t row = blk * 4 + threadIdx.x / 32;
+      if (row >= rows) return;
+      pooled::pooled_normalise_row(p, row);
+    });
+}
+
 /// Runs the two kernels as the launcher would (every CTA of the grid, one after another) on
 /// poisoned scores. `lse` (if not null) receives the scores between the two kernels.
 template <int R>
@@ -104,22 +135,10 @@ std::vector<float> emulate(const Shape& s, const Problem& pr, std::vector<float>
   const int64_t qbn = (s.n + s.bs - 1) / s.bs, kbn = (s.m + s.bs - 1) / s.bs;
   std::vector<float> scores(static_cast<size_t>(s.b * s.h * qbn * kbn),
                             std::numeric_limits<float>::quiet_NaN());
+  set_shape(p, s, scores.data());
   p.pq = pr.pq.data();
   p.kp = pr.kp.data();
-  p.scores = scores.data();
-  p.batch = static_cast<int>(s.b);
-  p.heads = static_cast<int>(s.h);
-  p.n = s.n;
-  p.m = s.m;
-  p.q_offset = s.q_offset;
-  p.q_blocks = qbn;
-  p.k_blocks = kbn;
-  p.block_size = static_cast<int>(s.bs);
   p.rank_pad = R;
-  p.causal = s.causal;
-  // The launcher's default (launch_pooled_block_scores).
-  p.chunk_blocks =
-      s.chunk_blocks > 0 ? s.chunk_blocks : std::max<int64_t>(1, cu::kPooledChunkKeys / s.bs);
   std::vector<float> tiles(2 * pooled::kPooledKeyTile * R);  // the CTA's shared memory
   const int64_t chunks = pooled::pooled_chunks(p), groups = pooled::pooled_groups(p);
   for (int64_t bh = 0; bh < s.b * s.h; ++bh)
@@ -128,14 +147,7 @@ std::vector<float> emulate(const Shape& s, const Problem& pr, std::vector<float>
         emu::run_block(pooled::kPooledThreads,
                        [&] { pooled::pooled_scores_block<R>(p, c, g, bh, tiles.data()); });
   if (lse != nullptr) *lse = scores;
-  // pooled_normalise_kernel: 4 warps per CTA, one row each; whole warps past the rows return.
-  const int64_t rows = s.b * s.h * qbn;
-  for (int64_t blk = 0; blk < (rows + 3) / 4; ++blk)
-    emu::run_block(128, [&] {
-      const int64_t row = blk * 4 + threadIdx.x / 32;
-      if (row >= rows) return;
-      pooled::pooled_normalise_row(p, row);
-    });
+  emulate_normalise(p);
   return scores;
 }
 
@@ -295,26 +307,15 @@ std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const K
   const int64_t qbn = (s.n + s.bs - 1) / s.bs, kbn = (s.m + s.bs - 1) / s.bs;
   std::vector<float> scores(static_cast<size_t>(s.b * s.h * qbn * kbn),
                             std::numeric_limits<float>::quiet_NaN());
+  set_shape(p, s, scores.data());
   p.w = pr.w.data();
   p.k = pr.k.data();
   p.k_stride[0] = hkv * s.m * ld;
   p.k_stride[1] = s.m * ld;
   p.k_stride[2] = ld;
   p.type = std::is_same_v<T, __nv_bfloat16> ? cu::InputType::kBFloat16 : cu::InputType::kFloat16;
-  p.scores = scores.data();
-  p.batch = static_cast<int>(s.b);
-  p.heads = static_cast<int>(s.h);
   p.kv_heads = static_cast<int>(hkv);
-  p.n = s.n;
-  p.m = s.m;
-  p.q_offset = s.q_offset;
-  p.q_blocks = qbn;
-  p.k_blocks = kbn;
-  p.block_size = static_cast<int>(s.bs);
   p.d = D;
-  p.causal = s.causal;
-  p.chunk_blocks =
-      s.chunk_blocks > 0 ? s.chunk_blocks : std::max<int64_t>(1, cu::kPooledChunkKeys / s.bs);
   const int64_t groups = pooled_keys::groups(p), chunks = pooled_keys::chunks(p);
   for (int64_t bh = 0; bh < s.b * s.h; ++bh)
     for (int64_t c = 0; c < chunks; ++c)
@@ -327,24 +328,7 @@ std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const K
         });
       }
   if (lse != nullptr) *lse = scores;
-  cu::PooledScoresLaunch np;
-  np.scores = scores.data();
-  np.batch = p.batch;
-  np.heads = p.heads;
-  np.n = p.n;
-  np.m = p.m;
-  np.q_offset = p.q_offset;
-  np.q_blocks = qbn;
-  np.k_blocks = kbn;
-  np.block_size = p.block_size;
-  np.causal = p.causal;
-  const int64_t rows = s.b * s.h * qbn;
-  for (int64_t blk = 0; blk < (rows + 3) / 4; ++blk)
-    emu::run_block(128, [&] {
-      const int64_t row = blk * 4 + threadIdx.x / 32;
-      if (row >= rows) return;
-      pooled::pooled_normalise_row(np, row);
-    });
+  emulate_normalise(p);
   return scores;
 }
 
