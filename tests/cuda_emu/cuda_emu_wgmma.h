@@ -500,16 +500,22 @@ inline void mbar_init(uint64_t* bar, unsigned count) {
   if (count < 1) detail::fail("mbar_init: an arrival count of 0");
   detail::block("mbar_init").extension<detail::SyncState>().mbars[bar] = {count, count, 0};
 }
-/// mbarrier.arrive: one arrival; the last of a phase completes it. The arriving thread then
-/// sits out 1 to 16 scheduling rounds, so waiters may run well ahead of it (on the GPU they can):
-/// a waiter that relies on something the arriving thread does only after the arrival sees it
-/// undone.
-inline void mbar_arrive(uint64_t* bar) {
-  auto& m = detail::mbar(bar, "mbar_arrive");
+namespace detail {
+/// One arrival on an mbarrier; the last of a phase completes it.
+inline void mbar_arrive_once(uint64_t* bar, const char* what) {
+  auto& m = mbar(bar, what);
   if (--m.pending == 0) {
     m.pending = m.count;
     ++m.completed;
   }
+}
+}  // namespace detail
+/// mbarrier.arrive: one arrival; the last of a phase completes it. The arriving thread then
+/// sits out 1 to 64 scheduling rounds, so waiters may run well ahead of it (on the GPU they can):
+/// a waiter that relies on something the arriving thread does only after the arrival sees it
+/// undone.
+inline void mbar_arrive(uint64_t* bar) {
+  detail::mbar_arrive_once(bar, "mbar_arrive");
   detail::block("mbar_arrive").yield(64);
 }
 /// mbarrier.try_wait.parity loop: until the phase with this parity has completed.
@@ -543,11 +549,7 @@ inline void cp_async_mbar_arrive(uint64_t* bar) {
   detail::block("cp_async_mbar_arrive").yield(64);
   ::attnpilot::cuda_emu::mma::cp_async_commit();
   ::attnpilot::cuda_emu::mma::cp_async_wait_group_n(0);
-  auto& m = detail::mbar(bar, "cp_async_mbar_arrive");
-  if (--m.pending == 0) {
-    m.pending = m.count;
-    ++m.completed;
-  }
+  detail::mbar_arrive_once(bar, "cp_async_mbar_arrive");
 }
 
 /// wgmma.mma_async m64nNk16, A and B K-major in shared memory: d = A·Bᵀ (+ d when acc), the
