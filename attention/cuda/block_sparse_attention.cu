@@ -169,10 +169,10 @@ int64_t block_sparse_shared_bytes(int d) { return shared_bytes(d, 2); }
 cudaError_t launch_block_sparse_attention(const BlockSparseLaunch& p, ElemType type,
                                           cudaStream_t stream, const char** failed_call) {
   const bool csr = p.row_ptr != nullptr;
-  const bool shape_ok = p.batch >= 1 && p.batch <= 65535 && p.heads >= 1 && p.heads <= 65535 &&
-                        p.kv_heads >= 1 && p.heads % p.kv_heads == 0 && p.n >= 1 && p.m >= 1 &&
-                        (p.n + kBN - 1) / kBN <= 0x7fffffff && p.q_offset >= 0 && p.sinks >= 0 &&
-                        p.window >= 0;
+  const bool shape_ok =
+      p.batch >= 1 && p.batch <= 65535 && p.heads >= 1 && p.heads <= 65535 && p.kv_heads >= 1 &&
+      p.heads % p.kv_heads == 0 && p.n >= 1 && p.m >= 1 && (p.n + kBN - 1) / kBN <= 0x7fffffff &&
+      (p.m + kBN - 1) / kBN <= 0x7fffffff && p.q_offset >= 0 && p.sinks >= 0 && p.window >= 0;
   // Without CSR lists every tile is visited; with them the block grid must fit n x m. col_idx
   // may be null only when nothing is listed (row_ptr all zero; the kernel never reads it).
   const bool mask_ok = !csr || (p.q_blocks == (p.n + p.block_size - 1) / p.block_size &&

@@ -126,34 +126,49 @@ struct SoftmaxRows {
   float m[2], l[2];
 };
 
-/// One tile's softmax on S (the m64n128 accumulator fragment of this thread: s[4i + 2hr + e]
-/// is row g + 8hr, column 8i + 2c4 + e): mask (when need_mask), scale, row max over the lane
-/// quad, P = 2^(S - m) in place, l and m updated; alpha[hr] is the factor O's row must take
-/// (1 where m did not move), and the return value whether any did. qpos0 is the key position of
-/// row g's query.
-__device__ __forceinline__ bool softmax_probs(float (&s)[kBN / 2], float (&alpha)[2],
-                                              SoftmaxRows& st, const BlockSparseLaunch& p,
-                                              int64_t k0, bool need_mask, int64_t qpos0,
-                                              float scale_log2, int c4) {
+/// The softmax of one tile's rows (see softmax_probs), in one of two forms:
+///   kGeneral   x = S·scale_log2, the hidden keys set to -inf (when need_mask), P = 2^(x - m):
+///              for the tiles that need the mask, and any tile when scale_log2 <= 0
+///   fast       no mask, scale_log2 > 0: the max of S times scale_log2 is the max of x, and
+///              P = 2^(S·scale_log2 - m) is one FFMA and one MUFU.EX2 per element
+/// Two bodies rather than one with the mask predicated off: ptxas if-converts the per-element
+/// mask test into predicated instructions, which issue even when their predicate is false (the
+/// overlap kernel's consumer loop was ~1250 instructions per tile and warp, SASS of 2026-12-06,
+/// against the 2048 tensor-core cycles of a tile over the two consumer warps sharing a
+/// sub-partition), so the unmasked tiles, all but about one per CTA, paid for the mask.
+template <bool kGeneral>
+__device__ __forceinline__ bool softmax_rows(float (&s)[kBN / 2], float (&alpha)[2],
+                                             SoftmaxRows& st, const BlockSparseLaunch& p,
+                                             int64_t k0, bool need_mask, int64_t qpos0,
+                                             float scale_log2, int c4) {
   constexpr float kSlack = 8.f;  // log2 headroom of the lazily moved reference max
   const float kNegInf = -__int_as_float(0x7f800000);
   bool rescale = false;
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    // The CPU backend's rule for the keys of this row (tile_list.cuh).
-    const RowMask<kBN> rm = need_mask ? RowMask<kBN>(p, k0, qpos0 + 8 * hr) : RowMask<kBN>();
     float mx = kNegInf;
+    if constexpr (kGeneral) {
+      // The CPU backend's rule for the keys of this row (tile_list.cuh).
+      const RowMask<kBN> rm = need_mask ? RowMask<kBN>(p, k0, qpos0 + 8 * hr) : RowMask<kBN>();
 #pragma unroll
-    for (int i = 0; i < kBN / 8; ++i) {
+      for (int i = 0; i < kBN / 8; ++i) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float x = s[4 * i + 2 * hr + e] * scale_log2;
-        if (need_mask) {
-          if (rm.hidden(8 * i + 2 * c4 + e)) x = kNegInf;
+        for (int e = 0; e < 2; ++e) {
+          float x = s[4 * i + 2 * hr + e] * scale_log2;
+          if (need_mask) {
+            if (rm.hidden(8 * i + 2 * c4 + e)) x = kNegInf;
+          }
+          s[4 * i + 2 * hr + e] = x;
+          mx = fmaxf(mx, x);
         }
-        s[4 * i + 2 * hr + e] = x;
-        mx = fmaxf(mx, x);
       }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kBN / 8; ++i) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) mx = fmaxf(mx, s[4 * i + 2 * hr + e]);
+      }
+      mx *= scale_log2;  // scale_log2 > 0: the max of the scaled row
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -167,8 +182,9 @@ __device__ __forceinline__ bool softmax_probs(float (&s)[kBN / 2], float (&alpha
     for (int i = 0; i < kBN / 8; ++i) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float pe = exp2_approx(s[4 * i + 2 * hr + e] - base);
-        s[4 * i + 2 * hr + e] = pe;
+        float& x = s[4 * i + 2 * hr + e];
+        const float pe = kGeneral ? exp2_approx(x - base) : exp2_approx(fmaf(x, scale_log2, -base));
+        x = pe;
         rs += pe;
       }
     }
@@ -177,6 +193,20 @@ __device__ __forceinline__ bool softmax_probs(float (&s)[kBN / 2], float (&alpha
     alpha[hr] = a;
   }
   return rescale;
+}
+
+/// One tile's softmax on S (the m64n128 accumulator fragment of this thread: s[4i + 2hr + e]
+/// is row g + 8hr, column 8i + 2c4 + e): mask (when need_mask), scale, row max over the lane
+/// quad, P = 2^(S - m) in place, l and m updated; alpha[hr] is the factor O's row must take
+/// (1 where m did not move), and the return value whether any did. qpos0 is the key position of
+/// row g's query. A uniform branch between softmax_rows' two bodies.
+__device__ __forceinline__ bool softmax_probs(float (&s)[kBN / 2], float (&alpha)[2],
+                                              SoftmaxRows& st, const BlockSparseLaunch& p,
+                                              int64_t k0, bool need_mask, int64_t qpos0,
+                                              float scale_log2, int c4) {
+  if (need_mask || !(scale_log2 > 0.f))
+    return softmax_rows<true>(s, alpha, st, p, k0, need_mask, qpos0, scale_log2, c4);
+  return softmax_rows<false>(s, alpha, st, p, k0, false, qpos0, scale_log2, c4);
 }
 
 /// O's rows g and g + 8 times alpha[0] and alpha[1].
@@ -385,9 +415,9 @@ inline constexpr int kConsumerRegs = 224;
 __host__ __device__ constexpr int ws_barriers() { return 1 + 3 * kWsStages; }
 
 /// Dynamic shared memory of the warp-specialised body: Q, kWsStages K and V tiles, the
-/// mbarriers, and 1 KB to align the base.
+/// mbarriers, each stage's first key (int64), and 1 KB to align the base.
 __host__ __device__ constexpr int64_t ws_shared_bytes(int d) {
-  return (1 + 2 * int64_t(kWsStages)) * tile_bytes(d) + 8 * ws_barriers() + 1024;
+  return (1 + 2 * int64_t(kWsStages)) * tile_bytes(d) + 8 * ws_barriers() + 8 * kWsStages + 1024;
 }
 
 /// One warp-specialised CTA (kWsThreads threads); the rest as fwd_block. kOverlap: each
@@ -397,6 +427,11 @@ __host__ __device__ constexpr int64_t ws_shared_bytes(int d) {
 /// by cp.async.mbarrier.arrive (the arrival made by the hardware once the thread's copies have
 /// landed) instead of waiting for its copies and fencing them itself, so it never stalls on a
 /// load; each consumer thread fences (fence.proxy.async) after its wait instead.
+///
+/// Only the producer walks the tile list (CSR reads, skipped tiles): it writes each stage's first
+/// key into stage_k0[stage] before the stage's K-full arrival, and after the last tile a -1 into
+/// the next stage, signalled the same way, which ends the consumers' loops. The consumers' loop
+/// has no global load and no list arithmetic in it; it issues GEMMs and the softmax.
 template <typename T, int D, bool kOverlap = false, bool kAsyncArrive = false>
 __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigned char* smem_raw,
                                              unsigned tile, int h, int b) {
@@ -411,13 +446,17 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
   uint64_t* k_full = bars + 1;
   uint64_t* v_full = bars + 1 + kS;
   uint64_t* empty = bars + 1 + 2 * kS;
+  int64_t* stage_k0 = reinterpret_cast<int64_t*>(bars + ws_barriers());
   const int tid = threadIdx.x, wg = tid / 128;
   const int64_t q0 = static_cast<int64_t>(tile) * kBM;
   const TileList list(p, q0, h, b);
+  // K full: the 128 producer threads' arrivals, plus with kAsyncArrive one ordinary arrival by
+  // producer thread 0 that publishes stage_k0 (a cp.async arrival orders copies, not stores).
+  constexpr unsigned kKFullCount = kAsyncArrive ? 129 : 128;
   if (tid == 0) {
     ptx::mbar_init(q_full, 128);
     for (int s = 0; s < kS; ++s) {
-      ptx::mbar_init(k_full + s, 128);
+      ptx::mbar_init(k_full + s, kKFullCount);
       ptx::mbar_init(v_full + s, 128);
       ptx::mbar_init(empty + s, 8);  // one arrival per consumer warp
     }
@@ -432,19 +471,32 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
     const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
     const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
     const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
+    // Stage s of the i-th visited tile (or of the end marker, i = the count): free once the
+    // consumers released its use by tile i - kS; then its first key goes into stage_k0.
+    const auto claim = [&](int64_t i, int64_t k0) {
+      const int s = static_cast<int>(i % kS);
+      if (i >= kS) ptx::mbar_wait(empty + s, static_cast<unsigned>((i / kS - 1) & 1));
+      if (tid == 0) {
+        stage_k0[s] = k0;
+        if constexpr (kAsyncArrive) ptx::mbar_arrive(k_full + s);
+      }
+      return s;
+    };
+    // The end marker: stage_k0 = -1, K full signalled by ordinary arrivals (no copies).
+    const auto finish = [&](int64_t i) { ptx::mbar_arrive(k_full + claim(i, -1)); };
     load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
     if constexpr (kAsyncArrive) {
       ptx::cp_async_mbar_arrive(q_full);
       int64_t i = 0;
       for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
-        const int s = static_cast<int>(i % kS);
-        if (i >= kS) ptx::mbar_wait(empty + s, static_cast<unsigned>((i / kS - 1) & 1));
         const int64_t k0 = list.k0(t);
+        const int s = claim(i, k0);
         load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
         ptx::cp_async_mbar_arrive(k_full + s);
         load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
         ptx::cp_async_mbar_arrive(v_full + s);
       }
+      finish(i);
       return;
     }
     cp_async_commit();
@@ -452,9 +504,8 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
     // (or Q, at i = 0) are waited for and signalled.
     int64_t i = 0, prev_stage = -1;
     for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
-      const int s = static_cast<int>(i % kS);
-      if (i >= kS) ptx::mbar_wait(empty + s, static_cast<unsigned>((i / kS - 1) & 1));
       const int64_t k0 = list.k0(t);
+      const int s = claim(i, k0);
       load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
       cp_async_commit();
       load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
@@ -485,6 +536,7 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
       ptx::fence_proxy_async();
       ptx::mbar_arrive(v_full + prev_stage);
     }
+    finish(i);
   } else {
     // Consumers: warpgroup c = wg - 1 on rows 64c .. 64c + 63.
     ptx::setmaxnreg_inc<kConsumerRegs>();
@@ -493,6 +545,12 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
     const auto wait_full = [](uint64_t* bar, unsigned parity) {
       ptx::mbar_wait(bar, parity);
       if constexpr (kAsyncArrive) ptx::fence_proxy_async();
+    };
+    // The first key of the i-th tile once its K is in (-1: no tile i, the loop ends).
+    const auto next_k0 = [&](int64_t i) {
+      const int s = static_cast<int>(i % kS);
+      wait_full(k_full + s, static_cast<unsigned>((i / kS) & 1));
+      return stage_k0[s];
     };
     const int c = wg - 1, ctid = tid - 128, warp = (ctid % 128) / 32, lane = tid % 32;
     const int g = lane / 4, c4 = lane % 4;
@@ -512,20 +570,18 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
     if (c == 1) ptx::named_bar_arrive(1, 256);
     wait_full(q_full, 0);
     const int64_t qpos0 = list.cta_first + wrow + g;
-    int64_t i = 0;
     if constexpr (!kOverlap) {
-      for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
+      for (int64_t i = 0;; ++i) {
+        const int64_t k0 = next_k0(i);
+        if (k0 < 0) break;
         const int s = static_cast<int>(i % kS);
-        const unsigned phase = static_cast<unsigned>((i / kS) & 1);
-        const int64_t k0 = list.k0(t);
-        wait_full(k_full + s, phase);
         float sc[kBN / 2];
         ptx::named_bar_sync(1 + c, 256);
         issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
         ptx::named_bar_arrive(2 - c, 256);
         ptx::wgmma_wait<0>();
         softmax_step<D>(sc, o, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
-        wait_full(v_full + s, phase);
+        wait_full(v_full + s, static_cast<unsigned>((i / kS) & 1));
         issue_pv<T, D>(o, sc, v_addr + s * kTile);
         ptx::wgmma_wait<0>();
         if (lane == 0) ptx::mbar_arrive(empty + s);  // this warp is done with stage s
@@ -535,13 +591,11 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
       // first tile is peeled so the loop body has no branch around its wgmma (ptxas serialises
       // wgmma on divergent paths, C7518).
       uint32_t pa[kBN / 16][4];
-      int64_t t = list.next(0);
-      if (t < list.tiles) {
+      int64_t k0 = next_k0(0);
+      if (k0 >= 0) {
         int prev = 0;  // stage of the tile whose P V is pending
         unsigned prev_phase = 0;
         {
-          const int64_t k0 = list.k0(t);
-          wait_full(k_full, 0);
           float sc[kBN / 2];
           ptx::named_bar_sync(1 + c, 256);
           issue_s<T, D>(sc, q_addr, k_addr);
@@ -551,11 +605,11 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
           softmax_probs(sc, alpha, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
           pack_p<T>(pa, sc);
         }
-        for (t = list.next(t + 1), i = 1; t < list.tiles; t = list.next(t + 1), ++i) {
+        for (int64_t i = 1;; ++i) {
+          k0 = next_k0(i);
+          if (k0 < 0) break;
           const int s = static_cast<int>(i % kS);
           const unsigned phase = static_cast<unsigned>((i / kS) & 1);
-          const int64_t k0 = list.k0(t);
-          wait_full(k_full + s, phase);
           wait_full(v_full + prev, prev_phase);
           float sc[kBN / 2];
           ptx::named_bar_sync(1 + c, 256);

@@ -50,9 +50,18 @@ struct TileList {
   __device__ __forceinline__ int64_t k0(int64_t t) const {
     int64_t k;
     if (p.row_ptr != nullptr) {
-      const int64_t kb = p.col_idx[e0 + t / tiles_per_block];
+      // One tile per block (block_size == kBN) is the common case: no division. Otherwise a
+      // 32-bit one (t < 2^31 tiles per row): a 64-bit division is a called subroutine of
+      // ~70 instructions, per tile.
+      int64_t e = t, part = 0;
+      if (tiles_per_block != 1) {
+        const uint32_t t32 = static_cast<uint32_t>(t), tpb = static_cast<uint32_t>(tiles_per_block);
+        e = t32 / tpb;
+        part = t32 % tpb;
+      }
+      const int64_t kb = p.col_idx[e0 + e];
       if (kb < 0) return -1;  // bad index
-      k = kb * p.block_size + (t % tiles_per_block) * kBN;
+      k = kb * p.block_size + part * kBN;
     } else {
       k = t * kBN;
     }

@@ -307,6 +307,27 @@ TEST(AttentionEmu, WarpSpecialisedWgmmaKernelMatchesCpuBackend) {
                  body == Body::kWgmmaWs ? "wgmma-ws, 12 tiles" : "wgmma-ws-overlap, 12 tiles");
 }
 
+// The wgmma bodies' softmax has a fast form for unmasked tiles with a positive scale (the max of
+// S scaled after the reduction, one FFMA per exponent); a zero or negative scale takes the
+// general form on every tile. Both against the CPU backend, over several tiles per CTA.
+TEST(AttentionEmu, WgmmaSoftmaxFormsMatchCpuBackendForAnyScale) {
+  const int64_t b = 1, h = 2, hkv = 1, n = 260, m = 700, q_offset = m - n, d = 64;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(97);
+  const auto q = torch::randn({b, h, n, d}, gen).to(torch::kBFloat16);
+  const auto k = torch::randn({b, hkv, m, d}, gen).to(torch::kBFloat16);
+  const auto v = torch::randn({b, hkv, m, d}, gen).to(torch::kBFloat16);
+  for (bool causal : {true, false}) {
+    const auto all = BlockMask::all_visible(b, h, n, m, 128, causal, q_offset);
+    for (double scale : {0.9 / std::sqrt(static_cast<double>(d)), 0.0, -0.6})
+      for (Body body : {Body::kWgmma, Body::kWgmmaWsOverlap, Body::kWgmmaWsAsync})
+        expect_close(
+            emu_block_sparse(q, k, v, &all, scale, causal, q_offset, 0, 0, body),
+            block_sparse_expected(q, k, v, all, scale, causal, q_offset, 0, 0),
+            block_sparse_tolerance(torch::kBFloat16),
+            fmt::format("body {} scale {} causal {}", static_cast<int>(body), scale, causal));
+  }
+}
+
 // No CSR lists (every tile up to the causal cut-off, 128-row CTAs), and a streaming window with
 // sinks through its block mask.
 TEST(AttentionEmu, BlockSparseDenseAndStreamingMatchCpuBackend) {
@@ -330,10 +351,11 @@ TEST(AttentionEmu, BlockSparseDenseAndStreamingMatchCpuBackend) {
     // The wgmma kernel: no lists (128-key tiles up to the causal cut-off), and a window
     // through blocks of 128 (a window shorter than a tile, sinks inside the first tile).
     const auto mask128 = streaming_block_mask(b, h, n, m, 128, q_offset, sinks, window);
-    for (Body body : {Body::kWgmma, Body::kWgmmaWs, Body::kWgmmaWsOverlap}) {
-      const char* name = body == Body::kWgmma     ? "wgmma"
-                         : body == Body::kWgmmaWs ? "wgmma-ws"
-                                                  : "wgmma-ws-overlap";
+    for (Body body : {Body::kWgmma, Body::kWgmmaWs, Body::kWgmmaWsOverlap, Body::kWgmmaWsAsync}) {
+      const char* name = body == Body::kWgmma            ? "wgmma"
+                         : body == Body::kWgmmaWs        ? "wgmma-ws"
+                         : body == Body::kWgmmaWsOverlap ? "wgmma-ws-overlap"
+                                                         : "wgmma-ws-async";
       expect_close(emu_block_sparse(q, k, v, nullptr, scale, true, q_offset, 0, 0, body),
                    block_sparse_expected(q, k, v, all, scale, true, q_offset, 0, 0),
                    block_sparse_tolerance(dt),
