@@ -389,6 +389,32 @@ void run_estimator(bool quick) {
             mask.on_host().density(len, len, true, 0), t_ref_pooled, t_ref_pooled / t_est);
         std::fflush(stdout);
       }
+      if (r != 16 || density != 0.10) continue;
+      // Where pq-mma's time goes, each part alone on the same inputs: the block means of q
+      // (LibTorch's reduction, the part that reads q), the scores (block means, the means'
+      // projection, w = pq·A_kᵀ, the tensor-core kernel and the normalisation), the selection.
+      CudaEstimatorOptions so;
+      so.pool_queries = true;
+      double f = 0;
+      const auto pooled_scores =
+          lowrank_block_scores_cuda(q, k, a_q.narrow(3, 0, r), a_k.narrow(3, 0, r), bs, true, 0,
+                                    &f, so);
+      const double t_means = ev.median_ms(
+          [&] { (void)q.view({1, heads, len / bs, bs, d}).mean(3, false, torch::kFloat); }, 2,
+          10);
+      const double t_scores = ev.median_ms(
+          [&] {
+            (void)lowrank_block_scores_cuda(q, k, a_q.narrow(3, 0, r), a_k.narrow(3, 0, r), bs,
+                                            true, 0, &f, so);
+          },
+          2, 10);
+      const double t_select = ev.median_ms(
+          [&] { (void)select_blocks_cuda(pooled_scores, pooled, len, len, true, 0); }, 2, 10);
+      fmt::print(
+          "     pq-mma by parts (r {}, {:.0f}%): block means of q {:.3f} ms (floor, q read once "
+          "at 3.35 TB/s: {:.3f}), scores {:.3f} ms, selection {:.3f} ms\n",
+          r, 100 * density, t_means, heads * len * d * 2 / 3.35e12 * 1e3, t_scores, t_select);
+      std::fflush(stdout);
     }
   }
   // The pooled estimator (softmax over mean-pooled query and key blocks: LibTorch on the GPU)

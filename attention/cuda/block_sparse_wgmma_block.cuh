@@ -236,12 +236,12 @@ __device__ __forceinline__ void softmax_step(float (&s)[kBN / 2], float (&o)[D /
 /// bytes apart (SBO), LBO unused for K-major swizzled operands. Issued and committed, not waited.
 template <typename T, int D>
 __device__ __forceinline__ void issue_s(float (&s)[kBN / 2], uint32_t qa, uint32_t ka) {
+  const uint64_t qd = ptx::sw128_desc(qa, 16, 1024), kd = ptx::sw128_desc(ka, 16, 1024);
   ptx::wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const uint32_t off = (kk / 4) * kRegionBytes + (kk % 4) * 32;
-    ptx::wgmma_ss<T, kBN>(s, ptx::sw128_desc(qa + off, 16, 1024),
-                          ptx::sw128_desc(ka + off, 16, 1024), kk > 0);
+    ptx::wgmma_ss<T, kBN>(s, ptx::desc_advance(qd, off), ptx::desc_advance(kd, off), kk > 0);
   }
   ptx::wgmma_commit();
 }
@@ -263,10 +263,11 @@ __device__ __forceinline__ void pack_p(uint32_t (&pa)[kBN / 16][4], const float 
 template <typename T, int D>
 __device__ __forceinline__ void issue_pv_packed(float (&o)[D / 2],
                                                 const uint32_t (&pa)[kBN / 16][4], uint32_t va) {
+  const uint64_t vd = ptx::sw128_desc(va, kRegionBytes, 1024);
   ptx::wgmma_fence();
 #pragma unroll
   for (int kt = 0; kt < kBN / 16; ++kt)
-    ptx::wgmma_rs<T, D>(o, pa[kt], ptx::sw128_desc(va + kt * 2048, kRegionBytes, 1024), true);
+    ptx::wgmma_rs<T, D>(o, pa[kt], ptx::desc_advance(vd, kt * 2048), true);
   ptx::wgmma_commit();
 }
 

@@ -4,6 +4,7 @@
 ///
 ///   smem_offset(p)                  the shared-state-space address of a pointer into shared memory
 ///   sw128_desc(p, lbo, sbo)         a wgmma shared-memory matrix descriptor, 128-byte swizzle
+///   desc_advance(desc, bytes)       that descriptor's start address moved by `bytes`
 ///   wgmma_fence / _commit / _wait<N>   wgmma.fence / commit_group / wait_group N
 ///   fence_proxy_async()             fence.proxy.async.shared::cta (generic-proxy writes, such as
 ///                                   cp.async and st.shared, made visible to wgmma's reads)
@@ -255,6 +256,15 @@ __host__ __device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_addr, uint
   return static_cast<uint64_t>((smem_addr >> 4) & 0x3fffu) |
          static_cast<uint64_t>((lbo_bytes >> 4) & 0x3fffu) << 16 |
          static_cast<uint64_t>((sbo_bytes >> 4) & 0x3fffu) << 32 | uint64_t(1) << 62;
+}
+
+/// The descriptor `desc` moved `bytes` (a multiple of 16) further into shared memory: the start
+/// address field is the low 14 bits and shared addresses stay below 2^18 bytes, so the field
+/// never carries into the LBO bits; one 32-bit add on the low word (CUTLASS's descriptor
+/// iterator does the same) instead of rebuilding the descriptor per k-step.
+__host__ __device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = static_cast<uint32_t>(desc) + (bytes >> 4);
+  return (desc & 0xffffffff00000000ull) | lo;
 }
 
 }  // namespace attnpilot::attention::cuda::ptx
