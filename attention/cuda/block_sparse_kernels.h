@@ -19,17 +19,17 @@ namespace attnpilot::attention::cuda {
 enum class ElemType { kBFloat16, kFloat16 };
 
 /// Which kernel runs a launch. kAuto: the warp-specialised wgmma kernel with intra-warpgroup
-/// overlap (kWgmmaWsOverlap; block_sparse_wgmma.cu, sm_90a, the fastest of the four on an H100,
-/// 2026-12-06: 23.0 ms at 32k all blocks against 25.3 kWgmmaWs, 32.4 kWgmma, 39.1 mma.sync) on
-/// compute capability 9.0 devices when block_sparse_wgmma_supports(), else the mma.sync kernel
-/// (any sm_90-compatible device, blocks of 64 too). kWgmma is the wgmma kernel whose threads all
-/// load and meet at a barrier per tile, kWgmmaWs the warp-specialised one (a producer warpgroup,
-/// mbarrier stages, consumers taking turns), kWgmmaWsOverlap that one with each consumer's
-/// softmax of a tile overlapping its P V of the previous one, kWgmmaWsAsync that one with the
-/// producer signalling stages by cp.async.mbarrier.arrive (no waits or fences in the producer;
-/// the consumers fence after their waits; not yet run on a GPU). The others force one (the
-/// benchmarks and tests compare them); forcing a wgmma kernel where it cannot run is
-/// cudaErrorInvalidValue.
+/// overlap and asynchronous stage arrivals (kWgmmaWsAsync; block_sparse_wgmma.cu, sm_90a, the
+/// fastest on an H100, 2026-12-06 04:10 UTC: 17.1 ms at 32k all blocks against 17.9 kWgmmaWs,
+/// 19.9 kWgmmaWsOverlap, 25.0 kWgmma, 37.5 mma.sync) on compute capability 9.0 devices when
+/// block_sparse_wgmma_supports(), else the mma.sync kernel (any sm_90-compatible device, blocks
+/// of 64 too). kWgmma is the wgmma kernel whose threads all load and meet at a barrier per tile,
+/// kWgmmaWs the warp-specialised one (a producer warpgroup, mbarrier stages, consumers taking
+/// turns), kWgmmaWsOverlap that one with each consumer's softmax of a tile overlapping its P V
+/// of the previous one, kWgmmaWsAsync that one with the producer signalling stages by
+/// cp.async.mbarrier.arrive (no waits or fences in the producer; the consumers fence after their
+/// waits). The others force one (the benchmarks and tests compare them); forcing a wgmma kernel
+/// where it cannot run is cudaErrorInvalidValue.
 enum class BlockSparseKernel { kAuto, kMmaSync, kWgmma, kWgmmaWs, kWgmmaWsOverlap, kWgmmaWsAsync };
 
 /// One launch. Tensors are given by pointer and element strides (the last dimension is

@@ -48,9 +48,10 @@ __global__ void __launch_bounds__(bsw::kWsThreads, 1)
 template <typename T, int D>
 cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
                          const char** failed_call) {
-  const bool async_arrive = p.kernel == BlockSparseKernel::kWgmmaWsAsync;
-  const bool overlap = p.kernel == BlockSparseKernel::kWgmmaWsOverlap ||
-                       p.kernel == BlockSparseKernel::kAuto || async_arrive;
+  // kAuto: the asynchronous-arrival overlap kernel (block_sparse_kernels.h).
+  const bool async_arrive =
+      p.kernel == BlockSparseKernel::kWgmmaWsAsync || p.kernel == BlockSparseKernel::kAuto;
+  const bool overlap = p.kernel == BlockSparseKernel::kWgmmaWsOverlap || async_arrive;
   const bool ws = overlap || p.kernel == BlockSparseKernel::kWgmmaWs;
   auto kernel = async_arrive ? block_sparse_wgmma_ws_kernel<T, D, true, true>
                 : overlap    ? block_sparse_wgmma_ws_kernel<T, D, true>
