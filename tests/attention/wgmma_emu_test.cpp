@@ -174,6 +174,20 @@ void check_product(bool rs, int K, int threads, uint64_t seed, bool preset) {
   for (int x : seen) ASSERT_EQ(x, 1) << "the fragments cover every element of D once";
 }
 
+// desc_advance (one add on the descriptor's low word) gives the descriptor of the moved
+// address, for every 16-byte start in a 228 KB shared window and advances up to 64 KB.
+TEST(WgmmaEmu, DescriptorAdvanceMatchesARebuiltDescriptor) {
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<uint32_t> start(0, (164 * 1024) / 16), step(0, (64 * 1024) / 16);
+  for (int i = 0; i < 10000; ++i) {
+    const uint32_t a = 16 * start(rng), b = 16 * step(rng);
+    for (uint32_t lbo : {16u, 16384u})
+      ASSERT_EQ(ptx::desc_advance(ptx::sw128_desc(a, lbo, 1024), b),
+                ptx::sw128_desc(a + b, lbo, 1024))
+          << "start " << a << " advanced by " << b << " with LBO " << lbo;
+  }
+}
+
 TEST(WgmmaEmu, RandomProductsMatchTheReference) {
   uint64_t seed = 1;
   for (int threads : {128, 256})
