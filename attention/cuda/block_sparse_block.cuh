@@ -12,9 +12,11 @@
 #endif
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention/cuda/block_sparse_kernels.h"
 #include "attention/cuda/mma_ptx.cuh"
+#include "attention/cuda/online_softmax.cuh"
 #include "attention/cuda/tile_list.cuh"
 
 namespace attnpilot::attention::cuda::block_sparse {
@@ -102,7 +104,6 @@ __device__ __forceinline__ void fwd_block(const BlockSparseLaunch& p, unsigned c
   constexpr int kKt = kSub / 16;            // k-steps (16 keys) of O += P V
   constexpr int kDn = D / 8;                // n-tiles (8 dims) of O
   constexpr bool kQInRegs = kM * D <= 128;  // Q fragments: kM·D/8 registers per lane
-  constexpr float kSlack = 8.f;             // log2 headroom of the lazily moved reference max
   T* sq = reinterpret_cast<T*>(smem);
   T* sk = sq + kBM * kLd;      // 2 stages
   T* sv = sk + 2 * kBN * kLd;  // 2 stages
@@ -220,53 +221,30 @@ __device__ __forceinline__ void fwd_block(const BlockSparseLaunch& p, unsigned c
         }
       }
 
-      // Online softmax on rows (mi, g + 8·hr): this lane's columns 8·nj + 2·c4 + e.
+      // Online softmax on rows (mi, g + 8·hr): this lane's columns 8·nj + 2·c4 + e, in the
+      // general or the fast form (online_softmax.cuh; a uniform branch between the two).
       float alpha[kM][2];
       bool rescale = false;
+      const auto softmax = [&](auto general) {
+        constexpr bool kGeneral = decltype(general)::value;
 #pragma unroll
-      for (int mi = 0; mi < kM; ++mi) {
+        for (int mi = 0; mi < kM; ++mi) {
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          // The CPU backend's rule for the keys of this row (tile_list.cuh).
-          const RowMask<kBN> rm = need_mask
-                                      ? RowMask<kBN>(p, k0, cta_first + wrow + mi * 16 + g + 8 * hr)
+          for (int hr = 0; hr < 2; ++hr) {
+            // The CPU backend's rule for the keys of this row (tile_list.cuh).
+            const RowMask<kBN> rm =
+                kGeneral && need_mask ? RowMask<kBN>(p, k0, cta_first + wrow + mi * 16 + g + 8 * hr)
                                       : RowMask<kBN>();
-          float mx = kNegInf;
-#pragma unroll
-          for (int nj = 0; nj < kNt; ++nj) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float x = s[mi][nj][2 * hr + e] * scale_log2;
-              if (need_mask) {
-                if (rm.hidden(sub * kSub + nj * 8 + 2 * c4 + e)) x = kNegInf;
-              }
-              s[mi][nj][2 * hr + e] = x;
-              mx = fmaxf(mx, x);
-            }
+            rescale |= online_softmax_row<kGeneral, kNt>(
+                [&](int j, int e) -> float& { return s[mi][j][2 * hr + e]; }, rm, need_mask,
+                sub* kSub, c4, scale_log2, m_i[mi][hr], l_i[mi][hr], alpha[mi][hr]);
           }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          // m_new = -inf: nothing visible yet; P, O and l stay zero.
-          const float m_old = m_i[mi][hr];
-          const float m_new = mx > m_old + kSlack ? mx : m_old;
-          const float a = m_new == m_old ? 1.f : exp2_approx(m_old - m_new);  // m_old = -inf: 0
-          rescale |= m_new != m_old;
-          const float base = m_new == kNegInf ? 0.f : m_new;
-          float rs = 0.f;
-#pragma unroll
-          for (int nj = 0; nj < kNt; ++nj) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float pe = exp2_approx(s[mi][nj][2 * hr + e] - base);
-              s[mi][nj][2 * hr + e] = pe;
-              rs += pe;
-            }
-          }
-          l_i[mi][hr] = l_i[mi][hr] * a + rs;
-          m_i[mi][hr] = m_new;
-          alpha[mi][hr] = a;
         }
-      }
+      };
+      if (softmax_general(need_mask, scale_log2))
+        softmax(std::true_type{});
+      else
+        softmax(std::false_type{});
       if (rescale) {
 #pragma unroll
         for (int mi = 0; mi < kM; ++mi)

@@ -62,6 +62,7 @@
 #include "attention/cuda/block_sparse_block.cuh"
 #include "attention/cuda/block_sparse_kernels.h"
 #include "attention/cuda/mma_ptx.cuh"
+#include "attention/cuda/online_softmax.cuh"
 #include "attention/cuda/tile_list.cuh"
 #include "attention/cuda/wgmma_ptx.cuh"
 
@@ -138,85 +139,35 @@ struct SoftmaxRows {
   float m[2], l[2];
 };
 
-/// The softmax of one tile's rows (see softmax_probs), in one of two forms:
-///   kGeneral   x = S·scale_log2, the hidden keys set to -inf (when need_mask), P = 2^(x - m):
-///              for the tiles that need the mask, and any tile when scale_log2 <= 0
-///   fast       no mask, scale_log2 > 0: the max of S times scale_log2 is the max of x, and
-///              P = 2^(S·scale_log2 - m) is one FFMA and one MUFU.EX2 per element
-/// Two bodies rather than one with the mask predicated off: ptxas if-converts the per-element
-/// mask test into predicated instructions, which issue even when their predicate is false (the
-/// overlap kernel's consumer loop was ~1250 instructions per tile and warp, SASS of 2026-12-06,
-/// against the 2048 tensor-core cycles of a tile over the two consumer warps sharing a
-/// sub-partition), so the unmasked tiles, all but about one per CTA, paid for the mask.
+/// One tile's softmax on S (the m64n128 accumulator fragment of this thread: s[4i + 2hr + e]
+/// is row g + 8hr, column 8i + 2c4 + e) in the general or the fast form (online_softmax.cuh):
+/// mask (when need_mask), scale, row max over the lane quad, P = 2^(S - m) in place, l and m
+/// updated; alpha[hr] is the factor O's row must take (1 where m did not move), and the return
+/// value whether any did. qpos0 is the key position of row g's query.
 template <bool kGeneral>
 __device__ __forceinline__ bool softmax_rows(float (&s)[kBN / 2], float (&alpha)[2],
                                              SoftmaxRows& st, const BlockSparseLaunch& p,
                                              int64_t k0, bool need_mask, int64_t qpos0,
                                              float scale_log2, int c4) {
-  constexpr float kSlack = 8.f;  // log2 headroom of the lazily moved reference max
-  const float kNegInf = -__int_as_float(0x7f800000);
   bool rescale = false;
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    float mx = kNegInf;
-    if constexpr (kGeneral) {
-      // The CPU backend's rule for the keys of this row (tile_list.cuh).
-      const RowMask<kBN> rm = need_mask ? RowMask<kBN>(p, k0, qpos0 + 8 * hr) : RowMask<kBN>();
-#pragma unroll
-      for (int i = 0; i < kBN / 8; ++i) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float x = s[4 * i + 2 * hr + e] * scale_log2;
-          if (need_mask) {
-            if (rm.hidden(8 * i + 2 * c4 + e)) x = kNegInf;
-          }
-          s[4 * i + 2 * hr + e] = x;
-          mx = fmaxf(mx, x);
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kBN / 8; ++i) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) mx = fmaxf(mx, s[4 * i + 2 * hr + e]);
-      }
-      mx *= scale_log2;  // scale_log2 > 0: the max of the scaled row
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_old = st.m[hr];
-    const float m_new = mx > m_old + kSlack ? mx : m_old;
-    const float a = m_new == m_old ? 1.f : exp2_approx(m_old - m_new);  // m_old = -inf: 0
-    rescale |= m_new != m_old;
-    const float base = m_new == kNegInf ? 0.f : m_new;
-    float rs = 0.f;
-#pragma unroll
-    for (int i = 0; i < kBN / 8; ++i) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = s[4 * i + 2 * hr + e];
-        const float pe = kGeneral ? exp2_approx(x - base) : exp2_approx(fmaf(x, scale_log2, -base));
-        x = pe;
-        rs += pe;
-      }
-    }
-    st.l[hr] = st.l[hr] * a + rs;
-    st.m[hr] = m_new;
-    alpha[hr] = a;
+    // The CPU backend's rule for the keys of this row (tile_list.cuh).
+    const RowMask<kBN> rm =
+        kGeneral && need_mask ? RowMask<kBN>(p, k0, qpos0 + 8 * hr) : RowMask<kBN>();
+    rescale |= online_softmax_row<kGeneral, kBN / 8>(
+        [&](int j, int e) -> float& { return s[4 * j + 2 * hr + e]; }, rm, need_mask, 0, c4,
+        scale_log2, st.m[hr], st.l[hr], alpha[hr]);
   }
   return rescale;
 }
 
-/// One tile's softmax on S (the m64n128 accumulator fragment of this thread: s[4i + 2hr + e]
-/// is row g + 8hr, column 8i + 2c4 + e): mask (when need_mask), scale, row max over the lane
-/// quad, P = 2^(S - m) in place, l and m updated; alpha[hr] is the factor O's row must take
-/// (1 where m did not move), and the return value whether any did. qpos0 is the key position of
-/// row g's query. A uniform branch between softmax_rows' two bodies.
+/// softmax_rows in the form the tile takes (a uniform branch between the two bodies).
 __device__ __forceinline__ bool softmax_probs(float (&s)[kBN / 2], float (&alpha)[2],
                                               SoftmaxRows& st, const BlockSparseLaunch& p,
                                               int64_t k0, bool need_mask, int64_t qpos0,
                                               float scale_log2, int c4) {
-  if (need_mask || !(scale_log2 > 0.f))
+  if (softmax_general(need_mask, scale_log2))
     return softmax_rows<true>(s, alpha, st, p, k0, need_mask, qpos0, scale_log2, c4);
   return softmax_rows<false>(s, alpha, st, p, k0, false, qpos0, scale_log2, c4);
 }

@@ -307,10 +307,10 @@ TEST(AttentionEmu, WarpSpecialisedWgmmaKernelMatchesCpuBackend) {
                  body == Body::kWgmmaWs ? "wgmma-ws, 12 tiles" : "wgmma-ws-overlap, 12 tiles");
 }
 
-// The wgmma bodies' softmax has a fast form for unmasked tiles with a positive scale (the max of
+// Every body's softmax has a fast form for unmasked tiles with a positive scale (the max of
 // S scaled after the reduction, one FFMA per exponent); a zero or negative scale takes the
 // general form on every tile. Both against the CPU backend, over several tiles per CTA.
-TEST(AttentionEmu, WgmmaSoftmaxFormsMatchCpuBackendForAnyScale) {
+TEST(AttentionEmu, SoftmaxFormsMatchCpuBackendForAnyScale) {
   const int64_t b = 1, h = 2, hkv = 1, n = 260, m = 700, q_offset = m - n, d = 64;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(97);
   const auto q = torch::randn({b, h, n, d}, gen).to(torch::kBFloat16);
@@ -319,7 +319,7 @@ TEST(AttentionEmu, WgmmaSoftmaxFormsMatchCpuBackendForAnyScale) {
   for (bool causal : {true, false}) {
     const auto all = BlockMask::all_visible(b, h, n, m, 128, causal, q_offset);
     for (double scale : {0.9 / std::sqrt(static_cast<double>(d)), 0.0, -0.6})
-      for (Body body : {Body::kWgmma, Body::kWgmmaWsOverlap, Body::kWgmmaWsAsync})
+      for (Body body : {Body::kMmaSync, Body::kWgmma, Body::kWgmmaWsOverlap, Body::kWgmmaWsAsync})
         expect_close(
             emu_block_sparse(q, k, v, &all, scale, causal, q_offset, 0, 0, body),
             block_sparse_expected(q, k, v, all, scale, causal, q_offset, 0, 0),
