@@ -364,18 +364,18 @@ void run_estimator(bool quick) {
           },
           1, 3);
       // pq-mma: the tensor-core kernel on the stored keys (the default); pool-q: the keys
-      // projected, then the CUDA-core kernel.
-      // pq-2k / pq-4k: pq-mma with 2048- and 4096-key chunks per CTA (the default, 1024, was
-      // chosen for the CUDA-core kernel).
+      // projected, then the CUDA-core kernel. pq-s3 / pq-s4: pq-mma with 3 and 4 key tiles in
+      // flight per CTA (the default is 2). (Larger key chunks per CTA, 2048 and 4096 keys,
+      // measured no faster than the default 1024: RESULTS.md, 2026-12-06.)
       for (int variant = 0; variant < 4; ++variant) {
         const bool key_mma = variant != 1;
         CudaEstimatorOptions eo;
         eo.pooled_key_mma = key_mma;
-        eo.pooled_chunk_keys = variant == 2 ? 2048 : variant == 3 ? 4096 : 0;
+        eo.pooled_key_stages = variant == 2 ? 3 : variant == 3 ? 4 : 0;
         const char* mode = variant == 0   ? "pq-mma"
                            : variant == 1 ? "pool-q"
-                           : variant == 2 ? "pq-2k"
-                                          : "pq-4k";
+                           : variant == 2 ? "pq-s3"
+                                          : "pq-s4";
         double flops = 0;
         BlockMask mask;
         const double t_est = ev.median_ms(
@@ -396,12 +396,13 @@ void run_estimator(bool quick) {
       CudaEstimatorOptions so;
       so.pool_queries = true;
       double f = 0;
-      const auto pooled_scores =
-          lowrank_block_scores_cuda(q, k, a_q.narrow(3, 0, r), a_k.narrow(3, 0, r), bs, true, 0,
-                                    &f, so);
+      const auto pooled_scores = lowrank_block_scores_cuda(
+          q, k, a_q.narrow(3, 0, r), a_k.narrow(3, 0, r), bs, true, 0, &f, so);
       const double t_means = ev.median_ms(
-          [&] { (void)q.view({1, heads, len / bs, bs, d}).mean(3, false, torch::kFloat); }, 2,
-          10);
+          [&] {
+            (void)q.view({1, heads, len / bs, bs, d}).mean(3, false, torch::kFloat);
+          },
+          2, 10);
       const double t_scores = ev.median_ms(
           [&] {
             (void)lowrank_block_scores_cuda(q, k, a_q.narrow(3, 0, r), a_k.narrow(3, 0, r), bs,

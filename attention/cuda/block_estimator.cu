@@ -157,13 +157,15 @@ cudaError_t launch_pooled_normalise(const PooledScoresLaunch& p, cudaStream_t st
 
 // grid (query groups × key chunks, heads, batch): blockIdx.x = group + groups·chunk, so the
 // query groups that share a key chunk run side by side (one DRAM read of the chunk).
-template <typename T, int D>
+// S key tiles in flight, in dynamic shared memory (pooled_keys::shared_bytes(D, S)).
+template <typename T, int D, int S>
 __global__ void __launch_bounds__(pooled_keys::kThreads)
     pooled_keys_kernel(PooledKeysLaunch p, int64_t groups) {
-  __shared__ __align__(16) T tiles[pooled_keys::shared_bytes(D) / sizeof(T)];
+  extern __shared__ __align__(16) unsigned char pooled_keys_smem[];
   const int64_t group = blockIdx.x % groups, chunk = blockIdx.x / groups;
   const int64_t bh = static_cast<int64_t>(blockIdx.z) * p.heads + blockIdx.y;
-  pooled_keys::pooled_keys_block<T, D>(p, chunk, group, bh, tiles);
+  pooled_keys::pooled_keys_block<T, D, S>(p, chunk, group, bh,
+                                          reinterpret_cast<T*>(pooled_keys_smem));
 }
 
 // ---- (3) selection (the body is select_block.cuh's select_row) ----
@@ -481,7 +483,8 @@ cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t 
                   p.k_stride[1] % 8 == 0 && p.k_stride[2] % 8 == 0 && p.k_stride[2] >= p.d &&
                   (p.type == InputType::kBFloat16 || p.type == InputType::kFloat16) &&
                   (p.d == 64 || p.d == 128) && p.kv_heads >= 1 && p.heads % p.kv_heads == 0 &&
-                  pooled_keys::chunks(p) * pooled_keys::groups(p) <= 0x7fffffff;
+                  pooled_keys::chunks(p) * pooled_keys::groups(p) <= 0x7fffffff &&
+                  (p.stages == 0 || (p.stages >= 2 && p.stages <= pooled_keys::kMaxStages));
   if (!ok) {
     *failed_call = "launch_pooled_key_scores (arguments outside the kernel's range)";
     return cudaErrorInvalidValue;
@@ -489,19 +492,38 @@ cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t 
   const int64_t groups = pooled_keys::groups(p);
   const dim3 grid(static_cast<unsigned>(pooled_keys::chunks(p) * groups),
                   static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+  const int stages = p.stages > 0 ? p.stages : pooled_keys::kDefaultStages;
+  const auto bytes = static_cast<int>(pooled_keys::shared_bytes(p.d, stages));
+  cudaError_t e = cudaSuccess;
   const auto run = [&](auto kernel) {
-    kernel<<<grid, pooled_keys::kThreads, 0, stream>>>(p, groups);
+    // Above 48 KB of dynamic shared memory a kernel must opt in (d = 128 with 3 or 4 stages).
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess) {
+      *failed_call = "cudaFuncSetAttribute(pooled_keys_kernel, MaxDynamicSharedMemorySize)";
+      return;
+    }
+    kernel<<<grid, pooled_keys::kThreads, static_cast<size_t>(bytes), stream>>>(p, groups);
+    e = cudaGetLastError();
+    if (e != cudaSuccess)
+      *failed_call = "pooled_keys_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
   };
-  const bool bf16 = p.type == InputType::kBFloat16;
-  if (p.d == 64)
-    bf16 ? run(pooled_keys_kernel<__nv_bfloat16, 64>) : run(pooled_keys_kernel<__half, 64>);
+  const auto typed = [&](auto stages_c) {
+    constexpr int kS = decltype(stages_c)::value;
+    const bool bf16 = p.type == InputType::kBFloat16;
+    if (p.d == 64)
+      bf16 ? run(pooled_keys_kernel<__nv_bfloat16, 64, kS>)
+           : run(pooled_keys_kernel<__half, 64, kS>);
+    else
+      bf16 ? run(pooled_keys_kernel<__nv_bfloat16, 128, kS>)
+           : run(pooled_keys_kernel<__half, 128, kS>);
+  };
+  if (stages == 2)
+    typed(std::integral_constant<int, 2>{});
+  else if (stages == 3)
+    typed(std::integral_constant<int, 3>{});
   else
-    bf16 ? run(pooled_keys_kernel<__nv_bfloat16, 128>) : run(pooled_keys_kernel<__half, 128>);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) {
-    *failed_call = "pooled_keys_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
-    return e;
-  }
+    typed(std::integral_constant<int, 4>{});
+  if (e != cudaSuccess) return e;
   return launch_pooled_normalise(pooled_normalise_launch(p), stream, failed_call);
 }
 

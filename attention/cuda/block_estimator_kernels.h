@@ -138,6 +138,8 @@ struct PooledKeysLaunch {
   /// Key blocks per CTA (its grid's key chunks); 0: the launcher's choice (kPooledChunkKeys
   /// keys, at least one block).
   int64_t chunk_blocks = 0;
+  /// 64-key tiles in flight per CTA (cp.async stages): 2, 3 or 4; 0: 2.
+  int stages = 0;
 };
 
 /// The normalisation's launch (pooled_normalise_row reads only the geometry and the scores)

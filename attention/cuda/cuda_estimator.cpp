@@ -102,12 +102,16 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
                       q.device().str(), k.device().str(), a_q.device().str(), a_k.device().str());
 }
 
-void check_projection_rows(const CudaEstimatorOptions& options) {
+void check_options(const CudaEstimatorOptions& options) {
   ATTNPILOT_CHECK_ARG(options.projection_rows == 1 || options.projection_rows == 4,
                       "cuda estimator: projection_rows {} must be 1 or 4", options.projection_rows);
   ATTNPILOT_CHECK_ARG(options.pooled_chunk_keys >= 0,
                       "cuda estimator: pooled_chunk_keys {} must be >= 0 (0: the default)",
                       options.pooled_chunk_keys);
+  ATTNPILOT_CHECK_ARG(options.pooled_key_stages == 0 ||
+                          (options.pooled_key_stages >= 2 && options.pooled_key_stages <= 4),
+                      "cuda estimator: pooled_key_stages {} must be 2, 3 or 4 (0: the default)",
+                      options.pooled_key_stages);
 }
 
 /// Rows of query block qb and its visible key count (the CPU twin's kend).
@@ -244,6 +248,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     pl.kv_heads = static_cast<int>(k_in.size(1));
     pl.d = static_cast<int>(d);
     pl.chunk_blocks = chunk_blocks;
+    pl.stages = options.pooled_key_stages;
     failed = "launch_pooled_key_scores";
     check_cuda(cuda::launch_pooled_key_scores(pl, stream, &failed), failed, q_in, k_in, bs);
     // FLOPs: the block means (n·d adds), the projection of the means and its product with
@@ -337,7 +342,7 @@ torch::Tensor lowrank_block_scores_cuda(const torch::Tensor& q, const torch::Ten
                                         const torch::Tensor& a_q, const torch::Tensor& a_k,
                                         int64_t block_size, bool causal, int64_t q_offset,
                                         double* flops, const CudaEstimatorOptions& options) {
-  check_projection_rows(options);
+  check_options(options);
   check_inputs(q, k, a_q, a_k, block_size, q_offset);
   if (options.pool_queries)
     return pooled_scores_on_device(q, k, a_q, a_k, block_size, causal, q_offset, flops, options);
@@ -363,7 +368,7 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
                       shape_of(a_q), shape_of(a_k), plan.rank);
   const int64_t bs = plan.block_size;
   const auto aq = a_q.narrow(3, 0, plan.rank), ak = a_k.narrow(3, 0, plan.rank);
-  check_projection_rows(options);
+  check_options(options);
   check_inputs(q, k, aq, ak, bs, q_offset);
   // Density 1 without gamma or top_k keeps every visible block whatever the scores: no estimate.
   const bool everything = plan.gamma <= 0 && plan.top_k <= 0 && plan.density >= 1.0;
@@ -401,7 +406,7 @@ torch::Tensor lowrank_project_keys_cuda(const torch::Tensor& k, const torch::Ten
                       d);
   ATTNPILOT_CHECK_ARG(a_k.size(3) >= 1 && a_k.size(3) <= 64,
                       "cuda key projection: rank {} must be in [1, 64]", a_k.size(3));
-  check_projection_rows(options);
+  check_options(options);
   ATTNPILOT_CHECK_ARG(k.is_cuda() && a_k.device() == k.device(),
                       "cuda key projection: k and a_k must be on one CUDA device; got {} and {}",
                       k.device().str(), a_k.device().str());

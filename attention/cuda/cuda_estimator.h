@@ -56,6 +56,10 @@ struct CudaEstimatorOptions {
   /// benchmark; results do not depend on it beyond float rounding order. Negative:
   /// InvalidArgument.
   int64_t pooled_chunk_keys = 0;
+  /// 64-key tiles each CTA of the tensor-core pooled kernel keeps in flight: 2, 3 or 4; 0: 2.
+  /// A tuning knob for the benchmark (the two-stage kernel measured latency-bound, ncu on an
+  /// H100, 2026-12-06); the scores do not depend on it. Anything else: InvalidArgument.
+  int pooled_key_stages = 0;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one

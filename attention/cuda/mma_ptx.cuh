@@ -1,9 +1,10 @@
 #pragma once
 /// Inline-PTX wrappers of the attention kernels' warp-level primitives (block_sparse_block.cuh):
-/// cp.async (16 bytes, zero fill), ldmatrix x4 (plain and .trans), mma.sync m16n8k16 row.col
-/// with fp32 accumulators (bf16 and fp16 inputs) and ex2.approx; for the estimator's sampled-row
-/// scores (block_scores_block.cuh) cvt.rna.tf32.f32 and mma.sync m16n8k8 row.col tf32. Each
-/// wrapper is one PTX instruction, so the kernels' SASS does not depend on where they are defined.
+/// cp.async (16 bytes, zero fill; commit, wait_group N, wait_all), ldmatrix x4 (plain and
+/// .trans), mma.sync m16n8k16 row.col with fp32 accumulators (bf16 and fp16 inputs) and
+/// ex2.approx; for the estimator's sampled-row scores (block_scores_block.cuh) cvt.rna.tf32.f32
+/// and mma.sync m16n8k8 row.col tf32. Each wrapper is one PTX instruction, so the kernels' SASS
+/// does not depend on where they are defined.
 ///
 /// Under ATTNPILOT_CUDA_EMU (tests/cuda_emu/cuda_emu.h, the CPU emulation the tests run the
 /// kernel bodies in) the same names come from tests/cuda_emu/cuda_emu_mma.h instead: the warp
@@ -25,6 +26,7 @@ namespace attnpilot::attention::cuda::ptx {
 using ::attnpilot::cuda_emu::mma::cp_async_16;
 using ::attnpilot::cuda_emu::mma::cp_async_commit;
 using ::attnpilot::cuda_emu::mma::cp_async_wait_all;
+using ::attnpilot::cuda_emu::mma::cp_async_wait_group;
 using ::attnpilot::cuda_emu::mma::exp2_approx;
 using ::attnpilot::cuda_emu::mma::ldmatrix_x4;
 using ::attnpilot::cuda_emu::mma::ldmatrix_x4_trans;
@@ -50,6 +52,11 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 /// Closes this thread's group of cp.async operations issued since the last commit.
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+/// cp.async.wait_group N: all but this thread's N most recent cp.async groups have landed.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 /// Waits until every cp.async group this thread committed has landed.
 __device__ __forceinline__ void cp_async_wait_all() {

@@ -13,7 +13,7 @@
 ///   w [64 query blocks × d] fp32 ──per row, scaled by a power of two σ into [-1, 1] and split
 ///       into hi + lo (16-bit, T = k's type: |w/σ - hi - lo| <= 2^-17 (bf16) or 2^-22 (fp16))
 ///       ──► A fragments in registers (each warp 16 query blocks, 2·d/16 · 4 registers)
-///   k [keys × d] ──cp.async, 64-key tiles, double-buffered──► smem ──ldmatrix──► B fragments
+///   k [keys × d] ──cp.async, 64-key tiles, 2 to 4 in flight──► smem ──ldmatrix──► B fragments
 ///   S[16 × 64] = σ·(hi·kᵀ + lo·kᵀ)   mma.sync m16n8k16, fp32 accumulators (2·d/16·8 per tile)
 ///   per row and key block: keys j >= kend masked, lane-local running (max, Σ 2^(s - max)),
 ///   combined over the lane quad at the block's end: L[qb, kb] = log2 Σ_{j in kb} 2^(s_j)
@@ -58,9 +58,15 @@ inline constexpr int kGroupBlocks = 16 * kWarps;
 inline constexpr int kTileKeys = kEstimatorKeyTile;
 static_assert(kThreads == block_sparse::kThreads, "load_rows_async's thread count");
 
-/// Shared memory of a CTA: two key tiles of 64 rows × tile_ld(D) 16-bit elements.
-__host__ __device__ constexpr int64_t shared_bytes(int d) {
-  return int64_t(2) * kTileKeys * tile_ld(d) * 2;
+/// Key tiles a CTA keeps in flight (cp.async stages): 2 by default, up to kMaxStages
+/// (PooledKeysLaunch::stages). ncu (H100, 2026-12-06) found the two-stage kernel latency-bound:
+/// 3 CTAs of 4 warps per SM (164 registers), tensor pipe 34%, DRAM 20%.
+inline constexpr int kDefaultStages = 2;
+inline constexpr int kMaxStages = 4;
+
+/// Shared memory of a CTA: `stages` key tiles of 64 rows × tile_ld(D) 16-bit elements.
+__host__ __device__ constexpr int64_t shared_bytes(int d, int stages = kDefaultStages) {
+  return int64_t(stages) * kTileKeys * tile_ld(d) * 2;
 }
 
 using pooled::div_up;
@@ -132,8 +138,9 @@ __device__ __forceinline__ void load_w(uint32_t (&hi)[D / 16][4], uint32_t (&lo)
 /// One CTA (kThreads threads, all of which call it: it holds barriers): query blocks group·64 ..
 /// group·64 + 63, key blocks chunk·chunk_blocks .. of head bh = b·heads + h; writes L[qb, kb]
 /// into p.scores for the visible key blocks kb < vis(qb) of its chunk, nothing else. `tiles`:
-/// shared_bytes(D) bytes, 16-byte aligned.
-template <typename T, int D>
+/// shared_bytes(D, S) bytes, 16-byte aligned. S key tiles are in flight (tile t + S - 1 is
+/// loaded while tile t is scored); the scores do not depend on S.
+template <typename T, int D, int S = kDefaultStages>
 __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chunk, int64_t group,
                                          int64_t bh, T* tiles) {
   constexpr int kLd = tile_ld(D);
@@ -177,20 +184,29 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
   // K rows as B of S (non-transposed, as block_sparse_block.cuh's S = Q Kᵀ).
   const int kb_row = (lane % 8) + 8 * (lane / 16), kb_col = 8 * ((lane / 8) % 2);
 
-  load_rows_async<T, D, kTileKeys>(tiles, kg, p.k_stride[2], k_lo, p.m, tid);
-  ptx::cp_async_commit();
-  ptx::cp_async_wait_all();
-  __syncthreads();
+  static_assert(S >= 2 && S <= kMaxStages, "2 to kMaxStages key tiles in flight");
+  // Tiles 0 .. S-2 in flight; one cp.async group per tile (empty past the last), so "tile t
+  // has landed" is "all but the S-2 newest groups have".
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) {
+    if (i < ntiles)
+      load_rows_async<T, D, kTileKeys>(tiles + i * kTileKeys * kLd, kg, p.k_stride[2],
+                                       k_lo + i * kTileKeys, p.m, tid);
+    ptx::cp_async_commit();
+  }
 
   // Lane-local running max and Σ 2^(s - max) of the current key block, per row.
   float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t k0 = k_lo + t * kTileKeys;
-    const int stage = static_cast<int>(t & 1);
-    if (t + 1 < ntiles)  // the other stage was last read in tile t-1, before its barrier
-      load_rows_async<T, D, kTileKeys>(tiles + (stage ^ 1) * kTileKeys * kLd, kg, p.k_stride[2],
-                                       k0 + kTileKeys, p.m, tid);
+    ptx::cp_async_wait_group<S - 2>();  // this thread's copies of tile t have landed ...
+    __syncthreads();  // ... everyone's, and every warp is done with tile t-1 and its stage
+    // Tile t + S - 1 into the stage tile t - 1 used.
+    if (t + S - 1 < ntiles)
+      load_rows_async<T, D, kTileKeys>(tiles + ((t + S - 1) % S) * kTileKeys * kLd, kg,
+                                       p.k_stride[2], k0 + (S - 1) * kTileKeys, p.m, tid);
     ptx::cp_async_commit();
+    const int stage = static_cast<int>(t % S);
     if (k0 < warp_kmax) {  // warp-uniform: some row of the warp sees a key of the tile
       const T* ks = tiles + stage * kTileKeys * kLd;
       float s[kTileKeys / 8][4];
@@ -253,9 +269,8 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
         sum[hr] = 0.f;
       }
     }
-    ptx::cp_async_wait_all();  // tile t+1 has landed (this thread's copies) ...
-    __syncthreads();           // ... everyone's, and every warp is done with stage t
   }
+  ptx::cp_async_wait_all();  // no copy outlives the CTA (the groups past the last tile are empty)
 }
 
 }  // namespace attnpilot::attention::cuda::pooled_keys

@@ -13,8 +13,8 @@
 ///   wgmma_rs<T, N>(d, a, b, acc)    the same with A from registers and B MN-major (imm-trans-b =
 ///   1)
 ///   mbar_init / mbar_arrive / mbar_wait, named_bar_sync / _arrive, setmaxnreg_dec / _inc,
-///   cp_async_wait_group<N>, cp_async_mbar_arrive(bar) (cp.async.mbarrier.arrive.noinc): the
-///   warp-specialised body's synchronisation
+///   cp_async_mbar_arrive(bar) (cp.async.mbarrier.arrive.noinc), with mma_ptx.cuh's
+///   cp_async_wait_group<N>: the warp-specialised body's synchronisation
 ///
 /// Layouts (PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"; w = warp within
 /// the warpgroup, g = lane / 4, c = lane % 4):
@@ -41,12 +41,13 @@
 
 #include <cstdint>
 
+#include "attention/cuda/mma_ptx.cuh"
+
 namespace attnpilot::attention::cuda::ptx {
 
 #ifdef ATTNPILOT_CUDA_EMU
 
 using ::attnpilot::cuda_emu::wgmma::cp_async_mbar_arrive;
-using ::attnpilot::cuda_emu::wgmma::cp_async_wait_group;
 using ::attnpilot::cuda_emu::wgmma::fence_proxy_async;
 using ::attnpilot::cuda_emu::wgmma::mbar_arrive;
 using ::attnpilot::cuda_emu::wgmma::mbar_init;
@@ -122,11 +123,6 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-/// cp.async.wait_group N: all but this thread's N most recent cp.async groups have landed.
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 /// cp.async.mbarrier.arrive.noinc: one arrival on `bar`, made when every cp.async this thread
 /// issued before it has landed; the thread goes on at once (the barrier's count includes it).

@@ -345,6 +345,14 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
                                                         c.q_offset, &gpu_flops, chunked)))
             << what << ": key chunks of " << chunk << " keys change the scores";
       }
+      for (int stages : {2, 3, 4}) {
+        CudaEstimatorOptions staged = pooled;
+        staged.pooled_key_stages = stages;
+        EXPECT_TRUE(
+            torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                        c.q_offset, &gpu_flops, staged)))
+            << what << ": " << stages << " key tiles in flight change the scores";
+      }
     }
   }
 }
@@ -537,6 +545,12 @@ TEST(CudaEstimator, BadArgumentsAreRefused) {
   expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl, three_rows); },
                  "projection_rows 3");
   expect_invalid([&] { lowrank_project_keys_cuda(k, a, three_rows); }, "projection_rows 3");
+  for (int stages : {1, 5, -2}) {
+    CudaEstimatorOptions bad_stages;
+    bad_stages.pooled_key_stages = stages;
+    expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl, bad_stages); },
+                   fmt::format("pooled_key_stages {}", stages));
+  }
   expect_invalid(
       [&] {
         lowrank_project_keys_cuda(k, torch::randn({1, 3, 64, 16}));

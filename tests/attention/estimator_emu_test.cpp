@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -299,10 +300,11 @@ KeysProblem make_keys_problem(const Shape& s, int64_t hkv, int64_t ld, uint64_t 
 }
 
 /// The two kernels as the launcher runs them (every CTA of the grid, then the normaliser), on
-/// poisoned scores; `lse` (if not null) receives the scores between the two.
+/// poisoned scores, with `stages` key tiles in flight per CTA; `lse` (if not null) receives the
+/// scores between the two.
 template <typename T, int D>
 std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const KeysProblem& pr,
-                                std::vector<float>* lse) {
+                                std::vector<float>* lse, int stages) {
   cu::PooledKeysLaunch p;
   const int64_t qbn = (s.n + s.bs - 1) / s.bs, kbn = (s.m + s.bs - 1) / s.bs;
   std::vector<float> scores(static_cast<size_t>(s.b * s.h * qbn * kbn),
@@ -321,10 +323,16 @@ std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const K
     for (int64_t c = 0; c < chunks; ++c)
       for (int64_t g = 0; g < groups; ++g) {
         // The CTA's shared memory, poisoned (NaN) before each CTA.
-        std::vector<uint16_t> tiles(pooled_keys::shared_bytes(D) / 2,
+        std::vector<uint16_t> tiles(pooled_keys::shared_bytes(D, stages) / 2,
                                     std::is_same_v<T, __nv_bfloat16> ? 0x7fc0 : 0x7e00);
+        T* smem = reinterpret_cast<T*>(tiles.data());
         emu::run_block(pooled_keys::kThreads, [&] {
-          pooled_keys::pooled_keys_block<T, D>(p, c, g, bh, reinterpret_cast<T*>(tiles.data()));
+          if (stages == 2)
+            pooled_keys::pooled_keys_block<T, D, 2>(p, c, g, bh, smem);
+          else if (stages == 3)
+            pooled_keys::pooled_keys_block<T, D, 3>(p, c, g, bh, smem);
+          else
+            pooled_keys::pooled_keys_block<T, D, 4>(p, c, g, bh, smem);
         });
       }
   if (lse != nullptr) *lse = scores;
@@ -339,12 +347,12 @@ struct KeysCase {
 };
 
 std::vector<float> emulate_keys_any(const KeysCase& c, const KeysProblem& pr,
-                                    std::vector<float>* lse) {
+                                    std::vector<float>* lse, int stages = 2) {
   if (c.s.d == 64)
-    return c.bf16 ? emulate_keys<__nv_bfloat16, 64>(c.s, c.hkv, c.ld, pr, lse)
-                  : emulate_keys<__half, 64>(c.s, c.hkv, c.ld, pr, lse);
-  return c.bf16 ? emulate_keys<__nv_bfloat16, 128>(c.s, c.hkv, c.ld, pr, lse)
-                : emulate_keys<__half, 128>(c.s, c.hkv, c.ld, pr, lse);
+    return c.bf16 ? emulate_keys<__nv_bfloat16, 64>(c.s, c.hkv, c.ld, pr, lse, stages)
+                  : emulate_keys<__half, 64>(c.s, c.hkv, c.ld, pr, lse, stages);
+  return c.bf16 ? emulate_keys<__nv_bfloat16, 128>(c.s, c.hkv, c.ld, pr, lse, stages)
+                : emulate_keys<__half, 128>(c.s, c.hkv, c.ld, pr, lse, stages);
 }
 
 KeysProblem make_keys_any(const KeysCase& c, uint64_t seed, double sharp) {
@@ -396,6 +404,23 @@ TEST(PooledKeyScoresEmulated, MatchTheCpuTwinInFloat64) {
   std::printf(
       "pooled scores on the stored keys, emulated vs float64 CPU twin: max abs error %.3g\n",
       worst);
+}
+
+// More key tiles in flight per CTA (3 or 4 cp.async stages) change when each tile is loaded,
+// not what is computed: the same bits as the two-stage body, on every case (the stages are
+// poisoned with NaN, so a tile read before it lands or after it is overwritten shows).
+TEST(PooledKeyScoresEmulated, StagesInFlightGiveTheSameBits) {
+  uint64_t seed = 51;
+  for (const KeysCase& c : keys_cases()) {
+    const KeysProblem pr = make_keys_any(c, seed++, 8.0);
+    const auto two = emulate_keys_any(c, pr, nullptr, 2);
+    for (int stages : {3, 4}) {
+      const auto more = emulate_keys_any(c, pr, nullptr, stages);
+      ASSERT_EQ(two.size(), more.size());
+      EXPECT_EQ(std::memcmp(two.data(), more.data(), two.size() * sizeof(float)), 0)
+          << c.s.str() << ": " << stages << " stages differ from 2";
+    }
+  }
 }
 
 /// The split of w matters: with its low part dropped (w rounded to bf16 first, ~2^-9 of each

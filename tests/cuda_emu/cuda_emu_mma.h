@@ -260,6 +260,11 @@ inline void cp_async_wait_group_n(int n) {
   while (t.groups.size() - done > keep) detail::land(t.groups[done++]);
   t.groups.erase(t.groups.begin(), t.groups.begin() + static_cast<std::ptrdiff_t>(done));
 }
+/// cp.async.wait_group N as the kernels' wrapper spells it (mma_ptx.cuh).
+template <int N>
+inline void cp_async_wait_group() {
+  cp_async_wait_group_n(N);
+}
 /// cp.async.wait_all (= commit_group, then wait_group 0): every copy of this thread lands.
 inline void cp_async_wait_all() {
   cp_async_commit();

@@ -537,10 +537,7 @@ inline void setmaxnreg_dec() {}
 template <int N>
 inline void setmaxnreg_inc() {}
 /// cp.async.wait_group N (cuda_emu_mma.h's emulated cp.async).
-template <int N>
-inline void cp_async_wait_group() {
-  ::attnpilot::cuda_emu::mma::cp_async_wait_group_n(N);
-}
+using ::attnpilot::cuda_emu::mma::cp_async_wait_group;
 /// cp.async.mbarrier.arrive.noinc: the arrival waits for this thread's earlier copies. Emulated
 /// late: the thread first sits out 1 to 64 scheduling rounds (waiters that do not wait for the
 /// barrier run ahead and see the old bytes), then its copies land, then it arrives.
