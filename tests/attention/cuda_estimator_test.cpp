@@ -18,6 +18,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attention/cuda/block_estimator_kernels.h"
@@ -337,22 +338,21 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
           torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
                                                       c.q_offset, &gpu_flops, pooled_tf32)))
           << what << ": two runs differ";
+      // Other key chunks per CTA and other key tiles in flight: the same bits.
+      std::vector<std::pair<CudaEstimatorOptions, std::string>> variants;
       for (int64_t chunk : {int64_t(1), int64_t(3 * c.bs), int64_t(4096)}) {
-        CudaEstimatorOptions chunked = pooled;
-        chunked.pooled_chunk_keys = chunk;
-        EXPECT_TRUE(
-            torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
-                                                        c.q_offset, &gpu_flops, chunked)))
-            << what << ": key chunks of " << chunk << " keys change the scores";
+        variants.emplace_back(pooled, fmt::format("key chunks of {} keys", chunk));
+        variants.back().first.pooled_chunk_keys = chunk;
       }
       for (int stages : {2, 3, 4}) {
-        CudaEstimatorOptions staged = pooled;
-        staged.pooled_key_stages = stages;
+        variants.emplace_back(pooled, fmt::format("{} key tiles in flight", stages));
+        variants.back().first.pooled_key_stages = stages;
+      }
+      for (const auto& [opts, name] : variants)
         EXPECT_TRUE(
             torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
-                                                        c.q_offset, &gpu_flops, staged)))
-            << what << ": " << stages << " key tiles in flight change the scores";
-      }
+                                                        c.q_offset, &gpu_flops, opts)))
+            << what << ": " << name << " change the scores";
     }
   }
 }
