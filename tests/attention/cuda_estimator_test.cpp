@@ -645,6 +645,28 @@ TEST(CudaEstimator, LaunchersRefuseArgumentsOutsideTheirRange) {
   pool.chunk_blocks = -1;
   EXPECT_TRUE(refused(pooled, "launch_pooled_block_scores")) << "chunk of -1 blocks";
 
+  cuda::PooledKeysLaunch keys;  // otherwise in range: 100 keys of d = 64, blocks of 64
+  keys.w = buf;
+  keys.k = buf;
+  keys.k_stride[0] = keys.k_stride[1] = 64 * 100;
+  keys.k_stride[2] = 64;
+  keys.scores = buf;
+  keys.batch = keys.heads = keys.kv_heads = 1;
+  keys.n = keys.m = 100;
+  keys.q_blocks = keys.k_blocks = 2;
+  keys.block_size = 64;
+  keys.d = 64;
+  const auto key_scores = [&](const char** f) {
+    return cuda::launch_pooled_key_scores(keys, nullptr, f);
+  };
+  for (int stages : {1, 5}) {
+    keys.stages = stages;
+    EXPECT_TRUE(refused(key_scores, "launch_pooled_key_scores")) << stages << " stages";
+  }
+  keys.stages = 0;
+  keys.d = 96;
+  EXPECT_TRUE(refused(key_scores, "launch_pooled_key_scores")) << "head dim 96";
+
   cuda::SelectLaunch p;
   int64_t ptr[8];
   p.scores = buf;
