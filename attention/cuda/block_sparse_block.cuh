@@ -24,7 +24,6 @@ namespace attnpilot::attention::cuda::block_sparse {
 using ptx::cp_async_16;
 using ptx::cp_async_commit;
 using ptx::cp_async_wait_all;
-using ptx::exp2_approx;
 using ptx::ldmatrix_x4;
 using ptx::ldmatrix_x4_trans;
 using ptx::mma_16816;

@@ -72,7 +72,6 @@ using block_sparse::pack2;
 using ptx::cp_async_16;
 using ptx::cp_async_commit;
 using ptx::cp_async_wait_all;
-using ptx::exp2_approx;
 
 /// Threads of a CTA: two warpgroups.
 inline constexpr int kThreads = 256;
