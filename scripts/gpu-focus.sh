@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# A short GPU run for the CUDA kernels (device tool; carry [".devdeps"]): builds only the CUDA
+# test programs and benches, runs the GPU tests, then the benchmark steps in order of value,
+# starting none past DEADLINE seconds, so a run whose device time is short still returns its
+# first results. Logs land in $OUT (kept to a handful of files: the device tool returns few).
+#   DEADLINE=330 bash scripts/gpu-focus.sh
+# Knobs (environment):
+#   DEADLINE      seconds after which no new step starts (default 400)
+#   SPARSE_LENS   block-sparse bench lengths, one run each (default "32768 131072")
+#   ESTIMATOR     1: the estimator bench (default 1)
+#   SVD           svd_bench sections to run, e.g. "topr tall" (default none)
+#   NCU_KERNEL    a demangled-name regex: one ncu --set full profile of that kernel in the 32k
+#                 sparse bench (details and per-SASS stalls), e.g. 'ws_kernel.*\(bool\)1, \(bool\)1'
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+T0=$(date +%s)
+DEADLINE=${DEADLINE:-400}
+left() { echo $((DEADLINE - ($(date +%s) - T0))); }
+step() { echo "== [$(($(date +%s) - T0))s] $*"; }
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+if [ -f .devdeps/gpu-env.sh ]; then
+  # shellcheck disable=SC1091
+  source .devdeps/gpu-env.sh
+else
+  echo "gpu-focus: .devdeps/gpu-env.sh missing (bash ../shared/device/fetch-debs.sh, carry .devdeps)" >&2
+  exit 1
+fi
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+step configure
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DATTNPILOT_PYTHON="$(command -v python3)" >"$OUT/configure.log" 2>&1 ||
+  { tail -30 "$OUT/configure.log"; exit 1; }
+rm -f "$OUT/configure.log"
+step build
+TESTS="attention_cuda_block_sparse_test attention_cuda_estimator_test attention_cuda_decode_test attention_cuda_executor_test perturbation_jacobi_svd_cuda_test"
+# shellcheck disable=SC2086
+cmake --build build-gpu -j "$(nproc)" --target $TESTS attention_cuda_bench svd_bench -- -k 0 \
+  >"$OUT/build.log" 2>&1 || grep -E "error|FAILED" "$OUT/build.log" | head -40
+step tests
+: >"$OUT/tests.log"
+for t in $TESTS; do
+  f=$(find build-gpu/tests -name "$t" -type f | head -1)
+  [ -n "$f" ] || { echo "$t: not built"; continue; }
+  timeout 200 "$f" >>"$OUT/tests.log" 2>&1
+  echo "$t: rc=$? $(grep -E '^\[  (PASSED|FAILED)' "$OUT/tests.log" | tail -1)"
+done
+grep -E "^\[  FAILED|Failure" "$OUT/tests.log" | head -10
+BS=build-gpu/bench/attention_cuda_bench
+for len in ${SPARSE_LENS:-32768 131072}; do
+  [ "$(left)" -gt 90 ] || break
+  step "sparse $len"
+  timeout "$(($(left) - 5))" $BS --only sparse --min-len "$len" --max-len "$len" 2>&1 |
+    tee "$OUT/sparse$len.log" | tail -4
+done
+if [ "${ESTIMATOR:-1}" = 1 ] && [ "$(left)" -gt 60 ]; then
+  step estimator
+  timeout "$(($(left) - 5))" $BS --only estimator 2>&1 | tee "$OUT/estimator.log" |
+    grep -E "pq-|pooled|by parts" | head -12
+fi
+for part in ${SVD:-}; do
+  [ "$(left)" -gt 60 ] || break
+  step "svd $part"
+  timeout "$(($(left) - 5))" build-gpu/bench/svd_bench --device cuda --full --repeats 5 \
+    --only "$part" 2>&1 | tee "$OUT/svd-$part.log" | tail -12
+done
+if [ -n "${NCU_KERNEL:-}" ] && [ "$(left)" -gt 70 ]; then
+  step ncu
+  N=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  timeout "$(($(left) - 10))" "$N" --set full --kernel-name-base demangled -k "regex:$NCU_KERNEL" \
+    -c 1 --export "$OUT/prof" --force-overwrite $BS --only sparse --min-len 32768 \
+    --max-len 32768 --no-flex >/dev/null 2>&1
+  "$N" -i "$OUT/prof.ncu-rep" --page details >"$OUT/ncu.txt" 2>&1
+  "$N" -i "$OUT/prof.ncu-rep" --page source --csv --print-source sass >"$OUT/ncu-sass.csv" 2>&1
+  rm -f "$OUT/prof.ncu-rep"
+  grep -E "Duration|Issue Slots Busy|highest-utilized" "$OUT/ncu.txt" | head -4
+fi
+step finished
