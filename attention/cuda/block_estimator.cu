@@ -496,11 +496,14 @@ cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t 
   const auto bytes = static_cast<int>(pooled_keys::shared_bytes(p.d, stages));
   cudaError_t e = cudaSuccess;
   const auto run = [&](auto kernel) {
-    // Above 48 KB of dynamic shared memory a kernel must opt in (d = 128 with 3 or 4 stages).
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess) {
-      *failed_call = "cudaFuncSetAttribute(pooled_keys_kernel, MaxDynamicSharedMemorySize)";
-      return;
+    // Above 48 KB of dynamic shared memory a kernel must opt in (d = 128 with 3 or 4 stages);
+    // the default launch makes no such driver call.
+    if (bytes > 48 * 1024) {
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      if (e != cudaSuccess) {
+        *failed_call = "cudaFuncSetAttribute(pooled_keys_kernel, MaxDynamicSharedMemorySize)";
+        return;
+      }
     }
     kernel<<<grid, pooled_keys::kThreads, static_cast<size_t>(bytes), stream>>>(p, groups);
     e = cudaGetLastError();

@@ -117,6 +117,10 @@ struct PooledScoresLaunch {
   int64_t chunk_blocks = 0;
 };
 
+/// Most 64-key tiles the tensor-core pooled kernel keeps in flight per CTA (PooledKeysLaunch::
+/// stages, CudaEstimatorOptions::pooled_key_stages).
+inline constexpr int kPooledKeyMaxStages = 4;
+
 /// (2k) The scores of (2p) from the keys as stored, on the tensor cores (pooled_keys_mma.cuh):
 /// the rank-r score of query block qb and key j is w_qb · k_j with w_qb = A_k A_qᵀ q̄_qb, so no
 /// key projection is needed. Same output as (2p); bf16 or fp16 keys, d 64 or 128.
@@ -138,7 +142,7 @@ struct PooledKeysLaunch {
   /// Key blocks per CTA (its grid's key chunks); 0: the launcher's choice (kPooledChunkKeys
   /// keys, at least one block).
   int64_t chunk_blocks = 0;
-  /// 64-key tiles in flight per CTA (cp.async stages): 2, 3 or 4; 0: 2.
+  /// 64-key tiles in flight per CTA (cp.async stages): 2 .. kPooledKeyMaxStages; 0: 2.
   int stages = 0;
 };
 

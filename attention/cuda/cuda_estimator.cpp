@@ -108,10 +108,11 @@ void check_options(const CudaEstimatorOptions& options) {
   ATTNPILOT_CHECK_ARG(options.pooled_chunk_keys >= 0,
                       "cuda estimator: pooled_chunk_keys {} must be >= 0 (0: the default)",
                       options.pooled_chunk_keys);
-  ATTNPILOT_CHECK_ARG(options.pooled_key_stages == 0 ||
-                          (options.pooled_key_stages >= 2 && options.pooled_key_stages <= 4),
-                      "cuda estimator: pooled_key_stages {} must be 2, 3 or 4 (0: the default)",
-                      options.pooled_key_stages);
+  ATTNPILOT_CHECK_ARG(
+      options.pooled_key_stages == 0 || (options.pooled_key_stages >= 2 &&
+                                         options.pooled_key_stages <= cuda::kPooledKeyMaxStages),
+      "cuda estimator: pooled_key_stages {} must be in [2, {}] (0: the default)",
+      options.pooled_key_stages, cuda::kPooledKeyMaxStages);
 }
 
 /// Rows of query block qb and its visible key count (the CPU twin's kend).

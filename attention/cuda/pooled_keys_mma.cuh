@@ -62,7 +62,7 @@ static_assert(kThreads == block_sparse::kThreads, "load_rows_async's thread coun
 /// (PooledKeysLaunch::stages). ncu (H100, 2026-12-06) found the two-stage kernel latency-bound:
 /// 3 CTAs of 4 warps per SM (164 registers), tensor pipe 34%, DRAM 20%.
 inline constexpr int kDefaultStages = 2;
-inline constexpr int kMaxStages = 4;
+inline constexpr int kMaxStages = kPooledKeyMaxStages;
 
 /// Shared memory of a CTA: `stages` key tiles of 64 rows × tile_ld(D) 16-bit elements.
 __host__ __device__ constexpr int64_t shared_bytes(int d, int stages = kDefaultStages) {

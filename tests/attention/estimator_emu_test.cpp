@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "attention/estimators.h"
+#include "tests/attention/test_util.h"
 
 // After LibTorch and GoogleTest: the emulation defines CUDA's keywords as macros.
 #include "tests/cuda_emu/cuda_emu.h"
@@ -102,15 +103,7 @@ Problem make_problem(const Shape& s, uint64_t seed, double sharp) {
 template <class Launch>
 void set_shape(Launch& p, const Shape& s, float* scores) {
   p.scores = scores;
-  p.batch = static_cast<int>(s.b);
-  p.heads = static_cast<int>(s.h);
-  p.n = s.n;
-  p.m = s.m;
-  p.q_offset = s.q_offset;
-  p.q_blocks = (s.n + s.bs - 1) / s.bs;
-  p.k_blocks = (s.m + s.bs - 1) / s.bs;
-  p.block_size = static_cast<int>(s.bs);
-  p.causal = s.causal;
+  attnpilot::attention::testing::set_launch_geometry(p, s);
   p.chunk_blocks =
       s.chunk_blocks > 0 ? s.chunk_blocks : std::max<int64_t>(1, cu::kPooledChunkKeys / s.bs);
 }

@@ -30,6 +30,7 @@
 #include "attention/block_mask.h"
 #include "attention/estimators.h"
 #include "attention/plan.h"
+#include "tests/attention/test_util.h"
 
 // After LibTorch and GoogleTest: the emulation defines CUDA's keywords as macros.
 #include "tests/cuda_emu/cuda_emu.h"
@@ -152,16 +153,8 @@ torch::Tensor emulate_scores(const Shape& s, const Problem& pr, bool split) {
   p.kp = pr.kp.data();
   p.scores = scores.data();
   p.workspace = wsf;
-  p.batch = static_cast<int>(s.b);
-  p.heads = static_cast<int>(s.h);
-  p.n = s.n;
-  p.m = s.m;
-  p.q_offset = s.q_offset;
-  p.q_blocks = qbn;
-  p.k_blocks = kbn;
-  p.block_size = static_cast<int>(s.bs);
+  attnpilot::attention::testing::set_launch_geometry(p, s);
   p.rank_pad = R;
-  p.causal = s.causal;
   p.split_tf32 = split;
   const int64_t smem_bytes = sampled::score_smem_bytes(R, kbn);
   for (int i = 0; i < s.grid; ++i) {

@@ -30,4 +30,20 @@ inline double rel_error(const torch::Tensor& a, const torch::Tensor& ref) {
   return ((a - ref).norm() / ref.norm()).item<double>();
 }
 
+/// The geometry fields every estimator kernel launch struct shares (BlockScoresLaunch,
+/// PooledScoresLaunch, PooledKeysLaunch), from a test shape with b, h, n, m, q_offset, bs and
+/// causal: the tests' counterpart of the library's set_geometry (cuda_estimator.cpp).
+template <class Launch, class Shape>
+void set_launch_geometry(Launch& p, const Shape& s) {
+  p.batch = static_cast<int>(s.b);
+  p.heads = static_cast<int>(s.h);
+  p.n = s.n;
+  p.m = s.m;
+  p.q_offset = s.q_offset;
+  p.q_blocks = (s.n + s.bs - 1) / s.bs;
+  p.k_blocks = (s.m + s.bs - 1) / s.bs;
+  p.block_size = static_cast<int>(s.bs);
+  p.causal = s.causal;
+}
+
 }  // namespace attnpilot::attention::testing
