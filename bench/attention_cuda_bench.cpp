@@ -22,7 +22,7 @@
 //    decode kernel over full keys and over rank-32 and rank-16 key caches, with byte floors.
 // On a machine without a CUDA device it says so and exits 0.
 // Usage: attention_cuda_bench [--quick] [--no-flex] [--min-len N] [--max-len N]
-//                             [--only sparse|estimator|decode]
+//                             [--densities F,F,...] [--only sparse|estimator|decode]
 // (python: $ATTNPILOT_BENCH_PYTHON or python3)
 #include <fmt/format.h>
 #include <torch/torch.h>
@@ -125,7 +125,7 @@ BlockMask causal_mask(int64_t heads, int64_t len, int64_t bs, double density, ui
 /// FlexAttention (torch.compile'd, bench/flex_attention_ref.py) on the same block lists, timed
 /// by the GPU machine's python3 (or $ATTNPILOT_BENCH_PYTHON) in this run. Returns the median ms
 /// and, at density 1, its error against SDPA; NaN with the reason printed when it cannot run.
-double flex_ms(const BlockMask& mask, int64_t len, int64_t heads, int64_t d, int64_t bs,
+double flex_ms(const BlockMask& mask, int64_t len, int64_t heads, int64_t d, int64_t bs, int reps,
                std::string* err) {
   char path[] = "/tmp/attnpilot-flex-XXXXXX";
   const int fd = mkstemp(path);
@@ -144,8 +144,7 @@ double flex_ms(const BlockMask& mask, int64_t len, int64_t heads, int64_t d, int
   const std::string cmd = fmt::format(
       "{} {}/bench/flex_attention_ref.py --csr {} --len {} --heads {} --dim {} "
       "--block {} --reps {} 2>&1",
-      py != nullptr ? py : "python3", ATTNPILOT_SOURCE_DIR, path, len, heads, d, bs,
-      len >= 131072 ? 3 : 10);
+      py != nullptr ? py : "python3", ATTNPILOT_SOURCE_DIR, path, len, heads, d, bs, reps);
   std::string text;
   if (FILE* pipe = popen(cmd.c_str(), "r")) {
     char buf[512];
@@ -165,7 +164,8 @@ double flex_ms(const BlockMask& mask, int64_t len, int64_t heads, int64_t d, int
   return std::atof(text.c_str() + at + 8);
 }
 
-void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len) {
+void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len,
+         const std::vector<double>& densities) {
   const int64_t heads = 32, d = 128, bs = 128;
   const auto dev = torch::Device(torch::kCUDA, 0);
   const auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(dev);
@@ -193,12 +193,14 @@ void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len) {
     const auto q = torch::randn({1, heads, len, d}, opts);
     const auto k = torch::randn({1, heads, len, d}, opts);
     const auto v = torch::randn({1, heads, len, d}, opts);
-    const int reps = len >= 131072 ? 3 : 10;
     torch::Tensor dense;
-    const double t_sdpa = ev.median_ms(
-        [&] { dense = at::scaled_dot_product_attention(q, k, v, {}, 0.0, true); }, 2, reps);
+    const double t_sdpa =
+        ev.median_ms([&] { dense = at::scaled_dot_product_attention(q, k, v, {}, 0.0, true); }, 2,
+                     len >= 131072 ? 3 : 10);
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-    for (double density : {1.0, 0.10, 0.05}) {
+    for (double density : densities) {
+      // A 128k dense pass takes ~0.25 s per kernel: 3 repeats there, 10 elsewhere.
+      const int reps = len >= 131072 && density > 0.5 ? 3 : 10;
       const auto mask = causal_mask(heads, len, bs, density, 7 + len);
       const auto row_ptr = mask.row_ptr.to(dev), col_idx = mask.col_idx.to(dev);
       auto out = torch::empty_like(q);
@@ -261,7 +263,8 @@ void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len) {
                             rel_to_dense(out_ws), rel_to_dense(out_wso), rel_to_dense(out_wsa))
               : "-";
       std::string flex_err = "-";
-      const double t_flex = with_flex ? flex_ms(mask, len, heads, d, bs, &flex_err) : std::nan("");
+      const double t_flex =
+          with_flex ? flex_ms(mask, len, heads, d, bs, reps, &flex_err) : std::nan("");
       fmt::print(
           "{:>7} {:>7.0f}% {:>9} {:>10.3f} {:>10.3f} {:>10.3f} {:>10.3f} {:>10.3f} {:>10.3f} "
           "{:>10.3f} {:>10.3f} {:>10.3f} {:>9.2f} {:>9.2f} {:>8.0f} {:>9.3f} {:>9} {:>23} {:>9}\n",
@@ -496,6 +499,7 @@ int main(int argc, char** argv) {
   int64_t max_len = int64_t(1) << 40;  // --max-len: skip longer sequences in the sparse table
   int64_t min_len = 0;                 // --min-len: skip shorter ones
   std::string only;                    // empty: every section
+  std::vector<double> densities = {1.0, 0.10, 0.05};  // --densities: the sparse table's rows
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
@@ -507,6 +511,24 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--min-len") == 0 && i + 1 < argc &&
                std::atoll(argv[i + 1]) > 0) {
       min_len = std::atoll(argv[++i]);
+    } else if (std::strcmp(argv[i], "--densities") == 0 && i + 1 < argc) {
+      densities.clear();
+      std::string list = argv[++i];
+      for (size_t at = 0; at <= list.size();) {
+        const size_t end = std::min(list.find(',', at), list.size());
+        char* stop = nullptr;
+        const std::string item = list.substr(at, end - at);
+        const double v = std::strtod(item.c_str(), &stop);
+        if (item.empty() || *stop != '\0' || !(v > 0.0 && v <= 1.0)) {
+          fmt::print(stderr,
+                     "attention_cuda_bench: --densities takes fractions in (0, 1] "
+                     "separated by commas (got '{}' in '{}')\n",
+                     item, list);
+          return 2;
+        }
+        densities.push_back(v);
+        at = end + 1;
+      }
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc &&
                (std::strcmp(argv[i + 1], "sparse") == 0 ||
                 std::strcmp(argv[i + 1], "estimator") == 0 ||
@@ -515,7 +537,7 @@ int main(int argc, char** argv) {
     } else {
       fmt::print(stderr,
                  "usage: attention_cuda_bench [--quick] [--no-flex] [--min-len N] [--max-len N] "
-                 "[--only sparse|estimator|decode]\n(got '{}')\n",
+                 "[--densities F,F,...] [--only sparse|estimator|decode]\n(got '{}')\n",
                  argv[i]);
       return 2;
     }
@@ -525,6 +547,7 @@ int main(int argc, char** argv) {
   (void)with_flex;
   (void)max_len;
   (void)min_len;
+  (void)densities;
   fmt::print("attention_cuda_bench: built without CUDA (ATTNPILOT_CUDA=OFF); nothing measured\n");
   return 0;
 #else
@@ -533,7 +556,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
-    if (only.empty() || only == "sparse") run(quick, with_flex, min_len, max_len);
+    if (only.empty() || only == "sparse") run(quick, with_flex, min_len, max_len, densities);
     if (only.empty() || only == "estimator") run_estimator(quick);
     if (only.empty() || only == "decode") run_decode(quick);
   } catch (const std::exception& e) {

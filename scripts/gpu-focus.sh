@@ -7,6 +7,7 @@
 # Knobs (environment):
 #   DEADLINE      seconds after which no new step starts (default 400)
 #   SPARSE_LENS   block-sparse bench lengths, one run each (default "32768 131072")
+#   DENSITIES     block-sparse bench rows, e.g. "0.1,0.05" (default "1,0.1,0.05")
 #   ESTIMATOR     1: the estimator bench (default 1)
 #   SVD           svd_bench sections to run, e.g. "topr tall" (default none)
 #   NCU_KERNEL    a demangled-name regex: one ncu --set full profile of that kernel in the 32k
@@ -50,7 +51,8 @@ BS=build-gpu/bench/attention_cuda_bench
 for len in ${SPARSE_LENS:-32768 131072}; do
   [ "$(left)" -gt 90 ] || break
   step "sparse $len"
-  timeout "$(($(left) - 5))" $BS --only sparse --min-len "$len" --max-len "$len" 2>&1 |
+  timeout "$(($(left) - 5))" $BS --only sparse --min-len "$len" --max-len "$len" \
+    --densities "${DENSITIES:-1,0.1,0.05}" 2>&1 |
     tee "$OUT/sparse$len.log" | tail -4
 done
 if [ "${ESTIMATOR:-1}" = 1 ] && [ "$(left)" -gt 60 ]; then
