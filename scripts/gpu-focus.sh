@@ -6,12 +6,15 @@
 #   DEADLINE=330 bash scripts/gpu-focus.sh
 # Knobs (environment):
 #   DEADLINE      seconds after which no new step starts (default 400)
-#   SPARSE_LENS   block-sparse bench lengths, one run each (default "32768 131072")
+#   SPARSE_LENS   block-sparse bench lengths, one run each (default "32768 131072"; "" none)
 #   DENSITIES     block-sparse bench rows, e.g. "0.1,0.05" (default "1,0.1,0.05")
 #   ESTIMATOR     1: the estimator bench (default 1)
 #   SVD           svd_bench sections to run, e.g. "topr tall" (default none)
 #   NCU_KERNEL    a demangled-name regex: one ncu --set full profile of that kernel in the 32k
 #                 sparse bench (details and per-SASS stalls), e.g. 'ws_kernel.*\(bool\)1, \(bool\)1'
+#   NCU_LEN       the length ncu profiles at (default 32768)
+#   NCU_DENSITIES the sparse rows ncu may profile (default "1,0.1,0.05"; -c 1 takes the first)
+#   GPU_TESTS     0: skip the GPU tests (default 1)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 T0=$(date +%s)
@@ -40,6 +43,7 @@ cmake --build build-gpu -j "$(nproc)" --target $TESTS attention_cuda_bench svd_b
   >"$OUT/build.log" 2>&1 || grep -E "error|FAILED" "$OUT/build.log" | head -40
 step tests
 : >"$OUT/tests.log"
+[ "${GPU_TESTS:-1}" = 1 ] || TESTS=""
 for t in $TESTS; do
   f=$(find build-gpu/tests -name "$t" -type f | head -1)
   [ -n "$f" ] || { echo "$t: not built"; continue; }
@@ -48,7 +52,7 @@ for t in $TESTS; do
 done
 grep -E "^\[  FAILED|Failure" "$OUT/tests.log" | head -10
 BS=build-gpu/bench/attention_cuda_bench
-for len in ${SPARSE_LENS:-32768 131072}; do
+for len in ${SPARSE_LENS-32768 131072}; do
   [ "$(left)" -gt 90 ] || break
   step "sparse $len"
   timeout "$(($(left) - 5))" $BS --only sparse --min-len "$len" --max-len "$len" \
@@ -70,8 +74,9 @@ if [ -n "${NCU_KERNEL:-}" ] && [ "$(left)" -gt 70 ]; then
   step ncu
   N=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   timeout "$(($(left) - 10))" "$N" --set full --kernel-name-base demangled -k "regex:$NCU_KERNEL" \
-    -c 1 --export "$OUT/prof" --force-overwrite $BS --only sparse --min-len 32768 \
-    --max-len 32768 --no-flex >/dev/null 2>&1
+    -c 1 --export "$OUT/prof" --force-overwrite $BS --only sparse --min-len "${NCU_LEN:-32768}" \
+    --max-len "${NCU_LEN:-32768}" --densities "${NCU_DENSITIES:-1,0.1,0.05}" --no-flex \
+    >/dev/null 2>&1
   "$N" -i "$OUT/prof.ncu-rep" --page details >"$OUT/ncu.txt" 2>&1
   "$N" -i "$OUT/prof.ncu-rep" --page source --csv --print-source sass >"$OUT/ncu-sass.csv" 2>&1
   rm -f "$OUT/prof.ncu-rep"
