@@ -221,9 +221,10 @@ void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len,
       p.scale = static_cast<float>(scale);
       p.causal = true;
       const auto stream = at::cuda::getCurrentCUDAStream().stream();
-      // ours: the launcher's choice (the warp-specialised wgmma kernel with overlap on an
+      // ours: the launcher's choice (kAuto: the persistent warp-specialised wgmma kernel on an
       // H100/H200); the others forced, on the same lists: mma.sync (the portable kernel), wgmma
-      // (every thread loads, a barrier per tile), wgmma-ws (warp-specialised), ws-overlap.
+      // (every thread loads, a barrier per tile), wgmma-ws (warp-specialised), ws-overlap,
+      // ws-async (ours with one CTA per item instead of one persistent CTA per SM).
       const auto time_kernel = [&](cuda::BlockSparseKernel kernel) {
         p.kernel = kernel;
         return ev.median_ms(

@@ -18,19 +18,30 @@ namespace attnpilot::attention::cuda {
 /// Element type of q, k, v and out (fp32 accumulation in every case).
 enum class ElemType { kBFloat16, kFloat16 };
 
-/// Which kernel runs a launch. kAuto: the warp-specialised wgmma kernel with intra-warpgroup
-/// overlap and asynchronous stage arrivals (kWgmmaWsAsync; block_sparse_wgmma.cu, sm_90a, the
-/// fastest on an H100, 2026-12-06 05:00 UTC: 15.1 ms at 32k all blocks, 93% of cuDNN's
-/// throughput, against 15.9 kWgmmaWs, 19.2 kWgmmaWsOverlap, 21.2 kWgmma, 33.0 mma.sync) on
-/// compute capability 9.0 devices when block_sparse_wgmma_supports(), else the mma.sync kernel
-/// (any sm_90-compatible device, blocks of 64 too). kWgmma is the wgmma kernel whose threads all load and meet at a barrier per tile,
-/// kWgmmaWs the warp-specialised one (a producer warpgroup, mbarrier stages, consumers taking
-/// turns), kWgmmaWsOverlap that one with each consumer's softmax of a tile overlapping its P V
-/// of the previous one, kWgmmaWsAsync that one with the producer signalling stages by
-/// cp.async.mbarrier.arrive (no waits or fences in the producer; the consumers fence after their
-/// waits). The others force one (the benchmarks and tests compare them); forcing a wgmma kernel
-/// where it cannot run is cudaErrorInvalidValue.
-enum class BlockSparseKernel { kAuto, kMmaSync, kWgmma, kWgmmaWs, kWgmmaWsOverlap, kWgmmaWsAsync };
+/// Which kernel runs a launch. kAuto: on compute capability 9.0 devices when
+/// block_sparse_wgmma_supports(), the persistent warp-specialised wgmma kernel
+/// (kWgmmaWsPersistent, block_sparse_wgmma.cu, sm_90a), else the mma.sync kernel (any
+/// sm_90-compatible device, blocks of 64 too). The others force one (the benchmarks and tests
+/// compare them; bench/RESULTS.md has their H100 times); forcing a wgmma kernel where it cannot
+/// run is cudaErrorInvalidValue:
+///   kWgmma              every thread loads, the CTA meets at a barrier per tile
+///   kWgmmaWs            warp-specialised: a producer warpgroup, mbarrier stages, two consumer
+///                       warpgroups taking turns
+///   kWgmmaWsOverlap     that, with each consumer's softmax of a tile beside its P V of the last
+///   kWgmmaWsAsync       that, with the producer signalling stages by cp.async.mbarrier.arrive
+///                       (no waits or fences in the producer; the consumers fence after waits)
+///   kWgmmaWsPersistent  that, with one CTA per SM over all (query tile, head, batch) items,
+///                       the next item's loads overlapping the current item's last tiles and
+///                       output
+enum class BlockSparseKernel {
+  kAuto,
+  kMmaSync,
+  kWgmma,
+  kWgmmaWs,
+  kWgmmaWsOverlap,
+  kWgmmaWsAsync,
+  kWgmmaWsPersistent
+};
 
 /// One launch. Tensors are given by pointer and element strides (the last dimension is
 /// contiguous); pointers 16-byte aligned and the strides multiples of 8 elements.
@@ -74,8 +85,8 @@ inline bool block_sparse_wgmma_supports(const BlockSparseLaunch& p) {
 }
 
 /// The wgmma kernels' launcher (block_sparse_wgmma.cu; p.kernel picks one, kAuto
-/// kWgmmaWsOverlap);
-/// launch_block_sparse_attention checks the arguments and the device before calling it.
+/// kWgmmaWsPersistent); launch_block_sparse_attention checks the arguments and the device before
+/// calling it.
 cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type,
                                       cudaStream_t stream, const char** failed_call);
 

@@ -36,27 +36,36 @@ __global__ void __launch_bounds__(bsw::kThreads, 1) block_sparse_wgmma_kernel(Bl
 }
 
 // 384 threads enter with at most 168 registers each (the cap setmaxnreg needs); the producer
-// warpgroup then gives registers up and the consumers take them.
-template <typename T, int D, bool kOverlap, bool kAsyncArrive = false>
+// warpgroup then gives registers up and the consumers take them. One work item per CTA, in
+// blockIdx order (work_item), or with kPersistent gridDim.x CTAs taking turns over all items.
+template <typename T, int D, bool kOverlap, bool kAsyncArrive = false, bool kPersistent = false>
 __global__ void __launch_bounds__(bsw::kWsThreads, 1)
     block_sparse_wgmma_ws_kernel(BlockSparseLaunch p) {
   extern __shared__ __align__(1024) unsigned char smem[];
-  bsw::fwd_block_ws<T, D, kOverlap, kAsyncArrive>(p, smem, gridDim.x - 1 - blockIdx.x, blockIdx.y,
-                                                  blockIdx.z);
+  const int64_t total = bsw::work_items(p);
+  const bsw::ItemSchedule sched =
+      kPersistent ? bsw::ItemSchedule{total, gridDim.x, blockIdx.x}
+                  : bsw::ItemSchedule{
+                        total, total,
+                        (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x +
+                            blockIdx.x};
+  bsw::fwd_block_ws<T, D, kOverlap, kAsyncArrive, kPersistent>(p, smem, sched);
 }
 
 template <typename T, int D>
 cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
                          const char** failed_call) {
-  // kAuto: the asynchronous-arrival overlap kernel (block_sparse_kernels.h).
-  const bool async_arrive =
-      p.kernel == BlockSparseKernel::kWgmmaWsAsync || p.kernel == BlockSparseKernel::kAuto;
+  // kAuto: the persistent asynchronous-arrival overlap kernel (block_sparse_kernels.h).
+  const bool persistent =
+      p.kernel == BlockSparseKernel::kWgmmaWsPersistent || p.kernel == BlockSparseKernel::kAuto;
+  const bool async_arrive = p.kernel == BlockSparseKernel::kWgmmaWsAsync || persistent;
   const bool overlap = p.kernel == BlockSparseKernel::kWgmmaWsOverlap || async_arrive;
   const bool ws = overlap || p.kernel == BlockSparseKernel::kWgmmaWs;
-  auto kernel = async_arrive ? block_sparse_wgmma_ws_kernel<T, D, true, true>
-                : overlap    ? block_sparse_wgmma_ws_kernel<T, D, true>
-                : ws         ? block_sparse_wgmma_ws_kernel<T, D, false>
-                             : block_sparse_wgmma_kernel<T, D>;
+  auto kernel = persistent     ? block_sparse_wgmma_ws_kernel<T, D, true, true, true>
+                : async_arrive ? block_sparse_wgmma_ws_kernel<T, D, true, true>
+                : overlap      ? block_sparse_wgmma_ws_kernel<T, D, true>
+                : ws           ? block_sparse_wgmma_ws_kernel<T, D, false>
+                               : block_sparse_wgmma_kernel<T, D>;
   const int64_t bytes = ws ? bsw::ws_shared_bytes(D) : bsw::shared_bytes(D);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(bytes));
@@ -64,15 +73,31 @@ cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
     *failed_call = "cudaFuncSetAttribute(block_sparse_wgmma_kernel, MaxDynamicSharedMemorySize)";
     return e;
   }
-  const dim3 grid(static_cast<unsigned>((p.n + bsw::kBM - 1) / bsw::kBM),
-                  static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+  dim3 grid(static_cast<unsigned>((p.n + bsw::kBM - 1) / bsw::kBM), static_cast<unsigned>(p.heads),
+            static_cast<unsigned>(p.batch));
+  if (persistent) {
+    // One CTA per SM (224 KB of shared memory each), at most one per work item.
+    int device = 0, sms = 0;
+    if ((e = cudaGetDevice(&device)) != cudaSuccess) {
+      *failed_call = "cudaGetDevice";
+      return e;
+    }
+    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) {
+      *failed_call = "cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount)";
+      return e;
+    }
+    const int64_t items = bsw::work_items(p);
+    grid = dim3(static_cast<unsigned>(items < sms ? items : sms), 1, 1);
+  }
   kernel<<<grid, ws ? bsw::kWsThreads : bsw::kThreads, static_cast<size_t>(bytes), stream>>>(p);
   e = cudaGetLastError();
   if (e != cudaSuccess) {
-    *failed_call = ws ? "block_sparse_wgmma_ws_kernel<<<(query tiles, heads, batch), 384, shared "
-                        "bytes>>>"
-                      : "block_sparse_wgmma_kernel<<<(query tiles, heads, batch), 256, shared "
-                        "bytes>>>";
+    *failed_call = persistent ? "block_sparse_wgmma_ws_kernel<<<SMs, 384, shared bytes>>> "
+                                "(persistent)"
+                   : ws       ? "block_sparse_wgmma_ws_kernel<<<(query tiles, heads, batch), 384, "
+                                "shared bytes>>>"
+                        : "block_sparse_wgmma_kernel<<<(query tiles, heads, batch), 256, shared "
+                          "bytes>>>";
     return e;
   }
   return cudaSuccess;

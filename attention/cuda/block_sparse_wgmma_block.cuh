@@ -40,8 +40,9 @@
 ///                 release each stage on an "empty" mbarrier after their P V. Variants:
 ///                 kOverlap (each consumer's softmax beside its previous P V) and kAsyncArrive
 ///                 (the producer signals a stage by cp.async.mbarrier.arrive, never waiting for
-///                 its own copies); both together are the default kernel (kAuto, H100
-///                 2026-12-06: 15.1 ms at 32k all blocks, 93% of cuDNN's throughput)
+///                 its own copies); with both, kPersistent (one CTA per SM over many work
+///                 items, the stage ring running on from one item into the next) is the
+///                 default kernel (kAuto)
 ///
 ///   producer WG0:  Q ─► [K0 V0] [K1 V1] [K2 V2] [K0 V0] ...   (wait empty[s] before reuse)
 ///                       │full    │full    │full
@@ -374,8 +375,9 @@ inline constexpr int kWsStages = 3;
 /// (128·56 + 256·224 <= 65536).
 inline constexpr int kProducerRegs = 56;
 inline constexpr int kConsumerRegs = 224;
-/// mbarriers: Q full, K full and V full per stage, stage empty per stage.
-__host__ __device__ constexpr int ws_barriers() { return 1 + 3 * kWsStages; }
+/// mbarriers: Q full, Q empty (persistent CTAs), K full and V full per stage, stage empty per
+/// stage.
+__host__ __device__ constexpr int ws_barriers() { return 2 + 3 * kWsStages; }
 
 /// Dynamic shared memory of the warp-specialised body: Q, kWsStages K and V tiles, the
 /// mbarriers, each stage's first key (int64), and 1 KB to align the base.
@@ -383,22 +385,89 @@ __host__ __device__ constexpr int64_t ws_shared_bytes(int d) {
   return (1 + 2 * int64_t(kWsStages)) * tile_bytes(d) + 8 * ws_barriers() + 8 * kWsStages + 1024;
 }
 
-/// One warp-specialised CTA (kWsThreads threads); the rest as fwd_block. kOverlap: each
+/// One work item of the warp-specialised body: a CTA's 128 queries of one (batch, head).
+struct WorkItem {
+  unsigned tile;  ///< query tile (rows 128·tile ..)
+  int h, b;
+};
+
+/// Work items in the order of the non-persistent grid (blockIdx.x fastest over query tiles,
+/// last tile first: within a (batch, head) the longest causal rows start first).
+__host__ __device__ inline int64_t work_items(const BlockSparseLaunch& p) {
+  return (p.n + kBM - 1) / kBM * p.heads * p.batch;
+}
+__device__ __forceinline__ WorkItem work_item(const BlockSparseLaunch& p, int64_t w) {
+  const int64_t tiles = (p.n + kBM - 1) / kBM, x = w % tiles, bh = w / tiles;
+  return {static_cast<unsigned>(tiles - 1 - x), static_cast<int>(bh % p.heads),
+          static_cast<int>(bh / p.heads)};
+}
+
+/// The items of CTA `cta` of `ctas`: in round j, item j·ctas + cta (even rounds) or
+/// j·ctas + ctas - 1 - cta (odd rounds). Rows shorten along a (batch, head), so the zig-zag
+/// gives every CTA a similar total where a plain stride would give CTA 0 the longest item of
+/// every round. With ctas = work_items, item `cta` alone (the non-persistent grid).
+struct ItemSchedule {
+  int64_t total, ctas, cta;
+  /// Item of round j, or -1 where the last round has none for this CTA.
+  __device__ __forceinline__ int64_t item(int64_t j) const {
+    const int64_t w = j * ctas + ((j & 1) ? ctas - 1 - cta : cta);
+    return w < total ? w : -1;
+  }
+  /// Whether there is no round j (nor any later).
+  __device__ __forceinline__ bool done(int64_t j) const { return j * ctas >= total; }
+};
+
+/// out = O / l of this thread's two rows (row = the tile row of row g) straight from registers
+/// to out rows q0 + row (those below n), 4 bytes per column pair: the persistent body's Q tile
+/// already holds the next item's queries, so there is no staging tile.
+template <typename T, int D>
+__device__ __forceinline__ void store_output_regs(T* out, const float (&o)[D / 2],
+                                                  const SoftmaxRows& st, int64_t q0, int64_t n,
+                                                  int row, int c4) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float l = st.l[hr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int64_t qi = q0 + row + 8 * hr;
+    if (qi < n) {
+      T* dst = out + qi * D + 2 * c4;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i)
+        *reinterpret_cast<uint32_t*>(dst + 8 * i) =
+            pack2<T>(o[4 * i + 2 * hr] * inv, o[4 * i + 2 * hr + 1] * inv);
+    }
+  }
+}
+
+/// The warp-specialised CTA (kWsThreads threads) over the work items `sched` gives it (one in
+/// the plain grid; several for a persistent CTA); the rest as fwd_block. kOverlap: each
 /// consumer also overlaps its softmax of tile i with its own P V of tile i-1 (FlashAttention-3's
 /// intra-warpgroup pipelining: S_i and PV_{i-1} are issued together, the softmax waits for S_i
 /// only, O is rescaled once PV_{i-1} has landed). kAsyncArrive: the producer signals each stage
 /// by cp.async.mbarrier.arrive (the arrival made by the hardware once the thread's copies have
 /// landed) instead of waiting for its copies and fencing them itself, so it never stalls on a
-/// load; each consumer thread fences (fence.proxy.async) after its wait instead.
+/// load; each consumer thread fences (fence.proxy.async) after its wait instead. kPersistent
+/// (with both): one CTA per SM walks many items and the stage ring runs on across them, so the
+/// next item's first K and V (and, once the consumers have issued their last S, its Q) load
+/// while the consumers finish the current one; the output goes from registers to global memory.
 ///
 /// Only the producer walks the tile list (CSR reads, skipped tiles): it writes each stage's first
-/// key into stage_k0[stage] before the stage's K-full arrival, and after the last tile a -1 into
-/// the next stage, signalled the same way, which ends the consumers' loops. The consumers' loop
-/// has no global load and no list arithmetic in it; it issues GEMMs and the softmax.
-template <typename T, int D, bool kOverlap = false, bool kAsyncArrive = false>
+/// key into stage_k0[stage] before the stage's K-full arrival, and after an item's last tile a
+/// -1 into the next stage, signalled the same way (and its V full, so the phases of a stage's
+/// two barriers stay together), which ends the consumers' loop over that item. The consumers'
+/// loop has no global load and no list arithmetic in it; it issues GEMMs and the softmax.
+///
+///   producer:  K0 V0 Q | K1 V1 | ... | end ║ K0' V0' (wait Q empty) Q' | K1' V1' | ...
+///   consumers:   S0 .. S_last, Q empty ─┘ P V_last, out = O / l ║ S0' ...
+template <typename T, int D, bool kOverlap = false, bool kAsyncArrive = false,
+          bool kPersistent = false>
 __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigned char* smem_raw,
-                                             unsigned tile, int h, int b) {
+                                             const ItemSchedule& sched) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
+  static_assert(!kPersistent || (kOverlap && kAsyncArrive),
+                "the persistent body is the overlap kernel with asynchronous arrivals");
   constexpr uint32_t kTile = tile_bytes(D);
   constexpr int kS = kWsStages;
   unsigned char* sq = align1024(smem_raw);
@@ -406,18 +475,18 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
   unsigned char* sv = sk + kS * kTile;  // kS stages
   uint64_t* bars = reinterpret_cast<uint64_t*>(sv + kS * kTile);
   uint64_t* q_full = bars;
-  uint64_t* k_full = bars + 1;
-  uint64_t* v_full = bars + 1 + kS;
-  uint64_t* empty = bars + 1 + 2 * kS;
+  uint64_t* q_empty = bars + 1;
+  uint64_t* k_full = bars + 2;
+  uint64_t* v_full = bars + 2 + kS;
+  uint64_t* empty = bars + 2 + 2 * kS;
   int64_t* stage_k0 = reinterpret_cast<int64_t*>(bars + ws_barriers());
   const int tid = threadIdx.x, wg = tid / 128;
-  const int64_t q0 = static_cast<int64_t>(tile) * kBM;
-  const TileList list(p, q0, h, b);
   // K full: the 128 producer threads' arrivals, plus with kAsyncArrive one ordinary arrival by
   // producer thread 0 that publishes stage_k0 (a cp.async arrival orders copies, not stores).
   constexpr unsigned kKFullCount = kAsyncArrive ? 129 : 128;
   if (tid == 0) {
     ptx::mbar_init(q_full, 128);
+    ptx::mbar_init(q_empty, 8);  // one arrival per consumer warp
     for (int s = 0; s < kS; ++s) {
       ptx::mbar_init(k_full + s, kKFullCount);
       ptx::mbar_init(v_full + s, 128);
@@ -430,13 +499,11 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
     // Producer: 128 threads copy; each waits for its own copies of a tile, fences them for the
     // async proxy and arrives on the tile's barrier; the barrier completes when all 128 have.
     ptx::setmaxnreg_dec<kProducerRegs>();
-    const int kvh = h / (p.heads / p.kv_heads);
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-    const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
-    const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
-    // Stage s of the i-th visited tile (or of the end marker, i = the count): free once the
-    // consumers released its use by tile i - kS; then its first key goes into stage_k0.
-    const auto claim = [&](int64_t i, int64_t k0) {
+    // Stage s of the i-th stage use (a visited tile or an item's end marker, counted across
+    // items): free once the consumers released its use i - kS; then its first key goes into
+    // stage_k0.
+    int64_t i = 0;
+    const auto claim = [&](int64_t k0) {
       const int s = static_cast<int>(i % kS);
       if (i >= kS) ptx::mbar_wait(empty + s, static_cast<unsigned>((i / kS - 1) & 1));
       if (tid == 0) {
@@ -445,61 +512,91 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
       }
       return s;
     };
-    // The end marker: stage_k0 = -1, K full signalled by ordinary arrivals (no copies).
-    const auto finish = [&](int64_t i) { ptx::mbar_arrive(k_full + claim(i, -1)); };
-    load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
-    if constexpr (kAsyncArrive) {
-      ptx::cp_async_mbar_arrive(q_full);
-      int64_t i = 0;
+    // The end marker: stage_k0 = -1, K full (and V full) signalled by ordinary arrivals.
+    const auto finish = [&] {
+      const int s = claim(-1);
+      ptx::mbar_arrive(k_full + s);
+      if constexpr (kPersistent) ptx::mbar_arrive(v_full + s);
+      ++i;
+    };
+    int64_t items = 0;  // items done, for the Q barriers' phases
+    for (int64_t j = 0; !sched.done(j); ++j) {
+      const int64_t w = sched.item(j);
+      if (w < 0) continue;
+      const WorkItem it = work_item(p, w);
+      const int64_t q0 = static_cast<int64_t>(it.tile) * kBM;
+      const TileList list(p, q0, it.h, it.b);
+      const int kvh = it.h / (p.heads / p.kv_heads);
+      const T* qg = static_cast<const T*>(p.q) + it.b * p.q_stride[0] + it.h * p.q_stride[1];
+      const T* kg = static_cast<const T*>(p.k) + it.b * p.k_stride[0] + kvh * p.k_stride[1];
+      const T* vg = static_cast<const T*>(p.v) + it.b * p.v_stride[0] + kvh * p.v_stride[1];
+      if constexpr (kAsyncArrive) {
+        // Q goes in once the consumers have issued their last S of the previous item (their
+        // arrival on Q empty); the first tile's K and V go first, into a stage the consumers
+        // may already have released.
+        bool q_in = false;
+        const auto load_q = [&] {
+          if (kPersistent && items > 0)
+            ptx::mbar_wait(q_empty, static_cast<unsigned>((items - 1) & 1));
+          load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
+          ptx::cp_async_mbar_arrive(q_full);
+          q_in = true;
+        };
+        for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
+          const int64_t k0 = list.k0(t);
+          const int s = claim(k0);
+          load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
+          ptx::cp_async_mbar_arrive(k_full + s);
+          load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
+          ptx::cp_async_mbar_arrive(v_full + s);
+          if (!q_in) load_q();
+        }
+        if (!q_in) load_q();
+        finish();
+        ++items;
+        continue;
+      }
+      load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
+      cp_async_commit();
+      // Groups in flight: Q, then per tile K and V. After issuing tile i, tile i-1's K and V
+      // (or Q, at i = 0) are waited for and signalled.
+      int64_t prev_stage = -1;
       for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
         const int64_t k0 = list.k0(t);
-        const int s = claim(i, k0);
+        const int s = claim(k0);
         load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
-        ptx::cp_async_mbar_arrive(k_full + s);
+        cp_async_commit();
         load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
-        ptx::cp_async_mbar_arrive(v_full + s);
+        cp_async_commit();
+        if (prev_stage < 0) {  // Q (the oldest group) has landed
+          ptx::cp_async_wait_group<2>();
+          ptx::fence_proxy_async();
+          ptx::mbar_arrive(q_full);
+        } else {
+          ptx::cp_async_wait_group<3>();  // the previous tile's K
+          ptx::fence_proxy_async();
+          ptx::mbar_arrive(k_full + prev_stage);
+          ptx::cp_async_wait_group<2>();  // and its V
+          ptx::fence_proxy_async();
+          ptx::mbar_arrive(v_full + prev_stage);
+        }
+        prev_stage = s;
       }
-      finish(i);
-      return;
-    }
-    cp_async_commit();
-    // Groups in flight: Q, then per tile K and V. After issuing tile i, tile i-1's K and V
-    // (or Q, at i = 0) are waited for and signalled.
-    int64_t i = 0, prev_stage = -1;
-    for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
-      const int64_t k0 = list.k0(t);
-      const int s = claim(i, k0);
-      load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
-      cp_async_commit();
-      load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
-      cp_async_commit();
-      if (prev_stage < 0) {  // Q (the oldest group) has landed
-        ptx::cp_async_wait_group<2>();
+      if (prev_stage < 0) {  // no tile: Q alone
+        ptx::cp_async_wait_group<0>();
         ptx::fence_proxy_async();
         ptx::mbar_arrive(q_full);
       } else {
-        ptx::cp_async_wait_group<3>();  // the previous tile's K
+        ptx::cp_async_wait_group<1>();
         ptx::fence_proxy_async();
         ptx::mbar_arrive(k_full + prev_stage);
-        ptx::cp_async_wait_group<2>();  // and its V
+        ptx::cp_async_wait_group<0>();
         ptx::fence_proxy_async();
         ptx::mbar_arrive(v_full + prev_stage);
       }
-      prev_stage = s;
+      finish();
+      ++items;
     }
-    if (prev_stage < 0) {  // no tile: Q alone
-      ptx::cp_async_wait_group<0>();
-      ptx::fence_proxy_async();
-      ptx::mbar_arrive(q_full);
-    } else {
-      ptx::cp_async_wait_group<1>();
-      ptx::fence_proxy_async();
-      ptx::mbar_arrive(k_full + prev_stage);
-      ptx::cp_async_wait_group<0>();
-      ptx::fence_proxy_async();
-      ptx::mbar_arrive(v_full + prev_stage);
-    }
-    finish(i);
   } else {
     // Consumers: warpgroup c = wg - 1 on rows 64c .. 64c + 63.
     ptx::setmaxnreg_inc<kConsumerRegs>();
@@ -509,7 +606,7 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
       ptx::mbar_wait(bar, parity);
       if constexpr (kAsyncArrive) ptx::fence_proxy_async();
     };
-    // The first key of the i-th tile once its K is in (-1: no tile i, the loop ends).
+    // The first key of stage use i once its K is in (-1: the item's end marker).
     const auto next_k0 = [&](int64_t i) {
       const int s = static_cast<int>(i % kS);
       wait_full(k_full + s, static_cast<unsigned>((i / kS) & 1));
@@ -521,90 +618,117 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
     const uint32_t q_addr = ptx::smem_offset(sq) + c * 64 * 128, k_addr = ptx::smem_offset(sk),
                    v_addr = ptx::smem_offset(sv);
     const float scale_log2 = p.scale * 1.4426950408889634f;
-    float o[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
     const float kNegInf = -__int_as_float(0x7f800000);
-    SoftmaxRows st{{kNegInf, kNegInf}, {0.f, 0.f}};
-    // Turns (named barriers 1 and 2, 256 threads: the waiting warpgroup and the other's
-    // arrival): consumer c issues its S = QKᵀ after bar.sync(1 + c), then lets the other go.
-    // Consumer 0 goes first (consumer 1 arrives on barrier 1 up front) and takes one more turn
-    // at the end, so every arrival is matched.
-    if (c == 1) ptx::named_bar_arrive(1, 256);
-    wait_full(q_full, 0);
-    const int64_t qpos0 = list.cta_first + wrow + g;
-    if constexpr (!kOverlap) {
-      for (int64_t i = 0;; ++i) {
-        const int64_t k0 = next_k0(i);
-        if (k0 < 0) break;
-        const int s = static_cast<int>(i % kS);
-        float sc[kBN / 2];
-        ptx::named_bar_sync(1 + c, 256);
-        issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
-        ptx::named_bar_arrive(2 - c, 256);
-        ptx::wgmma_wait<0>();
-        softmax_step<D>(sc, o, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
-        wait_full(v_full + s, static_cast<unsigned>((i / kS) & 1));
-        issue_pv<T, D>(o, sc, v_addr + s * kTile);
-        ptx::wgmma_wait<0>();
-        if (lane == 0) ptx::mbar_arrive(empty + s);  // this warp is done with stage s
-      }
-    } else {
-      // P of the previous tile waits in pa for its P V, issued beside the next tile's S. The
-      // first tile is peeled so the loop body has no branch around its wgmma (ptxas serialises
-      // wgmma on divergent paths, C7518).
-      uint32_t pa[kBN / 16][4];
-      int64_t k0 = next_k0(0);
-      if (k0 >= 0) {
-        int prev = 0;  // stage of the tile whose P V is pending
-        unsigned prev_phase = 0;
-        {
-          float sc[kBN / 2];
-          ptx::named_bar_sync(1 + c, 256);
-          issue_s<T, D>(sc, q_addr, k_addr);
-          ptx::named_bar_arrive(2 - c, 256);
-          ptx::wgmma_wait<0>();
-          float alpha[2];  // O is still zero: nothing to rescale
-          softmax_probs(sc, alpha, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
-          pack_p<T>(pa, sc);
+    int64_t i = 0;      // stage uses, counted across items as the producer does
+    int64_t items = 0;  // items done, for the Q barriers' phases
+    for (int64_t j = 0; !sched.done(j); ++j) {
+      const int64_t w = sched.item(j);
+      if (w < 0) continue;
+      const WorkItem it = work_item(p, w);
+      const int64_t q0 = static_cast<int64_t>(it.tile) * kBM;
+      const TileList list(p, q0, it.h, it.b);
+      float o[D / 2];
+#pragma unroll
+      for (int x = 0; x < D / 2; ++x) o[x] = 0.f;
+      SoftmaxRows st{{kNegInf, kNegInf}, {0.f, 0.f}};
+      // Turns (named barriers 1 and 2, 256 threads: the waiting warpgroup and the other's
+      // arrival): consumer c issues its S = QKᵀ after bar.sync(1 + c), then lets the other go.
+      // Consumer 0 goes first (consumer 1 arrives on barrier 1 up front) and takes one more
+      // turn at the end, so every arrival of an item is matched within it (consumer 1 cannot
+      // reach the next item's arrival before that turn: the next Q waits for Q empty, which
+      // consumer 0 signals after it).
+      if (c == 1) ptx::named_bar_arrive(1, 256);
+      wait_full(q_full, static_cast<unsigned>(items & 1));
+      const int64_t qpos0 = list.cta_first + wrow + g;
+      // Called when the end marker (stage use i) has been read: every S of the item has
+      // completed, so Q and the marker's stage are released.
+      const auto end_of_item = [&] {
+        if (c == 0) ptx::named_bar_sync(1, 256);
+        if (kPersistent && lane == 0) {
+          ptx::mbar_arrive(empty + static_cast<int>(i % kS));
+          ptx::mbar_arrive(q_empty);
         }
-        for (int64_t i = 1;; ++i) {
-          k0 = next_k0(i);
+        ++i;
+      };
+      if constexpr (!kOverlap) {
+        for (;; ++i) {
+          const int64_t k0 = next_k0(i);
           if (k0 < 0) break;
           const int s = static_cast<int>(i % kS);
-          const unsigned phase = static_cast<unsigned>((i / kS) & 1);
-          wait_full(v_full + prev, prev_phase);
           float sc[kBN / 2];
           ptx::named_bar_sync(1 + c, 256);
           issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
-          issue_pv_packed<T, D>(o, pa, v_addr + prev * kTile);
           ptx::named_bar_arrive(2 - c, 256);
-          ptx::wgmma_wait<1>();  // this tile's S (the last tile's P V may still run)
-          float alpha[2];
-          const bool rescale =
-              softmax_probs(sc, alpha, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
-          ptx::wgmma_wait<0>();  // the last tile's P V: its stage is free, O may be rescaled
-          if (lane == 0) ptx::mbar_arrive(empty + prev);
-          if (rescale) rescale_o<D>(o, alpha);
-          pack_p<T>(pa, sc);
-          prev = s;
-          prev_phase = phase;
+          ptx::wgmma_wait<0>();
+          softmax_step<D>(sc, o, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
+          wait_full(v_full + s, static_cast<unsigned>((i / kS) & 1));
+          issue_pv<T, D>(o, sc, v_addr + s * kTile);
+          ptx::wgmma_wait<0>();
+          if (lane == 0) ptx::mbar_arrive(empty + s);  // this warp is done with stage s
         }
-        wait_full(v_full + prev, prev_phase);  // the last tile's P V
-        issue_pv_packed<T, D>(o, pa, v_addr + prev * kTile);
-        ptx::wgmma_wait<0>();
-        if (lane == 0) ptx::mbar_arrive(empty + prev);
+        end_of_item();
+      } else {
+        // P of the previous tile waits in pa for its P V, issued beside the next tile's S. The
+        // first tile is peeled so the loop body has no branch around its wgmma (ptxas
+        // serialises wgmma on divergent paths, C7518).
+        uint32_t pa[kBN / 16][4];
+        int64_t k0 = next_k0(i);
+        if (k0 < 0) {
+          end_of_item();
+        } else {
+          int prev = static_cast<int>(i % kS);  // stage of the tile whose P V is pending
+          unsigned prev_phase = static_cast<unsigned>((i / kS) & 1);
+          {
+            float sc[kBN / 2];
+            ptx::named_bar_sync(1 + c, 256);
+            issue_s<T, D>(sc, q_addr, k_addr + prev * kTile);
+            ptx::named_bar_arrive(2 - c, 256);
+            ptx::wgmma_wait<0>();
+            float alpha[2];  // O is still zero: nothing to rescale
+            softmax_probs(sc, alpha, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
+            pack_p<T>(pa, sc);
+          }
+          for (++i;; ++i) {
+            k0 = next_k0(i);
+            if (k0 < 0) break;
+            const int s = static_cast<int>(i % kS);
+            const unsigned phase = static_cast<unsigned>((i / kS) & 1);
+            wait_full(v_full + prev, prev_phase);
+            float sc[kBN / 2];
+            ptx::named_bar_sync(1 + c, 256);
+            issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
+            issue_pv_packed<T, D>(o, pa, v_addr + prev * kTile);
+            ptx::named_bar_arrive(2 - c, 256);
+            ptx::wgmma_wait<1>();  // this tile's S (the last tile's P V may still run)
+            float alpha[2];
+            const bool rescale =
+                softmax_probs(sc, alpha, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
+            ptx::wgmma_wait<0>();  // the last tile's P V: its stage is free, O may be rescaled
+            if (lane == 0) ptx::mbar_arrive(empty + prev);
+            if (rescale) rescale_o<D>(o, alpha);
+            pack_p<T>(pa, sc);
+            prev = s;
+            prev_phase = phase;
+          }
+          end_of_item();
+          wait_full(v_full + prev, prev_phase);  // the last tile's P V
+          issue_pv_packed<T, D>(o, pa, v_addr + prev * kTile);
+          ptx::wgmma_wait<0>();
+          if (lane == 0) ptx::mbar_arrive(empty + prev);
+        }
       }
+      T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(it.b) * p.heads + it.h) * p.n * D;
+      if constexpr (kPersistent) {
+        store_output_regs<T, D>(out, o, st, q0, p.n, wrow + g, c4);
+      } else {
+        // out = O / l through this warpgroup's own Q rows (its last S, the last read of them,
+        // has completed), then its 128 threads store its 64 rows.
+        stage_output<T, D>(sq, o, st, wrow + g, c4);
+        ptx::named_bar_sync(3 + c, 128);
+        store_output<T, D>(sq, out, q0, p.n, 64 * c, 64 * c + 64, ctid % 128, 128);
+      }
+      ++items;
     }
-    if (c == 0) ptx::named_bar_sync(1, 256);
-    // out = O / l through this warpgroup's own Q rows (its last S, the last read of them, has
-    // completed), then its 128 threads store its 64 rows.
-    unsigned char* stage_rows = sq;
-    stage_output<T, D>(stage_rows, o, st, wrow + g, c4);
-    ptx::named_bar_sync(3 + c, 128);
-    store_output<T, D>(stage_rows,
-                       static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.heads + h) * p.n * D,
-                       q0, p.n, 64 * c, 64 * c + 64, ctid % 128, 128);
   }
 }
 

@@ -144,33 +144,67 @@ void run_block_sparse_typed(const cuda::BlockSparseLaunch& p) {
 
 /// The grid of block_sparse_wgmma_kernel<T, D> (block_sparse_wgmma.cu), one emulated CTA at a
 /// time; the shared window starts 1024-byte aligned, as the CTA's shared memory does on the GPU.
+/// persistent_ctas > 0: the persistent body on that many CTAs, each over its share of the items.
 template <typename T, int D>
 void run_block_sparse_wgmma(const cuda::BlockSparseLaunch& p, bool ws, bool overlap,
-                            bool async_arrive) {
+                            bool async_arrive, int persistent_ctas) {
   const auto tiles = static_cast<unsigned>((p.n + bsw::kBM - 1) / bsw::kBM);
   const int64_t bytes = ws ? bsw::ws_shared_bytes(D) : bsw::shared_bytes(D);
+  const int64_t total = bsw::work_items(p);
   Shared smem(bytes, 1024);
+  const auto run_ws = [&](const bsw::ItemSchedule& sched) {
+    unsigned char* s = smem.poisoned();
+    emu::wgmma::set_shared_window(s, static_cast<size_t>(bytes));
+    if (persistent_ctas > 0)
+      emu::run_block(bsw::kWsThreads,
+                     [&] { bsw::fwd_block_ws<T, D, true, true, true>(p, s, sched); });
+    else if (async_arrive)
+      emu::run_block(bsw::kWsThreads, [&] { bsw::fwd_block_ws<T, D, true, true>(p, s, sched); });
+    else if (overlap)
+      emu::run_block(bsw::kWsThreads, [&] { bsw::fwd_block_ws<T, D, true>(p, s, sched); });
+    else
+      emu::run_block(bsw::kWsThreads, [&] { bsw::fwd_block_ws<T, D, false>(p, s, sched); });
+  };
+  if (persistent_ctas > 0) {
+    for (int cta = 0; cta < persistent_ctas; ++cta) run_ws({total, persistent_ctas, cta});
+    return;
+  }
   for (int b = 0; b < p.batch; ++b)
     for (int h = 0; h < p.heads; ++h)
       for (unsigned x = 0; x < tiles; ++x) {
+        if (ws) {
+          // The grid's item order: blockIdx.x fastest (work_item maps it to the last tile first).
+          run_ws({total, total, (int64_t(b) * p.heads + h) * tiles + x});
+          continue;
+        }
         unsigned char* s = smem.poisoned();
         emu::wgmma::set_shared_window(s, static_cast<size_t>(bytes));
-        if (ws && async_arrive)
-          emu::run_block(bsw::kWsThreads,
-                         [&] { bsw::fwd_block_ws<T, D, true, true>(p, s, tiles - 1 - x, h, b); });
-        else if (ws && overlap)
-          emu::run_block(bsw::kWsThreads,
-                         [&] { bsw::fwd_block_ws<T, D, true>(p, s, tiles - 1 - x, h, b); });
-        else if (ws)
-          emu::run_block(bsw::kWsThreads,
-                         [&] { bsw::fwd_block_ws<T, D, false>(p, s, tiles - 1 - x, h, b); });
-        else
-          emu::run_block(bsw::kThreads, [&] { bsw::fwd_block<T, D>(p, s, tiles - 1 - x, h, b); });
+        emu::run_block(bsw::kThreads, [&] { bsw::fwd_block<T, D>(p, s, tiles - 1 - x, h, b); });
       }
 }
 
 /// Which emulated kernel body runs.
-enum class Body { kMmaSync, kWgmma, kWgmmaWs, kWgmmaWsOverlap, kWgmmaWsAsync };
+/// kWgmmaWsPersistent runs on 2 CTAs (several items each, the stage ring and the Q barriers
+/// going round across items).
+enum class Body { kMmaSync, kWgmma, kWgmmaWs, kWgmmaWsOverlap, kWgmmaWsAsync, kWgmmaWsPersistent };
+
+const char* body_name(Body body) {
+  switch (body) {
+    case Body::kMmaSync:
+      return "mma.sync";
+    case Body::kWgmma:
+      return "wgmma";
+    case Body::kWgmmaWs:
+      return "wgmma-ws";
+    case Body::kWgmmaWsOverlap:
+      return "wgmma-ws-overlap";
+    case Body::kWgmmaWsAsync:
+      return "wgmma-ws-async";
+    case Body::kWgmmaWsPersistent:
+      return "wgmma-ws-persistent";
+  }
+  return "?";
+}
 
 /// The emulated kernel body into a NaN-poisoned output (the GPU test's launch(), on the CPU).
 torch::Tensor emu_block_sparse(const torch::Tensor& q, const torch::Tensor& k,
@@ -212,14 +246,15 @@ torch::Tensor emu_block_sparse(const torch::Tensor& q, const torch::Tensor& k,
     if (!cuda::block_sparse_wgmma_supports(p))
       throw std::invalid_argument("emu_block_sparse: the wgmma kernel does not take this shape");
     const bool bf16 = q.scalar_type() == torch::kBFloat16;
-    const bool as = body == Body::kWgmmaWsAsync, ov = as || body == Body::kWgmmaWsOverlap,
+    const int pc = body == Body::kWgmmaWsPersistent ? 2 : 0;
+    const bool as = pc > 0 || body == Body::kWgmmaWsAsync, ov = as || body == Body::kWgmmaWsOverlap,
                ws = ov || body == Body::kWgmmaWs;
     if (p.d == 64)
-      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 64>(p, ws, ov, as)
-           : run_block_sparse_wgmma<__half, 64>(p, ws, ov, as);
+      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 64>(p, ws, ov, as, pc)
+           : run_block_sparse_wgmma<__half, 64>(p, ws, ov, as, pc);
     else
-      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 128>(p, ws, ov, as)
-           : run_block_sparse_wgmma<__half, 128>(p, ws, ov, as);
+      bf16 ? run_block_sparse_wgmma<__nv_bfloat16, 128>(p, ws, ov, as, pc)
+           : run_block_sparse_wgmma<__half, 128>(p, ws, ov, as, pc);
   } else if (q.scalar_type() == torch::kBFloat16) {
     run_block_sparse_typed<__nv_bfloat16>(p);
   } else {
@@ -255,11 +290,9 @@ void check_random_masks(Body body, std::initializer_list<int64_t> block_sizes, u
           ++seed;
           const auto rm = random_mask(rng, b, h, n, m, bs);
           const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-          const std::string what = fmt::format("{} {} d={} bs={} causal={} groups={} n={} m={}",
-                                               body == Body::kMmaSync ? "mma.sync"
-                                               : body == Body::kWgmma ? "wgmma"
-                                                                      : "wgmma-ws",
-                                               c10::toString(dt), d, bs, causal, groups, n, m);
+          const std::string what =
+              fmt::format("{} {} d={} bs={} causal={} groups={} n={} m={}", body_name(body),
+                          c10::toString(dt), d, bs, causal, groups, n, m);
           const auto out = emu_block_sparse(q, k, v, &rm.mask, scale, causal, q_offset, 0, 0, body);
           expect_close(out, block_sparse_expected(q, k, v, rm.mask, scale, causal, q_offset, 0, 0),
                        block_sparse_tolerance(dt), what);
@@ -291,6 +324,7 @@ TEST(AttentionEmu, WarpSpecialisedWgmmaKernelMatchesCpuBackend) {
   check_random_masks(Body::kWgmmaWs, {128, 256}, 20261207);
   check_random_masks(Body::kWgmmaWsOverlap, {128, 256}, 20261208);
   check_random_masks(Body::kWgmmaWsAsync, {128, 256}, 20261209);
+  check_random_masks(Body::kWgmmaWsPersistent, {128, 256}, 20261210);
   // Long rows: 12 key tiles per CTA, so each of the 3 stages goes round 4 times (the mbarrier
   // phases alternate), with the last CTA's rows partly past n.
   const int64_t b = 1, h = 2, hkv = 1, n = 200, m = 1500, q_offset = m - n, d = 64;
@@ -300,11 +334,12 @@ TEST(AttentionEmu, WarpSpecialisedWgmmaKernelMatchesCpuBackend) {
   const auto v = torch::randn({b, hkv, m, d}, gen).to(torch::kBFloat16);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const auto all = BlockMask::all_visible(b, h, n, m, 128, true, q_offset);
-  for (Body body : {Body::kWgmmaWs, Body::kWgmmaWsOverlap, Body::kWgmmaWsAsync})
+  for (Body body :
+       {Body::kWgmmaWs, Body::kWgmmaWsOverlap, Body::kWgmmaWsAsync, Body::kWgmmaWsPersistent})
     expect_close(emu_block_sparse(q, k, v, &all, scale, true, q_offset, 0, 0, body),
                  block_sparse_expected(q, k, v, all, scale, true, q_offset, 0, 0),
                  block_sparse_tolerance(torch::kBFloat16),
-                 body == Body::kWgmmaWs ? "wgmma-ws, 12 tiles" : "wgmma-ws-overlap, 12 tiles");
+                 fmt::format("{}, 12 tiles", body_name(body)));
 }
 
 // Every body's softmax has a fast form for unmasked tiles with a positive scale (the max of
@@ -319,12 +354,12 @@ TEST(AttentionEmu, SoftmaxFormsMatchCpuBackendForAnyScale) {
   for (bool causal : {true, false}) {
     const auto all = BlockMask::all_visible(b, h, n, m, 128, causal, q_offset);
     for (double scale : {0.9 / std::sqrt(static_cast<double>(d)), 0.0, -0.6})
-      for (Body body : {Body::kMmaSync, Body::kWgmma, Body::kWgmmaWsOverlap, Body::kWgmmaWsAsync})
-        expect_close(
-            emu_block_sparse(q, k, v, &all, scale, causal, q_offset, 0, 0, body),
-            block_sparse_expected(q, k, v, all, scale, causal, q_offset, 0, 0),
-            block_sparse_tolerance(torch::kBFloat16),
-            fmt::format("body {} scale {} causal {}", static_cast<int>(body), scale, causal));
+      for (Body body : {Body::kMmaSync, Body::kWgmma, Body::kWgmmaWsOverlap, Body::kWgmmaWsAsync,
+                        Body::kWgmmaWsPersistent})
+        expect_close(emu_block_sparse(q, k, v, &all, scale, causal, q_offset, 0, 0, body),
+                     block_sparse_expected(q, k, v, all, scale, causal, q_offset, 0, 0),
+                     block_sparse_tolerance(torch::kBFloat16),
+                     fmt::format("{} scale {} causal {}", body_name(body), scale, causal));
   }
 }
 
@@ -351,11 +386,9 @@ TEST(AttentionEmu, BlockSparseDenseAndStreamingMatchCpuBackend) {
     // The wgmma kernel: no lists (128-key tiles up to the causal cut-off), and a window
     // through blocks of 128 (a window shorter than a tile, sinks inside the first tile).
     const auto mask128 = streaming_block_mask(b, h, n, m, 128, q_offset, sinks, window);
-    for (Body body : {Body::kWgmma, Body::kWgmmaWs, Body::kWgmmaWsOverlap, Body::kWgmmaWsAsync}) {
-      const char* name = body == Body::kWgmma            ? "wgmma"
-                         : body == Body::kWgmmaWs        ? "wgmma-ws"
-                         : body == Body::kWgmmaWsOverlap ? "wgmma-ws-overlap"
-                                                         : "wgmma-ws-async";
+    for (Body body : {Body::kWgmma, Body::kWgmmaWs, Body::kWgmmaWsOverlap, Body::kWgmmaWsAsync,
+                      Body::kWgmmaWsPersistent}) {
+      const char* name = body_name(body);
       expect_close(emu_block_sparse(q, k, v, nullptr, scale, true, q_offset, 0, 0, body),
                    block_sparse_expected(q, k, v, all, scale, true, q_offset, 0, 0),
                    block_sparse_tolerance(dt),

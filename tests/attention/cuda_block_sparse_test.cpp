@@ -99,6 +99,8 @@ const char* kernel_name(cuda::BlockSparseKernel kernel) {
       return "wgmma-ws-overlap";
     case cuda::BlockSparseKernel::kWgmmaWsAsync:
       return "wgmma-ws-async";
+    case cuda::BlockSparseKernel::kWgmmaWsPersistent:
+      return "wgmma-ws-persistent";
     case cuda::BlockSparseKernel::kMmaSync:
       return "mma.sync";
     case cuda::BlockSparseKernel::kAuto:
@@ -167,12 +169,14 @@ TEST(CudaBlockSparse, WgmmaKernelMatchesCpuBackend) {
   if (!device_is_sm90()) GTEST_SKIP() << "the wgmma kernel needs a compute capability 9.0 GPU";
   for (auto kernel :
        {cuda::BlockSparseKernel::kWgmma, cuda::BlockSparseKernel::kWgmmaWs,
-        cuda::BlockSparseKernel::kWgmmaWsOverlap, cuda::BlockSparseKernel::kWgmmaWsAsync})
+        cuda::BlockSparseKernel::kWgmmaWsOverlap, cuda::BlockSparseKernel::kWgmmaWsAsync,
+        cuda::BlockSparseKernel::kWgmmaWsPersistent})
     check_kernel_on_random_masks(kernel, {128, 256}, 20261206);
   // Longer rows (many tiles, every stage reused), no lists, and a streaming window.
   std::mt19937_64 rng(11);
   int seed = 0;
-  for (auto kernel : {cuda::BlockSparseKernel::kWgmma, cuda::BlockSparseKernel::kWgmmaWs})
+  for (auto kernel : {cuda::BlockSparseKernel::kWgmma, cuda::BlockSparseKernel::kWgmmaWs,
+                      cuda::BlockSparseKernel::kWgmmaWsPersistent})
     for (auto dt : {torch::kBFloat16, torch::kHalf})
       for (int64_t d : {64, 128}) {
         const int64_t b = 1, h = 4, hkv = 2, n = 1000, m = 1300, q_offset = m - n;
@@ -200,6 +204,52 @@ TEST(CudaBlockSparse, WgmmaKernelMatchesCpuBackend) {
                      block_sparse_expected(q, k, v, sm, scale, true, q_offset, sinks, window),
                      block_sparse_tolerance(dt), what + " streaming");
       }
+}
+
+// The persistent kernel with many more items than SMs (each CTA walks several, its stage ring
+// and Q barriers going round across them): bit-identical to its one-item-per-CTA twin (the same
+// arithmetic per item), on random lists with empty rows, no lists, and a window; and against
+// the CPU backend on one case.
+TEST(CudaBlockSparse, PersistentKernelMatchesItsOneItemTwin) {
+  ATTNPILOT_SKIP_WITHOUT_CUDA("the CUDA block-sparse kernel");
+  if (!device_is_sm90()) GTEST_SKIP() << "the wgmma kernel needs a compute capability 9.0 GPU";
+  std::mt19937_64 rng(2026120601);
+  int seed = 0;
+  for (auto dt : {torch::kBFloat16, torch::kHalf})
+    for (int64_t d : {64, 128}) {
+      // 2 · 16 heads · 22 query tiles = 704 items (the last tile partial).
+      const int64_t b = 2, h = 16, hkv = 4, n = 2777, m = 3001, q_offset = m - n;
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(5000 + seed++);
+      const auto q = torch::randn({b, h, n, d}, gen).to(kCuda, dt);
+      const auto k = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
+      const auto v = torch::randn({b, hkv, m, d}, gen).to(kCuda, dt);
+      const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+      const auto what = fmt::format("persistent {} d={}", c10::toString(dt), d);
+      const auto rm = random_mask(rng, b, h, n, m, 128);
+      const auto both = [&](const BlockMask* mask, int64_t sinks, int64_t window) {
+        const auto twin = launch(q, k, v, mask, scale, true, q_offset, sinks, window,
+                                 cuda::BlockSparseKernel::kWgmmaWsAsync);
+        const auto got = launch(q, k, v, mask, scale, true, q_offset, sinks, window,
+                                cuda::BlockSparseKernel::kWgmmaWsPersistent);
+        return std::pair{twin, got};
+      };
+      {
+        const auto [twin, got] = both(&rm.mask, 0, 0);
+        EXPECT_TRUE(torch::equal(twin, got)) << what << " random lists";
+        if (dt == torch::kBFloat16 && d == 128)
+          expect_close(got, block_sparse_expected(q, k, v, rm.mask, scale, true, q_offset, 0, 0),
+                       block_sparse_tolerance(dt), what + " random lists");
+      }
+      {
+        const auto [twin, got] = both(nullptr, 0, 0);
+        EXPECT_TRUE(torch::equal(twin, got)) << what << " no lists";
+      }
+      {
+        const auto sm = streaming_block_mask(b, h, n, m, 128, q_offset, 4, 700);
+        const auto [twin, got] = both(&sm, 4, 700);
+        EXPECT_TRUE(torch::equal(twin, got)) << what << " streaming";
+      }
+    }
 }
 
 TEST(CudaBlockSparse, BackendStridedStreamingAndGqaMatchCpu) {
