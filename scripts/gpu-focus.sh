@@ -14,7 +14,7 @@
 #                 sparse bench (details and per-SASS stalls), e.g. 'ws_kernel.*\(bool\)1, \(bool\)1'
 #   NCU_LEN       the length ncu profiles at (default 32768)
 #   NCU_DENSITIES the sparse rows ncu may profile (default "1,0.1,0.05"; -c 1 takes the first)
-#   GPU_TESTS     0: skip the GPU tests (default 1)
+#   GPU_TESTS     0: skip the GPU tests; a list of test programs: only those (default 1: all)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 T0=$(date +%s)
@@ -43,7 +43,7 @@ cmake --build build-gpu -j "$(nproc)" --target $TESTS attention_cuda_bench svd_b
   >"$OUT/build.log" 2>&1 || grep -E "error|FAILED" "$OUT/build.log" | head -40
 step tests
 : >"$OUT/tests.log"
-[ "${GPU_TESTS:-1}" = 1 ] || TESTS=""
+case "${GPU_TESTS:-1}" in 1) ;; 0) TESTS="" ;; *) TESTS="$GPU_TESTS" ;; esac
 for t in $TESTS; do
   f=$(find build-gpu/tests -name "$t" -type f | head -1)
   [ -n "$f" ] || { echo "$t: not built"; continue; }

@@ -417,6 +417,23 @@ struct ItemSchedule {
   __device__ __forceinline__ bool done(int64_t j) const { return j * ctas >= total; }
 };
 
+/// Where a role is in the ring of kWsStages stages: the stage of its current use, that use's
+/// mbarrier phase parity, and whether the ring has gone round once (the stage was used
+/// before). 32-bit counters stepped by next(): a running 64-bit use count needed a 64-bit
+/// division by 3 for the stage and the phase of every tile.
+struct StageRing {
+  int s = 0;
+  unsigned phase = 0;
+  bool wrapped = false;
+  __device__ __forceinline__ void next() {
+    if (++s == kWsStages) {
+      s = 0;
+      phase ^= 1u;
+      wrapped = true;
+    }
+  }
+};
+
 /// out = O / l of this thread's two rows (row = the tile row of row g) straight from registers
 /// to out rows q0 + row (those below n), 4 bytes per column pair: the persistent body's Q tile
 /// already holds the next item's queries, so there is no staging tile.
@@ -499,13 +516,13 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
     // Producer: 128 threads copy; each waits for its own copies of a tile, fences them for the
     // async proxy and arrives on the tile's barrier; the barrier completes when all 128 have.
     ptx::setmaxnreg_dec<kProducerRegs>();
-    // Stage s of the i-th stage use (a visited tile or an item's end marker, counted across
-    // items): free once the consumers released its use i - kS; then its first key goes into
+    // The stage of the next stage use (a visited tile or an item's end marker, counted across
+    // items): free once the consumers released its previous use; then its first key goes into
     // stage_k0.
-    int64_t i = 0;
+    StageRing ring;
     const auto claim = [&](int64_t k0) {
-      const int s = static_cast<int>(i % kS);
-      if (i >= kS) ptx::mbar_wait(empty + s, static_cast<unsigned>((i / kS - 1) & 1));
+      const int s = ring.s;
+      if (ring.wrapped) ptx::mbar_wait(empty + s, ring.phase ^ 1u);
       if (tid == 0) {
         stage_k0[s] = k0;
         if constexpr (kAsyncArrive) ptx::mbar_arrive(k_full + s);
@@ -517,10 +534,10 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
       const int s = claim(-1);
       ptx::mbar_arrive(k_full + s);
       if constexpr (kPersistent) ptx::mbar_arrive(v_full + s);
-      ++i;
+      ring.next();
     };
     int64_t items = 0;  // items done, for the Q barriers' phases
-    for (int64_t j = 0; !sched.done(j); ++j) {
+    for (int64_t j = 0; kPersistent ? !sched.done(j) : j < 1; ++j) {  // one item: no loop
       const int64_t w = sched.item(j);
       if (w < 0) continue;
       const WorkItem it = work_item(p, w);
@@ -531,27 +548,26 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
       const T* kg = static_cast<const T*>(p.k) + it.b * p.k_stride[0] + kvh * p.k_stride[1];
       const T* vg = static_cast<const T*>(p.v) + it.b * p.v_stride[0] + kvh * p.v_stride[1];
       if constexpr (kAsyncArrive) {
-        // Q goes in once the consumers have issued their last S of the previous item (their
-        // arrival on Q empty); the first tile's K and V go first, into a stage the consumers
-        // may already have released.
-        bool q_in = false;
-        const auto load_q = [&] {
-          if (kPersistent && items > 0)
-            ptx::mbar_wait(q_empty, static_cast<unsigned>((items - 1) & 1));
-          load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
-          ptx::cp_async_mbar_arrive(q_full);
-          q_in = true;
-        };
-        for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
+        const auto load_kv = [&](int64_t t) {
           const int64_t k0 = list.k0(t);
           const int s = claim(k0);
           load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
           ptx::cp_async_mbar_arrive(k_full + s);
           load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
           ptx::cp_async_mbar_arrive(v_full + s);
-          if (!q_in) load_q();
-        }
-        if (!q_in) load_q();
+          ring.next();
+        };
+        // The first tile's K and V go first, into a stage the consumers may already have
+        // released; Q once the consumers have issued their last S of the previous item (their
+        // arrival on Q empty).
+        int64_t t = list.next(0);
+        if (t < list.tiles) load_kv(t);
+        if (kPersistent && items > 0)
+          ptx::mbar_wait(q_empty, static_cast<unsigned>((items - 1) & 1));
+        load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
+        ptx::cp_async_mbar_arrive(q_full);
+        if (t < list.tiles)
+          for (t = list.next(t + 1); t < list.tiles; t = list.next(t + 1)) load_kv(t);
         finish();
         ++items;
         continue;
@@ -561,7 +577,7 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
       // Groups in flight: Q, then per tile K and V. After issuing tile i, tile i-1's K and V
       // (or Q, at i = 0) are waited for and signalled.
       int64_t prev_stage = -1;
-      for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ++i) {
+      for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ring.next()) {
         const int64_t k0 = list.k0(t);
         const int s = claim(k0);
         load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
@@ -606,11 +622,12 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
       ptx::mbar_wait(bar, parity);
       if constexpr (kAsyncArrive) ptx::fence_proxy_async();
     };
-    // The first key of stage use i once its K is in (-1: the item's end marker).
-    const auto next_k0 = [&](int64_t i) {
-      const int s = static_cast<int>(i % kS);
-      wait_full(k_full + s, static_cast<unsigned>((i / kS) & 1));
-      return stage_k0[s];
+    // The stage use the consumers are at (as the producer counts them, across items), and its
+    // first key once its K is in (-1: the item's end marker).
+    StageRing ring;
+    const auto next_k0 = [&] {
+      wait_full(k_full + ring.s, ring.phase);
+      return stage_k0[ring.s];
     };
     const int c = wg - 1, ctid = tid - 128, warp = (ctid % 128) / 32, lane = tid % 32;
     const int g = lane / 4, c4 = lane % 4;
@@ -619,9 +636,8 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
                    v_addr = ptx::smem_offset(sv);
     const float scale_log2 = p.scale * 1.4426950408889634f;
     const float kNegInf = -__int_as_float(0x7f800000);
-    int64_t i = 0;      // stage uses, counted across items as the producer does
     int64_t items = 0;  // items done, for the Q barriers' phases
-    for (int64_t j = 0; !sched.done(j); ++j) {
+    for (int64_t j = 0; kPersistent ? !sched.done(j) : j < 1; ++j) {  // one item: no loop
       const int64_t w = sched.item(j);
       if (w < 0) continue;
       const WorkItem it = work_item(p, w);
@@ -640,28 +656,28 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
       if (c == 1) ptx::named_bar_arrive(1, 256);
       wait_full(q_full, static_cast<unsigned>(items & 1));
       const int64_t qpos0 = list.cta_first + wrow + g;
-      // Called when the end marker (stage use i) has been read: every S of the item has
-      // completed, so Q and the marker's stage are released.
+      // Called when the end marker (the ring's current use) has been read: every S of the
+      // item has completed, so Q and the marker's stage are released.
       const auto end_of_item = [&] {
         if (c == 0) ptx::named_bar_sync(1, 256);
         if (kPersistent && lane == 0) {
-          ptx::mbar_arrive(empty + static_cast<int>(i % kS));
+          ptx::mbar_arrive(empty + ring.s);
           ptx::mbar_arrive(q_empty);
         }
-        ++i;
+        ring.next();
       };
       if constexpr (!kOverlap) {
-        for (;; ++i) {
-          const int64_t k0 = next_k0(i);
+        for (;; ring.next()) {
+          const int64_t k0 = next_k0();
           if (k0 < 0) break;
-          const int s = static_cast<int>(i % kS);
+          const int s = ring.s;
           float sc[kBN / 2];
           ptx::named_bar_sync(1 + c, 256);
           issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
           ptx::named_bar_arrive(2 - c, 256);
           ptx::wgmma_wait<0>();
           softmax_step<D>(sc, o, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
-          wait_full(v_full + s, static_cast<unsigned>((i / kS) & 1));
+          wait_full(v_full + s, ring.phase);
           issue_pv<T, D>(o, sc, v_addr + s * kTile);
           ptx::wgmma_wait<0>();
           if (lane == 0) ptx::mbar_arrive(empty + s);  // this warp is done with stage s
@@ -672,12 +688,12 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
         // first tile is peeled so the loop body has no branch around its wgmma (ptxas
         // serialises wgmma on divergent paths, C7518).
         uint32_t pa[kBN / 16][4];
-        int64_t k0 = next_k0(i);
+        int64_t k0 = next_k0();
         if (k0 < 0) {
           end_of_item();
         } else {
-          int prev = static_cast<int>(i % kS);  // stage of the tile whose P V is pending
-          unsigned prev_phase = static_cast<unsigned>((i / kS) & 1);
+          int prev = ring.s;  // stage of the tile whose P V is pending
+          unsigned prev_phase = ring.phase;
           {
             float sc[kBN / 2];
             ptx::named_bar_sync(1 + c, 256);
@@ -688,11 +704,11 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
             softmax_probs(sc, alpha, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
             pack_p<T>(pa, sc);
           }
-          for (++i;; ++i) {
-            k0 = next_k0(i);
+          for (ring.next();; ring.next()) {
+            k0 = next_k0();
             if (k0 < 0) break;
-            const int s = static_cast<int>(i % kS);
-            const unsigned phase = static_cast<unsigned>((i / kS) & 1);
+            const int s = ring.s;
+            const unsigned phase = ring.phase;
             wait_full(v_full + prev, prev_phase);
             float sc[kBN / 2];
             ptx::named_bar_sync(1 + c, 256);
