@@ -93,6 +93,33 @@ class EventPair {
     std::sort(ms.begin(), ms.end());
     return ms[ms.size() / 2];
   }
+  /// Median milliseconds of each of fns, timed in rounds (one run of each per round, after
+  /// `warmup` runs of each): a clock or temperature drift over the measurement touches every
+  /// column alike, where timing one function after another put it all on the later ones (H100,
+  /// 2026-12-06: the same kernel 11% apart in two columns of one run).
+  std::vector<double> interleaved_median_ms(const std::vector<std::function<void()>>& fns,
+                                            int warmup, int repeats) {
+    const auto stream = at::cuda::getCurrentCUDAStream().stream();
+    for (const auto& fn : fns)
+      for (int i = 0; i < warmup; ++i) fn();
+    std::vector<std::vector<double>> ms(fns.size());
+    for (int i = 0; i < repeats; ++i)
+      for (size_t f = 0; f < fns.size(); ++f) {
+        cuda_check(cudaEventRecord(start_, stream), "cudaEventRecord");
+        fns[f]();
+        cuda_check(cudaEventRecord(stop_, stream), "cudaEventRecord");
+        cuda_check(cudaEventSynchronize(stop_), "cudaEventSynchronize");
+        float t = 0;
+        cuda_check(cudaEventElapsedTime(&t, start_, stop_), "cudaEventElapsedTime");
+        ms[f].push_back(t);
+      }
+    std::vector<double> med;
+    for (auto& m : ms) {
+      std::sort(m.begin(), m.end());
+      med.push_back(m[m.size() / 2]);
+    }
+    return med;
+  }
 
  private:
   cudaEvent_t start_ = nullptr, stop_ = nullptr;
@@ -181,12 +208,11 @@ void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len,
   fmt::print("== block-sparse attention on {}: B=1, H={}, d={}, bf16, causal, block {} ==\n",
              at::cuda::getCurrentDeviceProperties()->name, heads, d, bs);
   fmt::print(
-      "{:>7} {:>8} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} "
-      "{:>9} "
-      "{:>8} {:>9} {:>9} {:>23} {:>9}\n",
+      "{:>7} {:>8} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} "
+      "{:>9} {:>9} {:>8} {:>9} {:>9} {:>31} {:>9}\n",
       "L", "density", "blocks", "sdpa ms", "flex ms", "mma.sync", "wgmma", "wgmma-ws", "ws-overlap",
-      "ws-async", "ours ms", "call ms", "x sdpa", "x flex", "TFLOP/s", "floor ms", "rel err",
-      "wgmma/ws/ovl/async err", "flex err");
+      "ws-async", "ws-persist", "ours ms", "call ms", "x sdpa", "x flex", "TFLOP/s", "floor ms",
+      "rel err", "wgmma/ws/ovl/async/persist err", "flex err");
   EventPair ev;
   for (int64_t len : lens) {
     torch::manual_seed(1000 + len);
@@ -221,35 +247,36 @@ void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len,
       p.scale = static_cast<float>(scale);
       p.causal = true;
       const auto stream = at::cuda::getCurrentCUDAStream().stream();
-      // ours: the launcher's choice (kAuto: the persistent warp-specialised wgmma kernel on an
-      // H100/H200); the others forced, on the same lists: mma.sync (the portable kernel), wgmma
-      // (every thread loads, a barrier per tile), wgmma-ws (warp-specialised), ws-overlap,
-      // ws-async (ours with one CTA per item instead of one persistent CTA per SM).
-      const auto time_kernel = [&](cuda::BlockSparseKernel kernel) {
+      // ours: the launcher's choice (kAuto, block_sparse_kernels.h); the others forced, on the
+      // same lists: mma.sync (the portable kernel), wgmma (every thread loads, a barrier per
+      // tile), wgmma-ws (warp-specialised), ws-overlap, ws-async, ws-persist (one CTA per SM
+      // over all items); then the whole backend call. All timed in interleaved rounds.
+      const auto launch = [&](cuda::BlockSparseKernel kernel) {
         p.kernel = kernel;
-        return ev.median_ms(
-            [&] {
-              const char* failed = "";
-              cuda_check(cuda::launch_block_sparse_attention(p, cuda::ElemType::kBFloat16, stream,
-                                                             &failed),
-                         failed);
-            },
-            2, reps);
+        const char* failed = "";
+        cuda_check(
+            cuda::launch_block_sparse_attention(p, cuda::ElemType::kBFloat16, stream, &failed),
+            failed);
       };
-      const double t_mma = time_kernel(cuda::BlockSparseKernel::kMmaSync);
-      const double t_wg = time_kernel(cuda::BlockSparseKernel::kWgmma);
-      const auto out_wg = out.clone();
-      const double t_ws = time_kernel(cuda::BlockSparseKernel::kWgmmaWs);
-      const auto out_ws = out.clone();
-      const double t_wso = time_kernel(cuda::BlockSparseKernel::kWgmmaWsOverlap);
-      const auto out_wso = out.clone();
-      // ws-async: ws-overlap with the producer arriving by cp.async.mbarrier.arrive.
-      const double t_wsa = time_kernel(cuda::BlockSparseKernel::kWgmmaWsAsync);
-      const auto out_wsa = out.clone();
-      const double t_ours = time_kernel(cuda::BlockSparseKernel::kAuto);
       const auto& backend = backend_for(dev);
-      const double t_call =
-          ev.median_ms([&] { backend.block_sparse(q, k, v, mask, scale, true, 0, 0, 0); }, 1, reps);
+      const std::vector<cuda::BlockSparseKernel> kernels = {
+          cuda::BlockSparseKernel::kMmaSync,      cuda::BlockSparseKernel::kWgmma,
+          cuda::BlockSparseKernel::kWgmmaWs,      cuda::BlockSparseKernel::kWgmmaWsOverlap,
+          cuda::BlockSparseKernel::kWgmmaWsAsync, cuda::BlockSparseKernel::kWgmmaWsPersistent,
+          cuda::BlockSparseKernel::kAuto};
+      std::vector<std::function<void()>> fns;
+      for (auto kernel : kernels) fns.push_back([&, kernel] { launch(kernel); });
+      fns.push_back([&] { backend.block_sparse(q, k, v, mask, scale, true, 0, 0, 0); });
+      const auto t = ev.interleaved_median_ms(fns, 2, reps);
+      const double t_mma = t[0], t_wg = t[1], t_ws = t[2], t_wso = t[3], t_wsa = t[4], t_wsp = t[5],
+                   t_ours = t[6], t_call = t[7];
+      // At density 1, each wgmma kernel's output once more, for the errors against SDPA.
+      std::vector<torch::Tensor> outs;
+      for (size_t i = 1; density == 1.0 && i + 1 < kernels.size(); ++i) {
+        launch(kernels[i]);
+        outs.push_back(out.clone());
+      }
+      launch(cuda::BlockSparseKernel::kAuto);
       const double flops = 4.0 * d * mask.listed_pairs(len, len);
       std::string err = "-";
       const auto rel_to_dense = [&](const torch::Tensor& o) {
@@ -258,19 +285,21 @@ void run(bool quick, bool with_flex, int64_t min_len, int64_t max_len,
             .item<double>();
       };
       if (density == 1.0) err = fmt::format("{:.2e}", rel_to_dense(out));
-      std::string ws_err =
-          density == 1.0
-              ? fmt::format("{:.1e}/{:.1e}/{:.1e}/{:.1e}", rel_to_dense(out_wg),
-                            rel_to_dense(out_ws), rel_to_dense(out_wso), rel_to_dense(out_wsa))
-              : "-";
+      std::string ws_err = "-";
+      if (density == 1.0) {
+        ws_err.clear();
+        for (const auto& o : outs)
+          ws_err += fmt::format("{}{:.1e}", ws_err.empty() ? "" : "/", rel_to_dense(o));
+      }
       std::string flex_err = "-";
       const double t_flex =
           with_flex ? flex_ms(mask, len, heads, d, bs, reps, &flex_err) : std::nan("");
       fmt::print(
           "{:>7} {:>7.0f}% {:>9} {:>10.3f} {:>10.3f} {:>10.3f} {:>10.3f} {:>10.3f} {:>10.3f} "
-          "{:>10.3f} {:>10.3f} {:>10.3f} {:>9.2f} {:>9.2f} {:>8.0f} {:>9.3f} {:>9} {:>23} {:>9}\n",
-          len, 100 * density, mask.nnz(), t_sdpa, t_flex, t_mma, t_wg, t_ws, t_wso, t_wsa, t_ours,
-          t_call, t_sdpa / t_ours, t_flex / t_ours, flops / (t_ours * 1e-3) / 1e12,
+          "{:>10.3f} {:>10.3f} {:>10.3f} {:>10.3f} {:>9.2f} {:>9.2f} {:>8.0f} {:>9.3f} {:>9} "
+          "{:>31} {:>9}\n",
+          len, 100 * density, mask.nnz(), t_sdpa, t_flex, t_mma, t_wg, t_ws, t_wso, t_wsa, t_wsp,
+          t_ours, t_call, t_sdpa / t_ours, t_flex / t_ours, flops / (t_ours * 1e-3) / 1e12,
           flops / 990e12 * 1e3, err, ws_err, flex_err);
       std::fflush(stdout);
     }

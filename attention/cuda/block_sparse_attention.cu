@@ -189,7 +189,8 @@ cudaError_t launch_block_sparse_attention(const BlockSparseLaunch& p, ElemType t
     const cudaError_t e = device_is_sm90(&sm90, failed_call);
     if (e != cudaSuccess) return e;
     const bool wgmma = sm90 && block_sparse_wgmma_supports(p);
-    // kAuto takes the persistent warp-specialised kernel (block_sparse_kernels.h).
+    // kAuto takes the warp-specialised kernel with overlap and asynchronous arrivals
+    // (block_sparse_kernels.h).
     if (wgmma) return launch_block_sparse_wgmma(p, type, stream, failed_call);
     if (p.kernel != BlockSparseKernel::kAuto) {
       *failed_call = sm90 ? "launch_block_sparse_attention (the wgmma kernel needs blocks of a "

@@ -19,11 +19,12 @@ namespace attnpilot::attention::cuda {
 enum class ElemType { kBFloat16, kFloat16 };
 
 /// Which kernel runs a launch. kAuto: on compute capability 9.0 devices when
-/// block_sparse_wgmma_supports(), the persistent warp-specialised wgmma kernel
-/// (kWgmmaWsPersistent, block_sparse_wgmma.cu, sm_90a), else the mma.sync kernel (any
-/// sm_90-compatible device, blocks of 64 too). The others force one (the benchmarks and tests
-/// compare them; bench/RESULTS.md has their H100 times); forcing a wgmma kernel where it cannot
-/// run is cudaErrorInvalidValue:
+/// block_sparse_wgmma_supports(), the warp-specialised wgmma kernel with overlap and
+/// asynchronous arrivals (kWgmmaWsAsync, block_sparse_wgmma.cu, sm_90a: the fastest or within
+/// a few percent of it on every row of the H100 table, bench/RESULTS.md), else the mma.sync
+/// kernel (any sm_90-compatible device, blocks of 64 too). The others force one (the benchmarks and
+/// tests compare them; bench/RESULTS.md has their H100 times); forcing a wgmma kernel where it
+/// cannot run is cudaErrorInvalidValue:
 ///   kWgmma              every thread loads, the CTA meets at a barrier per tile
 ///   kWgmmaWs            warp-specialised: a producer warpgroup, mbarrier stages, two consumer
 ///                       warpgroups taking turns
@@ -85,7 +86,7 @@ inline bool block_sparse_wgmma_supports(const BlockSparseLaunch& p) {
 }
 
 /// The wgmma kernels' launcher (block_sparse_wgmma.cu; p.kernel picks one, kAuto
-/// kWgmmaWsPersistent); launch_block_sparse_attention checks the arguments and the device before
+/// kWgmmaWsAsync); launch_block_sparse_attention checks the arguments and the device before
 /// calling it.
 cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type,
                                       cudaStream_t stream, const char** failed_call);

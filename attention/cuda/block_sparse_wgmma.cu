@@ -55,10 +55,10 @@ __global__ void __launch_bounds__(bsw::kWsThreads, 1)
 template <typename T, int D>
 cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
                          const char** failed_call) {
-  // kAuto: the persistent asynchronous-arrival overlap kernel (block_sparse_kernels.h).
-  const bool persistent =
-      p.kernel == BlockSparseKernel::kWgmmaWsPersistent || p.kernel == BlockSparseKernel::kAuto;
-  const bool async_arrive = p.kernel == BlockSparseKernel::kWgmmaWsAsync || persistent;
+  // kAuto: the asynchronous-arrival overlap kernel (block_sparse_kernels.h).
+  const bool persistent = p.kernel == BlockSparseKernel::kWgmmaWsPersistent;
+  const bool async_arrive = p.kernel == BlockSparseKernel::kWgmmaWsAsync ||
+                            p.kernel == BlockSparseKernel::kAuto || persistent;
   const bool overlap = p.kernel == BlockSparseKernel::kWgmmaWsOverlap || async_arrive;
   const bool ws = overlap || p.kernel == BlockSparseKernel::kWgmmaWs;
   auto kernel = persistent     ? block_sparse_wgmma_ws_kernel<T, D, true, true, true>

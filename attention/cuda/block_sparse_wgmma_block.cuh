@@ -40,9 +40,9 @@
 ///                 release each stage on an "empty" mbarrier after their P V. Variants:
 ///                 kOverlap (each consumer's softmax beside its previous P V) and kAsyncArrive
 ///                 (the producer signals a stage by cp.async.mbarrier.arrive, never waiting for
-///                 its own copies); with both, kPersistent (one CTA per SM over many work
-///                 items, the stage ring running on from one item into the next) is the
-///                 default kernel (kAuto)
+///                 its own copies), both together the default kernel (kAuto); with both,
+///                 kPersistent: one CTA per SM over many work items, the stage ring running on
+///                 from one item into the next
 ///
 ///   producer WG0:  Q ─► [K0 V0] [K1 V1] [K2 V2] [K0 V0] ...   (wait empty[s] before reuse)
 ///                       │full    │full    │full
