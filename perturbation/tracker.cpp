@@ -28,7 +28,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> subspace_iteration_step(
 
 torch::Tensor triplet_residual(const torch::Tensor& c, const torch::Tensor& u,
                                const torch::Tensor& s, const torch::Tensor& v, int64_t r,
-                               const torch::Tensor& cv) {
+                               const torch::Tensor& cv, bool ritz) {
   auto ur = u.narrow(-1, 0, r), vr = v.narrow(-1, 0, r);
   auto sr = s.narrow(-1, 0, r).unsqueeze(-2);
   ATTNPILOT_CHECK_ARG(
@@ -36,10 +36,15 @@ torch::Tensor triplet_residual(const torch::Tensor& c, const torch::Tensor& u,
       "triplet_residual: cv must be C·V with at least r = {} columns, got {}", r,
       cv.defined() ? c10::str(cv.sizes()) : std::string("undefined"));
   auto cvr = cv.defined() ? cv.narrow(-1, 0, r) : torch::matmul(c, vr);
-  auto r1 = torch::linalg_vector_norm(cvr - ur * sr, 2, {-2}, false, c10::nullopt);
-  auto r2 = torch::linalg_vector_norm(torch::matmul(c.transpose(-1, -2), ur) - vr * sr, 2, {-2},
-                                      false, c10::nullopt);
-  auto worst = torch::maximum(r1, r2).amax(-1);
+  auto r1 =
+      torch::linalg_vector_norm(torch::addcmul(cvr, ur, sr, -1), 2, {-2}, false, c10::nullopt);
+  if (!ritz) {
+    auto r2 = torch::linalg_vector_norm(
+        torch::addcmul(torch::matmul(c.transpose(-1, -2), ur), vr, sr, -1), 2, {-2}, false,
+        c10::nullopt);
+    r1 = torch::maximum(r1, r2);
+  }
+  auto worst = r1.amax(-1);
   auto s1 = s.select(-1, 0);
   return torch::where(s1 > 0, worst / s1.clamp_min(1e-300), torch::zeros_like(worst));
 }

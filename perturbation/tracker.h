@@ -97,9 +97,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> subspace_iteration_step(
 
 /// max_{i<r} max(‖C v_i − σ_i u_i‖, ‖Cᵀ u_i − σ_i v_i‖) / σ₁ per element ([B]); 0 if σ₁ = 0.
 /// cv, if given: C·V already computed (at least r columns; the top-r iteration carries it into
-/// its next step).
+/// its next step). ritz = true: the triplets are a Rayleigh–Ritz step's (u = U_y Z_v, s = Z_s,
+/// v = Z_u from the SVD Z_u Z_s Z_vᵀ of Cᵀ U_y, U_y orthonormal), for which Cᵀ U = Cᵀ U_y Z_v =
+/// Z_u Z_s = V S up to that SVD's own residual, so only ‖C v_i − σ_i u_i‖ is computed (no
+/// Cᵀ·U product).
 torch::Tensor triplet_residual(const torch::Tensor& c, const torch::Tensor& u,
                                const torch::Tensor& s, const torch::Tensor& v, int64_t r,
-                               const torch::Tensor& cv = {});
+                               const torch::Tensor& cv = {}, bool ritz = false);
 
 }  // namespace attnpilot::perturbation

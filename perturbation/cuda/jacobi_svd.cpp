@@ -630,7 +630,9 @@ TopRResult topr_unfused(const torch::Tensor& c, const torch::Tensor& v0, int64_t
       out.iterations.index_add_(0, active, torch::ones({active.numel()}, lopt));
     }
     const auto cv_next = torch::bmm(ca, v1);
-    const auto done = triplet_residual(ca, u1, s1, v1, r, cv_next) <= tol;
+    // Ritz triplets (both step forms): ‖Cᵀ u_i − σ_i v_i‖ is the second Jacobi's own residual,
+    // so only C·V's side is computed (tracker.h; the tests check both sides in float64).
+    const auto done = triplet_residual(ca, u1, s1, v1, r, cv_next, /*ritz=*/true) <= tol;
     out.converged.index_copy_(0, active, done);     // the active ones were not converged
     const auto keep = (~done).nonzero().flatten();  // the one synchronisation of a step
     if (keep.numel() == active.numel()) {

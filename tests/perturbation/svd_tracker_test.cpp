@@ -161,6 +161,40 @@ Stream make_stream(int64_t b, int64_t d, uint64_t seed,
   return s;
 }
 
+// The Ritz form of the triplet residual (the top-r iteration's stopping test) skips
+// ‖Cᵀ u_i − σ_i v_i‖: for a Rayleigh–Ritz step's triplets that side is the compressed SVD's own
+// rounding. Checked on CPU steps (QR and LAPACK SVD, float64) from random and warm blocks:
+// that side stays at rounding level while C·V's side does not, and both forms agree.
+TEST(Tracker, RitzResidualMatchesTheFullResidualAfterAStep) {
+  auto gen = make_gen(4242);
+  const auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const int64_t b = 12, d = 48, p = 10, r = 6;
+  const auto decay = torch::pow(0.8, torch::arange(d, o64));
+  const auto uq = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
+  const auto vq = std::get<0>(torch::linalg_qr(torch::randn({b, d, d}, gen, o64)));
+  const auto c = torch::matmul(uq * decay, vq.transpose(1, 2));
+  for (bool warm : {false, true}) {
+    // warm: the exact leading block plus 1e-3 noise, so C·V's side is small too.
+    const auto v0 = warm ? std::get<0>(torch::linalg_qr(vq.narrow(2, 0, p) +
+                                                        1e-3 * torch::randn({b, d, p}, gen, o64)))
+                         : std::get<0>(torch::linalg_qr(torch::randn({b, d, p}, gen, o64)));
+    const auto [u, sg, v] = subspace_iteration_step(c, v0);
+    const auto s1 = sg.select(1, 0);
+    const auto ur = u.narrow(2, 0, r), vr = v.narrow(2, 0, r);
+    const auto sr = sg.narrow(1, 0, r).unsqueeze(1);
+    const auto left =
+        torch::linalg_vector_norm(torch::matmul(c.transpose(1, 2), ur) - vr * sr, 2, {1}) /
+        s1.unsqueeze(1);
+    const auto right =
+        torch::linalg_vector_norm(torch::matmul(c, vr) - ur * sr, 2, {1}) / s1.unsqueeze(1);
+    EXPECT_LE(left.max().item<double>(), 1e-13) << (warm ? "warm" : "random") << " start";
+    EXPECT_GE(right.amax(1).min().item<double>(), 1e-9) << "C·V's side measures convergence";
+    const auto full = triplet_residual(c, u, sg, v, r);
+    const auto ritz = triplet_residual(c, u, sg, v, r, torch::matmul(c, v), /*ritz=*/true);
+    EXPECT_TRUE(torch::allclose(full, ritz, 0, 1e-13)) << (warm ? "warm" : "random") << " start";
+  }
+}
+
 TEST(Tracker, IncrementalAgreesWithRecomputationWithinWedin) {
   const int64_t b = 48, d = 16;
   TrackerOptions o;
