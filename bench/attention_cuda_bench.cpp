@@ -13,7 +13,8 @@
 //    sampled rows per query block, selection, CSR lists on the device) at L = 32k, r = 16 and 32,
 //    density 10% and 5%, 3xTF32 and one-pass TF32 scores, and with pooled queries (one mean
 //    query per block; mode pq-mma: scored against the stored keys on the tensor cores, the
-//    default; pool-q: against the projected keys, fp32 CUDA cores), against the attention it plans
+//    default; pq-wg / pq-wg3: the same as warpgroup MMAs on an H100/H200; pool-q: against the
+//    projected keys, fp32 CUDA cores), against the attention it plans
 //    and against the CPU twin's LibTorch code (estimators.cpp) run on the same GPU tensors. First
 //    the key projection alone (r = 8..64) by the projection kernel's two variants, 1 and 4 output
 //    rows per thread (CudaEstimatorOptions::projection_rows), side by side with their ratio and
@@ -397,18 +398,24 @@ void run_estimator(bool quick) {
           },
           1, 3);
       // pq-mma: the tensor-core kernel on the stored keys (the default); pool-q: the keys
-      // projected, then the CUDA-core kernel. pq-s3 / pq-s4: pq-mma with 3 and 4 key tiles in
-      // flight per CTA (the default is 2). (Larger key chunks per CTA, 2048 and 4096 keys,
-      // measured no faster than the default 1024: RESULTS.md, 2026-12-06.)
+      // projected, then the CUDA-core kernel; pq-wg / pq-wg3: the stored-key scores as
+      // warpgroup MMAs (compute capability 9.0), 2 and 3 key tiles of 128 in flight. (3 and 4
+      // tiles in flight for pq-mma, and key chunks of 2048 and 4096 keys, measured no faster:
+      // RESULTS.md, 2026-12-06.)
+      bool sm90 = false;
+      const char* failed_call = "";
+      cuda_check(cuda::device_is_sm90(&sm90, &failed_call), failed_call);
       for (int variant = 0; variant < 4; ++variant) {
+        if (variant >= 2 && !sm90) continue;
         const bool key_mma = variant != 1;
         CudaEstimatorOptions eo;
         eo.pooled_key_mma = key_mma;
-        eo.pooled_key_stages = variant == 2 ? 3 : variant == 3 ? 4 : 0;
+        eo.pooled_key_wgmma = variant >= 2;
+        eo.pooled_key_stages = variant == 3 ? 3 : 0;
         const char* mode = variant == 0   ? "pq-mma"
                            : variant == 1 ? "pool-q"
-                           : variant == 2 ? "pq-s3"
-                                          : "pq-s4";
+                           : variant == 2 ? "pq-wg"
+                                          : "pq-wg3";
         double flops = 0;
         BlockMask mask;
         const double t_est = ev.median_ms(
@@ -444,10 +451,22 @@ void run_estimator(bool quick) {
           2, 10);
       const double t_select = ev.median_ms(
           [&] { (void)select_blocks_cuda(pooled_scores, pooled, len, len, true, 0); }, 2, 10);
+      // The same scores by the wgmma body (compute capability 9.0).
+      CudaEstimatorOptions sw = so;
+      sw.pooled_key_wgmma = true;
+      const double t_scores_wg =
+          sm90 ? ev.median_ms(
+                     [&] {
+                       (void)lowrank_block_scores_cuda(q, k, a_q.narrow(3, 0, r),
+                                                       a_k.narrow(3, 0, r), bs, true, 0, &f, sw);
+                     },
+                     2, 10)
+               : std::nan("");
       fmt::print(
           "     pq-mma by parts (r {}, {:.0f}%): block means of q {:.3f} ms (floor, q read once "
-          "at 3.35 TB/s: {:.3f}), scores {:.3f} ms, selection {:.3f} ms\n",
-          r, 100 * density, t_means, heads * len * d * 2 / 3.35e12 * 1e3, t_scores, t_select);
+          "at 3.35 TB/s: {:.3f}), scores {:.3f} ms (wgmma body: {:.3f}), selection {:.3f} ms\n",
+          r, 100 * density, t_means, heads * len * d * 2 / 3.35e12 * 1e3, t_scores, t_scores_wg,
+          t_select);
       std::fflush(stdout);
     }
   }

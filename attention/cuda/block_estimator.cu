@@ -79,6 +79,7 @@
 
 #include "attention/cuda/block_estimator_kernels.h"
 #include "attention/cuda/block_scores_block.cuh"
+#include "attention/cuda/block_sparse_kernels.h"
 #include "attention/cuda/estimator_common.cuh"
 #include "attention/cuda/pooled_keys_mma.cuh"
 #include "attention/cuda/pooled_scores.cuh"
@@ -488,6 +489,20 @@ cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t 
   if (!ok) {
     *failed_call = "launch_pooled_key_scores (arguments outside the kernel's range)";
     return cudaErrorInvalidValue;
+  }
+  if (p.wgmma) {
+    bool sm90 = false;
+    cudaError_t e = device_is_sm90(&sm90, failed_call);
+    if (e != cudaSuccess) return e;
+    if (!sm90) {
+      *failed_call =
+          "launch_pooled_key_scores (the wgmma body needs a compute capability 9.0 "
+          "device)";
+      return cudaErrorInvalidValue;
+    }
+    e = launch_pooled_keys_wgmma(p, stream, failed_call);
+    if (e != cudaSuccess) return e;
+    return launch_pooled_normalise(pooled_normalise_launch(p), stream, failed_call);
   }
   const int64_t groups = pooled_keys::groups(p);
   const dim3 grid(static_cast<unsigned>(pooled_keys::chunks(p) * groups),

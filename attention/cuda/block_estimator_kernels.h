@@ -142,8 +142,11 @@ struct PooledKeysLaunch {
   /// Key blocks per CTA (its grid's key chunks); 0: the launcher's choice (kPooledChunkKeys
   /// keys, at least one block).
   int64_t chunk_blocks = 0;
-  /// 64-key tiles in flight per CTA (cp.async stages): 2 .. kPooledKeyMaxStages; 0: 2.
+  /// Key tiles in flight per CTA (cp.async stages): 2 .. kPooledKeyMaxStages; 0: 2.
   int stages = 0;
+  /// The wgmma body (pooled_keys_wgmma.cuh: 128-key tiles, compute capability 9.0 only; an
+  /// error elsewhere) instead of the mma.sync one. Same scores up to the order of the sums.
+  bool wgmma = false;
 };
 
 /// The normalisation's launch (pooled_normalise_row reads only the geometry and the scores)
@@ -204,6 +207,10 @@ cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p, cudaStream_t
 /// Two kernels on `stream`: the pooled scores from the stored keys (L per block), then the same
 /// normalisation as launch_pooled_block_scores.
 cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p, cudaStream_t stream,
+                                     const char** failed_call);
+/// The scores alone (no normalisation) by the wgmma body (pooled_keys_wgmma.cu, sm_90a); p
+/// checked and its chunk set by launch_pooled_key_scores, which calls it when p.wgmma.
+cudaError_t launch_pooled_keys_wgmma(const PooledKeysLaunch& p, cudaStream_t stream,
                                      const char** failed_call);
 cudaError_t launch_select_blocks(const SelectLaunch& p, cudaStream_t stream,
                                  const char** failed_call);

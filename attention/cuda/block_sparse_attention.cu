@@ -140,7 +140,12 @@ cudaError_t launch_for_type(const BlockSparseLaunch& p, cudaStream_t stream,
               : launch_typed<T, 128, 1>(p, stream, failed_call);
 }
 
-/// Whether the current device runs sm_90a code (compute capability 9.0 exactly).
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+bool strides_ok(const int64_t* s) { return s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0; }
+
+}  // namespace
+
 cudaError_t device_is_sm90(bool* yes, const char** failed_call) {
   int dev = 0, major = 0, minor = 0;
   cudaError_t e = cudaGetDevice(&dev);
@@ -153,12 +158,6 @@ cudaError_t device_is_sm90(bool* yes, const char** failed_call) {
   *yes = major == 9 && minor == 0;
   return cudaSuccess;
 }
-
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-bool strides_ok(const int64_t* s) { return s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0; }
-
-}  // namespace
 
 bool block_sparse_kernel_supports(int d, int block_size) {
   return (d == 64 || d == 128) && block_size >= kBN && block_size % kBN == 0;

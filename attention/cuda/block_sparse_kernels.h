@@ -91,6 +91,10 @@ inline bool block_sparse_wgmma_supports(const BlockSparseLaunch& p) {
 cudaError_t launch_block_sparse_wgmma(const BlockSparseLaunch& p, ElemType type,
                                       cudaStream_t stream, const char** failed_call);
 
+/// Whether the current device runs sm_90a code (compute capability 9.0 exactly): *yes, or the
+/// failing CUDA call's error with its name in *failed_call.
+cudaError_t device_is_sm90(bool* yes, const char** failed_call);
+
 /// Dynamic shared memory of one CTA for head dim d, in bytes (the larger, 128-query CTA).
 int64_t block_sparse_shared_bytes(int d);
 

@@ -250,6 +250,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     pl.d = static_cast<int>(d);
     pl.chunk_blocks = chunk_blocks;
     pl.stages = options.pooled_key_stages;
+    pl.wgmma = options.pooled_key_wgmma;
     failed = "launch_pooled_key_scores";
     check_cuda(cuda::launch_pooled_key_scores(pl, stream, &failed), failed, q_in, k_in, bs);
     // FLOPs: the block means (n·d adds), the projection of the means and its product with

@@ -10,8 +10,8 @@
 ///                                   cp.async and st.shared, made visible to wgmma's reads)
 ///   wgmma_ss<T, N>(d, a, b, acc)    wgmma.mma_async m64nNk16 f32 += T·T, A and B from shared
 ///                                   memory, both K-major (imm-trans-a = imm-trans-b = 0)
-///   wgmma_rs<T, N>(d, a, b, acc)    the same with A from registers and B MN-major (imm-trans-b =
-///   1)
+///   wgmma_rs<T, N, kMnB>(d, a, b, acc)  the same with A from registers, B MN-major (kMnB, the
+///                                   default: imm-trans-b = 1) or K-major (imm-trans-b = 0)
 ///   mbar_init / mbar_arrive / mbar_wait, named_bar_sync / _arrive, setmaxnreg_dec / _inc,
 ///   cp_async_mbar_arrive(bar) (cp.async.mbarrier.arrive.noinc), with mma_ptx.cuh's
 ///   cp_async_wait_group<N>: the warp-specialised body's synchronisation
@@ -197,43 +197,45 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t
   }
 }
 
-/// d (+)= A·B for m64nNk16: A (64×16) in registers, B (16×N) MN-major in shared memory
-/// (imm-trans-b = 1). N = 64 or 128.
-template <typename T, int N>
+/// d (+)= A·B for m64nNk16: A (64×16) in registers, B (16×N) in shared memory, MN-major
+/// (kMnB, imm-trans-b = 1) or K-major (B stored N×16 as wgmma_ss's, imm-trans-b = 0). N = 64
+/// or 128.
+template <typename T, int N, bool kMnB = true>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b,
                                          bool acc) {
   static_assert(N == 64 || N == 128, "wgmma_rs: N is 64 or 128");
   const int scale_d = acc ? 1 : 0;
+  constexpr int kTransB = kMnB ? 1 : 0;
   if constexpr (N == 128) {
     if constexpr (WgmmaType<T>::kBf16)
       asm volatile(
           "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
           "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " ATTNPILOT_LIST64
-          ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+          ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
           : ATTNPILOT_D32(0), ATTNPILOT_D32(32)
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d), "n"(kTransB));
     else
       asm volatile(
           "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
           "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " ATTNPILOT_LIST64
-          ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+          ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
           : ATTNPILOT_D32(0), ATTNPILOT_D32(32)
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d), "n"(kTransB));
   } else {
     if constexpr (WgmmaType<T>::kBf16)
       asm volatile(
           "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
           "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " ATTNPILOT_LIST32
-          ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+          ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
           : ATTNPILOT_D32(0)
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d), "n"(kTransB));
     else
       asm volatile(
           "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
           "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " ATTNPILOT_LIST32
-          ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+          ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
           : ATTNPILOT_D32(0)
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d), "n"(kTransB));
   }
 }
 

@@ -31,10 +31,11 @@ using testing::kCuda;
 using testing::random_mask;
 using testing::Tol;
 
-/// Whether the current device runs the wgmma kernel (compute capability 9.0).
+/// Whether the current device runs the wgmma kernels (compute capability 9.0).
 bool device_is_sm90() {
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  return prop->major == 9 && prop->minor == 0;
+  bool yes = false;
+  const char* failed = "";
+  return cuda::device_is_sm90(&yes, &failed) == cudaSuccess && yes;
 }
 
 /// Launches the raw kernel (`kernel` picks which) into a NaN-poisoned output; checks every

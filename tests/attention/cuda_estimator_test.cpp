@@ -22,11 +22,19 @@
 #include <vector>
 
 #include "attention/cuda/block_estimator_kernels.h"
+#include "attention/cuda/block_sparse_kernels.h"
 #include "attention/estimators.h"
 #include "common/error.h"
 
 namespace attnpilot::attention {
 namespace {
+
+/// Whether the current device runs the wgmma kernels (compute capability 9.0).
+bool device_is_sm90() {
+  bool yes = false;
+  const char* failed = "";
+  return attnpilot::attention::cuda::device_is_sm90(&yes, &failed) == cudaSuccess && yes;
+}
 
 #define SKIP_WITHOUT_CUDA()                                                                  \
   if (!torch::cuda::is_available())                                                          \
@@ -353,6 +361,28 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
             torch::equal(got, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
                                                         c.q_offset, &gpu_flops, opts)))
             << what << ": " << name << " change the scores";
+      // The wgmma body (compute capability 9.0): the same scores up to the order of its fp32
+      // sums, against the twin with the same tolerances; deterministic.
+      if (on_keys && device_is_sm90()) {
+        for (int stages : {2, 3}) {
+          CudaEstimatorOptions wg = pooled;
+          wg.pooled_key_wgmma = true;
+          wg.pooled_key_stages = stages;
+          const std::string wwhat = what + fmt::format(" wgmma, {} tiles in flight", stages);
+          poison({want.numel()}, std::nan(""), torch::kFloat);
+          const auto gw = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                    c.q_offset, &gpu_flops, wg);
+          const auto gwd = gw.cpu().to(torch::kDouble);
+          ASSERT_TRUE(torch::isfinite(gwd).all().item<bool>()) << wwhat << ": unwritten or NaN";
+          EXPECT_LE((gwd - w).abs().max().item<double>(), kPooledAbsTol) << wwhat;
+          EXPECT_LE(((gwd - w).norm() / w.norm()).item<double>(), kPooledRelTol) << wwhat;
+          EXPECT_LE((gwd - g).abs().max().item<double>(), 1e-5) << wwhat << " against mma.sync";
+          EXPECT_TRUE(
+              torch::equal(gw, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                         c.q_offset, &gpu_flops, wg)))
+              << wwhat << ": two runs differ";
+        }
+      }
     }
   }
 }

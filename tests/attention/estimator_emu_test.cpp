@@ -31,8 +31,10 @@
 #include "tests/cuda_emu/cuda_emu.h"
 // clang-format off (the emulation must come first)
 #include "attention/cuda/pooled_keys_mma.cuh"
+#include "attention/cuda/pooled_keys_wgmma.cuh"
 #include "attention/cuda/pooled_scores.cuh"
 #include "tests/cuda_emu/cuda_emu_mma.h"
+#include "tests/cuda_emu/cuda_emu_wgmma.h"
 // clang-format on
 
 namespace {
@@ -40,6 +42,7 @@ namespace {
 namespace cu = attnpilot::attention::cuda;
 namespace pooled = attnpilot::attention::cuda::pooled;
 namespace pooled_keys = attnpilot::attention::cuda::pooled_keys;
+namespace pooled_keys_wgmma = attnpilot::attention::cuda::pooled_keys_wgmma;
 namespace emu = attnpilot::cuda_emu;
 
 /// fp32 rounding of the kernels' inputs (pq, kp) and fp32 dot products, exp2 and sums, amplified
@@ -297,7 +300,7 @@ KeysProblem make_keys_problem(const Shape& s, int64_t hkv, int64_t ld, uint64_t 
 /// scores between the two.
 template <typename T, int D>
 std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const KeysProblem& pr,
-                                std::vector<float>* lse, int stages) {
+                                std::vector<float>* lse, int stages, bool wgmma) {
   cu::PooledKeysLaunch p;
   const int64_t qbn = (s.n + s.bs - 1) / s.bs, kbn = (s.m + s.bs - 1) / s.bs;
   std::vector<float> scores(static_cast<size_t>(s.b * s.h * qbn * kbn),
@@ -315,6 +318,23 @@ std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const K
   for (int64_t bh = 0; bh < s.b * s.h; ++bh)
     for (int64_t c = 0; c < chunks; ++c)
       for (int64_t g = 0; g < groups; ++g) {
+        if (wgmma) {
+          // The wgmma body: a 1024-byte aligned window (the emulated wgmma reads it through
+          // descriptors), poisoned with NaN before each CTA.
+          const auto bytes = static_cast<size_t>(pooled_keys_wgmma::shared_bytes(D, stages));
+          std::vector<uint16_t> raw(bytes / 2 + 512,
+                                    std::is_same_v<T, __nv_bfloat16> ? 0x7fc0 : 0x7e00);
+          auto* base = reinterpret_cast<unsigned char*>(
+              (reinterpret_cast<uintptr_t>(raw.data()) + 1023) / 1024 * 1024);
+          emu::wgmma::set_shared_window(base, bytes);
+          emu::run_block(pooled_keys_wgmma::kThreads, [&] {
+            if (stages == 2)
+              pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 2>(p, c, g, bh, base);
+            else
+              pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 3>(p, c, g, bh, base);
+          });
+          continue;
+        }
         // The CTA's shared memory, poisoned (NaN) before each CTA.
         std::vector<uint16_t> tiles(pooled_keys::shared_bytes(D, stages) / 2,
                                     std::is_same_v<T, __nv_bfloat16> ? 0x7fc0 : 0x7e00);
@@ -340,12 +360,12 @@ struct KeysCase {
 };
 
 std::vector<float> emulate_keys_any(const KeysCase& c, const KeysProblem& pr,
-                                    std::vector<float>* lse, int stages = 2) {
+                                    std::vector<float>* lse, int stages = 2, bool wgmma = false) {
   if (c.s.d == 64)
-    return c.bf16 ? emulate_keys<__nv_bfloat16, 64>(c.s, c.hkv, c.ld, pr, lse, stages)
-                  : emulate_keys<__half, 64>(c.s, c.hkv, c.ld, pr, lse, stages);
-  return c.bf16 ? emulate_keys<__nv_bfloat16, 128>(c.s, c.hkv, c.ld, pr, lse, stages)
-                : emulate_keys<__half, 128>(c.s, c.hkv, c.ld, pr, lse, stages);
+    return c.bf16 ? emulate_keys<__nv_bfloat16, 64>(c.s, c.hkv, c.ld, pr, lse, stages, wgmma)
+                  : emulate_keys<__half, 64>(c.s, c.hkv, c.ld, pr, lse, stages, wgmma);
+  return c.bf16 ? emulate_keys<__nv_bfloat16, 128>(c.s, c.hkv, c.ld, pr, lse, stages, wgmma)
+                : emulate_keys<__half, 128>(c.s, c.hkv, c.ld, pr, lse, stages, wgmma);
 }
 
 KeysProblem make_keys_any(const KeysCase& c, uint64_t seed, double sharp) {
@@ -377,7 +397,9 @@ std::vector<KeysCase> keys_cases() {
   };
 }
 
-TEST(PooledKeyScoresEmulated, MatchTheCpuTwinInFloat64) {
+/// Both bodies (mma.sync; wgmma with `stages` 128-key tiles in flight) on every case against
+/// the float64 CPU twin.
+void check_keys_against_twin(bool wgmma, int stages) {
   uint64_t seed = 31;
   double worst = 0;
   for (const KeysCase& c : keys_cases()) {
@@ -388,15 +410,26 @@ TEST(PooledKeyScoresEmulated, MatchTheCpuTwinInFloat64) {
     const auto want = attnpilot::attention::lowrank_block_scores(
         pr.q, pr.k64, pr.a_q, pr.a_k, s.bs, s.causal, s.q_offset, &flops, /*pool_queries=*/true);
     std::vector<float> lse;
-    const auto got_v = emulate_keys_any(c, pr, &lse);
-    worst = std::max(
-        worst, expect_pooled_scores(s, want, got_v, lse, kKeysAbsTol,
-                                    fmt::format("{} hkv={} ld={} {} sharp {}", s.str(), c.hkv, c.ld,
-                                                c.bf16 ? "bf16" : "fp16", sharp)));
+    const auto got_v = emulate_keys_any(c, pr, &lse, stages, wgmma);
+    worst = std::max(worst,
+                     expect_pooled_scores(
+                         s, want, got_v, lse, kKeysAbsTol,
+                         fmt::format("{} {} hkv={} ld={} {} sharp {}", wgmma ? "wgmma" : "mma.sync",
+                                     s.str(), c.hkv, c.ld, c.bf16 ? "bf16" : "fp16", sharp)));
   }
   std::printf(
-      "pooled scores on the stored keys, emulated vs float64 CPU twin: max abs error %.3g\n",
-      worst);
+      "pooled scores on the stored keys (%s, %d stages), emulated vs float64 CPU twin: max abs "
+      "error %.3g\n",
+      wgmma ? "wgmma" : "mma.sync", stages, worst);
+}
+
+TEST(PooledKeyScoresEmulated, MatchTheCpuTwinInFloat64) { check_keys_against_twin(false, 2); }
+
+// The wgmma body (128-key tiles: blocks of 64 split a tile in two halves, chunks ending mid
+// tile), with 2 and 3 tiles in flight, against the same twin and tolerance.
+TEST(PooledKeyScoresEmulated, WgmmaBodyMatchesTheCpuTwinInFloat64) {
+  check_keys_against_twin(true, 2);
+  check_keys_against_twin(true, 3);
 }
 
 // More key tiles in flight per CTA (3 or 4 cp.async stages) change when each tile is loaded,

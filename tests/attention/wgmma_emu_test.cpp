@@ -89,9 +89,10 @@ int d_col(int tid, int idx) { return 8 * (idx / 4) + 2 * (tid % 4) + idx % 2; }
 /// double reference; `preset` starts from random accumulators (acc on every step), else the
 /// first step has acc = false (over NaN accumulators).
 template <typename T, int N>
-void check_product(bool rs, int K, int threads, uint64_t seed, bool preset) {
+void check_product(bool rs, int K, int threads, uint64_t seed, bool preset,
+                   bool rs_k_major = false) {
   SCOPED_TRACE(::testing::Message()
-               << (rs ? "wgmma_rs" : "wgmma_ss") << " "
+               << (rs ? (rs_k_major ? "wgmma_rs K-major B" : "wgmma_rs") : "wgmma_ss") << " "
                << (std::is_same_v<T, __half> ? "fp16" : "bf16") << " N " << N << " K " << K
                << " threads " << threads << " seed " << seed << (preset ? " preset" : ""));
   const int M = 64 * (threads / 128);
@@ -112,7 +113,8 @@ void check_product(bool rs, int K, int threads, uint64_t seed, bool preset) {
       for (int k = 0; k < K; ++k) win.put(sw128_offset(M, r, k), A(r, k));
   for (int n = 0; n < N; ++n)
     for (int k = 0; k < K; ++k)
-      win.put(a_bytes + (rs ? sw128_offset(K, k, n) : sw128_offset(N, n, k)), Bt(n, k));
+      win.put(a_bytes + (rs && !rs_k_major ? sw128_offset(K, k, n) : sw128_offset(N, n, k)),
+              Bt(n, k));
 
   constexpr int kD = N / 2;
   std::vector<float> init(static_cast<size_t>(threads * kD)), out(init.size());
@@ -136,8 +138,14 @@ void check_product(bool rs, int K, int threads, uint64_t seed, bool preset) {
         const int k0 = 16 * s + 2 * c;
         const uint32_t regs[4] = {pair(row0, k0), pair(row0 + 8, k0), pair(row0, k0 + 8),
                                   pair(row0 + 8, k0 + 8)};
-        // k-step s: 16 rows of 128 bytes further; the N regions K·128 bytes (LBO) apart.
-        ptx::wgmma_rs<T, N>(d, regs, ptx::sw128_desc(b_addr + s * 2048, K * 128, 1024), acc);
+        if (rs_k_major) {
+          // B stored N×K as wgmma_ss's: 32 bytes into the row of region s / 4.
+          const uint32_t b_at = b_addr + (s / 4) * N * 128 + static_cast<uint32_t>((s % 4) * 32);
+          ptx::wgmma_rs<T, N, false>(d, regs, ptx::sw128_desc(b_at, 16, 1024), acc);
+        } else {
+          // k-step s: 16 rows of 128 bytes further; the N regions K·128 bytes (LBO) apart.
+          ptx::wgmma_rs<T, N>(d, regs, ptx::sw128_desc(b_addr + s * 2048, K * 128, 1024), acc);
+        }
       } else {
         // k-step s: 32 bytes into the row of region s / 4; 8-row atoms 1024 bytes apart.
         const uint32_t k_off = static_cast<uint32_t>((s % 4) * 32);
@@ -198,6 +206,10 @@ TEST(WgmmaEmu, RandomProductsMatchTheReference) {
           check_product<__nv_bfloat16, 128>(rs, K, threads, seed++, preset);
           check_product<__half, 64>(rs, K, threads, seed++, preset);
           check_product<__half, 128>(rs, K, threads, seed++, preset);
+          if (rs) {  // B K-major (imm-trans-b = 0), as the pooled-key scores use it
+            check_product<__nv_bfloat16, 64>(rs, K, threads, seed++, preset, true);
+            check_product<__half, 128>(rs, K, threads, seed++, preset, true);
+          }
         }
 }
 

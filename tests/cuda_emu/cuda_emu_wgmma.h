@@ -14,8 +14,8 @@
 ///   fence_proxy_async()              fence.proxy.async.shared::cta: nothing to do
 ///   wgmma_ss<T, N>(d, a, b, acc)     wgmma.mma_async m64nNk16 f32 += T·T, A (64×16) and B (N×16)
 ///                                    K-major in shared memory: d = A·Bᵀ (+ d when acc)
-///   wgmma_rs<T, N>(d, a, b, acc)     the same with A from registers and B (16×N) MN-major
-///                                    (imm-trans-b = 1): d = A·B (+ d)
+///   wgmma_rs<T, N, kMnB>(d, a, b, acc)  the same with A from registers and B (16×N) MN-major
+///                                    (kMnB, imm-trans-b = 1) or K-major: d = A·B (+ d)
 /// T is __nv_bfloat16 or __half, N is 64 or 128. For the warp-specialised kernel, also:
 ///
 ///   mbar_init(bar, count) / mbar_arrive(bar) / mbar_wait(bar, parity)   an mbarrier at a shared
@@ -178,12 +178,14 @@ struct Deposit {
   uint64_t a_desc, b_desc;  // a_desc 0 for wgmma_rs
   uint32_t a[4];            // wgmma_rs
   int32_t ss, n, type, acc;
+  int32_t mn_b;  // wgmma_rs: B MN-major (imm-trans-b = 1), else K-major
 };
 
 /// One warpgroup's wgmma: the operands as read at issue.
 struct Issue {
   uint64_t seq = 0;
   bool ss = false;
+  bool mn_b = false;  // B read MN-major (wgmma_rs with imm-trans-b = 1)
   int n = 0;
   double a[64][16];   // A[row][k]
   double b[128][16];  // B[col][k]: Bᵀ for wgmma_ss, B for wgmma_rs
@@ -268,8 +270,8 @@ std::shared_ptr<Issue> read_operands(Bytes&& thread_bytes, int group) {
     const Deposit dt = deposit(t);
     const std::string who = "threads " + std::to_string(128 * group) + " and " +
                             std::to_string(128 * group + t) + " of a warpgroup";
-    if (dt.ss != d0.ss || dt.n != d0.n || dt.type != d0.type)
-      fail(who + " issue different wgmma instructions (ss/rs, N or type)");
+    if (dt.ss != d0.ss || dt.n != d0.n || dt.type != d0.type || dt.mn_b != d0.mn_b)
+      fail(who + " issue different wgmma instructions (ss/rs, N, type or B's major order)");
     if (dt.a_desc != d0.a_desc || dt.b_desc != d0.b_desc)
       fail(who + " give " + name + " different descriptors: A " + hex(d0.a_desc) + " vs " +
            hex(dt.a_desc) + ", B " + hex(d0.b_desc) + " vs " + hex(dt.b_desc));
@@ -286,6 +288,16 @@ std::shared_ptr<Issue> read_operands(Bytes&& thread_bytes, int group) {
     is->bits.push_back(v);
     return static_cast<double>(Type<T>::value(v));
   };
+  is->mn_b = !is->ss && d0.mn_b != 0;
+  // A K-major B (N×16): element (n, k) as wgmma_ss reads it.
+  const auto read_b_k_major = [&](const char* what) {
+    const Desc b = decode(d0.b_desc, what, false);
+    for (int n = 0; n < d0.n; ++n)
+      for (int k = 0; k < 16; ++k)
+        is->b[n][k] = keep(
+            swizzled(uint64_t(b.start) + uint64_t(n / 8) * b.sbo + uint64_t(n % 8) * 128 + 2u * k,
+                     what, n, k));
+  };
   if (is->ss) {
     const Desc a = decode(d0.a_desc, "wgmma_ss A", false);
     for (int r = 0; r < 64; ++r)
@@ -293,12 +305,7 @@ std::shared_ptr<Issue> read_operands(Bytes&& thread_bytes, int group) {
         is->a[r][k] = keep(
             swizzled(uint64_t(a.start) + uint64_t(r / 8) * a.sbo + uint64_t(r % 8) * 128 + 2u * k,
                      "wgmma_ss A", r, k));
-    const Desc b = decode(d0.b_desc, "wgmma_ss B", false);
-    for (int n = 0; n < d0.n; ++n)
-      for (int k = 0; k < 16; ++k)
-        is->b[n][k] = keep(
-            swizzled(uint64_t(b.start) + uint64_t(n / 8) * b.sbo + uint64_t(n % 8) * 128 + 2u * k,
-                     "wgmma_ss B", n, k));
+    read_b_k_major("wgmma_ss B");
   } else {
     // A[row][k]: warp row / 16, lane 4·(row % 8) + (k % 8) / 2, register (row % 16) / 8 +
     // 2·(k / 8), half k % 2.
@@ -308,6 +315,10 @@ std::shared_ptr<Issue> read_operands(Bytes&& thread_bytes, int group) {
         const uint32_t reg = dep.a[(r % 16) / 8 + 2 * (k / 8)];
         is->a[r][k] = Type<T>::value(static_cast<uint16_t>(k % 2 ? reg >> 16 : reg & 0xffffu));
       }
+    if (!is->mn_b) {
+      read_b_k_major("wgmma_rs B (K-major)");
+      return is;
+    }
     const Desc b = decode(d0.b_desc, "wgmma_rs B", true);
     for (int n = 0; n < d0.n; ++n)
       for (int k = 0; k < 16; ++k)
@@ -318,9 +329,10 @@ std::shared_ptr<Issue> read_operands(Bytes&& thread_bytes, int group) {
   return is;
 }
 
-/// Issues this thread's part of a wgmma (ss: a_desc, else a_regs).
+/// Issues this thread's part of a wgmma (ss: a_desc, else a_regs; mn_b: wgmma_rs's B MN-major).
 template <typename T, int N>
-void issue(float* d, bool ss, uint64_t a_desc, const uint32_t* a_regs, uint64_t b_desc, bool acc) {
+void issue(float* d, bool ss, uint64_t a_desc, const uint32_t* a_regs, uint64_t b_desc, bool acc,
+           bool mn_b = true) {
   static_assert(N == 64 || N == 128, "wgmma: N is 64 or 128");
   const char* name = ss ? "wgmma_ss" : "wgmma_rs";
   Block& blk = block(name);
@@ -340,6 +352,7 @@ void issue(float* d, bool ss, uint64_t a_desc, const uint32_t* a_regs, uint64_t 
   mine.n = N;
   mine.type = Type<T>::kId;
   mine.acc = acc;
+  mine.mn_b = !ss && mn_b;
 
   Pending p;
   p.d = d;
@@ -392,7 +405,7 @@ inline void complete(Pending& p, int tid) {
     for (int n = 0; n < is.n; ++n)  // B's elements are (n, k) K-major, (k, n) MN-major
       for (int k = 0; k < 16; ++k)
         check(b0 + static_cast<size_t>(n * 16 + k), is.ss ? "wgmma_ss B" : "wgmma_rs B",
-              is.ss ? n : k, is.ss ? k : n);
+              is.mn_b ? k : n, is.mn_b ? n : k);
   }
   std::memcpy(p.d, p.result, sizeof(float) * static_cast<size_t>(p.count));
 }
@@ -556,10 +569,11 @@ inline void wgmma_ss(float (&d)[N / 2], uint64_t a_desc, uint64_t b_desc, bool a
   detail::issue<T, N>(d, true, a_desc, nullptr, b_desc, acc);
 }
 
-/// wgmma.mma_async m64nNk16, A from registers, B MN-major in shared memory: d = A·B (+ d).
-template <typename T, int N>
+/// wgmma.mma_async m64nNk16, A from registers, B in shared memory MN-major (kMnB, imm-trans-b =
+/// 1) or K-major (stored N×16 as wgmma_ss's B): d = A·B (+ d).
+template <typename T, int N, bool kMnB = true>
 inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b_desc, bool acc) {
-  detail::issue<T, N>(d, false, 0, a, b_desc, acc);
+  detail::issue<T, N>(d, false, 0, a, b_desc, acc, kMnB);
 }
 
 }  // namespace attnpilot::cuda_emu::wgmma

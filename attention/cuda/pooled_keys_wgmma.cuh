@@ -1,0 +1,197 @@
+#pragma once
+/// The pooled-query block scores on the stored keys with Hopper's warpgroup MMA (sm_90a): the
+/// same scores as pooled_keys_mma.cuh (the mma.sync body, whose header describes them), with
+/// the products issued as wgmma by the CTA's one warpgroup:
+///
+///   w [64 query blocks × d] ──load_w (hi + lo split, per-row power of two σ)──► registers:
+///       exactly wgmma's register A fragments (each warp's 16 rows, 2·d/16 · 4 registers)
+///   k [keys × d] ──cp.async, 128-key tiles, 128-byte swizzle (block_sparse_wgmma_block.cuh's
+///       load_tile_async), S tiles in flight──► smem, K-major B of wgmma
+///   S[64 × 128] = σ·(hi·kᵀ + lo·kᵀ)   wgmma m64n128k16, A from registers, B K-major
+///       (imm-trans-b = 0), 2·d/16 instructions per tile, fp32 accumulators (64 per thread)
+///   per row and 64-key half tile: pooled_keys_mma.cuh's masked running (max, Σ 2^(s - max))
+///       and, at the end of a key block, L[qb, kb] = log2 Σ 2^(s_j) by lane c4 = 0
+///
+/// Why: the mma.sync body runs its 69 GFLOP (L = 32k, 32 heads, d = 128, hi and lo) at about a
+/// third of the tensor rate (ncu on an H100, 2026-12-06: latency-bound, tensor pipe 34%, 3 CTAs
+/// of 164 registers per SM; 0.3-0.4 ms of the estimator's 0.57). One wgmma m64n128k16 replaces
+/// 16 mma.sync m16n8k16 and reads no A from shared memory; at ~70% of the 990 TFLOP/s the
+/// products take ~0.1 ms. Not yet measured on a GPU.
+///
+/// Same grid and CTA geometry as the mma.sync body (64 query blocks × a chunk of key blocks of
+/// one (batch, head)), same scores up to the order of the fp32 sums.
+#ifndef ATTNPILOT_CUDA_EMU
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+
+#include "attention/cuda/block_estimator_kernels.h"
+#include "attention/cuda/block_sparse_wgmma_block.cuh"
+#include "attention/cuda/mma_ptx.cuh"
+#include "attention/cuda/pooled_keys_mma.cuh"
+#include "attention/cuda/wgmma_ptx.cuh"
+
+namespace attnpilot::attention::cuda::pooled_keys_wgmma {
+
+namespace bsw = block_sparse_wgmma;
+using pooled_keys::div_up;
+using pooled_keys::kGroupBlocks;
+
+/// Threads of a CTA (one warpgroup: 4 warps of 16 query blocks) and keys per tile.
+inline constexpr int kThreads = 128;
+inline constexpr int kTileKeys = 128;
+static_assert(kThreads == pooled_keys::kThreads && kGroupBlocks == 64,
+              "the mma.sync body's grid: 64 query blocks per CTA of 128 threads");
+
+/// Dynamic shared memory of a CTA: `stages` swizzled 128-key tiles and 1 KB to align the base.
+__host__ __device__ constexpr int64_t shared_bytes(int d, int stages) {
+  return int64_t(stages) * bsw::tile_bytes(d) + 1024;
+}
+
+/// One CTA (kThreads threads, all of which call it: it holds barriers and warpgroup MMAs):
+/// pooled_keys::pooled_keys_block's contract, with S swizzled 128-key tiles in `smem_raw`
+/// (shared_bytes(D, S) bytes).
+template <typename T, int D, int S>
+__device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_t chunk,
+                                               int64_t group, int64_t bh, unsigned char* smem_raw) {
+  static_assert(D == 64 || D == 128, "head dims 64 and 128");
+  static_assert(S >= 2 && S <= pooled_keys::kMaxStages, "2 to kMaxStages key tiles in flight");
+  constexpr uint32_t kTile = bsw::tile_bytes(D);
+  constexpr int kDk = D / 16;
+  constexpr int kHalf = kTileKeys / 2;  // keys of one half tile (blocks are multiples of 64)
+  const float kNegInf = -INFINITY;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c4 = lane % 4;
+  const int64_t bs = p.block_size, first = group * kGroupBlocks;
+  const int64_t qb_cta_last =
+      first + kGroupBlocks <= p.q_blocks ? first + kGroupBlocks - 1 : p.q_blocks - 1;
+  const int64_t k_lo = chunk * p.chunk_blocks * bs;
+  int64_t k_hi = (chunk + 1) * p.chunk_blocks * bs;
+  const int64_t kend_cta = pooled_keys::visible_keys(p, qb_cta_last);
+  if (k_hi > kend_cta) k_hi = kend_cta;
+  if (k_lo >= k_hi) return;  // CTA-uniform: the group sees nothing of this chunk
+  const int64_t ntiles = div_up(k_hi - k_lo, kTileKeys);
+
+  // This warp's query blocks qb0 .. qb0 + 15 (rows past q_blocks: kend 0, w read as row 0).
+  const int64_t qb0 = first + 16 * warp;
+  const int64_t qb_last = qb0 + 15 < p.q_blocks ? qb0 + 15 : p.q_blocks - 1;
+  const int64_t warp_kmax = qb0 < p.q_blocks ? pooled_keys::visible_keys(p, qb_last) : 0;
+  const int64_t warp_kmin = qb0 + 15 < p.q_blocks ? pooled_keys::visible_keys(p, qb0) : 0;
+  int64_t kend[2], vis[2];
+  float* out[2];
+  const float* wrow[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int64_t qb = qb0 + g + 8 * hr;
+    const bool active = qb < p.q_blocks;
+    kend[hr] = active ? pooled_keys::visible_keys(p, qb) : 0;
+    vis[hr] = div_up(kend[hr], bs);
+    out[hr] = p.scores + (bh * p.q_blocks + (active ? qb : 0)) * p.k_blocks;
+    wrow[hr] = p.w + (bh * p.q_blocks + (active ? qb : 0)) * D;
+  }
+  uint32_t ahi[kDk][4], alo[kDk][4];
+  float sigma[2];
+  pooled_keys::load_w<T, D>(ahi, alo, sigma, wrow, c4);
+
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t kvh = h / (p.heads / p.kv_heads);
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
+  unsigned char* tiles = bsw::align1024(smem_raw);
+  const uint32_t tiles_addr = ptx::smem_offset(tiles);
+
+  // Tiles 0 .. S-2 in flight, one cp.async group per tile (empty past the last).
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) {
+    if (i < ntiles)
+      bsw::load_tile_async<T, D, kThreads>(tiles + i * kTile, kg, p.k_stride[2],
+                                           k_lo + i * kTileKeys, p.m, tid);
+    ptx::cp_async_commit();
+  }
+
+  float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int64_t k0 = k_lo + t * kTileKeys;
+    // Tile t has landed (this thread's copies, fenced for wgmma's async-proxy reads; then
+    // everyone's), and every wgmma of tile t - 1 has completed (each thread waited for its
+    // own), so its stage may be refilled.
+    ptx::cp_async_wait_group<S - 2>();
+    ptx::fence_proxy_async();
+    __syncthreads();
+    if (t + S - 1 < ntiles)
+      bsw::load_tile_async<T, D, kThreads>(tiles + ((t + S - 1) % S) * kTile, kg, p.k_stride[2],
+                                           k0 + (S - 1) * kTileKeys, p.m, tid);
+    ptx::cp_async_commit();
+    const int stage = static_cast<int>(t % S);
+    float s[kTileKeys / 2];
+    {
+      const uint64_t kd = ptx::sw128_desc(tiles_addr + stage * kTile, 16, 1024);
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kDk; ++kk) {
+        const uint64_t bk = ptx::desc_advance(kd, (kk / 4) * bsw::kRegionBytes + (kk % 4) * 32);
+        ptx::wgmma_rs<T, kTileKeys, false>(s, ahi[kk], bk, kk > 0);
+        ptx::wgmma_rs<T, kTileKeys, false>(s, alo[kk], bk, true);
+      }
+      ptx::wgmma_commit();
+      ptx::wgmma_wait<0>();
+    }
+    // Two halves of 64 keys: a half never straddles a key block (k_lo and bs are multiples
+    // of 64). s[4i + 2hr + e] is row g + 8hr, key k0 + 8i + 2c4 + e.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t kh = k0 + half * kHalf;
+      if (kh >= k_hi) break;  // CTA-uniform: past the chunk (or every row's causal limit)
+      if (kh < warp_kmax) {   // warp-uniform: some row of the warp sees a key of the half
+        const bool need_mask = kh + kHalf > warp_kmin;  // warp-uniform
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          float tmax = kNegInf;
+#pragma unroll
+          for (int i = 0; i < kHalf / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& x = s[4 * (half * (kHalf / 8) + i) + 2 * hr + e];
+              x *= sigma[hr];
+              if (need_mask && kh + 8 * i + 2 * c4 + e >= kend[hr]) x = kNegInf;
+              tmax = fmaxf(tmax, x);
+            }
+          if (tmax > mx[hr]) {
+            sum[hr] *= ptx::exp2_approx(mx[hr] - tmax);  // mx = -inf: sum is 0 and stays 0
+            mx[hr] = tmax;
+          }
+          const float base = mx[hr] == kNegInf ? 0.f : mx[hr];  // all masked so far: adds 0
+          float acc = 0.f;
+#pragma unroll
+          for (int i = 0; i < kHalf / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              acc += ptx::exp2_approx(s[4 * (half * (kHalf / 8) + i) + 2 * hr + e] - base);
+          sum[hr] += acc;
+        }
+      }
+      // End of a key block or of the CTA's keys: the quad's partial (max, sum) pairs combine
+      // into L, written by lane c4 = 0 (pooled_keys_mma.cuh's rule).
+      if ((kh + kHalf) % bs == 0 || kh + kHalf >= k_hi) {
+        const int64_t kb = kh / bs;
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          float m_all = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+          m_all = fmaxf(m_all, __shfl_xor_sync(0xffffffffu, m_all, 2));
+          const float base = m_all == kNegInf ? 0.f : m_all;
+          float l = mx[hr] == kNegInf ? 0.f : sum[hr] * ptx::exp2_approx(mx[hr] - base);
+          l += __shfl_xor_sync(0xffffffffu, l, 1);
+          l += __shfl_xor_sync(0xffffffffu, l, 2);
+          if (c4 == 0 && kb < vis[hr]) out[hr][kb] = m_all + log2f(l);
+          mx[hr] = kNegInf;
+          sum[hr] = 0.f;
+        }
+      }
+    }
+  }
+  ptx::cp_async_wait_all();  // no copy outlives the CTA (the groups past the last tile are empty)
+}
+
+}  // namespace attnpilot::attention::cuda::pooled_keys_wgmma
