@@ -525,22 +525,10 @@ cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t 
     if (e != cudaSuccess)
       *failed_call = "pooled_keys_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
   };
-  const auto typed = [&](auto stages_c) {
-    constexpr int kS = decltype(stages_c)::value;
-    const bool bf16 = p.type == InputType::kBFloat16;
-    if (p.d == 64)
-      bf16 ? run(pooled_keys_kernel<__nv_bfloat16, 64, kS>)
-           : run(pooled_keys_kernel<__half, 64, kS>);
-    else
-      bf16 ? run(pooled_keys_kernel<__nv_bfloat16, 128, kS>)
-           : run(pooled_keys_kernel<__half, 128, kS>);
-  };
-  if (stages == 2)
-    typed(std::integral_constant<int, 2>{});
-  else if (stages == 3)
-    typed(std::integral_constant<int, 3>{});
-  else
-    typed(std::integral_constant<int, 4>{});
+  pooled_keys::dispatch_config(p, stages, [&](auto type, auto dim, auto st) {
+    run(pooled_keys_kernel<typename decltype(type)::type, decltype(dim)::value,
+                           decltype(st)::value>);
+  });
   if (e != cudaSuccess) return e;
   return launch_pooled_normalise(pooled_normalise_launch(p), stream, failed_call);
 }

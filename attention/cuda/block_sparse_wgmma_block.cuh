@@ -244,6 +244,13 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const float (&s)[kBN
   issue_pv_packed<T, D>(o, pa, va);
 }
 
+/// 1 / l of a row from the lane quad's partial sums l (0 where l = 0: a row that saw no key).
+__device__ __forceinline__ float inverse_row_sum(float l) {
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  return l > 0.f ? 1.f / l : 0.f;
+}
+
 /// out = O / l for this thread's two rows, written into the swizzled staging tile `stage` (the
 /// warpgroup's own Q rows; row = the tile row of row g); l = 0 gives 0.
 template <typename T, int D>
@@ -251,10 +258,7 @@ __device__ __forceinline__ void stage_output(unsigned char* stage, const float (
                                              const SoftmaxRows& st, int row, int c4) {
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    float l = st.l[hr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = inverse_row_sum(st.l[hr]);
     const int r = row + 8 * hr;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
@@ -417,6 +421,24 @@ struct ItemSchedule {
   __device__ __forceinline__ bool done(int64_t j) const { return j * ctas >= total; }
 };
 
+/// f(item, q0, list, done) for each work item of sched in order (item: its (tile, head,
+/// batch); q0: its first query row; list: its key tiles; done: the items before it), as both
+/// roles of a warp-specialised CTA walk them. Without kPersistent, sched's one item with no
+/// loop around it (so nothing is hoisted out of a loop that runs once).
+template <bool kPersistent, class F>
+__device__ __forceinline__ void for_each_item(const BlockSparseLaunch& p, const ItemSchedule& sched,
+                                              F&& f) {
+  int64_t done = 0;
+  for (int64_t j = 0; kPersistent ? !sched.done(j) : j < 1; ++j) {
+    const int64_t w = sched.item(j);
+    if (w < 0) continue;
+    const WorkItem it = work_item(p, w);
+    const int64_t q0 = static_cast<int64_t>(it.tile) * kBM;
+    const TileList list(p, q0, it.h, it.b);
+    f(it, q0, list, done++);
+  }
+}
+
 /// Where a role is in the ring of kWsStages stages: the stage of its current use, that use's
 /// mbarrier phase parity, and whether the ring has gone round once (the stage was used
 /// before). 32-bit counters stepped by next(): a running 64-bit use count needed a 64-bit
@@ -443,10 +465,7 @@ __device__ __forceinline__ void store_output_regs(T* out, const float (&o)[D / 2
                                                   int row, int c4) {
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    float l = st.l[hr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = inverse_row_sum(st.l[hr]);
     const int64_t qi = q0 + row + 8 * hr;
     if (qi < n) {
       T* dst = out + qi * D + 2 * c4;
@@ -536,83 +555,76 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
       if constexpr (kPersistent) ptx::mbar_arrive(v_full + s);
       ring.next();
     };
-    int64_t items = 0;  // items done, for the Q barriers' phases
-    for (int64_t j = 0; kPersistent ? !sched.done(j) : j < 1; ++j) {  // one item: no loop
-      const int64_t w = sched.item(j);
-      if (w < 0) continue;
-      const WorkItem it = work_item(p, w);
-      const int64_t q0 = static_cast<int64_t>(it.tile) * kBM;
-      const TileList list(p, q0, it.h, it.b);
-      const int kvh = it.h / (p.heads / p.kv_heads);
-      const T* qg = static_cast<const T*>(p.q) + it.b * p.q_stride[0] + it.h * p.q_stride[1];
-      const T* kg = static_cast<const T*>(p.k) + it.b * p.k_stride[0] + kvh * p.k_stride[1];
-      const T* vg = static_cast<const T*>(p.v) + it.b * p.v_stride[0] + kvh * p.v_stride[1];
-      if constexpr (kAsyncArrive) {
-        const auto load_kv = [&](int64_t t) {
-          const int64_t k0 = list.k0(t);
-          const int s = claim(k0);
-          load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
-          ptx::cp_async_mbar_arrive(k_full + s);
-          load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
-          ptx::cp_async_mbar_arrive(v_full + s);
-          ring.next();
-        };
-        // The first tile's K and V go first, into a stage the consumers may already have
-        // released; Q once the consumers have issued their last S of the previous item (their
-        // arrival on Q empty).
-        int64_t t = list.next(0);
-        if (t < list.tiles) load_kv(t);
-        if (kPersistent && items > 0)
-          ptx::mbar_wait(q_empty, static_cast<unsigned>((items - 1) & 1));
-        load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
-        ptx::cp_async_mbar_arrive(q_full);
-        if (t < list.tiles)
-          for (t = list.next(t + 1); t < list.tiles; t = list.next(t + 1)) load_kv(t);
-        finish();
-        ++items;
-        continue;
-      }
-      load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
-      cp_async_commit();
-      // Groups in flight: Q, then per tile K and V. After issuing tile i, tile i-1's K and V
-      // (or Q, at i = 0) are waited for and signalled.
-      int64_t prev_stage = -1;
-      for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ring.next()) {
-        const int64_t k0 = list.k0(t);
-        const int s = claim(k0);
-        load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
-        cp_async_commit();
-        load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
-        cp_async_commit();
-        if (prev_stage < 0) {  // Q (the oldest group) has landed
-          ptx::cp_async_wait_group<2>();
-          ptx::fence_proxy_async();
-          ptx::mbar_arrive(q_full);
-        } else {
-          ptx::cp_async_wait_group<3>();  // the previous tile's K
-          ptx::fence_proxy_async();
-          ptx::mbar_arrive(k_full + prev_stage);
-          ptx::cp_async_wait_group<2>();  // and its V
-          ptx::fence_proxy_async();
-          ptx::mbar_arrive(v_full + prev_stage);
-        }
-        prev_stage = s;
-      }
-      if (prev_stage < 0) {  // no tile: Q alone
-        ptx::cp_async_wait_group<0>();
-        ptx::fence_proxy_async();
-        ptx::mbar_arrive(q_full);
-      } else {
-        ptx::cp_async_wait_group<1>();
-        ptx::fence_proxy_async();
-        ptx::mbar_arrive(k_full + prev_stage);
-        ptx::cp_async_wait_group<0>();
-        ptx::fence_proxy_async();
-        ptx::mbar_arrive(v_full + prev_stage);
-      }
-      finish();
-      ++items;
-    }
+    for_each_item<kPersistent>(
+        p, sched, [&](const WorkItem& it, int64_t q0, const TileList& list, int64_t items) {
+          const int kvh = it.h / (p.heads / p.kv_heads);
+          const T* qg = static_cast<const T*>(p.q) + it.b * p.q_stride[0] + it.h * p.q_stride[1];
+          const T* kg = static_cast<const T*>(p.k) + it.b * p.k_stride[0] + kvh * p.k_stride[1];
+          const T* vg = static_cast<const T*>(p.v) + it.b * p.v_stride[0] + kvh * p.v_stride[1];
+          if constexpr (kAsyncArrive) {
+            const auto load_kv = [&](int64_t t) {
+              const int64_t k0 = list.k0(t);
+              const int s = claim(k0);
+              load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
+              ptx::cp_async_mbar_arrive(k_full + s);
+              load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
+              ptx::cp_async_mbar_arrive(v_full + s);
+              ring.next();
+            };
+            // The first tile's K and V go first, into a stage the consumers may already have
+            // released; Q once the consumers have issued their last S of the previous item (their
+            // arrival on Q empty).
+            int64_t t = list.next(0);
+            if (t < list.tiles) load_kv(t);
+            if (kPersistent && items > 0)
+              ptx::mbar_wait(q_empty, static_cast<unsigned>((items - 1) & 1));
+            load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
+            ptx::cp_async_mbar_arrive(q_full);
+            if (t < list.tiles)
+              for (t = list.next(t + 1); t < list.tiles; t = list.next(t + 1)) load_kv(t);
+            finish();
+            return;
+          }
+          load_tile_async<T, D, 128>(sq, qg, p.q_stride[2], q0, p.n, tid);
+          cp_async_commit();
+          // Groups in flight: Q, then per tile K and V. After issuing tile i, tile i-1's K and V
+          // (or Q, at i = 0) are waited for and signalled.
+          int64_t prev_stage = -1;
+          for (int64_t t = list.next(0); t < list.tiles; t = list.next(t + 1), ring.next()) {
+            const int64_t k0 = list.k0(t);
+            const int s = claim(k0);
+            load_tile_async<T, D, 128>(sk + s * kTile, kg, p.k_stride[2], k0, p.m, tid);
+            cp_async_commit();
+            load_tile_async<T, D, 128>(sv + s * kTile, vg, p.v_stride[2], k0, p.m, tid);
+            cp_async_commit();
+            if (prev_stage < 0) {  // Q (the oldest group) has landed
+              ptx::cp_async_wait_group<2>();
+              ptx::fence_proxy_async();
+              ptx::mbar_arrive(q_full);
+            } else {
+              ptx::cp_async_wait_group<3>();  // the previous tile's K
+              ptx::fence_proxy_async();
+              ptx::mbar_arrive(k_full + prev_stage);
+              ptx::cp_async_wait_group<2>();  // and its V
+              ptx::fence_proxy_async();
+              ptx::mbar_arrive(v_full + prev_stage);
+            }
+            prev_stage = s;
+          }
+          if (prev_stage < 0) {  // no tile: Q alone
+            ptx::cp_async_wait_group<0>();
+            ptx::fence_proxy_async();
+            ptx::mbar_arrive(q_full);
+          } else {
+            ptx::cp_async_wait_group<1>();
+            ptx::fence_proxy_async();
+            ptx::mbar_arrive(k_full + prev_stage);
+            ptx::cp_async_wait_group<0>();
+            ptx::fence_proxy_async();
+            ptx::mbar_arrive(v_full + prev_stage);
+          }
+          finish();
+        });
   } else {
     // Consumers: warpgroup c = wg - 1 on rows 64c .. 64c + 63.
     ptx::setmaxnreg_inc<kConsumerRegs>();
@@ -636,115 +648,109 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
                    v_addr = ptx::smem_offset(sv);
     const float scale_log2 = p.scale * 1.4426950408889634f;
     const float kNegInf = -__int_as_float(0x7f800000);
-    int64_t items = 0;  // items done, for the Q barriers' phases
-    for (int64_t j = 0; kPersistent ? !sched.done(j) : j < 1; ++j) {  // one item: no loop
-      const int64_t w = sched.item(j);
-      if (w < 0) continue;
-      const WorkItem it = work_item(p, w);
-      const int64_t q0 = static_cast<int64_t>(it.tile) * kBM;
-      const TileList list(p, q0, it.h, it.b);
-      float o[D / 2];
+    for_each_item<kPersistent>(
+        p, sched, [&](const WorkItem& it, int64_t q0, const TileList& list, int64_t items) {
+          float o[D / 2];
 #pragma unroll
-      for (int x = 0; x < D / 2; ++x) o[x] = 0.f;
-      SoftmaxRows st{{kNegInf, kNegInf}, {0.f, 0.f}};
-      // Turns (named barriers 1 and 2, 256 threads: the waiting warpgroup and the other's
-      // arrival): consumer c issues its S = QKᵀ after bar.sync(1 + c), then lets the other go.
-      // Consumer 0 goes first (consumer 1 arrives on barrier 1 up front) and takes one more
-      // turn at the end, so every arrival of an item is matched within it (consumer 1 cannot
-      // reach the next item's arrival before that turn: the next Q waits for Q empty, which
-      // consumer 0 signals after it).
-      if (c == 1) ptx::named_bar_arrive(1, 256);
-      wait_full(q_full, static_cast<unsigned>(items & 1));
-      const int64_t qpos0 = list.cta_first + wrow + g;
-      // Called when the end marker (the ring's current use) has been read: every S of the
-      // item has completed, so Q and the marker's stage are released.
-      const auto end_of_item = [&] {
-        if (c == 0) ptx::named_bar_sync(1, 256);
-        if (kPersistent && lane == 0) {
-          ptx::mbar_arrive(empty + ring.s);
-          ptx::mbar_arrive(q_empty);
-        }
-        ring.next();
-      };
-      if constexpr (!kOverlap) {
-        for (;; ring.next()) {
-          const int64_t k0 = next_k0();
-          if (k0 < 0) break;
-          const int s = ring.s;
-          float sc[kBN / 2];
-          ptx::named_bar_sync(1 + c, 256);
-          issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
-          ptx::named_bar_arrive(2 - c, 256);
-          ptx::wgmma_wait<0>();
-          softmax_step<D>(sc, o, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
-          wait_full(v_full + s, ring.phase);
-          issue_pv<T, D>(o, sc, v_addr + s * kTile);
-          ptx::wgmma_wait<0>();
-          if (lane == 0) ptx::mbar_arrive(empty + s);  // this warp is done with stage s
-        }
-        end_of_item();
-      } else {
-        // P of the previous tile waits in pa for its P V, issued beside the next tile's S. The
-        // first tile is peeled so the loop body has no branch around its wgmma (ptxas
-        // serialises wgmma on divergent paths, C7518).
-        uint32_t pa[kBN / 16][4];
-        int64_t k0 = next_k0();
-        if (k0 < 0) {
-          end_of_item();
-        } else {
-          int prev = ring.s;  // stage of the tile whose P V is pending
-          unsigned prev_phase = ring.phase;
-          {
-            float sc[kBN / 2];
-            ptx::named_bar_sync(1 + c, 256);
-            issue_s<T, D>(sc, q_addr, k_addr + prev * kTile);
-            ptx::named_bar_arrive(2 - c, 256);
-            ptx::wgmma_wait<0>();
-            float alpha[2];  // O is still zero: nothing to rescale
-            softmax_probs(sc, alpha, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
-            pack_p<T>(pa, sc);
-          }
-          for (ring.next();; ring.next()) {
-            k0 = next_k0();
-            if (k0 < 0) break;
-            const int s = ring.s;
-            const unsigned phase = ring.phase;
-            wait_full(v_full + prev, prev_phase);
-            float sc[kBN / 2];
-            ptx::named_bar_sync(1 + c, 256);
-            issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
-            issue_pv_packed<T, D>(o, pa, v_addr + prev * kTile);
-            ptx::named_bar_arrive(2 - c, 256);
-            ptx::wgmma_wait<1>();  // this tile's S (the last tile's P V may still run)
-            float alpha[2];
-            const bool rescale =
+          for (int x = 0; x < D / 2; ++x) o[x] = 0.f;
+          SoftmaxRows st{{kNegInf, kNegInf}, {0.f, 0.f}};
+          // Turns (named barriers 1 and 2, 256 threads: the waiting warpgroup and the other's
+          // arrival): consumer c issues its S = QKᵀ after bar.sync(1 + c), then lets the other go.
+          // Consumer 0 goes first (consumer 1 arrives on barrier 1 up front) and takes one more
+          // turn at the end, so every arrival of an item is matched within it (consumer 1 cannot
+          // reach the next item's arrival before that turn: the next Q waits for Q empty, which
+          // consumer 0 signals after it).
+          if (c == 1) ptx::named_bar_arrive(1, 256);
+          wait_full(q_full, static_cast<unsigned>(items & 1));
+          const int64_t qpos0 = list.cta_first + wrow + g;
+          // Called when the end marker (the ring's current use) has been read: every S of the
+          // item has completed, so Q and the marker's stage are released.
+          const auto end_of_item = [&] {
+            if (c == 0) ptx::named_bar_sync(1, 256);
+            if (kPersistent && lane == 0) {
+              ptx::mbar_arrive(empty + ring.s);
+              ptx::mbar_arrive(q_empty);
+            }
+            ring.next();
+          };
+          if constexpr (!kOverlap) {
+            for (;; ring.next()) {
+              const int64_t k0 = next_k0();
+              if (k0 < 0) break;
+              const int s = ring.s;
+              float sc[kBN / 2];
+              ptx::named_bar_sync(1 + c, 256);
+              issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
+              ptx::named_bar_arrive(2 - c, 256);
+              ptx::wgmma_wait<0>();
+              softmax_step<D>(sc, o, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
+              wait_full(v_full + s, ring.phase);
+              issue_pv<T, D>(o, sc, v_addr + s * kTile);
+              ptx::wgmma_wait<0>();
+              if (lane == 0) ptx::mbar_arrive(empty + s);  // this warp is done with stage s
+            }
+            end_of_item();
+          } else {
+            // P of the previous tile waits in pa for its P V, issued beside the next tile's S. The
+            // first tile is peeled so the loop body has no branch around its wgmma (ptxas
+            // serialises wgmma on divergent paths, C7518).
+            uint32_t pa[kBN / 16][4];
+            int64_t k0 = next_k0();
+            if (k0 < 0) {
+              end_of_item();
+            } else {
+              int prev = ring.s;  // stage of the tile whose P V is pending
+              unsigned prev_phase = ring.phase;
+              {
+                float sc[kBN / 2];
+                ptx::named_bar_sync(1 + c, 256);
+                issue_s<T, D>(sc, q_addr, k_addr + prev * kTile);
+                ptx::named_bar_arrive(2 - c, 256);
+                ptx::wgmma_wait<0>();
+                float alpha[2];  // O is still zero: nothing to rescale
                 softmax_probs(sc, alpha, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
-            ptx::wgmma_wait<0>();  // the last tile's P V: its stage is free, O may be rescaled
-            if (lane == 0) ptx::mbar_arrive(empty + prev);
-            if (rescale) rescale_o<D>(o, alpha);
-            pack_p<T>(pa, sc);
-            prev = s;
-            prev_phase = phase;
+                pack_p<T>(pa, sc);
+              }
+              for (ring.next();; ring.next()) {
+                k0 = next_k0();
+                if (k0 < 0) break;
+                const int s = ring.s;
+                const unsigned phase = ring.phase;
+                wait_full(v_full + prev, prev_phase);
+                float sc[kBN / 2];
+                ptx::named_bar_sync(1 + c, 256);
+                issue_s<T, D>(sc, q_addr, k_addr + s * kTile);
+                issue_pv_packed<T, D>(o, pa, v_addr + prev * kTile);
+                ptx::named_bar_arrive(2 - c, 256);
+                ptx::wgmma_wait<1>();  // this tile's S (the last tile's P V may still run)
+                float alpha[2];
+                const bool rescale =
+                    softmax_probs(sc, alpha, st, p, k0, list.need_mask(k0), qpos0, scale_log2, c4);
+                ptx::wgmma_wait<0>();  // the last tile's P V: its stage is free, O may be rescaled
+                if (lane == 0) ptx::mbar_arrive(empty + prev);
+                if (rescale) rescale_o<D>(o, alpha);
+                pack_p<T>(pa, sc);
+                prev = s;
+                prev_phase = phase;
+              }
+              end_of_item();
+              wait_full(v_full + prev, prev_phase);  // the last tile's P V
+              issue_pv_packed<T, D>(o, pa, v_addr + prev * kTile);
+              ptx::wgmma_wait<0>();
+              if (lane == 0) ptx::mbar_arrive(empty + prev);
+            }
           }
-          end_of_item();
-          wait_full(v_full + prev, prev_phase);  // the last tile's P V
-          issue_pv_packed<T, D>(o, pa, v_addr + prev * kTile);
-          ptx::wgmma_wait<0>();
-          if (lane == 0) ptx::mbar_arrive(empty + prev);
-        }
-      }
-      T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(it.b) * p.heads + it.h) * p.n * D;
-      if constexpr (kPersistent) {
-        store_output_regs<T, D>(out, o, st, q0, p.n, wrow + g, c4);
-      } else {
-        // out = O / l through this warpgroup's own Q rows (its last S, the last read of them,
-        // has completed), then its 128 threads store its 64 rows.
-        stage_output<T, D>(sq, o, st, wrow + g, c4);
-        ptx::named_bar_sync(3 + c, 128);
-        store_output<T, D>(sq, out, q0, p.n, 64 * c, 64 * c + 64, ctid % 128, 128);
-      }
-      ++items;
-    }
+          T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(it.b) * p.heads + it.h) * p.n * D;
+          if constexpr (kPersistent) {
+            store_output_regs<T, D>(out, o, st, q0, p.n, wrow + g, c4);
+          } else {
+            // out = O / l through this warpgroup's own Q rows (its last S, the last read of them,
+            // has completed), then its 128 threads store its 64 rows.
+            stage_output<T, D>(sq, o, st, wrow + g, c4);
+            ptx::named_bar_sync(3 + c, 128);
+            store_output<T, D>(sq, out, q0, p.n, 64 * c, 64 * c + 64, ctid % 128, 128);
+          }
+        });
   }
 }
 

@@ -39,6 +39,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "attention/cuda/block_estimator_kernels.h"
 #include "attention/cuda/block_sparse_block.cuh"
@@ -81,6 +82,33 @@ __host__ __device__ inline int64_t groups(const PooledKeysLaunch& p) {
 }
 __host__ __device__ inline int64_t chunks(const PooledKeysLaunch& p) {
   return div_up(p.k_blocks, p.chunk_blocks);
+}
+
+/// A type as a value, for dispatch_config's callback.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+/// The launchers' dispatch over p's key type (bf16 or fp16), head dim (64 or 128) and `stages`
+/// (2, 3 or 4): f(TypeTag<T>, integral_constant D, integral_constant S), once.
+template <class F>
+void dispatch_config(const PooledKeysLaunch& p, int stages, F&& f) {
+  const auto by_stages = [&](auto type, auto dim) {
+    if (stages == 2)
+      f(type, dim, std::integral_constant<int, 2>{});
+    else if (stages == 3)
+      f(type, dim, std::integral_constant<int, 3>{});
+    else
+      f(type, dim, std::integral_constant<int, 4>{});
+  };
+  const bool bf16 = p.type == InputType::kBFloat16;
+  if (p.d == 64)
+    bf16 ? by_stages(TypeTag<__nv_bfloat16>{}, std::integral_constant<int, 64>{})
+         : by_stages(TypeTag<__half>{}, std::integral_constant<int, 64>{});
+  else
+    bf16 ? by_stages(TypeTag<__nv_bfloat16>{}, std::integral_constant<int, 128>{})
+         : by_stages(TypeTag<__half>{}, std::integral_constant<int, 128>{});
 }
 
 /// x rounded to T (to nearest even), as a float.
@@ -135,6 +163,91 @@ __device__ __forceinline__ void load_w(uint32_t (&hi)[D / 16][4], uint32_t (&lo)
       }
 }
 
+/// One row's 64 keys of a tile (this lane's kTileKeys / 4 of them, at(i, e) the score of key
+/// k0 + 8i + 2c4 + e): scaled by sigma, keys at or past kend masked when need_mask (in place),
+/// folded into the lane-local running max mx and Σ 2^(s - mx) of the current key block.
+template <class At>
+__device__ __forceinline__ void fold_keys(At&& at, float sigma, bool need_mask, int64_t k0,
+                                          int64_t kend, int c4, float& mx, float& sum) {
+  const float kNegInf = -INFINITY;
+  float tmax = kNegInf;
+#pragma unroll
+  for (int i = 0; i < kTileKeys / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float x = at(i, e) * sigma;
+      if (need_mask && k0 + 8 * i + 2 * c4 + e >= kend) x = kNegInf;
+      at(i, e) = x;
+      tmax = fmaxf(tmax, x);
+    }
+  if (tmax > mx) {
+    sum *= ptx::exp2_approx(mx - tmax);  // mx = -inf: sum is 0 and stays 0
+    mx = tmax;
+  }
+  const float base = mx == kNegInf ? 0.f : mx;  // all masked so far: adds 0
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < kTileKeys / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) acc += ptx::exp2_approx(at(i, e) - base);
+  sum += acc;
+}
+
+/// The end of key block kb for one row: the lane quad's partial (mx, sum) pairs combine into
+/// L = log2 Σ 2^(s_j), written to out[kb] by lane c4 = 0 when kb < vis (a key of kb is visible
+/// to the row, so the max is finite and the sum >= 1); mx and sum start over. Every lane of
+/// the warp calls it (shuffles).
+__device__ __forceinline__ void flush_block(float& mx, float& sum, float* out, int64_t kb,
+                                            int64_t vis, int c4) {
+  const float kNegInf = -INFINITY;
+  float m_all = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  m_all = fmaxf(m_all, __shfl_xor_sync(0xffffffffu, m_all, 2));
+  const float base = m_all == kNegInf ? 0.f : m_all;
+  float l = mx == kNegInf ? 0.f : sum * ptx::exp2_approx(mx - base);
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  if (c4 == 0 && kb < vis) out[kb] = m_all + log2f(l);
+  mx = kNegInf;
+  sum = 0.f;
+}
+
+/// What a CTA of either score body (this one, pooled_keys_wgmma.cuh) and its threads work on:
+/// the CTA's keys [k_lo, k_hi) (its chunk, cut at its last query block's kend; empty: nothing
+/// to do), the thread's warp's query blocks (16 from qb0: the keys the warp's last and first
+/// see, warp_kmax and warp_kmin) and the thread's two rows g and g + 8 (their kend, visible
+/// blocks, score rows and w rows; rows past q_blocks: kend 0, w and scores of row 0).
+struct ChunkRows {
+  int64_t k_lo = 0, k_hi = 0;
+  int64_t warp_kmax = 0, warp_kmin = 0;
+  int64_t kend[2], vis[2];
+  float* out[2];
+  const float* wrow[2];
+
+  __device__ __forceinline__ ChunkRows(const PooledKeysLaunch& p, int64_t chunk, int64_t group,
+                                       int64_t bh, int warp, int g, int d) {
+    const int64_t bs = p.block_size, first = group * kGroupBlocks;
+    const int64_t qb_cta_last =
+        first + kGroupBlocks <= p.q_blocks ? first + kGroupBlocks - 1 : p.q_blocks - 1;
+    k_lo = chunk * p.chunk_blocks * bs;
+    k_hi = (chunk + 1) * p.chunk_blocks * bs;
+    const int64_t kend_cta = visible_keys(p, qb_cta_last);
+    if (k_hi > kend_cta) k_hi = kend_cta;
+    const int64_t qb0 = first + 16 * warp;
+    const int64_t qb_last = qb0 + 15 < p.q_blocks ? qb0 + 15 : p.q_blocks - 1;
+    warp_kmax = qb0 < p.q_blocks ? visible_keys(p, qb_last) : 0;
+    warp_kmin = qb0 + 15 < p.q_blocks ? visible_keys(p, qb0) : 0;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int64_t qb = qb0 + g + 8 * hr;
+      const bool active = qb < p.q_blocks;
+      kend[hr] = active ? visible_keys(p, qb) : 0;
+      vis[hr] = div_up(kend[hr], bs);
+      out[hr] = p.scores + (bh * p.q_blocks + (active ? qb : 0)) * p.k_blocks;
+      wrow[hr] = p.w + (bh * p.q_blocks + (active ? qb : 0)) * d;
+    }
+  }
+};
+
 /// One CTA (kThreads threads, all of which call it: it holds barriers): query blocks group·64 ..
 /// group·64 + 63, key blocks chunk·chunk_blocks .. of head bh = b·heads + h; writes L[qb, kb]
 /// into p.scores for the visible key blocks kb < vis(qb) of its chunk, nothing else. `tiles`:
@@ -147,36 +260,13 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
   constexpr int kDk = D / 16;
   const float kNegInf = -INFINITY;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c4 = lane % 4;
-  const int64_t bs = p.block_size, first = group * kGroupBlocks;
-  const int64_t qb_cta_last =
-      first + kGroupBlocks <= p.q_blocks ? first + kGroupBlocks - 1 : p.q_blocks - 1;
-  const int64_t k_lo = chunk * p.chunk_blocks * bs;
-  int64_t k_hi = (chunk + 1) * p.chunk_blocks * bs;
-  const int64_t kend_cta = visible_keys(p, qb_cta_last);
-  if (k_hi > kend_cta) k_hi = kend_cta;
-  if (k_lo >= k_hi) return;  // CTA-uniform: the group sees nothing of this chunk
-  const int64_t ntiles = div_up(k_hi - k_lo, kTileKeys);
-
-  // This warp's query blocks qb0 .. qb0 + 15 (rows past q_blocks: kend 0, w read as zero).
-  const int64_t qb0 = first + 16 * warp;
-  const int64_t qb_last = qb0 + 15 < p.q_blocks ? qb0 + 15 : p.q_blocks - 1;
-  const int64_t warp_kmax = qb0 < p.q_blocks ? visible_keys(p, qb_last) : 0;
-  const int64_t warp_kmin = qb0 + 15 < p.q_blocks ? visible_keys(p, qb0) : 0;
-  int64_t kend[2], vis[2];
-  float* out[2];
-  const float* wrow[2];
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int64_t qb = qb0 + g + 8 * hr;
-    const bool active = qb < p.q_blocks;
-    kend[hr] = active ? visible_keys(p, qb) : 0;
-    vis[hr] = div_up(kend[hr], bs);
-    out[hr] = p.scores + (bh * p.q_blocks + (active ? qb : 0)) * p.k_blocks;
-    wrow[hr] = p.w + (bh * p.q_blocks + (active ? qb : 0)) * D;
-  }
+  const int64_t bs = p.block_size;
+  const ChunkRows cr(p, chunk, group, bh, warp, g, D);
+  if (cr.k_lo >= cr.k_hi) return;  // CTA-uniform: the group sees nothing of this chunk
+  const int64_t ntiles = div_up(cr.k_hi - cr.k_lo, kTileKeys);
   uint32_t ahi[kDk][4], alo[kDk][4];
   float sigma[2];
-  load_w<T, D>(ahi, alo, sigma, wrow, c4);  // rows past q_blocks read row 0 (all masked)
+  load_w<T, D>(ahi, alo, sigma, cr.wrow, c4);  // rows past q_blocks read row 0 (all masked)
 
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int64_t kvh = h / (p.heads / p.kv_heads);
@@ -191,14 +281,14 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
   for (int i = 0; i < S - 1; ++i) {
     if (i < ntiles)
       load_rows_async<T, D, kTileKeys>(tiles + i * kTileKeys * kLd, kg, p.k_stride[2],
-                                       k_lo + i * kTileKeys, p.m, tid);
+                                       cr.k_lo + i * kTileKeys, p.m, tid);
     ptx::cp_async_commit();
   }
 
   // Lane-local running max and Σ 2^(s - max) of the current key block, per row.
   float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
   for (int64_t t = 0; t < ntiles; ++t) {
-    const int64_t k0 = k_lo + t * kTileKeys;
+    const int64_t k0 = cr.k_lo + t * kTileKeys;
     ptx::cp_async_wait_group<S - 2>();  // this thread's copies of tile t have landed ...
     __syncthreads();  // ... everyone's, and every warp is done with tile t-1 and its stage
     // Tile t + S - 1 into the stage tile t - 1 used.
@@ -207,7 +297,7 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
                                        p.k_stride[2], k0 + (S - 1) * kTileKeys, p.m, tid);
     ptx::cp_async_commit();
     const int stage = static_cast<int>(t % S);
-    if (k0 < warp_kmax) {  // warp-uniform: some row of the warp sees a key of the tile
+    if (k0 < cr.warp_kmax) {  // warp-uniform: some row of the warp sees a key of the tile
       const T* ks = tiles + stage * kTileKeys * kLd;
       float s[kTileKeys / 8][4];
 #pragma unroll
@@ -225,49 +315,18 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
           ptx::mma_16816<T>(s[2 * np + 1], ahi[kk], bf[2], bf[3]);
           ptx::mma_16816<T>(s[2 * np + 1], alo[kk], bf[2], bf[3]);
         }
-      const bool need_mask = k0 + kTileKeys > warp_kmin;  // warp-uniform
+      const bool need_mask = k0 + kTileKeys > cr.warp_kmin;  // warp-uniform
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        float tmax = kNegInf;
-#pragma unroll
-        for (int nt = 0; nt < kTileKeys / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float x = s[nt][2 * hr + e] * sigma[hr];
-            if (need_mask && k0 + 8 * nt + 2 * c4 + e >= kend[hr]) x = kNegInf;
-            s[nt][2 * hr + e] = x;
-            tmax = fmaxf(tmax, x);
-          }
-        if (tmax > mx[hr]) {
-          sum[hr] *= ptx::exp2_approx(mx[hr] - tmax);  // mx = -inf: sum is 0 and stays 0
-          mx[hr] = tmax;
-        }
-        const float base = mx[hr] == kNegInf ? 0.f : mx[hr];  // all masked so far: adds 0
-        float acc = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < kTileKeys / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) acc += ptx::exp2_approx(s[nt][2 * hr + e] - base);
-        sum[hr] += acc;
-      }
+      for (int hr = 0; hr < 2; ++hr)
+        fold_keys([&](int i, int e) -> float& { return s[i][2 * hr + e]; }, sigma[hr], need_mask,
+                  k0, cr.kend[hr], c4, mx[hr], sum[hr]);
     }
-    // End of a key block (tiles never straddle one: k_lo and bs are multiples of 64) or of the
-    // CTA's keys: the quad's partial (max, sum) pairs combine into L, written by lane c4 = 0.
+    // End of a key block (tiles never straddle one: the chunk start and bs are multiples of 64) or
+    // of the CTA's keys.
     if ((k0 + kTileKeys) % bs == 0 || t + 1 == ntiles) {
-      const int64_t kb = k0 / bs;
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        float m_all = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
-        m_all = fmaxf(m_all, __shfl_xor_sync(0xffffffffu, m_all, 2));
-        const float base = m_all == kNegInf ? 0.f : m_all;
-        float l = mx[hr] == kNegInf ? 0.f : sum[hr] * ptx::exp2_approx(mx[hr] - base);
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        // kb < vis: a key of kb is visible to the row, so m_all is finite and l >= 1.
-        if (c4 == 0 && kb < vis[hr]) out[hr][kb] = m_all + log2f(l);
-        mx[hr] = kNegInf;
-        sum[hr] = 0.f;
-      }
+      for (int hr = 0; hr < 2; ++hr)
+        flush_block(mx[hr], sum[hr], cr.out[hr], k0 / bs, cr.vis[hr], c4);
     }
   }
   ptx::cp_async_wait_all();  // no copy outlives the CTA (the groups past the last tile are empty)

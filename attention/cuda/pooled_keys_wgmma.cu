@@ -12,7 +12,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "attention/cuda/block_estimator_kernels.h"
 #include "attention/cuda/pooled_keys_mma.cuh"
@@ -54,22 +53,10 @@ cudaError_t launch_pooled_keys_wgmma(const PooledKeysLaunch& p, cudaStream_t str
     if (e != cudaSuccess)
       *failed_call = "pooled_keys_wgmma_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
   };
-  const auto typed = [&](auto stages_c) {
-    constexpr int kS = decltype(stages_c)::value;
-    const bool bf16 = p.type == InputType::kBFloat16;
-    if (p.d == 64)
-      bf16 ? run(pooled_keys_wgmma_kernel<__nv_bfloat16, 64, kS>)
-           : run(pooled_keys_wgmma_kernel<__half, 64, kS>);
-    else
-      bf16 ? run(pooled_keys_wgmma_kernel<__nv_bfloat16, 128, kS>)
-           : run(pooled_keys_wgmma_kernel<__half, 128, kS>);
-  };
-  if (stages == 2)
-    typed(std::integral_constant<int, 2>{});
-  else if (stages == 3)
-    typed(std::integral_constant<int, 3>{});
-  else
-    typed(std::integral_constant<int, 4>{});
+  pooled_keys::dispatch_config(p, stages, [&](auto type, auto dim, auto st) {
+    run(pooled_keys_wgmma_kernel<typename decltype(type)::type, decltype(dim)::value,
+                                 decltype(st)::value>);
+  });
   return e;
 }
 

@@ -62,39 +62,16 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
   static_assert(S >= 2 && S <= pooled_keys::kMaxStages, "2 to kMaxStages key tiles in flight");
   constexpr uint32_t kTile = bsw::tile_bytes(D);
   constexpr int kDk = D / 16;
-  constexpr int kHalf = kTileKeys / 2;  // keys of one half tile (blocks are multiples of 64)
+  constexpr int kHalf = pooled_keys::kTileKeys;  // keys of a half tile (blocks: multiples of 64)
   const float kNegInf = -INFINITY;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c4 = lane % 4;
-  const int64_t bs = p.block_size, first = group * kGroupBlocks;
-  const int64_t qb_cta_last =
-      first + kGroupBlocks <= p.q_blocks ? first + kGroupBlocks - 1 : p.q_blocks - 1;
-  const int64_t k_lo = chunk * p.chunk_blocks * bs;
-  int64_t k_hi = (chunk + 1) * p.chunk_blocks * bs;
-  const int64_t kend_cta = pooled_keys::visible_keys(p, qb_cta_last);
-  if (k_hi > kend_cta) k_hi = kend_cta;
-  if (k_lo >= k_hi) return;  // CTA-uniform: the group sees nothing of this chunk
-  const int64_t ntiles = div_up(k_hi - k_lo, kTileKeys);
-
-  // This warp's query blocks qb0 .. qb0 + 15 (rows past q_blocks: kend 0, w read as row 0).
-  const int64_t qb0 = first + 16 * warp;
-  const int64_t qb_last = qb0 + 15 < p.q_blocks ? qb0 + 15 : p.q_blocks - 1;
-  const int64_t warp_kmax = qb0 < p.q_blocks ? pooled_keys::visible_keys(p, qb_last) : 0;
-  const int64_t warp_kmin = qb0 + 15 < p.q_blocks ? pooled_keys::visible_keys(p, qb0) : 0;
-  int64_t kend[2], vis[2];
-  float* out[2];
-  const float* wrow[2];
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int64_t qb = qb0 + g + 8 * hr;
-    const bool active = qb < p.q_blocks;
-    kend[hr] = active ? pooled_keys::visible_keys(p, qb) : 0;
-    vis[hr] = div_up(kend[hr], bs);
-    out[hr] = p.scores + (bh * p.q_blocks + (active ? qb : 0)) * p.k_blocks;
-    wrow[hr] = p.w + (bh * p.q_blocks + (active ? qb : 0)) * D;
-  }
+  const int64_t bs = p.block_size;
+  const pooled_keys::ChunkRows cr(p, chunk, group, bh, warp, g, D);
+  if (cr.k_lo >= cr.k_hi) return;  // CTA-uniform: the group sees nothing of this chunk
+  const int64_t ntiles = div_up(cr.k_hi - cr.k_lo, kTileKeys);
   uint32_t ahi[kDk][4], alo[kDk][4];
   float sigma[2];
-  pooled_keys::load_w<T, D>(ahi, alo, sigma, wrow, c4);
+  pooled_keys::load_w<T, D>(ahi, alo, sigma, cr.wrow, c4);  // rows past q_blocks: row 0
 
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int64_t kvh = h / (p.heads / p.kv_heads);
@@ -107,13 +84,13 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
   for (int i = 0; i < S - 1; ++i) {
     if (i < ntiles)
       bsw::load_tile_async<T, D, kThreads>(tiles + i * kTile, kg, p.k_stride[2],
-                                           k_lo + i * kTileKeys, p.m, tid);
+                                           cr.k_lo + i * kTileKeys, p.m, tid);
     ptx::cp_async_commit();
   }
 
   float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
   for (int64_t t = 0; t < ntiles; ++t) {
-    const int64_t k0 = k_lo + t * kTileKeys;
+    const int64_t k0 = cr.k_lo + t * kTileKeys;
     // Tile t has landed (this thread's copies, fenced for wgmma's async-proxy reads; then
     // everyone's), and every wgmma of tile t - 1 has completed (each thread waited for its
     // own), so its stage may be refilled.
@@ -138,56 +115,25 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
       ptx::wgmma_commit();
       ptx::wgmma_wait<0>();
     }
-    // Two halves of 64 keys: a half never straddles a key block (k_lo and bs are multiples
-    // of 64). s[4i + 2hr + e] is row g + 8hr, key k0 + 8i + 2c4 + e.
+    // Two halves of 64 keys: a half never straddles a key block (the chunk start and bs are
+    // multiples of 64). s[4i + 2hr + e] is row g + 8hr, key k0 + 8i + 2c4 + e.
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int64_t kh = k0 + half * kHalf;
-      if (kh >= k_hi) break;  // CTA-uniform: past the chunk (or every row's causal limit)
-      if (kh < warp_kmax) {   // warp-uniform: some row of the warp sees a key of the half
-        const bool need_mask = kh + kHalf > warp_kmin;  // warp-uniform
+      if (kh >= cr.k_hi) break;  // CTA-uniform: past the chunk (or every row's causal limit)
+      if (kh < cr.warp_kmax) {   // warp-uniform: some row of the warp sees a key of the half
+        const bool need_mask = kh + kHalf > cr.warp_kmin;  // warp-uniform
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          float tmax = kNegInf;
-#pragma unroll
-          for (int i = 0; i < kHalf / 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float& x = s[4 * (half * (kHalf / 8) + i) + 2 * hr + e];
-              x *= sigma[hr];
-              if (need_mask && kh + 8 * i + 2 * c4 + e >= kend[hr]) x = kNegInf;
-              tmax = fmaxf(tmax, x);
-            }
-          if (tmax > mx[hr]) {
-            sum[hr] *= ptx::exp2_approx(mx[hr] - tmax);  // mx = -inf: sum is 0 and stays 0
-            mx[hr] = tmax;
-          }
-          const float base = mx[hr] == kNegInf ? 0.f : mx[hr];  // all masked so far: adds 0
-          float acc = 0.f;
-#pragma unroll
-          for (int i = 0; i < kHalf / 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-              acc += ptx::exp2_approx(s[4 * (half * (kHalf / 8) + i) + 2 * hr + e] - base);
-          sum[hr] += acc;
-        }
+        for (int hr = 0; hr < 2; ++hr)
+          pooled_keys::fold_keys(
+              [&](int i, int e) -> float& { return s[4 * (half * (kHalf / 8) + i) + 2 * hr + e]; },
+              sigma[hr], need_mask, kh, cr.kend[hr], c4, mx[hr], sum[hr]);
       }
-      // End of a key block or of the CTA's keys: the quad's partial (max, sum) pairs combine
-      // into L, written by lane c4 = 0 (pooled_keys_mma.cuh's rule).
-      if ((kh + kHalf) % bs == 0 || kh + kHalf >= k_hi) {
-        const int64_t kb = kh / bs;
+      // End of a key block or of the CTA's keys.
+      if ((kh + kHalf) % bs == 0 || kh + kHalf >= cr.k_hi) {
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          float m_all = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
-          m_all = fmaxf(m_all, __shfl_xor_sync(0xffffffffu, m_all, 2));
-          const float base = m_all == kNegInf ? 0.f : m_all;
-          float l = mx[hr] == kNegInf ? 0.f : sum[hr] * ptx::exp2_approx(mx[hr] - base);
-          l += __shfl_xor_sync(0xffffffffu, l, 1);
-          l += __shfl_xor_sync(0xffffffffu, l, 2);
-          if (c4 == 0 && kb < vis[hr]) out[hr][kb] = m_all + log2f(l);
-          mx[hr] = kNegInf;
-          sum[hr] = 0.f;
-        }
+        for (int hr = 0; hr < 2; ++hr)
+          pooled_keys::flush_block(mx[hr], sum[hr], cr.out[hr], kh / bs, cr.vis[hr], c4);
       }
     }
   }
