@@ -42,6 +42,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <numeric>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -95,17 +96,23 @@ class EventPair {
     return ms[ms.size() / 2];
   }
   /// Median milliseconds of each of fns, timed in rounds (one run of each per round, after
-  /// `warmup` runs of each): a clock or temperature drift over the measurement touches every
-  /// column alike, where timing one function after another put it all on the later ones (H100,
-  /// 2026-12-06: the same kernel 11% apart in two columns of one run).
+  /// `warmup` runs of each), each round in a new random order (fixed seed): a clock or
+  /// temperature drift over the measurement touches every column alike, where timing one
+  /// function after another put it all on the later ones, and no column always follows the
+  /// same one (H100, 2026-12-06: the same kernel 11% apart in two columns timed one after the
+  /// other, and 7-9% apart in a fixed round order, after different kernels).
   std::vector<double> interleaved_median_ms(const std::vector<std::function<void()>>& fns,
                                             int warmup, int repeats) {
     const auto stream = at::cuda::getCurrentCUDAStream().stream();
     for (const auto& fn : fns)
       for (int i = 0; i < warmup; ++i) fn();
     std::vector<std::vector<double>> ms(fns.size());
-    for (int i = 0; i < repeats; ++i)
-      for (size_t f = 0; f < fns.size(); ++f) {
+    std::vector<size_t> order(fns.size());
+    std::iota(order.begin(), order.end(), size_t(0));
+    std::mt19937 rng(20261206);
+    for (int i = 0; i < repeats; ++i) {
+      std::shuffle(order.begin(), order.end(), rng);
+      for (size_t f : order) {
         cuda_check(cudaEventRecord(start_, stream), "cudaEventRecord");
         fns[f]();
         cuda_check(cudaEventRecord(stop_, stream), "cudaEventRecord");
@@ -114,6 +121,7 @@ class EventPair {
         cuda_check(cudaEventElapsedTime(&t, start_, stop_), "cudaEventElapsedTime");
         ms[f].push_back(t);
       }
+    }
     std::vector<double> med;
     for (auto& m : ms) {
       std::sort(m.begin(), m.end());
