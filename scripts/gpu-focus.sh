@@ -15,6 +15,8 @@
 #   NCU_LEN       the length ncu profiles at (default 32768)
 #   NCU_DENSITIES the sparse rows ncu may profile (default "1,0.1,0.05"; -c 1 takes the first)
 #   GPU_TESTS     0: skip the GPU tests; a list of test programs: only those (default 1: all)
+#   SANITIZE      a gtest filter: compute-sanitizer memcheck of the block-sparse and estimator
+#                 GPU tests on it (e.g. '*Persistent*:*PooledScores*'; default none)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 T0=$(date +%s)
@@ -51,6 +53,17 @@ for t in $TESTS; do
   echo "$t: rc=$? $(grep -E '^\[  (PASSED|FAILED)' "$OUT/tests.log" | tail -1)"
 done
 grep -E "^\[  FAILED|Failure" "$OUT/tests.log" | head -10
+if [ -n "${SANITIZE:-}" ] && [ "$(left)" -gt 90 ]; then
+  step "compute-sanitizer memcheck ($SANITIZE)"
+  CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for t in attention_cuda_block_sparse_test attention_cuda_estimator_test; do
+    f=$(find build-gpu/tests -name "$t" -type f | head -1)
+    [ -n "$f" ] || continue
+    timeout "$(($(left) - 30))" "$CS" --tool memcheck --error-exitcode 9 "$f" \
+      --gtest_filter="$SANITIZE" >"$OUT/sanitize-$t.log" 2>&1
+    echo "$t: memcheck rc=$? $(grep -E "ERROR SUMMARY" "$OUT/sanitize-$t.log" | tail -1)"
+  done
+fi
 BS=build-gpu/bench/attention_cuda_bench
 for len in ${SPARSE_LENS-32768 131072}; do
   [ "$(left)" -gt 90 ] || break
