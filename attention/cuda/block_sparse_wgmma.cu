@@ -76,8 +76,9 @@ cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
   dim3 grid(static_cast<unsigned>((p.n + bsw::kBM - 1) / bsw::kBM), static_cast<unsigned>(p.heads),
             static_cast<unsigned>(p.batch));
   if (persistent) {
-    // One CTA per SM (224 KB of shared memory each), at most one per work item.
-    int device = 0, sms = 0;
+    // As many CTAs as fit on the device at once (one per SM: 384 threads of 168 registers fill
+    // its register file), at most one per work item.
+    int device = 0, sms = 0, per_sm = 0;
     if ((e = cudaGetDevice(&device)) != cudaSuccess) {
       *failed_call = "cudaGetDevice";
       return e;
@@ -86,8 +87,14 @@ cudaError_t launch_typed(const BlockSparseLaunch& p, cudaStream_t stream,
       *failed_call = "cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount)";
       return e;
     }
+    if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+             &per_sm, kernel, bsw::kWsThreads, static_cast<size_t>(bytes))) != cudaSuccess) {
+      *failed_call = "cudaOccupancyMaxActiveBlocksPerMultiprocessor(block_sparse_wgmma_ws_kernel)";
+      return e;
+    }
+    const int64_t fit = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
     const int64_t items = bsw::work_items(p);
-    grid = dim3(static_cast<unsigned>(items < sms ? items : sms), 1, 1);
+    grid = dim3(static_cast<unsigned>(items < fit ? items : fit), 1, 1);
   }
   kernel<<<grid, ws ? bsw::kWsThreads : bsw::kThreads, static_cast<size_t>(bytes), stream>>>(p);
   e = cudaGetLastError();
