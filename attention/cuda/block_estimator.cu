@@ -504,30 +504,15 @@ cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t 
     if (e != cudaSuccess) return e;
     return launch_pooled_normalise(pooled_normalise_launch(p), stream, failed_call);
   }
-  const int64_t groups = pooled_keys::groups(p);
-  const dim3 grid(static_cast<unsigned>(pooled_keys::chunks(p) * groups),
-                  static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
   const int stages = p.stages > 0 ? p.stages : pooled_keys::kDefaultStages;
   const auto bytes = static_cast<int>(pooled_keys::shared_bytes(p.d, stages));
   cudaError_t e = cudaSuccess;
-  const auto run = [&](auto kernel) {
-    // Above 48 KB of dynamic shared memory a kernel must opt in (d = 128 with 3 or 4 stages);
-    // the default launch makes no such driver call.
-    if (bytes > 48 * 1024) {
-      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-      if (e != cudaSuccess) {
-        *failed_call = "cudaFuncSetAttribute(pooled_keys_kernel, MaxDynamicSharedMemorySize)";
-        return;
-      }
-    }
-    kernel<<<grid, pooled_keys::kThreads, static_cast<size_t>(bytes), stream>>>(p, groups);
-    e = cudaGetLastError();
-    if (e != cudaSuccess)
-      *failed_call = "pooled_keys_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
-  };
   pooled_keys::dispatch_config(p, stages, [&](auto type, auto dim, auto st) {
-    run(pooled_keys_kernel<typename decltype(type)::type, decltype(dim)::value,
-                           decltype(st)::value>);
+    e = pooled_keys::launch_keys_kernel(
+        pooled_keys_kernel<typename decltype(type)::type, decltype(dim)::value,
+                           decltype(st)::value>,
+        p, bytes, stream, "pooled_keys_kernel<<<(query groups × key chunks, heads, batch), 128>>>",
+        failed_call);
   });
   if (e != cudaSuccess) return e;
   return launch_pooled_normalise(pooled_normalise_launch(p), stream, failed_call);

@@ -111,6 +111,34 @@ void dispatch_config(const PooledKeysLaunch& p, int stages, F&& f) {
          : by_stages(TypeTag<__half>{}, std::integral_constant<int, 128>{});
 }
 
+#ifndef ATTNPILOT_CUDA_EMU
+/// The grid of either pooled-key kernel: x = group + groups·chunk, y = head, z = batch entry.
+inline dim3 keys_grid(const PooledKeysLaunch& p) {
+  return dim3(static_cast<unsigned>(chunks(p) * groups(p)), static_cast<unsigned>(p.heads),
+              static_cast<unsigned>(p.batch));
+}
+
+/// Launches one pooled-key kernel (kernel(p, groups), kThreads threads, `bytes` of dynamic
+/// shared memory) on `stream`, opting in to more than 48 KB only where needed (the default
+/// mma.sync launch makes no such driver call); a failure names `what`.
+template <class Kernel>
+cudaError_t launch_keys_kernel(Kernel kernel, const PooledKeysLaunch& p, int bytes,
+                               cudaStream_t stream, const char* what, const char** failed_call) {
+  if (bytes > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess) {
+      *failed_call = "cudaFuncSetAttribute(pooled keys kernel, MaxDynamicSharedMemorySize)";
+      return e;
+    }
+  }
+  kernel<<<keys_grid(p), kThreads, static_cast<size_t>(bytes), stream>>>(p, groups(p));
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) *failed_call = what;
+  return e;
+}
+#endif
+
 /// x rounded to T (to nearest even), as a float.
 template <typename T>
 __device__ __forceinline__ float round_to(float x);

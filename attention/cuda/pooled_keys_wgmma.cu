@@ -36,26 +36,16 @@ __global__ void __launch_bounds__(pkw::kThreads)
 
 cudaError_t launch_pooled_keys_wgmma(const PooledKeysLaunch& p, cudaStream_t stream,
                                      const char** failed_call) {
-  const int64_t groups = pooled_keys::groups(p);
-  const dim3 grid(static_cast<unsigned>(pooled_keys::chunks(p) * groups),
-                  static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
   const int stages = p.stages > 0 ? p.stages : pooled_keys::kDefaultStages;
   const auto bytes = static_cast<int>(pkw::shared_bytes(p.d, stages));
   cudaError_t e = cudaSuccess;
-  const auto run = [&](auto kernel) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess) {
-      *failed_call = "cudaFuncSetAttribute(pooled_keys_wgmma_kernel, MaxDynamicSharedMemorySize)";
-      return;
-    }
-    kernel<<<grid, pkw::kThreads, static_cast<size_t>(bytes), stream>>>(p, groups);
-    e = cudaGetLastError();
-    if (e != cudaSuccess)
-      *failed_call = "pooled_keys_wgmma_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
-  };
   pooled_keys::dispatch_config(p, stages, [&](auto type, auto dim, auto st) {
-    run(pooled_keys_wgmma_kernel<typename decltype(type)::type, decltype(dim)::value,
-                                 decltype(st)::value>);
+    e = pooled_keys::launch_keys_kernel(
+        pooled_keys_wgmma_kernel<typename decltype(type)::type, decltype(dim)::value,
+                                 decltype(st)::value>,
+        p, bytes, stream,
+        "pooled_keys_wgmma_kernel<<<(query groups × key chunks, heads, batch), 128>>>",
+        failed_call);
   });
   return e;
 }
