@@ -656,12 +656,15 @@ __device__ __forceinline__ void fwd_block_ws(const BlockSparseLaunch& p, unsigne
           SoftmaxRows st{{kNegInf, kNegInf}, {0.f, 0.f}};
           // Turns (named barriers 1 and 2, 256 threads: the waiting warpgroup and the other's
           // arrival): consumer c issues its S = QKᵀ after bar.sync(1 + c), then lets the other go.
-          // Consumer 0 goes first (consumer 1 arrives on barrier 1 up front) and takes one more
-          // turn at the end, so every arrival of an item is matched within it (consumer 1 cannot
-          // reach the next item's arrival before that turn: the next Q waits for Q empty, which
-          // consumer 0 signals after it).
-          if (c == 1) ptx::named_bar_arrive(1, 256);
+          // Consumer 0 goes first (consumer 1 arrives on barrier 1 once Q is in) and takes one
+          // more turn at the end, so every arrival of an item is matched within it. Consumer 1
+          // arrives only after its Q wait: the next item's Q waits for Q empty, which consumer 0
+          // signals after that last turn. Arriving before the wait (as the persistent kernel
+          // first did) let consumer 1 arrive twice on barrier 1 while consumer 0 was still
+          // short of its last turn: the barrier completed on consumer 1's arrivals alone, and
+          // the CTA hung (H100, 2026-12-06; the emulator now fails on a second arrival).
           wait_full(q_full, static_cast<unsigned>(items & 1));
+          if (c == 1) ptx::named_bar_arrive(1, 256);
           const int64_t qpos0 = list.cta_first + wrow + g;
           // Called when the end marker (the ring's current use) has been read: every S of the
           // item has completed, so Q and the marker's stage are released.

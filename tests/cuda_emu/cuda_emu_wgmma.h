@@ -28,7 +28,10 @@
 ///   named_bar_sync / named_bar_arrive(id, count)   bar.sync / bar.arrive: a barrier id 1..15
 ///                                    completes when `count` threads (a multiple of 32, the
 ///                                    same count from everyone in one use) have arrived; sync
-///                                    waits for that, arrive does not
+///                                    waits for that, arrive does not; a syncing thread first
+///                                    sits out 1 to 64 rounds (a late warp), and a thread
+///                                    arriving twice in one use is an error (on the GPU its
+///                                    second arrival counts toward the first use)
 ///   setmaxnreg_dec<N> / _inc<N>      nothing to do (registers are not modelled)
 ///   cp_async_wait_group<N>           cp.async.wait_group N (cuda_emu_mma.h's cp.async)
 ///   cp_async_mbar_arrive(bar)        cp.async.mbarrier.arrive.noinc: arrives once this thread's
@@ -84,6 +87,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -470,6 +474,7 @@ struct SyncState : Block::Extension {
   struct Named {
     int count = 0, arrived = 0;
     uint64_t gen = 0;
+    std::set<int> threads;  ///< the threads arrived in the current generation
   };
   std::map<int, Named> named;
 };
@@ -489,7 +494,16 @@ inline void named_arrive(int id, int count, bool sync, const char* what) {
   if (id < 1 || id > 15 || count < 32 || count % 32 != 0 || count > b.size())
     fail(std::string(what) + ": barrier id " + std::to_string(id) + " with " +
          std::to_string(count) + " threads (expected id 1..15, a multiple of 32 up to the block)");
+  // A thread may reach a barrier late (its warp not scheduled): syncing threads sit out 1 to
+  // 64 rounds first, so an arriving thread can get round to its next arrival meanwhile.
+  if (sync) b.yield(64);
   auto& nb = b.extension<SyncState>().named[id];
+  if (!nb.threads.insert(b.tid()).second)
+    fail(std::string(what) + ": thread " + std::to_string(b.tid()) + " arrives twice at barrier " +
+         std::to_string(id) + " before it completes (" + std::to_string(nb.arrived) + " of " +
+         std::to_string(nb.count) +
+         " arrivals): its other participants have not all reached "
+         "the previous use");
   if (nb.arrived == 0) {
     nb.count = count;
   } else if (nb.count != count) {
@@ -499,6 +513,7 @@ inline void named_arrive(int id, int count, bool sync, const char* what) {
   const uint64_t gen = nb.gen;
   if (++nb.arrived == count) {
     nb.arrived = 0;
+    nb.threads.clear();
     ++nb.gen;
   } else if (sync) {
     auto* n = &nb;  // std::map nodes do not move
