@@ -405,9 +405,10 @@ void run_estimator(bool quick) {
             (void)select_blocks(sc, pooled, len, len, true, 0);
           },
           1, 3);
-      // pq-mma: the tensor-core kernel on the stored keys (the default); pool-q: the keys
-      // projected, then the CUDA-core kernel; pq-wg / pq-wg3: the stored-key scores as
-      // warpgroup MMAs (compute capability 9.0), 2 and 3 key tiles of 128 in flight. (3 and 4
+      // pq-mma: the tensor-core kernel on the stored keys by mma.sync (the default off
+      // compute capability 9.0); pool-q: the keys projected, then the CUDA-core kernel; pq-wg /
+      // pq-wg3: the stored-key scores as warpgroup MMAs (compute capability 9.0, where pq-wg is
+      // the default), 2 and 3 key tiles of 128 in flight. (3 and 4
       // tiles in flight for pq-mma, and key chunks of 2048 and 4096 keys, measured no faster:
       // RESULTS.md, 2026-12-06.)
       bool sm90 = false;
@@ -418,7 +419,8 @@ void run_estimator(bool quick) {
         const bool key_mma = variant != 1;
         CudaEstimatorOptions eo;
         eo.pooled_key_mma = key_mma;
-        eo.pooled_key_wgmma = variant >= 2;
+        eo.pooled_key_body = variant >= 2 ? CudaEstimatorOptions::PooledKeyBody::kWgmma
+                                          : CudaEstimatorOptions::PooledKeyBody::kMmaSync;
         eo.pooled_key_stages = variant == 3 ? 3 : 0;
         const char* mode = variant == 0   ? "pq-mma"
                            : variant == 1 ? "pool-q"
@@ -443,6 +445,7 @@ void run_estimator(bool quick) {
       // projection, w = pq·A_kᵀ, the tensor-core kernel and the normalisation), the selection.
       CudaEstimatorOptions so;
       so.pool_queries = true;
+      so.pooled_key_body = CudaEstimatorOptions::PooledKeyBody::kMmaSync;
       double f = 0;
       const auto pooled_scores = lowrank_block_scores_cuda(
           q, k, a_q.narrow(3, 0, r), a_k.narrow(3, 0, r), bs, true, 0, &f, so);
@@ -461,7 +464,7 @@ void run_estimator(bool quick) {
           [&] { (void)select_blocks_cuda(pooled_scores, pooled, len, len, true, 0); }, 2, 10);
       // The same scores by the wgmma body (compute capability 9.0).
       CudaEstimatorOptions sw = so;
-      sw.pooled_key_wgmma = true;
+      sw.pooled_key_body = CudaEstimatorOptions::PooledKeyBody::kWgmma;
       const double t_scores_wg =
           sm90 ? ev.median_ms(
                      [&] {

@@ -26,7 +26,6 @@ using attention::LayerPlan;
 namespace {
 
 constexpr const char* kName = "RankSelection-v0";
-constexpr int64_t kOversample = 4;
 
 // Estimated FLOPs of the tracker's work (Golub & Van Loan operation counts): Gram updates
 // 2·T·d² each for Q and K; per Gram root a symmetric eigendecomposition with vectors
@@ -278,12 +277,14 @@ void RankEnv::start_episode(int64_t window) {
 
   cache_ = std::make_unique<attention::KVCache>(layers_);
   trackers_.clear();
-  const int64_t p = tracked_rank_ > 0 ? std::min(head_dim_, tracked_rank_ + kOversample) : 1;
+  const int64_t p =
+      tracked_rank_ > 0
+          ? std::min(head_dim_, tracked_rank_ + perturbation::default_oversample(tracked_rank_))
+          : 1;
   if (tracked_rank_ > 0) {
     for (int64_t l = 0; l < layers_; ++l) {
       perturbation::TrackerOptions to;
       to.rank = tracked_rank_;
-      to.oversample = kOversample;
       to.seed = static_cast<uint64_t>(l);
       trackers_.push_back(std::make_unique<perturbation::SubspaceTracker>(head_dim_, to));
     }

@@ -58,12 +58,14 @@ SubspaceTracker::SubspaceTracker(int64_t d, TrackerOptions opts)
   ATTNPILOT_CHECK_ARG(d >= 1, "head dim d = {}, expected >= 1", d);
   ATTNPILOT_CHECK_ARG(opts.rank >= 1 && opts.rank <= d, "tracker rank = {}, expected in [1, {}]",
                       opts.rank, d);
-  ATTNPILOT_CHECK_ARG(opts.oversample >= 0, "oversample = {}, expected >= 0", opts.oversample);
+  ATTNPILOT_CHECK_ARG(opts.oversample >= -1, "oversample = {}, expected >= 0 (or -1: the default)",
+                      opts.oversample);
   ATTNPILOT_CHECK_ARG(opts.tol > 0 && opts.tol < 1, "tol = {}, expected in (0, 1)", opts.tol);
   ATTNPILOT_CHECK_ARG(opts.max_iters >= 1, "max_iters = {}, expected >= 1", opts.max_iters);
   ATTNPILOT_CHECK_ARG(opts.max_sin_theta > 0 && opts.max_sin_theta <= 1,
                       "max_sin_theta = {}, expected in (0, 1]", opts.max_sin_theta);
-  p_ = std::min(d, opts.rank + opts.oversample);
+  p_ = std::min(
+      d, opts.rank + (opts.oversample < 0 ? default_oversample(opts.rank) : opts.oversample));
 }
 
 torch::Tensor SubspaceTracker::shape(const torch::Tensor& flat, std::vector<int64_t> tail) const {

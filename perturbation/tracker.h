@@ -25,11 +25,19 @@
 
 namespace attnpilot::perturbation {
 
+/// The tracker's default oversampling: max(4, r / 2) columns beyond r (p = 12 at r = 8, 24 at
+/// r = 16). Each subspace step shrinks the error by about σ_{p+1}/σ_r, so a wider block can save
+/// a step for what it adds to each: of p = r + 4 .. 2r, r + 4 was the fastest top-r update of
+/// 1024 128×128 cores at r = 8 and r + r/2 or r + 3r/4 at r = 16 (H100, bench/RESULTS.md,
+/// 2026-12-06).
+inline int64_t default_oversample(int64_t rank) { return rank / 2 > 4 ? rank / 2 : 4; }
+
 struct TrackerOptions {
-  int64_t rank = 8;        ///< r, rank of the projections
-  int64_t oversample = 4;  ///< block size p = min(d, r + oversample)
-  double tol = 1e-9;       ///< relative residual for convergence (× σ₁)
-  int max_iters = 30;      ///< subspace iterations before falling back to recomputation
+  int64_t rank = 8;  ///< r, rank of the projections
+  /// Block size p = min(d, r + oversample); -1: default_oversample(rank).
+  int64_t oversample = -1;
+  double tol = 1e-9;   ///< relative residual for convergence (× σ₁)
+  int max_iters = 30;  ///< subspace iterations before falling back to recomputation
   /// Gate on the Wedin a-priori bound s (1 where the gap is not positive): elements with
   /// s > max_sin_theta skip the warm start and recompute at once. The default 1 always tries
   /// the warm start, because the a-priori bound (with ‖E‖_F) is pessimistic for real streams;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "attention/cuda/block_estimator_kernels.h"
+#include "attention/cuda/block_sparse_kernels.h"
 #include "common/error.h"
 
 namespace attnpilot::attention {
@@ -250,7 +251,12 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     pl.d = static_cast<int>(d);
     pl.chunk_blocks = chunk_blocks;
     pl.stages = options.pooled_key_stages;
-    pl.wgmma = options.pooled_key_wgmma;
+    using Body = CudaEstimatorOptions::PooledKeyBody;
+    pl.wgmma = options.pooled_key_body == Body::kWgmma;
+    if (options.pooled_key_body == Body::kAuto) {
+      const char* failed_query = "";
+      check_cuda(cuda::device_is_sm90(&pl.wgmma, &failed_query), failed_query, q_in, k_in, bs);
+    }
     failed = "launch_pooled_key_scores";
     check_cuda(cuda::launch_pooled_key_scores(pl, stream, &failed), failed, q_in, k_in, bs);
     // FLOPs: the block means (n·d adds), the projection of the means and its product with

@@ -60,11 +60,14 @@ struct CudaEstimatorOptions {
   /// A tuning knob for the benchmark (the two-stage kernel measured latency-bound, ncu on an
   /// H100, 2026-12-06); the scores do not depend on it. Anything else: InvalidArgument.
   int pooled_key_stages = 0;
-  /// The tensor-core pooled kernel as warpgroup MMAs (pooled_keys_wgmma.cuh: 128-key tiles,
-  /// pooled_key_stages of them in flight): the same scores up to the order of the fp32 sums.
-  /// Compute capability 9.0 only (elsewhere the call throws, naming that requirement). Not the
-  /// default until measured faster on a GPU.
-  bool pooled_key_wgmma = false;
+  /// Which body computes the tensor-core pooled scores (pooled_key_mma): kAuto, the warpgroup
+  /// MMAs on compute capability 9.0 (measured 7-27% faster than mma.sync on an H100,
+  /// bench/RESULTS.md, 2026-12-06) and mma.sync elsewhere; kMmaSync; kWgmma
+  /// (pooled_keys_wgmma.cuh: 128-key tiles, pooled_key_stages of them in flight; compute
+  /// capability 9.0 only, elsewhere the call throws naming that requirement). The bodies give
+  /// the same scores up to the order of the fp32 sums.
+  enum class PooledKeyBody { kAuto, kMmaSync, kWgmma };
+  PooledKeyBody pooled_key_body = PooledKeyBody::kAuto;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one

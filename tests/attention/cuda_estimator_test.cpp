@@ -306,6 +306,7 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
       CudaEstimatorOptions pooled;
       pooled.pool_queries = true;
       pooled.pooled_key_mma = key_mma;
+      pooled.pooled_key_body = CudaEstimatorOptions::PooledKeyBody::kMmaSync;
       const bool on_keys = key_mma && c.dt != torch::kFloat && (c.d == 64 || c.d == 128);
       const std::string what = c.str() + (on_keys ? " (stored keys, tensor cores)" : "");
       double gpu_flops = 0;
@@ -363,10 +364,24 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
             << what << ": " << name << " change the scores";
       // The wgmma body (compute capability 9.0): the same scores up to the order of its fp32
       // sums, against the twin with the same tolerances; deterministic.
+      // kAuto is that body on compute capability 9.0 and mma.sync elsewhere, bit for bit.
+      if (on_keys) {
+        CudaEstimatorOptions wg = pooled;
+        wg.pooled_key_body = device_is_sm90() ? CudaEstimatorOptions::PooledKeyBody::kWgmma
+                                              : CudaEstimatorOptions::PooledKeyBody::kMmaSync;
+        CudaEstimatorOptions automatic = pooled;
+        automatic.pooled_key_body = CudaEstimatorOptions::PooledKeyBody::kAuto;
+        EXPECT_TRUE(
+            torch::equal(lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                   c.q_offset, &gpu_flops, automatic),
+                         lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                   c.q_offset, &gpu_flops, wg)))
+            << what << ": kAuto is not the body it names";
+      }
       if (on_keys && device_is_sm90()) {
         for (int stages : {2, 3}) {
           CudaEstimatorOptions wg = pooled;
-          wg.pooled_key_wgmma = true;
+          wg.pooled_key_body = CudaEstimatorOptions::PooledKeyBody::kWgmma;
           wg.pooled_key_stages = stages;
           const std::string wwhat = what + fmt::format(" wgmma, {} tiles in flight", stages);
           poison({want.numel()}, std::nan(""), torch::kFloat);

@@ -3,7 +3,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include <array>
 #include <iostream>
+#include <vector>
 
 #include "common/error.h"
 #include "perturbation/batched_svd.h"
@@ -297,6 +299,22 @@ TEST(Tracker, LargePerturbationTriggersRecomputation) {
   EXPECT_THROW(tr.update(torch::randn({b + 1, 3, d}), torch::randn({b + 1, 3, d})),
                InvalidArgument);
   EXPECT_THROW(SubspaceTracker(8, TrackerOptions{9}), InvalidArgument);
+}
+
+TEST(Tracker, BlockSizeFollowsTheOversampling) {
+  // Default (-1): r + max(4, r / 2), capped at d; an explicit oversampling is taken as given.
+  for (const auto& [r, d, want] : std::vector<std::array<int64_t, 3>>{
+           {1, 128, 5}, {8, 128, 12}, {9, 128, 13}, {16, 128, 24}, {24, 32, 32}, {32, 32, 32}}) {
+    TrackerOptions o;
+    o.rank = r;
+    EXPECT_EQ(SubspaceTracker(d, o).block(), want) << "r = " << r << ", d = " << d;
+  }
+  TrackerOptions o;
+  o.rank = 16;
+  o.oversample = 2;
+  EXPECT_EQ(SubspaceTracker(128, o).block(), 18);
+  o.oversample = -2;
+  EXPECT_THROW(SubspaceTracker(128, o), InvalidArgument);
 }
 
 }  // namespace
