@@ -33,6 +33,8 @@
 
 #ifdef ATTNPILOT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #include <unistd.h>
 
@@ -94,6 +96,28 @@ class EventPair {
     }
     std::sort(ms.begin(), ms.end());
     return ms[ms.size() / 2];
+  }
+  /// Median milliseconds of fn's GPU work alone: fn captured once into a CUDA graph (on a side
+  /// stream, after one plain run there), then the graph's replays timed as median_ms does. Where
+  /// fn launches many small kernels, the difference to median_ms is the host's time between
+  /// them (argument checks, allocations, launches), which a caller ahead of the GPU hides. NaN,
+  /// with the reason printed, where fn cannot be captured.
+  double graph_median_ms(const std::function<void()>& fn, int warmup, int repeats) {
+    cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    at::cuda::CUDAGraph graph;
+    try {
+      const at::cuda::CUDAStreamGuard guard(at::cuda::getStreamFromPool());
+      fn();
+      graph.capture_begin();
+      fn();
+      graph.capture_end();
+    } catch (const std::exception& e) {
+      fmt::print("    (graph capture failed: {})\n", e.what());
+      (void)cudaGetLastError();
+      return std::nan("");
+    }
+    cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    return median_ms([&] { graph.replay(); }, warmup, repeats);
   }
   /// Median milliseconds of each of fns, timed in rounds (one run of each per round, after
   /// `warmup` runs of each), each round in a new random order (fixed seed): a clock or
@@ -428,15 +452,20 @@ void run_estimator(bool quick) {
                                           : "pq-wg3";
         double flops = 0;
         BlockMask mask;
-        const double t_est = ev.median_ms(
-            [&] { mask = estimate_block_mask_cuda(q, k, a_q, a_k, pooled, true, 0, &flops, eo); },
-            2, 10);
+        const auto estimate = [&] {
+          mask = estimate_block_mask_cuda(q, k, a_q, a_k, pooled, true, 0, &flops, eo);
+        };
+        const double t_est = ev.median_ms(estimate, 2, 10);
         const double t_att = ev.median_ms(
             [&] { (void)backend.block_sparse(q, k, v, mask, scale, true, 0, 0, 0); }, 2, 10);
         fmt::print(
             "{:>4} {:>7.0f}% {:>6} {:>13.3f} {:>13.3f} {:>11.3f} {:>10.3f} {:>14.3f} {:>10.1f}\n",
             r, 100 * density, mode, t_est, t_att, t_est / t_att,
             mask.on_host().density(len, len, true, 0), t_ref_pooled, t_ref_pooled / t_est);
+        // The same call's GPU work alone (graph replays: no host time between its kernels).
+        const double t_graph = ev.graph_median_ms(estimate, 2, 10);
+        fmt::print("{:>22} {:>13.3f} {:>13} {:>11.3f}   (GPU work alone: CUDA graph replay)\n",
+                   "graph", t_graph, "", t_graph / t_att);
         std::fflush(stdout);
       }
       if (r != 16 || density != 0.10) continue;
@@ -478,6 +507,24 @@ void run_estimator(bool quick) {
           "at 3.35 TB/s: {:.3f}), scores {:.3f} ms (wgmma body: {:.3f}), selection {:.3f} ms\n",
           r, 100 * density, t_means, heads * len * d * 2 / 3.35e12 * 1e3, t_scores, t_scores_wg,
           t_select);
+      // The same parts as GPU work alone (CUDA graph replays), the wgmma body's scores.
+      const double g_means = ev.graph_median_ms(
+          [&] {
+            (void)q.view({1, heads, len / bs, bs, d}).mean(3, false, torch::kFloat);
+          },
+          2, 10);
+      const double g_scores = ev.graph_median_ms(
+          [&] {
+            (void)lowrank_block_scores_cuda(q, k, a_q.narrow(3, 0, r), a_k.narrow(3, 0, r), bs,
+                                            true, 0, &f, sm90 ? sw : so);
+          },
+          2, 10);
+      const double g_select = ev.graph_median_ms(
+          [&] { (void)select_blocks_cuda(pooled_scores, pooled, len, len, true, 0); }, 2, 10);
+      fmt::print(
+          "     GPU work alone by parts (graph replays; scores by the {} body): block means {:.3f} "
+          "ms, scores {:.3f} ms (means included), selection {:.3f} ms\n",
+          sm90 ? "wgmma" : "mma.sync", g_means, g_scores, g_select);
       std::fflush(stdout);
     }
   }
