@@ -22,8 +22,11 @@
 // 3. Decoding, batch 16, 32 heads, 32k cache, d = 128: SDPA over the full cache, our split-K
 //    decode kernel over full keys and over rank-32 and rank-16 key caches, with byte floors.
 // On a machine without a CUDA device it says so and exits 0.
+// 4. (--only estimator-profile, not part of a full run) one default estimator call between
+//    cudaProfilerStart/Stop, for ncu --profile-from-start off (scripts/gpu-focus.sh NCU_ESTIMATOR).
 // Usage: attention_cuda_bench [--quick] [--no-flex] [--min-len N] [--max-len N]
-//                             [--densities F,F,...] [--only sparse|estimator|decode]
+//                             [--densities F,F,...]
+//                             [--only sparse|estimator|decode|estimator-profile]
 // (python: $ATTNPILOT_BENCH_PYTHON or python3)
 #include <fmt/format.h>
 #include <torch/torch.h>
@@ -35,6 +38,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <unistd.h>
 
@@ -598,6 +602,31 @@ void run_decode(bool quick) {
   }
 }
 
+/// One call of the default pooled estimator (r 16, density 10%, L = 32k) between
+/// cudaProfilerStart and cudaProfilerStop, after two warm-up calls: for a profiler started with
+/// profiling off (ncu --profile-from-start off), which then sees just that call's kernels.
+void run_estimator_profile() {
+  const int64_t heads = 32, d = 128, bs = 128, len = 32768, r = 16;
+  const auto dev = torch::Device(torch::kCUDA, 0);
+  const auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(dev);
+  torch::manual_seed(5);
+  const auto q = torch::randn({1, heads, len, d}, opts);
+  const auto k = torch::randn({1, heads, len, d}, opts);
+  const auto a_q = random_basis(1, heads, d, r, dev), a_k = random_basis(1, heads, d, r, dev);
+  HeadPlan plan = HeadPlan::block_sparse(0.10, bs);
+  plan.estimator = BlockEstimator::kLowRank;
+  plan.rank = r;
+  plan.pool_queries = true;
+  double flops = 0;
+  for (int i = 0; i < 2; ++i) (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops);
+  cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  cuda_check(cudaProfilerStart(), "cudaProfilerStart");
+  (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops);
+  cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  cuda_check(cudaProfilerStop(), "cudaProfilerStop");
+  fmt::print("estimator-profile: one pooled estimator call (L {}, r {}, 10%) profiled\n", len, r);
+}
+
 }  // namespace
 #endif  // ATTNPILOT_WITH_CUDA
 
@@ -639,13 +668,15 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc &&
                (std::strcmp(argv[i + 1], "sparse") == 0 ||
                 std::strcmp(argv[i + 1], "estimator") == 0 ||
+                std::strcmp(argv[i + 1], "estimator-profile") == 0 ||
                 std::strcmp(argv[i + 1], "decode") == 0)) {
       only = argv[++i];
     } else {
-      fmt::print(stderr,
-                 "usage: attention_cuda_bench [--quick] [--no-flex] [--min-len N] [--max-len N] "
-                 "[--densities F,F,...] [--only sparse|estimator|decode]\n(got '{}')\n",
-                 argv[i]);
+      fmt::print(
+          stderr,
+          "usage: attention_cuda_bench [--quick] [--no-flex] [--min-len N] [--max-len N] "
+          "[--densities F,F,...] [--only sparse|estimator|decode|estimator-profile]\n(got '{}')\n",
+          argv[i]);
       return 2;
     }
   }
@@ -666,6 +697,7 @@ int main(int argc, char** argv) {
     if (only.empty() || only == "sparse") run(quick, with_flex, min_len, max_len, densities);
     if (only.empty() || only == "estimator") run_estimator(quick);
     if (only.empty() || only == "decode") run_decode(quick);
+    if (only == "estimator-profile") run_estimator_profile();
   } catch (const std::exception& e) {
     fmt::print(stderr, "attention_cuda_bench: {}\n", e.what());
     return 1;

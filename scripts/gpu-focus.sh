@@ -14,6 +14,8 @@
 #                 sparse bench (details and per-SASS stalls), e.g. 'ws_kernel.*\(bool\)1, \(bool\)1'
 #   NCU_LEN       the length ncu profiles at (default 32768)
 #   NCU_DENSITIES the sparse rows ncu may profile (default "1,0.1,0.05"; -c 1 takes the first)
+#   NCU_ESTIMATOR 1: ncu of one default estimator call (every kernel: duration, throughput,
+#                 occupancy) into ncu-estimator.txt
 #   GPU_TESTS     0: skip the GPU tests; a list of test programs: only those (default 1: all)
 #   SANITIZE      a gtest filter: compute-sanitizer memcheck of the block-sparse and estimator
 #                 GPU tests on it (e.g. '*Persistent*:*PooledScores*'; default none)
@@ -94,5 +96,14 @@ if [ -n "${NCU_KERNEL:-}" ] && [ "$(left)" -gt 70 ]; then
   "$N" -i "$OUT/prof.ncu-rep" --page source --csv --print-source sass >"$OUT/ncu-sass.csv" 2>&1
   rm -f "$OUT/prof.ncu-rep"
   grep -E "Duration|Issue Slots Busy|highest-utilized" "$OUT/ncu.txt" | head -4
+fi
+if [ "${NCU_ESTIMATOR:-0}" = 1 ] && [ "$(left)" -gt 40 ]; then
+  step "ncu estimator"
+  N=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  timeout "$(($(left) - 5))" "$N" --profile-from-start off --section SpeedOfLight \
+    --section LaunchStats --section Occupancy $BS --only estimator-profile \
+    >"$OUT/ncu-estimator.txt" 2>&1
+  grep -E "^  [a-zA-Z_].*\(|Duration|Registers Per|Achieved Occupancy|Memory Through|Compute \(SM\) Thr" \
+    "$OUT/ncu-estimator.txt" | head -80
 fi
 step finished
