@@ -147,6 +147,9 @@ struct PooledKeysLaunch {
   /// The wgmma body (pooled_keys_wgmma.cuh: 128-key tiles, compute capability 9.0 only; an
   /// error elsewhere) instead of the mma.sync one. Same scores up to the order of the sums.
   bool wgmma = false;
+  /// The wgmma body's CTAs per SM it is compiled for: 0 or 2, two (204 registers); 3, three
+  /// (capped at 168 registers, ~100 bytes spilled; with 2 stages only). A tuning knob.
+  int ctas_per_sm = 0;
 };
 
 /// The normalisation's launch (pooled_normalise_row reads only the geometry and the scores)

@@ -114,6 +114,12 @@ void check_options(const CudaEstimatorOptions& options) {
                                          options.pooled_key_stages <= cuda::kPooledKeyMaxStages),
       "cuda estimator: pooled_key_stages {} must be in [2, {}] (0: the default)",
       options.pooled_key_stages, cuda::kPooledKeyMaxStages);
+  ATTNPILOT_CHECK_ARG(options.pooled_key_ctas_per_sm == 0 || options.pooled_key_ctas_per_sm == 2 ||
+                          (options.pooled_key_ctas_per_sm == 3 &&
+                           (options.pooled_key_stages == 0 || options.pooled_key_stages == 2)),
+                      "cuda estimator: pooled_key_ctas_per_sm {} must be 0, 2, or 3 with "
+                      "pooled_key_stages 0 or 2 (got {})",
+                      options.pooled_key_ctas_per_sm, options.pooled_key_stages);
 }
 
 /// Rows of query block qb and its visible key count (the CPU twin's kend).
@@ -227,19 +233,21 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
   // The block means of q (LibTorch reductions on the current stream), projected and scaled by
   // log2(e)/√d like the sampled rows (mean then project: the CPU twin's project then mean up to
   // rounding).
-  const auto pq = torch::empty({b, h, qbn, rp}, fopt);
-  project(block_means(q_in, bs), a_q, kLog2e / std::sqrt(static_cast<double>(d)), 0, pq, stream,
-          proj_rows);
+  const auto means = block_means(q_in, bs);
+  const double scale = kLog2e / std::sqrt(static_cast<double>(d));
   auto scores = torch::empty({b, h, qbn, kbn}, fopt);
   double pairs = 0;
   for (int64_t i = 0; i < qbn; ++i)
     pairs += static_cast<double>(visible_keys(i, n, m, bs, causal, q_offset));
   const char* failed = "launch_pooled_block_scores";
   if (key_mma) {
-    // w = pq A_kᵀ [b, h, qbn, d] (fp32 cuBLAS; LibTorch's TF32 setting for matmuls applies),
-    // scored against k itself: the rank-r scores without projecting the keys.
-    const auto w =
-        torch::matmul(pq.narrow(3, 0, r), a_k.to(torch::kFloat).transpose(2, 3)).contiguous();
+    // w = (q̄ A_q · scale) A_kᵀ [b, h, qbn, d], scored against k itself: the rank-r scores
+    // without projecting the keys. Both products by fp32 cuBLAS (LibTorch's TF32 setting for
+    // matmuls applies): the projection kernel, made for many rows, took 28 µs for these few
+    // (256 means per head, 2 CTAs per head; ncu, H100, 2026-12-06).
+    const auto w = torch::matmul(torch::matmul(means, a_q.to(torch::kFloat)) * scale,
+                                 a_k.to(torch::kFloat).transpose(2, 3))
+                       .contiguous();
     cuda::PooledKeysLaunch pl;
     pl.w = w.data_ptr<float>();
     pl.k = k_in.data_ptr();
@@ -251,6 +259,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     pl.d = static_cast<int>(d);
     pl.chunk_blocks = chunk_blocks;
     pl.stages = options.pooled_key_stages;
+    pl.ctas_per_sm = options.pooled_key_ctas_per_sm;
     using Body = CudaEstimatorOptions::PooledKeyBody;
     pl.wgmma = options.pooled_key_body == Body::kWgmma;
     if (options.pooled_key_body == Body::kAuto) {
@@ -265,6 +274,8 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
               (static_cast<double>(n) * d + 4.0 * qbn * d * r + pairs * (4.0 * d + 1));
     return scores;
   }
+  const auto pq = torch::empty({b, h, qbn, rp}, fopt);
+  project(means, a_q, scale, 0, pq, stream, proj_rows);
   const auto kp = torch::empty({b, h, m, rp}, fopt);
   project(k_in, a_k, 1.0, 0, kp, stream, proj_rows);
   cuda::PooledScoresLaunch pl;

@@ -68,6 +68,11 @@ struct CudaEstimatorOptions {
   /// the same scores up to the order of the fp32 sums.
   enum class PooledKeyBody { kAuto, kMmaSync, kWgmma };
   PooledKeyBody pooled_key_body = PooledKeyBody::kAuto;
+  /// CTAs per SM the wgmma body is compiled for: 0 or 2 (the default: 204 registers), or 3
+  /// (registers capped at 168, ~100 bytes spilled; with pooled_key_stages 0 or 2 only). A
+  /// tuning knob for the benchmark (the two-CTA kernel measured latency-bound: 12% achieved
+  /// occupancy; ncu, H100, 2026-12-06). Anything else: InvalidArgument.
+  int pooled_key_ctas_per_sm = 0;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one

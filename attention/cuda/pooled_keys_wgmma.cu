@@ -22,9 +22,10 @@ namespace {
 
 namespace pkw = pooled_keys_wgmma;
 
-// Grid as the mma.sync kernel's: x = group + groups·chunk, y = head, z = batch entry.
-template <typename T, int D, int S>
-__global__ void __launch_bounds__(pkw::kThreads)
+// Grid as the mma.sync kernel's: x = group + groups·chunk, y = head, z = batch entry. kMinCtas:
+// CTAs per SM the registers are capped for (1: no cap; 204 registers give two).
+template <typename T, int D, int S, int kMinCtas>
+__global__ void __launch_bounds__(pkw::kThreads, kMinCtas)
     pooled_keys_wgmma_kernel(PooledKeysLaunch p, int64_t groups) {
   extern __shared__ __align__(1024) unsigned char pooled_keys_wgmma_smem[];
   const int64_t group = blockIdx.x % groups, chunk = blockIdx.x / groups;
@@ -37,15 +38,26 @@ __global__ void __launch_bounds__(pkw::kThreads)
 cudaError_t launch_pooled_keys_wgmma(const PooledKeysLaunch& p, cudaStream_t stream,
                                      const char** failed_call) {
   const int stages = p.stages > 0 ? p.stages : pooled_keys::kDefaultStages;
+  if (p.ctas_per_sm != 0 && p.ctas_per_sm != 2 && !(p.ctas_per_sm == 3 && stages == 2)) {
+    *failed_call = "launch_pooled_key_scores (wgmma body: ctas_per_sm 0, 2, or 3 with 2 stages)";
+    return cudaErrorInvalidValue;
+  }
   const auto bytes = static_cast<int>(pkw::shared_bytes(p.d, stages));
   cudaError_t e = cudaSuccess;
   pooled_keys::dispatch_config(p, stages, [&](auto type, auto dim, auto st) {
-    e = pooled_keys::launch_keys_kernel(
-        pooled_keys_wgmma_kernel<typename decltype(type)::type, decltype(dim)::value,
-                                 decltype(st)::value>,
-        p, bytes, stream,
-        "pooled_keys_wgmma_kernel<<<(query groups × key chunks, heads, batch), 128>>>",
-        failed_call);
+    using T = typename decltype(type)::type;
+    constexpr int kD = decltype(dim)::value, kS = decltype(st)::value;
+    const char* what =
+        "pooled_keys_wgmma_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
+    if constexpr (kS == 2) {
+      if (p.ctas_per_sm == 3) {
+        e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 3>, p, bytes,
+                                            stream, what, failed_call);
+        return;
+      }
+    }
+    e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 1>, p, bytes, stream,
+                                        what, failed_call);
   });
   return e;
 }

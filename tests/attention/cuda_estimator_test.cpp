@@ -396,6 +396,14 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
               torch::equal(gw, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
                                                          c.q_offset, &gpu_flops, wg)))
               << wwhat << ": two runs differ";
+          if (stages == 2) {  // compiled for three CTAs per SM: the same code, the same bits
+            CudaEstimatorOptions three = wg;
+            three.pooled_key_ctas_per_sm = 3;
+            EXPECT_TRUE(torch::equal(
+                gw, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                              c.q_offset, &gpu_flops, three)))
+                << wwhat << ": three CTAs per SM change the scores";
+          }
         }
       }
     }
@@ -595,6 +603,13 @@ TEST(CudaEstimator, BadArgumentsAreRefused) {
     bad_stages.pooled_key_stages = stages;
     expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl, bad_stages); },
                    fmt::format("pooled_key_stages {}", stages));
+  }
+  for (const auto& [ctas, stages] : std::vector<std::pair<int, int>>{{1, 0}, {4, 0}, {3, 3}}) {
+    CudaEstimatorOptions bad_ctas;
+    bad_ctas.pooled_key_ctas_per_sm = ctas;
+    bad_ctas.pooled_key_stages = stages;
+    expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl, bad_ctas); },
+                   fmt::format("pooled_key_ctas_per_sm {}", ctas));
   }
   expect_invalid(
       [&] {
