@@ -437,13 +437,14 @@ void run_estimator(bool quick) {
       // compute capability 9.0); pool-q: the keys projected, then the CUDA-core kernel; pq-wg /
       // pq-wg3: the stored-key scores as warpgroup MMAs (compute capability 9.0, where pq-wg is
       // the default), 2 and 3 key tiles of 128 in flight; wg-3cta: pq-wg compiled for three CTAs
-      // per SM (registers capped at 168) instead of two. (3 and 4
+      // per SM (registers capped at 168) instead of two; wg-pipe: its pipelined form (64-key
+      // halves, one folded while the other's products run; 3 tiles in flight). (3 and 4
       // tiles in flight for pq-mma, and key chunks of 2048 and 4096 keys, measured no faster:
       // RESULTS.md, 2026-12-06.)
       bool sm90 = false;
       const char* failed_call = "";
       cuda_check(cuda::device_is_sm90(&sm90, &failed_call), failed_call);
-      for (int variant = 0; variant < 5; ++variant) {
+      for (int variant = 0; variant < 6; ++variant) {
         if (variant >= 2 && !sm90) continue;
         const bool key_mma = variant != 1;
         CudaEstimatorOptions eo;
@@ -452,11 +453,13 @@ void run_estimator(bool quick) {
                                           : CudaEstimatorOptions::PooledKeyBody::kMmaSync;
         eo.pooled_key_stages = variant == 3 ? 3 : 0;
         eo.pooled_key_ctas_per_sm = variant == 4 ? 3 : 0;
+        eo.pooled_key_pipelined = variant == 5;
         const char* mode = variant == 0   ? "pq-mma"
                            : variant == 1 ? "pool-q"
                            : variant == 2 ? "pq-wg"
                            : variant == 3 ? "pq-wg3"
-                                          : "wg-3cta";
+                           : variant == 4 ? "wg-3cta"
+                                          : "wg-pipe";
         double flops = 0;
         BlockMask mask;
         const auto estimate = [&] {

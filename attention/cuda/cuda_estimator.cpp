@@ -120,6 +120,10 @@ void check_options(const CudaEstimatorOptions& options) {
                       "cuda estimator: pooled_key_ctas_per_sm {} must be 0, 2, or 3 with "
                       "pooled_key_stages 0 or 2 (got {})",
                       options.pooled_key_ctas_per_sm, options.pooled_key_stages);
+  ATTNPILOT_CHECK_ARG(!options.pooled_key_pipelined || options.pooled_key_ctas_per_sm != 3,
+                      "cuda estimator: pooled_key_pipelined takes pooled_key_ctas_per_sm 0 or 2 "
+                      "(got {})",
+                      options.pooled_key_ctas_per_sm);
 }
 
 /// Rows of query block qb and its visible key count (the CPU twin's kend).
@@ -260,6 +264,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     pl.chunk_blocks = chunk_blocks;
     pl.stages = options.pooled_key_stages;
     pl.ctas_per_sm = options.pooled_key_ctas_per_sm;
+    pl.pipelined = options.pooled_key_pipelined;
     using Body = CudaEstimatorOptions::PooledKeyBody;
     pl.wgmma = options.pooled_key_body == Body::kWgmma;
     if (options.pooled_key_body == Body::kAuto) {

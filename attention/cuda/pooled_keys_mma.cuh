@@ -192,32 +192,48 @@ __device__ __forceinline__ void load_w(uint32_t (&hi)[D / 16][4], uint32_t (&lo)
 }
 
 /// One row's 64 keys of a tile (this lane's kTileKeys / 4 of them, at(i, e) the score of key
-/// k0 + 8i + 2c4 + e): scaled by sigma, keys at or past kend masked when need_mask (in place),
-/// folded into the lane-local running max mx and Σ 2^(s - mx) of the current key block.
-template <class At>
+/// k0 + 8i + 2c4 + e): scaled by sigma, keys at or past kend masked when need_mask (in place;
+/// with kInPlace = false recomputed instead, and the running max updated by selects: for the
+/// pipelined wgmma body, which folds beside an in-flight wgmma), folded into the lane-local
+/// running max mx and Σ 2^(s - mx) of the current key block.
+template <bool kInPlace = true, class At>
 __device__ __forceinline__ void fold_keys(At&& at, float sigma, bool need_mask, int64_t k0,
                                           int64_t kend, int c4, float& mx, float& sum) {
   const float kNegInf = -INFINITY;
+  const auto scaled = [&](int i, int e) {
+    const float x = at(i, e) * sigma;
+    return need_mask && k0 + 8 * i + 2 * c4 + e >= kend ? kNegInf : x;
+  };
   float tmax = kNegInf;
 #pragma unroll
   for (int i = 0; i < kTileKeys / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      float x = at(i, e) * sigma;
-      if (need_mask && k0 + 8 * i + 2 * c4 + e >= kend) x = kNegInf;
-      at(i, e) = x;
+      const float x = scaled(i, e);
+      if constexpr (kInPlace) at(i, e) = x;
       tmax = fmaxf(tmax, x);
     }
-  if (tmax > mx) {
-    sum *= ptx::exp2_approx(mx - tmax);  // mx = -inf: sum is 0 and stays 0
-    mx = tmax;
+  if constexpr (kInPlace) {
+    if (tmax > mx) {
+      sum *= ptx::exp2_approx(mx - tmax);  // mx = -inf: sum is 0 and stays 0
+      mx = tmax;
+    }
+  } else {  // the same by selects (no per-thread branch beside an in-flight wgmma)
+    const float new_mx = fmaxf(mx, tmax);
+    sum *= new_mx == mx ? 1.f : ptx::exp2_approx(mx - new_mx);
+    mx = new_mx;
   }
   const float base = mx == kNegInf ? 0.f : mx;  // all masked so far: adds 0
   float acc = 0.f;
 #pragma unroll
   for (int i = 0; i < kTileKeys / 8; ++i)
 #pragma unroll
-    for (int e = 0; e < 2; ++e) acc += ptx::exp2_approx(at(i, e) - base);
+    for (int e = 0; e < 2; ++e) {
+      if constexpr (kInPlace)
+        acc += ptx::exp2_approx(at(i, e) - base);
+      else
+        acc += ptx::exp2_approx(scaled(i, e) - base);
+    }
   sum += acc;
 }
 

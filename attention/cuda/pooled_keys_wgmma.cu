@@ -23,14 +23,15 @@ namespace {
 namespace pkw = pooled_keys_wgmma;
 
 // Grid as the mma.sync kernel's: x = group + groups·chunk, y = head, z = batch entry. kMinCtas:
-// CTAs per SM the registers are capped for (1: no cap; 204 registers give two).
-template <typename T, int D, int S, int kMinCtas>
+// CTAs per SM the registers are capped for (1: no cap; 204 registers give two). kPipelined: the
+// body's pipelined form.
+template <typename T, int D, int S, int kMinCtas, bool kPipelined>
 __global__ void __launch_bounds__(pkw::kThreads, kMinCtas)
     pooled_keys_wgmma_kernel(PooledKeysLaunch p, int64_t groups) {
   extern __shared__ __align__(1024) unsigned char pooled_keys_wgmma_smem[];
   const int64_t group = blockIdx.x % groups, chunk = blockIdx.x / groups;
   const int64_t bh = static_cast<int64_t>(blockIdx.z) * p.heads + blockIdx.y;
-  pkw::pooled_keys_wgmma_block<T, D, S>(p, chunk, group, bh, pooled_keys_wgmma_smem);
+  pkw::pooled_keys_wgmma_block<T, D, S, kPipelined>(p, chunk, group, bh, pooled_keys_wgmma_smem);
 }
 
 }  // namespace
@@ -38,8 +39,11 @@ __global__ void __launch_bounds__(pkw::kThreads, kMinCtas)
 cudaError_t launch_pooled_keys_wgmma(const PooledKeysLaunch& p, cudaStream_t stream,
                                      const char** failed_call) {
   const int stages = p.stages > 0 ? p.stages : pooled_keys::kDefaultStages;
-  if (p.ctas_per_sm != 0 && p.ctas_per_sm != 2 && !(p.ctas_per_sm == 3 && stages == 2)) {
-    *failed_call = "launch_pooled_key_scores (wgmma body: ctas_per_sm 0, 2, or 3 with 2 stages)";
+  if (p.ctas_per_sm != 0 && p.ctas_per_sm != 2 &&
+      !(p.ctas_per_sm == 3 && stages == 2 && !p.pipelined)) {
+    *failed_call =
+        "launch_pooled_key_scores (wgmma body: ctas_per_sm 0, 2, or 3 with 2 stages and not "
+        "pipelined)";
     return cudaErrorInvalidValue;
   }
   const auto bytes = static_cast<int>(pkw::shared_bytes(p.d, stages));
@@ -51,13 +55,18 @@ cudaError_t launch_pooled_keys_wgmma(const PooledKeysLaunch& p, cudaStream_t str
         "pooled_keys_wgmma_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
     if constexpr (kS == 2) {
       if (p.ctas_per_sm == 3) {
-        e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 3>, p, bytes,
+        e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 3, false>, p, bytes,
                                             stream, what, failed_call);
         return;
       }
     }
-    e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 1>, p, bytes, stream,
-                                        what, failed_call);
+    if (p.pipelined) {
+      e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 1, true>, p, bytes,
+                                          stream, what, failed_call);
+      return;
+    }
+    e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 1, false>, p, bytes,
+                                        stream, what, failed_call);
   });
   return e;
 }

@@ -55,7 +55,19 @@ __host__ __device__ constexpr int64_t shared_bytes(int d, int stages) {
 /// One CTA (kThreads threads, all of which call it: it holds barriers and warpgroup MMAs):
 /// pooled_keys::pooled_keys_block's contract, with S swizzled 128-key tiles in `smem_raw`
 /// (shared_bytes(D, S) bytes).
-template <typename T, int D, int S>
+///
+/// kPipelined: each tile's products as two m64n64 halves (A: keys 0-63, B: 64-127; one
+/// accumulator set each, the same registers), so B's products run while A is folded:
+///
+///   tile t:  issue A_t, B_t | wait A_t | fold A_t (B_t running) | wait B_t | fold B_t
+///
+/// (the fold, an exp2 and a few FMAs per score, otherwise waits for the whole tile's products
+/// and they for it: one warpgroup per CTA, two CTAs per SM, 12% achieved occupancy; ncu, H100,
+/// 2026-12-06). A's finished key block is flushed (shuffles, stores) after B's wait, and its
+/// running maximum is updated by selects: branches beside the in-flight wgmma made ptxas
+/// serialise every wgmma (C7518). Stages are refilled as in the plain body; the folds run in
+/// the same key order.
+template <typename T, int D, int S, bool kPipelined = false>
 __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_t chunk,
                                                int64_t group, int64_t bh, unsigned char* smem_raw) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
@@ -89,6 +101,71 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
   }
 
   float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
+  // The pipelined body's finished key blocks not yet flushed: (max, sum) per row and the block
+  // (-1: none), slot 0 for the fold of A_t, 1 for B_t.
+  float held_mx[2][2] = {}, held_sum[2][2] = {};
+  int64_t held_kb[2] = {-1, -1};
+  // Folds the 64 keys of half `half` of the tile at k0 (at(i, hr, e): the score of row
+  // g + 8hr, key 8i + 2c4 + e of the half), then flushes a finished key block (a half never
+  // straddles one: the chunk start and bs are multiples of 64), or with kPipelined holds it in
+  // `slot` for flush_held.
+  const auto fold_half = [&](auto&& at, int64_t k0, int half, int slot) {
+    // The pipelined body only reads its accumulators (an in-place write in a branch, to
+    // registers the next wgmma takes as its operand, made ptxas serialise every wgmma: C7518).
+    constexpr bool kInPlace = !kPipelined;
+    const int64_t kh = k0 + half * kHalf;
+    if (kh >= cr.k_hi) return;  // CTA-uniform: past the chunk (or every row's causal limit)
+    if (kh < cr.warp_kmax) {    // warp-uniform: some row of the warp sees a key of the half
+      const bool need_mask = kh + kHalf > cr.warp_kmin;  // warp-uniform
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+        pooled_keys::fold_keys<kInPlace>([&](int i, int e) -> float& { return at(i, hr, e); },
+                                         sigma[hr], need_mask, kh, cr.kend[hr], c4, mx[hr],
+                                         sum[hr]);
+    }
+    const bool block_end = (kh + kHalf) % bs == 0 || kh + kHalf >= cr.k_hi;  // CTA-uniform
+    if constexpr (kPipelined) {
+      // Held back until no wgmma is in flight, by selects, not a branch: the flush's shuffles
+      // and stores, or even a branch that moves these registers, made ptxas serialise every
+      // wgmma (C7518).
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        held_mx[slot][hr] = block_end ? mx[hr] : held_mx[slot][hr];
+        held_sum[slot][hr] = block_end ? sum[hr] : held_sum[slot][hr];
+        mx[hr] = block_end ? kNegInf : mx[hr];
+        sum[hr] = block_end ? 0.f : sum[hr];
+      }
+      held_kb[slot] = block_end ? kh / bs : held_kb[slot];
+    } else if (block_end) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+        pooled_keys::flush_block(mx[hr], sum[hr], cr.out[hr], kh / bs, cr.vis[hr], c4);
+    }
+  };
+  // The held-back key blocks of the pipelined body, flushed (slot 0 first: keys in order).
+  const auto flush_held = [&] {
+#pragma unroll
+    for (int slot = 0; slot < 2; ++slot) {
+      if (held_kb[slot] < 0) continue;  // CTA-uniform
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+        pooled_keys::flush_block(held_mx[slot][hr], held_sum[slot][hr], cr.out[hr], held_kb[slot],
+                                 cr.vis[hr], c4);
+      held_kb[slot] = -1;
+    }
+  };
+  // Half `half` of the tile in `stage` (keys 64·half ..): its products into acc, one commit group.
+  const auto issue_half = [&](float(&acc)[kHalf / 2], int stage, int half) {
+    const uint64_t kd = ptx::sw128_desc(tiles_addr + stage * kTile + half * kHalf * 128, 16, 1024);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDk; ++kk) {
+      const uint64_t bk = ptx::desc_advance(kd, (kk / 4) * bsw::kRegionBytes + (kk % 4) * 32);
+      ptx::wgmma_rs<T, kHalf, false>(acc, ahi[kk], bk, kk > 0);
+      ptx::wgmma_rs<T, kHalf, false>(acc, alo[kk], bk, true);
+    }
+    ptx::wgmma_commit();
+  };
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t k0 = cr.k_lo + t * kTileKeys;
     // Tile t has landed (this thread's copies, fenced for wgmma's async-proxy reads; then
@@ -102,6 +179,20 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
                                            k0 + (S - 1) * kTileKeys, p.m, tid);
     ptx::cp_async_commit();
     const int stage = static_cast<int>(t % S);
+    if constexpr (kPipelined) {
+      // B's products run while A is folded; nothing is in flight at the end of an iteration.
+      // (Folding B of the previous tile beside A's products as well made ptxas serialise every
+      // wgmma, C7518: it reads registers the next wgmma takes as its accumulator.)
+      float s0[kHalf / 2], s1[kHalf / 2];
+      issue_half(s0, stage, 0);
+      issue_half(s1, stage, 1);
+      ptx::wgmma_wait<1>();
+      fold_half([&](int i, int hr, int e) -> float& { return s0[4 * i + 2 * hr + e]; }, k0, 0, 0);
+      ptx::wgmma_wait<0>();
+      fold_half([&](int i, int hr, int e) -> float& { return s1[4 * i + 2 * hr + e]; }, k0, 1, 1);
+      flush_held();
+      continue;
+    }
     float s[kTileKeys / 2];
     {
       const uint64_t kd = ptx::sw128_desc(tiles_addr + stage * kTile, 16, 1024);
@@ -115,27 +206,12 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
       ptx::wgmma_commit();
       ptx::wgmma_wait<0>();
     }
-    // Two halves of 64 keys: a half never straddles a key block (the chunk start and bs are
-    // multiples of 64). s[4i + 2hr + e] is row g + 8hr, key k0 + 8i + 2c4 + e.
+    // Two halves of 64 keys: s[4i + 2hr + e] is row g + 8hr, key k0 + 8i + 2c4 + e.
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t kh = k0 + half * kHalf;
-      if (kh >= cr.k_hi) break;  // CTA-uniform: past the chunk (or every row's causal limit)
-      if (kh < cr.warp_kmax) {   // warp-uniform: some row of the warp sees a key of the half
-        const bool need_mask = kh + kHalf > cr.warp_kmin;  // warp-uniform
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr)
-          pooled_keys::fold_keys(
-              [&](int i, int e) -> float& { return s[4 * (half * (kHalf / 8) + i) + 2 * hr + e]; },
-              sigma[hr], need_mask, kh, cr.kend[hr], c4, mx[hr], sum[hr]);
-      }
-      // End of a key block or of the CTA's keys.
-      if ((kh + kHalf) % bs == 0 || kh + kHalf >= cr.k_hi) {
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr)
-          pooled_keys::flush_block(mx[hr], sum[hr], cr.out[hr], kh / bs, cr.vis[hr], c4);
-      }
-    }
+    for (int half = 0; half < 2; ++half)
+      fold_half([&](int i, int hr,
+                    int e) -> float& { return s[4 * (half * (kHalf / 8) + i) + 2 * hr + e]; },
+                k0, half, 0);
   }
   ptx::cp_async_wait_all();  // no copy outlives the CTA (the groups past the last tile are empty)
 }

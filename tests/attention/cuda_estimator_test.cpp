@@ -404,6 +404,22 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
                                               c.q_offset, &gpu_flops, three)))
                 << wwhat << ": three CTAs per SM change the scores";
           }
+          {  // the pipelined form (64-key halves, one folded while the other runs)
+            CudaEstimatorOptions piped = wg;
+            piped.pooled_key_pipelined = true;
+            poison({want.numel()}, std::nan(""), torch::kFloat);
+            const auto gp = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                      c.q_offset, &gpu_flops, piped);
+            const auto gpd = gp.cpu().to(torch::kDouble);
+            ASSERT_TRUE(torch::isfinite(gpd).all().item<bool>()) << wwhat << " pipelined: NaN";
+            EXPECT_LE((gpd - w).abs().max().item<double>(), kPooledAbsTol) << wwhat << " pipelined";
+            EXPECT_LE((gpd - gwd).abs().max().item<double>(), 1e-6)
+                << wwhat << " pipelined against the plain wgmma body";
+            EXPECT_TRUE(torch::equal(
+                gp, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                              c.q_offset, &gpu_flops, piped)))
+                << wwhat << " pipelined: two runs differ";
+          }
         }
       }
     }
@@ -604,6 +620,11 @@ TEST(CudaEstimator, BadArgumentsAreRefused) {
     expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl, bad_stages); },
                    fmt::format("pooled_key_stages {}", stages));
   }
+  CudaEstimatorOptions bad_piped;
+  bad_piped.pooled_key_pipelined = true;
+  bad_piped.pooled_key_ctas_per_sm = 3;
+  expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl, bad_piped); },
+                 "pooled_key_pipelined");
   for (const auto& [ctas, stages] : std::vector<std::pair<int, int>>{{1, 0}, {4, 0}, {3, 3}}) {
     CudaEstimatorOptions bad_ctas;
     bad_ctas.pooled_key_ctas_per_sm = ctas;

@@ -300,7 +300,8 @@ KeysProblem make_keys_problem(const Shape& s, int64_t hkv, int64_t ld, uint64_t 
 /// scores between the two.
 template <typename T, int D>
 std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const KeysProblem& pr,
-                                std::vector<float>* lse, int stages, bool wgmma) {
+                                std::vector<float>* lse, int stages, bool wgmma,
+                                bool pipelined = false) {
   cu::PooledKeysLaunch p;
   const int64_t qbn = (s.n + s.bs - 1) / s.bs, kbn = (s.m + s.bs - 1) / s.bs;
   std::vector<float> scores(static_cast<size_t>(s.b * s.h * qbn * kbn),
@@ -328,7 +329,11 @@ std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const K
               (reinterpret_cast<uintptr_t>(raw.data()) + 1023) / 1024 * 1024);
           emu::wgmma::set_shared_window(base, bytes);
           emu::run_block(pooled_keys_wgmma::kThreads, [&] {
-            if (stages == 2)
+            if (pipelined && stages == 2)
+              pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 2, true>(p, c, g, bh, base);
+            else if (pipelined)
+              pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 3, true>(p, c, g, bh, base);
+            else if (stages == 2)
               pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 2>(p, c, g, bh, base);
             else
               pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 3>(p, c, g, bh, base);
@@ -359,13 +364,16 @@ struct KeysCase {
   bool bf16;
 };
 
+/// `pipelined`: the wgmma body's pipelined form (stages 2 or 3).
 std::vector<float> emulate_keys_any(const KeysCase& c, const KeysProblem& pr,
-                                    std::vector<float>* lse, int stages = 2, bool wgmma = false) {
+                                    std::vector<float>* lse, int stages = 2, bool wgmma = false,
+                                    bool pipelined = false) {
+  const int st = stages;
   if (c.s.d == 64)
-    return c.bf16 ? emulate_keys<__nv_bfloat16, 64>(c.s, c.hkv, c.ld, pr, lse, stages, wgmma)
-                  : emulate_keys<__half, 64>(c.s, c.hkv, c.ld, pr, lse, stages, wgmma);
-  return c.bf16 ? emulate_keys<__nv_bfloat16, 128>(c.s, c.hkv, c.ld, pr, lse, stages, wgmma)
-                : emulate_keys<__half, 128>(c.s, c.hkv, c.ld, pr, lse, stages, wgmma);
+    return c.bf16 ? emulate_keys<__nv_bfloat16, 64>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pipelined)
+                  : emulate_keys<__half, 64>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pipelined);
+  return c.bf16 ? emulate_keys<__nv_bfloat16, 128>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pipelined)
+                : emulate_keys<__half, 128>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pipelined);
 }
 
 KeysProblem make_keys_any(const KeysCase& c, uint64_t seed, double sharp) {
@@ -399,7 +407,7 @@ std::vector<KeysCase> keys_cases() {
 
 /// Both bodies (mma.sync; wgmma with `stages` 128-key tiles in flight) on every case against
 /// the float64 CPU twin.
-void check_keys_against_twin(bool wgmma, int stages) {
+void check_keys_against_twin(bool wgmma, int stages, bool pipelined = false) {
   uint64_t seed = 31;
   double worst = 0;
   for (const KeysCase& c : keys_cases()) {
@@ -410,17 +418,18 @@ void check_keys_against_twin(bool wgmma, int stages) {
     const auto want = attnpilot::attention::lowrank_block_scores(
         pr.q, pr.k64, pr.a_q, pr.a_k, s.bs, s.causal, s.q_offset, &flops, /*pool_queries=*/true);
     std::vector<float> lse;
-    const auto got_v = emulate_keys_any(c, pr, &lse, stages, wgmma);
+    const auto got_v = emulate_keys_any(c, pr, &lse, stages, wgmma, pipelined);
     worst = std::max(worst,
                      expect_pooled_scores(
                          s, want, got_v, lse, kKeysAbsTol,
-                         fmt::format("{} {} hkv={} ld={} {} sharp {}", wgmma ? "wgmma" : "mma.sync",
+                         fmt::format("{} {} hkv={} ld={} {} sharp {}",
+                                     wgmma ? (pipelined ? "wgmma pipelined" : "wgmma") : "mma.sync",
                                      s.str(), c.hkv, c.ld, c.bf16 ? "bf16" : "fp16", sharp)));
   }
   std::printf(
       "pooled scores on the stored keys (%s, %d stages), emulated vs float64 CPU twin: max abs "
       "error %.3g\n",
-      wgmma ? "wgmma" : "mma.sync", stages, worst);
+      wgmma ? (pipelined ? "wgmma pipelined" : "wgmma") : "mma.sync", stages, worst);
 }
 
 TEST(PooledKeyScoresEmulated, MatchTheCpuTwinInFloat64) { check_keys_against_twin(false, 2); }
@@ -430,6 +439,26 @@ TEST(PooledKeyScoresEmulated, MatchTheCpuTwinInFloat64) { check_keys_against_twi
 TEST(PooledKeyScoresEmulated, WgmmaBodyMatchesTheCpuTwinInFloat64) {
   check_keys_against_twin(true, 2);
   check_keys_against_twin(true, 3);
+}
+
+// The pipelined wgmma body (two 64-key halves per tile, the first folded while the second's
+// products run, its finished key block flushed after them) with 2 and 3 tiles in flight:
+// against the twin, and the same bits as the plain wgmma body (the same products and folds in
+// the same order; the stages are NaN-poisoned, so a half read before its tile lands or after
+// its stage is refilled shows).
+TEST(PooledKeyScoresEmulated, PipelinedWgmmaBodyMatchesThePlainOne) {
+  check_keys_against_twin(true, 2, /*pipelined=*/true);
+  uint64_t seed = 71;
+  for (const KeysCase& c : keys_cases()) {
+    const KeysProblem pr = make_keys_any(c, seed++, 8.0);
+    const auto plain = emulate_keys_any(c, pr, nullptr, 2, /*wgmma=*/true);
+    for (int stages : {2, 3}) {
+      const auto piped = emulate_keys_any(c, pr, nullptr, stages, true, /*pipelined=*/true);
+      ASSERT_EQ(plain.size(), piped.size());
+      EXPECT_EQ(std::memcmp(plain.data(), piped.data(), plain.size() * sizeof(float)), 0)
+          << c.s.str() << ": pipelined with " << stages << " stages differs from the plain body";
+    }
+  }
 }
 
 // More key tiles in flight per CTA (3 or 4 cp.async stages) change when each tile is loaded,
