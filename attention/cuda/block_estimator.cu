@@ -41,15 +41,11 @@
 //
 // Selection kernel, one warp per row (b, h, qb), select_blocks' rule exactly: the sink block 0
 // and the diagonal blocks first (mass summed in the CPU's order), then the other visible blocks
-// by descending score, ties to the lower index (the order of std::stable_sort). By count (a
-// top_k or density budget): the budget's worth of them, found by a radix select of the
-// budget-th largest score (32 warp-wide counts, no sort; the bitonic sort below took 91 µs of
-// shared-memory traffic at 32k, 32 heads, block 128, ncu on an H100, 2026-12-06), then every
-// score above it and the lowest blocks among those equal to it. By mass: a bitonic sort of
-// 64-bit keys ~score<<32 | kb in shared memory, taken while mass < gamma·total. Mass prefix
-// sums are float64 as on the CPU, but summed as a warp scan, not one by one: a mask can differ
-// from the CPU's only where a prefix mass lies within a few float64 ulps of gamma·total. Then a
-// CUB exclusive scan of the per-row counts gives row_ptr, and a scatter
+// by descending score, ties to the lower index (a bitonic sort of 64-bit keys ~score<<32 | kb in
+// shared memory: the order of std::stable_sort), taken while mass < gamma·total (or count <
+// budget). Mass prefix sums are float64 as on the CPU, but summed as a warp scan, not one by
+// one: a mask can differ from the CPU's only where a prefix mass lies within a few float64 ulps
+// of gamma·total. Then a CUB exclusive scan of the per-row counts gives row_ptr, and a scatter
 // (one warp per row, popcount prefix over the row's bitmap) writes col_idx in ascending order.
 //
 // Operation count and floor (L = 32k, 32 heads, d = 128, r = 16, block 128, causal): sampled

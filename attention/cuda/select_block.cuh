@@ -32,21 +32,11 @@ inline int64_t select_smem_bytes(int cap, int64_t k_blocks) {
   return int64_t(cap) * 8 + ceil_div(k_blocks, 32) * 4;
 }
 
-// A score as an unsigned key, monotone in the float order (-0 as +0).
-__device__ __forceinline__ uint32_t score_key(float score) {
-  const uint32_t u = __float_as_uint(score == 0.f ? 0.f : score);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
 // Ascending 64-bit sort key: descending score, then ascending block index.
 __device__ __forceinline__ uint64_t order_key(float score, int64_t kb) {
-  return (static_cast<uint64_t>(~score_key(score)) << 32) | static_cast<uint64_t>(kb);
-}
-
-__device__ __forceinline__ int warp_sum(int x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
+  uint32_t u = __float_as_uint(score == 0.f ? 0.f : score);  // -0 sorts as +0
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);            // monotone in the float order
+  return (static_cast<uint64_t>(~u) << 32) | static_cast<uint64_t>(kb);
 }
 
 __device__ __forceinline__ double warp_sum(double x) {
@@ -77,12 +67,9 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
 
   for (int64_t w = lane; w < words; w += 32) bits[w] = 0u;
   __syncwarp();
-  const bool by_mass = p.gamma > 0;
   double total = 0;
-  if (by_mass) {
-    for (int64_t kb = lane; kb < vis; kb += 32) total += static_cast<double>(sc[kb]);
-    total = warp_sum(total);
-  }
+  for (int64_t kb = lane; kb < vis; kb += 32) total += static_cast<double>(sc[kb]);
+  total = warp_sum(total);
   // Forced blocks in the CPU's order: block 0, then the diagonal blocks ascending.
   double mass = 0;
   int64_t count = 0;
@@ -93,6 +80,7 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
     if (lane == 0) bits[kb / 32] |= 1u << (kb % 32);
   }
   __syncwarp();
+  const bool by_mass = p.gamma > 0;
   double limit;
   if (by_mass) {
     limit = __dmul_rn(p.gamma, total);
@@ -101,42 +89,7 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
                         : ceil(__dsub_rn(__dmul_rn(p.density, static_cast<double>(vis)), 1e-9));
   }
   const int64_t others = vis - count;
-  if (!by_mass && static_cast<double>(count) < limit && others > 0) {
-    // By count: the first `take` others in the order (descending score, then ascending block),
-    // without sorting (a sort of every row was 91 µs of shared-memory traffic at 32k, 32 heads;
-    // ncu, H100, 2026-12-06). The take-th largest key v by a radix select, most significant
-    // bit first (each step counts the candidates at or above a trial value), then every key
-    // above v and, of the keys equal to v, the lowest blocks.
-    const int64_t take =
-        static_cast<int64_t>(limit) - count < others ? static_cast<int64_t>(limit) - count : others;
-    const auto at_least = [&](uint32_t t) {  // candidates with a key >= t, warp-wide
-      int c = 0;
-      for (int64_t kb = lane; kb < vis; kb += 32) c += !forced(kb) && score_key(sc[kb]) >= t;
-      return warp_sum(c);
-    };
-    uint32_t v = 0;  // take == others: every candidate (no key is below 0)
-    int64_t ties_left = 0;
-    if (take < others) {
-      for (int bit = 31; bit >= 0; --bit) {
-        const uint32_t trial = v | (1u << bit);
-        if (at_least(trial) >= take) v = trial;
-      }
-      ties_left = take - (v == 0xffffffffu ? 0 : at_least(v + 1u));
-    }
-    for (int64_t c0 = 0; c0 < vis; c0 += 32) {
-      const int64_t kb = c0 + lane;
-      const bool cand = kb < vis && !forced(kb);
-      const uint32_t key = cand ? score_key(sc[kb]) : 0u;
-      const bool tie = take < others && cand && key == v;
-      const unsigned ties = __ballot_sync(0xffffffffu, tie);
-      const int before = __popc(ties & ((1u << lane) - 1u));
-      const bool taken = cand && (take == others || key > v || (tie && before < ties_left));
-      const unsigned word = __ballot_sync(0xffffffffu, taken);
-      if (lane == 0) bits[c0 / 32] |= word;
-      ties_left -= __popc(ties);
-    }
-    count += take;
-  } else if (by_mass && mass < limit && others > 0) {
+  if ((by_mass ? mass : static_cast<double>(count)) < limit && others > 0) {
     for (int64_t i = lane; i < cap; i += 32)
       keys[i] = i < vis && !forced(i) ? order_key(sc[i], i) : ~0ull;
     __syncwarp();
@@ -155,14 +108,14 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
         __syncwarp();
       }
     }
-    // Walk the order in chunks of 32: an entry is taken when the mass before it is below the
-    // limit; scores are >= 0, so the taken entries are a prefix.
-    double base = mass;
+    // Walk the order in chunks of 32: an entry is taken when the mass (count) before it is
+    // below the limit; scores are >= 0, so the taken entries are a prefix.
+    double base = by_mass ? mass : static_cast<double>(count);
     for (int64_t c0 = 0; c0 < others; c0 += 32) {
       const int64_t i = c0 + lane;
       const bool ok = i < others && keys[i] != ~0ull;  // (the second holds by construction)
       const int64_t kb = ok ? static_cast<int64_t>(keys[i] & 0xffffffffu) : 0;
-      const double wgt = ok ? static_cast<double>(sc[kb]) : 0.0;
+      const double wgt = ok ? (by_mass ? static_cast<double>(sc[kb]) : 1.0) : 0.0;
       double incl = wgt;
 #pragma unroll
       for (int o = 1; o < 32; o *= 2) {
