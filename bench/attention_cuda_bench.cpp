@@ -488,49 +488,34 @@ void run_estimator(bool quick) {
       double f = 0;
       const auto pooled_scores = lowrank_block_scores_cuda(
           q, k, a_q.narrow(3, 0, r), a_k.narrow(3, 0, r), bs, true, 0, &f, so);
-      const double t_means = ev.median_ms(
-          [&] {
-            (void)q.view({1, heads, len / bs, bs, d}).mean(3, false, torch::kFloat);
-          },
-          2, 10);
-      const double t_scores = ev.median_ms(
-          [&] {
-            (void)lowrank_block_scores_cuda(q, k, a_q.narrow(3, 0, r), a_k.narrow(3, 0, r), bs,
-                                            true, 0, &f, so);
-          },
-          2, 10);
-      const double t_select = ev.median_ms(
-          [&] { (void)select_blocks_cuda(pooled_scores, pooled, len, len, true, 0); }, 2, 10);
-      // The same scores by the wgmma body (compute capability 9.0).
+      // Each part, timed as a call and as GPU work alone (CUDA graph replays).
+      const auto means = [&] {
+        (void)q.view({1, heads, len / bs, bs, d}).mean(3, false, torch::kFloat);
+      };
+      const auto scores_by = [&](const CudaEstimatorOptions& o) {
+        return [&, o] {
+          (void)lowrank_block_scores_cuda(q, k, a_q.narrow(3, 0, r), a_k.narrow(3, 0, r), bs, true,
+                                          0, &f, o);
+        };
+      };
+      const auto select = [&] {
+        (void)select_blocks_cuda(pooled_scores, pooled, len, len, true, 0);
+      };
+      // The wgmma body's scores too (compute capability 9.0).
       CudaEstimatorOptions sw = so;
       sw.pooled_key_body = CudaEstimatorOptions::PooledKeyBody::kWgmma;
-      const double t_scores_wg =
-          sm90 ? ev.median_ms(
-                     [&] {
-                       (void)lowrank_block_scores_cuda(q, k, a_q.narrow(3, 0, r),
-                                                       a_k.narrow(3, 0, r), bs, true, 0, &f, sw);
-                     },
-                     2, 10)
-               : std::nan("");
+      const double t_means = ev.median_ms(means, 2, 10);
+      const double t_scores = ev.median_ms(scores_by(so), 2, 10);
+      const double t_select = ev.median_ms(select, 2, 10);
+      const double t_scores_wg = sm90 ? ev.median_ms(scores_by(sw), 2, 10) : std::nan("");
       fmt::print(
           "     pq-mma by parts (r {}, {:.0f}%): block means of q {:.3f} ms (floor, q read once "
           "at 3.35 TB/s: {:.3f}), scores {:.3f} ms (wgmma body: {:.3f}), selection {:.3f} ms\n",
           r, 100 * density, t_means, heads * len * d * 2 / 3.35e12 * 1e3, t_scores, t_scores_wg,
           t_select);
-      // The same parts as GPU work alone (CUDA graph replays), the wgmma body's scores.
-      const double g_means = ev.graph_median_ms(
-          [&] {
-            (void)q.view({1, heads, len / bs, bs, d}).mean(3, false, torch::kFloat);
-          },
-          2, 10);
-      const double g_scores = ev.graph_median_ms(
-          [&] {
-            (void)lowrank_block_scores_cuda(q, k, a_q.narrow(3, 0, r), a_k.narrow(3, 0, r), bs,
-                                            true, 0, &f, sm90 ? sw : so);
-          },
-          2, 10);
-      const double g_select = ev.graph_median_ms(
-          [&] { (void)select_blocks_cuda(pooled_scores, pooled, len, len, true, 0); }, 2, 10);
+      const double g_means = ev.graph_median_ms(means, 2, 10);
+      const double g_scores = ev.graph_median_ms(scores_by(sm90 ? sw : so), 2, 10);
+      const double g_select = ev.graph_median_ms(select, 2, 10);
       fmt::print(
           "     GPU work alone by parts (graph replays; scores by the {} body): block means {:.3f} "
           "ms, scores {:.3f} ms (means included), selection {:.3f} ms\n",

@@ -154,15 +154,17 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
       held_kb[slot] = -1;
     }
   };
-  // Half `half` of the tile in `stage` (keys 64·half ..): its products into acc, one commit group.
-  const auto issue_half = [&](float(&acc)[kHalf / 2], int stage, int half) {
-    const uint64_t kd = ptx::sw128_desc(tiles_addr + stage * kTile + half * kHalf * 128, 16, 1024);
+  // The products of the N = 2·|acc| keys from key `first` of the tile in `stage` (N = 128: the
+  // whole tile, 64: a half) into acc, one commit group.
+  const auto issue = [&](auto& acc, int stage, int first) {
+    constexpr int kN = 2 * static_cast<int>(sizeof(acc) / sizeof(float));
+    const uint64_t kd = ptx::sw128_desc(tiles_addr + stage * kTile + first * 128, 16, 1024);
     ptx::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDk; ++kk) {
       const uint64_t bk = ptx::desc_advance(kd, (kk / 4) * bsw::kRegionBytes + (kk % 4) * 32);
-      ptx::wgmma_rs<T, kHalf, false>(acc, ahi[kk], bk, kk > 0);
-      ptx::wgmma_rs<T, kHalf, false>(acc, alo[kk], bk, true);
+      ptx::wgmma_rs<T, kN, false>(acc, ahi[kk], bk, kk > 0);
+      ptx::wgmma_rs<T, kN, false>(acc, alo[kk], bk, true);
     }
     ptx::wgmma_commit();
   };
@@ -184,8 +186,8 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
       // (Folding B of the previous tile beside A's products as well made ptxas serialise every
       // wgmma, C7518: it reads registers the next wgmma takes as its accumulator.)
       float s0[kHalf / 2], s1[kHalf / 2];
-      issue_half(s0, stage, 0);
-      issue_half(s1, stage, 1);
+      issue(s0, stage, 0);
+      issue(s1, stage, kHalf);
       ptx::wgmma_wait<1>();
       fold_half([&](int i, int hr, int e) -> float& { return s0[4 * i + 2 * hr + e]; }, k0, 0, 0);
       ptx::wgmma_wait<0>();
@@ -194,18 +196,8 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
       continue;
     }
     float s[kTileKeys / 2];
-    {
-      const uint64_t kd = ptx::sw128_desc(tiles_addr + stage * kTile, 16, 1024);
-      ptx::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kDk; ++kk) {
-        const uint64_t bk = ptx::desc_advance(kd, (kk / 4) * bsw::kRegionBytes + (kk % 4) * 32);
-        ptx::wgmma_rs<T, kTileKeys, false>(s, ahi[kk], bk, kk > 0);
-        ptx::wgmma_rs<T, kTileKeys, false>(s, alo[kk], bk, true);
-      }
-      ptx::wgmma_commit();
-      ptx::wgmma_wait<0>();
-    }
+    issue(s, stage, 0);
+    ptx::wgmma_wait<0>();
     // Two halves of 64 keys: s[4i + 2hr + e] is row g + 8hr, key k0 + 8i + 2c4 + e.
 #pragma unroll
     for (int half = 0; half < 2; ++half)
