@@ -15,7 +15,8 @@
 #   NCU_LEN       the length ncu profiles at (default 32768)
 #   NCU_DENSITIES the sparse rows ncu may profile (default "1,0.1,0.05"; -c 1 takes the first)
 #   NCU_ESTIMATOR 1: ncu of one default estimator call (every kernel: duration, throughput,
-#                 occupancy) into ncu-estimator.txt
+#                 occupancy) into ncu-estimator.txt; full: --set full of its pooled-key scores
+#                 kernel alone, with per-SASS stalls (ncu-estimator.txt, ncu-estimator-sass.csv)
 #   GPU_TESTS     0: skip the GPU tests; a list of test programs: only those (default 1: all)
 #   SANITIZE      a gtest filter: compute-sanitizer memcheck of the block-sparse and estimator
 #                 GPU tests on it (e.g. '*Persistent*:*PooledScores*'; default none)
@@ -97,7 +98,18 @@ if [ -n "${NCU_KERNEL:-}" ] && [ "$(left)" -gt 70 ]; then
   rm -f "$OUT/prof.ncu-rep"
   grep -E "Duration|Issue Slots Busy|highest-utilized" "$OUT/ncu.txt" | head -4
 fi
-if [ "${NCU_ESTIMATOR:-0}" = 1 ] && [ "$(left)" -gt 40 ]; then
+if [ "${NCU_ESTIMATOR:-0}" = full ] && [ "$(left)" -gt 60 ]; then
+  step "ncu estimator (full, pooled-key scores kernel)"
+  N=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  timeout "$(($(left) - 10))" "$N" --profile-from-start off --set full -k regex:pooled_keys \
+    -c 1 --export "$OUT/prof-est" --force-overwrite $BS --only estimator-profile >/dev/null 2>&1
+  "$N" -i "$OUT/prof-est.ncu-rep" --page details >"$OUT/ncu-estimator.txt" 2>&1
+  "$N" -i "$OUT/prof-est.ncu-rep" --page source --csv --print-source sass \
+    >"$OUT/ncu-estimator-sass.csv" 2>&1
+  rm -f "$OUT/prof-est.ncu-rep"
+  grep -E "Duration|Issue Slots Busy|highest-utilized|Achieved Occupancy" "$OUT/ncu-estimator.txt" |
+    head -6
+elif [ "${NCU_ESTIMATOR:-0}" = 1 ] && [ "$(left)" -gt 40 ]; then
   step "ncu estimator"
   N=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   timeout "$(($(left) - 5))" "$N" --profile-from-start off --section SpeedOfLight \
