@@ -191,28 +191,34 @@ __device__ __forceinline__ void load_w(uint32_t (&hi)[D / 16][4], uint32_t (&lo)
       }
 }
 
-/// One row's 64 keys of a tile (this lane's kTileKeys / 4 of them, at(i, e) the score of key
-/// k0 + 8i + 2c4 + e): scaled by sigma, keys at or past kend masked when need_mask (in place;
-/// with kInPlace = false recomputed instead, and the running max updated by selects: for the
-/// pipelined wgmma body, which folds beside an in-flight wgmma), folded into the lane-local
-/// running max mx and Σ 2^(s - mx) of the current key block.
+/// One row's 64 keys of a tile (this lane's kTileKeys / 4 of them, at(i, e) the raw product of
+/// key k0 + 8i + 2c4 + e, to be scaled by sigma), keys at or past kend masked when need_mask,
+/// folded into the lane-local running max mx and Σ 2^(s - mx) of the current key block
+/// (s = at·sigma). sigma is a power of two, so scaling commutes exactly with the max and
+/// fuses exactly into the exponent's FMA: per score a select, a max, an FMA, an exp2 and an
+/// add (a multiply and a 64-bit key comparison fewer than scaling first; the same bits wherever
+/// at·sigma is not subnormal). The masked scores are written back as -inf (in place), or with
+/// kInPlace = false recomputed instead and the running max updated by selects: for the
+/// pipelined wgmma body, which folds beside an in-flight wgmma.
 template <bool kInPlace = true, class At>
 __device__ __forceinline__ void fold_keys(At&& at, float sigma, bool need_mask, int64_t k0,
                                           int64_t kend, int c4, float& mx, float& sum) {
   const float kNegInf = -INFINITY;
-  const auto scaled = [&](int i, int e) {
-    const float x = at(i, e) * sigma;
-    return need_mask && k0 + 8 * i + 2 * c4 + e >= kend ? kNegInf : x;
-  };
+  // Keys 8i + e >= lim of this lane are masked (lim in [0, 64]: the tile's 64 keys or none).
+  int64_t rel = kend - k0 - 2 * c4;
+  rel = rel < 0 ? 0 : rel > kTileKeys ? kTileKeys : rel;
+  const int lim = need_mask ? static_cast<int>(rel) : kTileKeys;
+  const auto masked = [&](int i, int e) { return 8 * i + e >= lim ? kNegInf : at(i, e); };
   float tmax = kNegInf;
 #pragma unroll
   for (int i = 0; i < kTileKeys / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const float x = scaled(i, e);
+      const float x = masked(i, e);
       if constexpr (kInPlace) at(i, e) = x;
       tmax = fmaxf(tmax, x);
     }
+  tmax *= sigma;  // exact (a power of two; -inf stays -inf)
   if constexpr (kInPlace) {
     if (tmax > mx) {
       sum *= ptx::exp2_approx(mx - tmax);  // mx = -inf: sum is 0 and stays 0
@@ -223,16 +229,14 @@ __device__ __forceinline__ void fold_keys(At&& at, float sigma, bool need_mask, 
     sum *= new_mx == mx ? 1.f : ptx::exp2_approx(mx - new_mx);
     mx = new_mx;
   }
-  const float base = mx == kNegInf ? 0.f : mx;  // all masked so far: adds 0
+  const float neg_base = mx == kNegInf ? 0.f : -mx;  // all masked so far: adds 0
   float acc = 0.f;
 #pragma unroll
   for (int i = 0; i < kTileKeys / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      if constexpr (kInPlace)
-        acc += ptx::exp2_approx(at(i, e) - base);
-      else
-        acc += ptx::exp2_approx(scaled(i, e) - base);
+      const float x = kInPlace ? at(i, e) : masked(i, e);
+      acc += ptx::exp2_approx(fmaf(x, sigma, neg_base));
     }
   sum += acc;
 }
