@@ -298,7 +298,9 @@ TEST(Tracker, LargePerturbationTriggersRecomputation) {
                InvalidArgument);
   EXPECT_THROW(tr.update(torch::randn({b + 1, 3, d}), torch::randn({b + 1, 3, d})),
                InvalidArgument);
-  EXPECT_THROW(SubspaceTracker(8, TrackerOptions{9}), InvalidArgument);
+  TrackerOptions rank9;
+  rank9.rank = 9;  // above the head dim
+  EXPECT_THROW(SubspaceTracker(8, rank9), InvalidArgument);
 }
 
 TEST(Tracker, BlockSizeFollowsTheOversampling) {
