@@ -147,8 +147,9 @@ struct PooledKeysLaunch {
   /// The wgmma body (pooled_keys_wgmma.cuh: 128-key tiles, compute capability 9.0 only; an
   /// error elsewhere) instead of the mma.sync one. Same scores up to the order of the sums.
   bool wgmma = false;
-  /// The wgmma body's CTAs per SM it is compiled for: 0 or 2, two (204 registers); 3, three
-  /// (capped at 168 registers, ~100 bytes spilled; with 2 stages only). A tuning knob.
+  /// The wgmma body's CTAs per SM it is compiled for: 0 or 2, two (~204 registers); 3, three
+  /// (capped at 168 registers, ~100 bytes spilled; with 2 stages only, not pipelined). A tuning
+  /// knob.
   int ctas_per_sm = 0;
   /// The wgmma body's pipelined form (pooled_keys_wgmma.cuh, kPipelined: one 64-key half
   /// folded while the other's products run; not with ctas_per_sm 3). A tuning knob.

@@ -68,16 +68,17 @@ struct CudaEstimatorOptions {
   /// the same scores up to the order of the fp32 sums.
   enum class PooledKeyBody { kAuto, kMmaSync, kWgmma };
   PooledKeyBody pooled_key_body = PooledKeyBody::kAuto;
-  /// CTAs per SM the wgmma body is compiled for: 0 or 2 (the default: 208 registers), or 3
+  /// CTAs per SM the wgmma body is compiled for: 0 or 2 (the default: ~204 registers), or 3
   /// (registers capped at 168, ~100 bytes spilled; with pooled_key_stages 0 or 2 only, not
-  /// pipelined; ignored by the mma.sync body). A
-  /// tuning knob for the benchmark (the two-CTA kernel measured latency-bound: 12% achieved
-  /// occupancy; ncu, H100, 2026-12-06). Anything else: InvalidArgument.
+  /// pipelined; ignored by the mma.sync body). A tuning knob for the benchmark: the two-CTA
+  /// kernel measured latency-bound (12% achieved occupancy), but three measured no faster
+  /// (ncu and bench, H100, 2026-12-06). Anything else: InvalidArgument.
   int pooled_key_ctas_per_sm = 0;
   /// The wgmma body in its pipelined form (pooled_keys_wgmma.cuh: each 128-key tile's products
-  /// as two 64-key halves, one folded while the other's run; not with pooled_key_ctas_per_sm
-  /// 3). The same scores up to the order of the fp32 sums. A tuning knob for the benchmark, not
-  /// the default until measured faster. Ignored by the mma.sync body.
+  /// as two 64-key halves, the first folded while the second's run; not with
+  /// pooled_key_ctas_per_sm 3). The same scores up to the order of the fp32 sums. A tuning
+  /// knob for the benchmark: measured no faster (H100, 2026-12-06). Ignored by the mma.sync
+  /// body.
   bool pooled_key_pipelined = false;
 };
 
