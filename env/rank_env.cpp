@@ -26,6 +26,11 @@ using attention::LayerPlan;
 namespace {
 
 constexpr const char* kName = "RankSelection-v0";
+// The trackers' block beyond the tracked rank: r + 4, not the tracker's default
+// (perturbation::default_oversample, tuned for the GPU top-r update of 128×128 cores). With
+// that default (p = d = 32 at the quickstart's tracked rank 24) the demo's PPO policy kept
+// every head dense (2026-12-06; with r + 4 it had chosen lower ranks at +0.13% perplexity).
+constexpr int64_t kOversample = 4;
 
 // Estimated FLOPs of the tracker's work (Golub & Van Loan operation counts): Gram updates
 // 2·T·d² each for Q and K; per Gram root a symmetric eigendecomposition with vectors
@@ -277,14 +282,12 @@ void RankEnv::start_episode(int64_t window) {
 
   cache_ = std::make_unique<attention::KVCache>(layers_);
   trackers_.clear();
-  const int64_t p =
-      tracked_rank_ > 0
-          ? std::min(head_dim_, tracked_rank_ + perturbation::default_oversample(tracked_rank_))
-          : 1;
+  const int64_t p = tracked_rank_ > 0 ? std::min(head_dim_, tracked_rank_ + kOversample) : 1;
   if (tracked_rank_ > 0) {
     for (int64_t l = 0; l < layers_; ++l) {
       perturbation::TrackerOptions to;
       to.rank = tracked_rank_;
+      to.oversample = kOversample;
       to.seed = static_cast<uint64_t>(l);
       trackers_.push_back(std::make_unique<perturbation::SubspaceTracker>(head_dim_, to));
     }
