@@ -171,11 +171,13 @@ __global__ void __launch_bounds__(pooled_keys::kThreads)
 
 // ---- (3) selection (the body is select_block.cuh's select_row) ----
 
-// One warp per row. Shared memory: sort keys [cap] (cap = pow2 >= k_blocks), bitmap [words].
+// One warp per row, its sort in registers (E entries per lane) or, with E = 0, in shared
+// memory. Shared memory: select_smem_bytes(E, cap, k_blocks).
+template <int E>
 __global__ void __launch_bounds__(32)
     select_kernel(SelectLaunch p, uint32_t* bitmap, int64_t* counts, int cap) {
   extern __shared__ __align__(16) unsigned char smem[];
-  selection::select_row(p, blockIdx.x, bitmap, counts, cap, smem);
+  selection::select_row<E>(p, blockIdx.x, bitmap, counts, cap, smem);
 }
 
 // ---- (5) scatter (the body is select_block.cuh's scatter_block) ----
@@ -548,20 +550,23 @@ cudaError_t launch_select_blocks(const SelectLaunch& p, cudaStream_t stream,
     return e;
   }
   const int cap = select_cap(p.k_blocks);
-  const int64_t smem = selection::select_smem_bytes(cap, p.k_blocks);
-  e = cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem));
-  if (e != cudaSuccess) {
-    *failed_call = "cudaFuncSetAttribute(select_kernel, MaxDynamicSharedMemorySize)";
-    return e;
-  }
-  select_kernel<<<static_cast<unsigned>(p.rows), 32, static_cast<size_t>(smem), stream>>>(
-      p, bitmap, counts, cap);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) {
-    *failed_call = "select_kernel<<<rows, 32>>>";
-    return e;
-  }
+  selection::dispatch_select(cap, [&](auto entries) {
+    constexpr int kE = decltype(entries)::value;
+    const int64_t smem = selection::select_smem_bytes(kE, cap, p.k_blocks);
+    if (smem > 48 * 1024) {
+      e = cudaFuncSetAttribute(select_kernel<kE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+      if (e != cudaSuccess) {
+        *failed_call = "cudaFuncSetAttribute(select_kernel, MaxDynamicSharedMemorySize)";
+        return;
+      }
+    }
+    select_kernel<kE><<<static_cast<unsigned>(p.rows), 32, static_cast<size_t>(smem), stream>>>(
+        p, bitmap, counts, cap);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) *failed_call = "select_kernel<<<rows, 32>>>";
+  });
+  if (e != cudaSuccess) return e;
   e = cub::DeviceScan::ExclusiveSum(cub_temp, cub_bytes, counts, p.row_ptr,
                                     static_cast<int>(p.rows + 1), stream);
   if (e != cudaSuccess) {

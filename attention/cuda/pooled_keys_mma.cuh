@@ -157,16 +157,18 @@ __device__ __forceinline__ float round_to<__half>(float x) {
 template <typename T, int D>
 __device__ __forceinline__ void load_w(uint32_t (&hi)[D / 16][4], uint32_t (&lo)[D / 16][4],
                                        float (&sigma)[2], const float* const (&row)[2], int c4) {
+  // This thread's 2·d/4 values, as float2 loads (columns 2c4, 2c4 + 1: 8-byte aligned).
+  float2 v[2][D / 16][2];
   float mx[2] = {0.f, 0.f};
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          mx[hr] = fmaxf(mx[hr], fabsf(row[hr][16 * kk + 8 * half + 2 * c4 + e]));
+      for (int half = 0; half < 2; ++half) {
+        v[hr][kk][half] = *reinterpret_cast<const float2*>(row[hr] + 16 * kk + 8 * half + 2 * c4);
+        mx[hr] = fmaxf(mx[hr], fmaxf(fabsf(v[hr][kk][half].x), fabsf(v[hr][kk][half].y)));
+      }
   float inv[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
@@ -183,8 +185,7 @@ __device__ __forceinline__ void load_w(uint32_t (&hi)[D / 16][4], uint32_t (&lo)
     for (int half = 0; half < 2; ++half)
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        const int c = 16 * kk + 8 * half + 2 * c4;
-        const float x0 = row[hr][c] * inv[hr], x1 = row[hr][c + 1] * inv[hr];
+        const float x0 = v[hr][kk][half].x * inv[hr], x1 = v[hr][kk][half].y * inv[hr];
         const float h0 = round_to<T>(x0), h1 = round_to<T>(x1);
         hi[kk][2 * half + hr] = pack2<T>(h0, h1);  // exact
         lo[kk][2 * half + hr] = pack2<T>(x0 - h0, x1 - h1);
@@ -192,32 +193,44 @@ __device__ __forceinline__ void load_w(uint32_t (&hi)[D / 16][4], uint32_t (&lo)
 }
 
 /// One row's 64 keys of a tile (this lane's kTileKeys / 4 of them, at(i, e) the raw product of
-/// key k0 + 8i + 2c4 + e, to be scaled by sigma), keys at or past kend masked when need_mask,
-/// folded into the lane-local running max mx and Σ 2^(s - mx) of the current key block
-/// (s = at·sigma). sigma is a power of two, so scaling commutes exactly with the max and
-/// fuses exactly into the exponent's FMA: per score a select, a max, an FMA, an exp2 and an
-/// add (a multiply and a 64-bit key comparison fewer than scaling first; the same bits wherever
-/// at·sigma is not subnormal). The masked scores are written back as -inf (in place), or with
+/// key k0 + 8i + 2c4 + e, to be scaled by sigma), folded into the lane-local running max mx and
+/// Σ 2^(s - mx) of the current key block (s = at·sigma). kMayMask: keys at or past kend are
+/// masked when need_mask (false: no key of the tile is masked, need_mask is ignored and no
+/// masking code runs; callers branch on the warp-uniform need_mask). sigma is a power of two,
+/// so scaling commutes exactly with the max and fuses exactly into the exponent's FMA: per
+/// score a max, an FMA, an exp2 and an add (and with a mask a comparison and a select). The
+/// maxima and sums run as four interleaved chains (one warp per scheduler: the latency of one
+/// long chain would show). The masked scores are written back as -inf (in place), or with
 /// kInPlace = false recomputed instead and the running max updated by selects: for the
 /// pipelined wgmma body, which folds beside an in-flight wgmma.
-template <bool kInPlace = true, class At>
+template <bool kInPlace = true, bool kMayMask = true, class At>
 __device__ __forceinline__ void fold_keys(At&& at, float sigma, bool need_mask, int64_t k0,
                                           int64_t kend, int c4, float& mx, float& sum) {
   const float kNegInf = -INFINITY;
+  constexpr int kChains = 4;
   // Keys 8i + e >= lim of this lane are masked (lim in [0, 64]: the tile's 64 keys or none).
-  int64_t rel = kend - k0 - 2 * c4;
-  rel = rel < 0 ? 0 : rel > kTileKeys ? kTileKeys : rel;
-  const int lim = need_mask ? static_cast<int>(rel) : kTileKeys;
-  const auto masked = [&](int i, int e) { return 8 * i + e >= lim ? kNegInf : at(i, e); };
-  float tmax = kNegInf;
+  int lim = kTileKeys;
+  if constexpr (kMayMask) {
+    int64_t rel = kend - k0 - 2 * c4;
+    rel = rel < 0 ? 0 : rel > kTileKeys ? kTileKeys : rel;
+    lim = need_mask ? static_cast<int>(rel) : kTileKeys;
+  }
+  const auto masked = [&](int i, int e) {
+    if constexpr (kMayMask) return 8 * i + e >= lim ? kNegInf : at(i, e);
+    return at(i, e);
+  };
+  float tm[kChains];
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) tm[c] = kNegInf;
 #pragma unroll
   for (int i = 0; i < kTileKeys / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const float x = masked(i, e);
-      if constexpr (kInPlace) at(i, e) = x;
-      tmax = fmaxf(tmax, x);
+      if constexpr (kInPlace && kMayMask) at(i, e) = x;
+      tm[(2 * i + e) % kChains] = fmaxf(tm[(2 * i + e) % kChains], x);
     }
+  float tmax = fmaxf(fmaxf(tm[0], tm[1]), fmaxf(tm[2], tm[3]));
   tmax *= sigma;  // exact (a power of two; -inf stays -inf)
   if constexpr (kInPlace) {
     if (tmax > mx) {
@@ -230,15 +243,26 @@ __device__ __forceinline__ void fold_keys(At&& at, float sigma, bool need_mask, 
     mx = new_mx;
   }
   const float neg_base = mx == kNegInf ? 0.f : -mx;  // all masked so far: adds 0
-  float acc = 0.f;
+  float acc[kChains] = {};
 #pragma unroll
   for (int i = 0; i < kTileKeys / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const float x = kInPlace ? at(i, e) : masked(i, e);
-      acc += ptx::exp2_approx(fmaf(x, sigma, neg_base));
+      acc[(2 * i + e) % kChains] += ptx::exp2_approx(fmaf(x, sigma, neg_base));
     }
-  sum += acc;
+  sum += (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+/// fold_keys with the mask code only where the warp-uniform need_mask asks for it (a branch:
+/// not for the pipelined wgmma body, whose folds run beside an in-flight wgmma).
+template <class At>
+__device__ __forceinline__ void fold_keys_branched(At&& at, float sigma, bool need_mask, int64_t k0,
+                                                   int64_t kend, int c4, float& mx, float& sum) {
+  if (need_mask)
+    fold_keys<true, true>(at, sigma, true, k0, kend, c4, mx, sum);
+  else
+    fold_keys<true, false>(at, sigma, false, k0, kend, c4, mx, sum);
 }
 
 /// The end of key block kb for one row: the lane quad's partial (mx, sum) pairs combine into
@@ -312,10 +336,6 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
   const ChunkRows cr(p, chunk, group, bh, warp, g, D);
   if (cr.k_lo >= cr.k_hi) return;  // CTA-uniform: the group sees nothing of this chunk
   const int64_t ntiles = div_up(cr.k_hi - cr.k_lo, kTileKeys);
-  uint32_t ahi[kDk][4], alo[kDk][4];
-  float sigma[2];
-  load_w<T, D>(ahi, alo, sigma, cr.wrow, c4);  // rows past q_blocks read row 0 (all masked)
-
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int64_t kvh = h / (p.heads / p.kv_heads);
   const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
@@ -332,9 +352,17 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
                                        cr.k_lo + i * kTileKeys, p.m, tid);
     ptx::cp_async_commit();
   }
+  // w while the first tiles load.
+  uint32_t ahi[kDk][4], alo[kDk][4];
+  float sigma[2];
+  load_w<T, D>(ahi, alo, sigma, cr.wrow, c4);  // rows past q_blocks read row 0 (all masked)
 
-  // Lane-local running max and Σ 2^(s - max) of the current key block, per row.
+  // Lane-local running max and Σ 2^(s - max) of the current key block, per row; the tiles
+  // left in that block (64-key tiles; the chunk starts at a block boundary) and its index.
   float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
+  const int tiles_per_block = static_cast<int>(bs / kTileKeys);
+  int block_left = tiles_per_block;
+  int64_t kb = cr.k_lo / bs;
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t k0 = cr.k_lo + t * kTileKeys;
     ptx::cp_async_wait_group<S - 2>();  // this thread's copies of tile t have landed ...
@@ -366,15 +394,16 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
       const bool need_mask = k0 + kTileKeys > cr.warp_kmin;  // warp-uniform
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr)
-        fold_keys([&](int i, int e) -> float& { return s[i][2 * hr + e]; }, sigma[hr], need_mask,
-                  k0, cr.kend[hr], c4, mx[hr], sum[hr]);
+        fold_keys_branched([&](int i, int e) -> float& { return s[i][2 * hr + e]; }, sigma[hr],
+                           need_mask, k0, cr.kend[hr], c4, mx[hr], sum[hr]);
     }
     // End of a key block (tiles never straddle one: the chunk start and bs are multiples of 64) or
-    // of the CTA's keys.
-    if ((k0 + kTileKeys) % bs == 0 || t + 1 == ntiles) {
+    // of the CTA's keys (by counters: a 64-bit modulo per tile cost ~70 instructions).
+    if (--block_left == 0 || t + 1 == ntiles) {
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr)
-        flush_block(mx[hr], sum[hr], cr.out[hr], k0 / bs, cr.vis[hr], c4);
+      for (int hr = 0; hr < 2; ++hr) flush_block(mx[hr], sum[hr], cr.out[hr], kb, cr.vis[hr], c4);
+      block_left = tiles_per_block;
+      ++kb;
     }
   }
   ptx::cp_async_wait_all();  // no copy outlives the CTA (the groups past the last tile are empty)

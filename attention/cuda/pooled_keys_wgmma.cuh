@@ -81,10 +81,6 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
   const pooled_keys::ChunkRows cr(p, chunk, group, bh, warp, g, D);
   if (cr.k_lo >= cr.k_hi) return;  // CTA-uniform: the group sees nothing of this chunk
   const int64_t ntiles = div_up(cr.k_hi - cr.k_lo, kTileKeys);
-  uint32_t ahi[kDk][4], alo[kDk][4];
-  float sigma[2];
-  pooled_keys::load_w<T, D>(ahi, alo, sigma, cr.wrow, c4);  // rows past q_blocks: row 0
-
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int64_t kvh = h / (p.heads / p.kv_heads);
   const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
@@ -99,8 +95,17 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
                                            cr.k_lo + i * kTileKeys, p.m, tid);
     ptx::cp_async_commit();
   }
+  // w while the first tiles load.
+  uint32_t ahi[kDk][4], alo[kDk][4];
+  float sigma[2];
+  pooled_keys::load_w<T, D>(ahi, alo, sigma, cr.wrow, c4);  // rows past q_blocks: row 0
 
   float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
+  // Halves left in the current key block (the chunk starts at a block boundary) and its index:
+  // counters, as a 64-bit modulo per half cost ~70 instructions.
+  const int halves_per_block = static_cast<int>(bs / kHalf);
+  int block_left = halves_per_block;
+  int64_t kb = cr.k_lo / bs;
   // The pipelined body's finished key blocks not yet flushed: (max, sum) per row and the block
   // (-1: none), slot 0 for the fold of A_t, 1 for B_t.
   float held_mx[2][2] = {}, held_sum[2][2] = {};
@@ -118,12 +123,20 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
     if (kh < cr.warp_kmax) {    // warp-uniform: some row of the warp sees a key of the half
       const bool need_mask = kh + kHalf > cr.warp_kmin;  // warp-uniform
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr)
-        pooled_keys::fold_keys<kInPlace>([&](int i, int e) -> float& { return at(i, hr, e); },
-                                         sigma[hr], need_mask, kh, cr.kend[hr], c4, mx[hr],
-                                         sum[hr]);
+      for (int hr = 0; hr < 2; ++hr) {
+        const auto row = [&](int i, int e) -> float& { return at(i, hr, e); };
+        if constexpr (kInPlace)
+          pooled_keys::fold_keys_branched(row, sigma[hr], need_mask, kh, cr.kend[hr], c4, mx[hr],
+                                          sum[hr]);
+        else
+          pooled_keys::fold_keys<false>(row, sigma[hr], need_mask, kh, cr.kend[hr], c4, mx[hr],
+                                        sum[hr]);
+      }
     }
-    const bool block_end = (kh + kHalf) % bs == 0 || kh + kHalf >= cr.k_hi;  // CTA-uniform
+    const bool block_end = --block_left == 0 || kh + kHalf >= cr.k_hi;  // CTA-uniform
+    const int64_t kb_done = kb;
+    block_left = block_end ? halves_per_block : block_left;  // selects (C7518, below)
+    kb = block_end ? kb + 1 : kb;
     if constexpr (kPipelined) {
       // Held back until no wgmma is in flight, by selects, not a branch: the flush's shuffles
       // and stores, or even a branch that moves these registers, made ptxas serialise every
@@ -135,11 +148,11 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
         mx[hr] = block_end ? kNegInf : mx[hr];
         sum[hr] = block_end ? 0.f : sum[hr];
       }
-      held_kb[slot] = block_end ? kh / bs : held_kb[slot];
+      held_kb[slot] = block_end ? kb_done : held_kb[slot];
     } else if (block_end) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr)
-        pooled_keys::flush_block(mx[hr], sum[hr], cr.out[hr], kh / bs, cr.vis[hr], c4);
+        pooled_keys::flush_block(mx[hr], sum[hr], cr.out[hr], kb_done, cr.vis[hr], c4);
     }
   };
   // The held-back key blocks of the pipelined body, flushed (slot 0 first: keys in order).

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "attention/cuda/block_estimator_kernels.h"
 #include "attention/cuda/estimator_common.cuh"
@@ -27,9 +28,50 @@ inline int select_cap(int64_t k_blocks) {
   while (cap < k_blocks) cap *= 2;
   return cap;
 }
-/// Dynamic shared memory of select_row: sort keys [cap] u64, then the bitmap [⌈k_blocks/32⌉] u32.
-inline int64_t select_smem_bytes(int cap, int64_t k_blocks) {
-  return int64_t(cap) * 8 + ceil_div(k_blocks, 32) * 4;
+
+/// Largest sort select_row keeps in registers (32 entries per lane); longer rows sort in shared
+/// memory.
+inline constexpr int kSelectMaxRegisterCap = 1024;
+
+/// Entries per lane of select_row's register sort for `cap` sort entries: 1 to 32 (a power of
+/// two, cap rounded up to 32), or 0 for the shared-memory sort (cap > kSelectMaxRegisterCap).
+__host__ __device__ constexpr int select_entries(int cap) {
+  return cap > kSelectMaxRegisterCap ? 0 : cap <= 32 ? 1 : cap / 32;
+}
+
+/// f(std::integral_constant<int, select_entries(cap)>{}): the launcher's and the tests' one
+/// dispatch over the select_row instantiations.
+template <class F>
+void dispatch_select(int cap, F&& f) {
+  switch (select_entries(cap)) {
+    case 1:
+      f(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      break;
+    case 16:
+      f(std::integral_constant<int, 16>{});
+      break;
+    case 32:
+      f(std::integral_constant<int, 32>{});
+      break;
+    default:
+      f(std::integral_constant<int, 0>{});
+      break;
+  }
+}
+
+/// Dynamic shared memory of select_row<E>: the bitmap [⌈k_blocks/32⌉] u32, after the sort keys
+/// [cap] u64 when E = 0 (the shared-memory sort).
+inline int64_t select_smem_bytes(int entries, int cap, int64_t k_blocks) {
+  return (entries == 0 ? int64_t(cap) * 8 : 0) + ceil_div(k_blocks, 32) * 4;
 }
 
 // Ascending 64-bit sort key: descending score, then ascending block index.
@@ -38,6 +80,11 @@ __device__ __forceinline__ uint64_t order_key(float score, int64_t kb) {
   u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);            // monotone in the float order
   return (static_cast<uint64_t>(~u) << 32) | static_cast<uint64_t>(kb);
 }
+/// The score order_key encoded (-0 comes back as +0).
+__device__ __forceinline__ float key_score(uint64_t key) {
+  const uint32_t u = ~static_cast<uint32_t>(key >> 32);
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
 
 __device__ __forceinline__ double warp_sum(double x) {
 #pragma unroll
@@ -45,91 +92,184 @@ __device__ __forceinline__ double warp_sum(double x) {
   return x;
 }
 
-/// One warp per row: row `row` (b·heads·q_blocks + h·q_blocks + qb) by the 32 threads of a
-/// one-warp CTA, its chosen blocks as a bitmap at bitmap[row·words ..] and their count at
-/// counts[row]. `smem`: select_smem_bytes(cap, p.k_blocks) bytes, 16-byte aligned: sort keys
-/// [cap] (cap = select_cap(k_blocks)), bitmap [words].
-__device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, uint32_t* bitmap,
-                                           int64_t* counts, int cap, unsigned char* smem) {
-  uint64_t* keys = reinterpret_cast<uint64_t*>(smem);
-  const int64_t words = ceil_div(p.k_blocks, 32);
-  uint32_t* bits = reinterpret_cast<uint32_t*>(keys + cap);
-  const int lane = threadIdx.x;
-  const int64_t qb = row % p.q_blocks, bs = p.block_size;
-  const float* sc = p.scores + row * p.k_blocks;
-  const int64_t first_q = p.q_offset + qb * bs;
-  const int64_t last_q = p.q_offset + qb * bs + block_rows(qb, p.n, bs) - 1;
-  int64_t vis = p.k_blocks;
-  if (p.causal && last_q / bs + 1 < vis) vis = last_q / bs + 1;
-  const int64_t d0 = (first_q < p.m - 1 ? first_q : p.m - 1) / bs;
-  const int64_t d1 = (last_q < p.m - 1 ? last_q : p.m - 1) / bs;
-  const auto forced = [&](int64_t kb) { return kb == 0 || (kb >= d0 && kb <= d1); };
-
-  for (int64_t w = lane; w < words; w += 32) bits[w] = 0u;
-  __syncwarp();
-  double total = 0;
-  for (int64_t kb = lane; kb < vis; kb += 32) total += static_cast<double>(sc[kb]);
-  total = warp_sum(total);
-  // Forced blocks in the CPU's order: block 0, then the diagonal blocks ascending.
-  double mass = 0;
-  int64_t count = 0;
-  for (int64_t kb = 0; kb < vis; kb = kb == 0 ? (d0 > 1 ? d0 : 1) : kb + 1) {
-    if (!forced(kb)) break;
-    mass += static_cast<double>(sc[kb]);
-    ++count;
-    if (lane == 0) bits[kb / 32] |= 1u << (kb % 32);
-  }
-  __syncwarp();
-  const bool by_mass = p.gamma > 0;
-  double limit;
-  if (by_mass) {
-    limit = __dmul_rn(p.gamma, total);
-  } else {
-    limit = p.top_k > 0 ? static_cast<double>(p.top_k)
-                        : ceil(__dsub_rn(__dmul_rn(p.density, static_cast<double>(vis)), 1e-9));
-  }
-  const int64_t others = vis - count;
-  if ((by_mass ? mass : static_cast<double>(count)) < limit && others > 0) {
-    for (int64_t i = lane; i < cap; i += 32)
-      keys[i] = i < vis && !forced(i) ? order_key(sc[i], i) : ~0ull;
-    __syncwarp();
-    // Bitonic sort, ascending (the forced and invisible entries, ~0, end up last).
-    for (int size = 2; size <= cap; size *= 2) {
-      for (int stride = size / 2; stride > 0; stride /= 2) {
-        for (int i = lane; i < cap / 2; i += 32) {
-          const int lo = 2 * stride * (i / stride) + i % stride, hi = lo + stride;
-          const bool up = (lo & size) == 0;
-          const uint64_t a = keys[lo], b = keys[hi];
-          if ((a > b) == up) {
-            keys[lo] = b;
-            keys[hi] = a;
-          }
+/// Ascending bitonic sort of a warp's 32·E keys in registers, entry 32e + lane in x[e]: strides
+/// below 32 exchange across lanes (shuffles), the others within a lane. No shared memory, no
+/// index arithmetic at run time (every stage unrolls), the same order as any other sort of
+/// distinct keys.
+template <int E>
+__device__ __forceinline__ void warp_bitonic_sort(uint64_t (&x)[E], int lane) {
+  constexpr int kLogCap = E == 1 ? 5 : E == 2 ? 6 : E == 4 ? 7 : E == 8 ? 8 : E == 16 ? 9 : 10;
+  static_assert((32 * E) == (1 << kLogCap), "E: a power of two from 1 to 32");
+#pragma unroll
+  for (int lk = 1; lk <= kLogCap; ++lk) {
+    const int k = 1 << lk;  // size of the sequences being merged
+#pragma unroll
+    for (int lj = lk - 1; lj >= 0; --lj) {
+      const int j = 1 << lj;  // compare-exchange stride
+      if (j >= 32) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int f = e | (j / 32);
+          if (f == e) continue;  // e is the upper entry of its pair
+          const bool up = ((32 * e) & k) == 0;
+          const uint64_t a = x[e], b = x[f];
+          const bool swap = up == (b < a);  // one 64-bit comparison
+          x[e] = swap ? b : a;
+          x[f] = swap ? a : b;
         }
-        __syncwarp();
+      } else {
+        const bool lower = (lane & j) == 0;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const bool up = ((k >= 32 ? 32 * e : lane) & k) == 0;
+          const uint64_t o = __shfl_xor_sync(0xffffffffu, x[e], j);
+          x[e] = (lower == up) == (o < x[e]) ? o : x[e];  // keep the min, or the max
+        }
       }
     }
-    // Walk the order in chunks of 32: an entry is taken when the mass (count) before it is
-    // below the limit; scores are >= 0, so the taken entries are a prefix.
-    double base = by_mass ? mass : static_cast<double>(count);
-    for (int64_t c0 = 0; c0 < others; c0 += 32) {
-      const int64_t i = c0 + lane;
-      const bool ok = i < others && keys[i] != ~0ull;  // (the second holds by construction)
-      const int64_t kb = ok ? static_cast<int64_t>(keys[i] & 0xffffffffu) : 0;
-      const double wgt = ok ? (by_mass ? static_cast<double>(sc[kb]) : 1.0) : 0.0;
-      double incl = wgt;
+  }
+}
+
+/// select_row's rule for one row, shared by its two sorts.
+struct SelectRow {
+  const float* sc;  // the row's scores
+  int64_t vis, d0, d1;
+  bool by_mass;
+
+  __device__ __forceinline__ SelectRow(const SelectLaunch& p, int64_t row) {
+    const int64_t qb = row % p.q_blocks, bs = p.block_size;
+    sc = p.scores + row * p.k_blocks;
+    const int64_t first_q = p.q_offset + qb * bs;
+    const int64_t last_q = p.q_offset + qb * bs + block_rows(qb, p.n, bs) - 1;
+    vis = p.k_blocks;
+    if (p.causal && last_q / bs + 1 < vis) vis = last_q / bs + 1;
+    d0 = (first_q < p.m - 1 ? first_q : p.m - 1) / bs;
+    d1 = (last_q < p.m - 1 ? last_q : p.m - 1) / bs;
+    by_mass = p.gamma > 0;
+  }
+  /// Block 0 and the diagonal blocks: always taken.
+  __device__ __forceinline__ bool forced(int64_t kb) const {
+    return kb == 0 || (kb >= d0 && kb <= d1);
+  }
+  /// The sort key of entry i (~0, sorting last, for the forced and invisible entries).
+  __device__ __forceinline__ uint64_t key(int64_t i, float score) const {
+    return i < vis && !forced(i) ? order_key(score, i) : ~0ull;
+  }
+  /// The forced blocks in the CPU's order (block 0, then the diagonal ascending) into the mass,
+  /// the count and the bitmap `bits`.
+  __device__ __forceinline__ void take_forced(double& mass, int64_t& count, uint32_t* bits,
+                                              int lane) const {
+    for (int64_t kb = 0; kb < vis; kb = kb == 0 ? (d0 > 1 ? d0 : 1) : kb + 1) {
+      if (!forced(kb)) break;
+      mass += static_cast<double>(sc[kb]);
+      ++count;
+      if (lane == 0) bits[kb / 32] |= 1u << (kb % 32);
+    }
+  }
+  /// The budget the sorted entries are taken against: gamma·total mass, or a count.
+  __device__ __forceinline__ double limit(const SelectLaunch& p, double total) const {
+    if (by_mass) return __dmul_rn(p.gamma, total);
+    return p.top_k > 0 ? static_cast<double>(p.top_k)
+                       : ceil(__dsub_rn(__dmul_rn(p.density, static_cast<double>(vis)), 1e-9));
+  }
+  /// Sorted entries c0 .. c0 + 31 (this lane's: `key`, entry c0 + lane) of the `others`
+  /// unforced ones: an entry is taken when the mass (count) before it, `base` + the warp's
+  /// exclusive scan, is below the limit; scores are >= 0, so the taken entries are a prefix.
+  /// Returns whether the next chunk may still take some (every valid entry here was taken).
+  __device__ __forceinline__ bool walk(uint64_t key, int64_t c0, int64_t others, double limit,
+                                       double& base, int64_t& count, uint32_t* bits,
+                                       int lane) const {
+    const int64_t i = c0 + lane;
+    const bool ok = i < others && key != ~0ull;  // (the second holds by construction)
+    const int64_t kb = ok ? static_cast<int64_t>(key & 0xffffffffu) : 0;
+    const double wgt = ok ? (by_mass ? static_cast<double>(key_score(key)) : 1.0) : 0.0;
+    double incl = wgt;
 #pragma unroll
-      for (int o = 1; o < 32; o *= 2) {
-        const double y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
+    for (int o = 1; o < 32; o *= 2) {
+      const double y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    double excl = __shfl_up_sync(0xffffffffu, incl, 1);
+    if (lane == 0) excl = 0;
+    const bool take = ok && base + excl < limit;
+    if (take) atomicOr(&bits[kb / 32], 1u << (kb % 32));
+    const unsigned taken = __ballot_sync(0xffffffffu, take);
+    count += __popc(taken);
+    base += __shfl_sync(0xffffffffu, incl, 31);
+    return taken == __ballot_sync(0xffffffffu, ok);
+  }
+};
+
+/// One warp per row: row `row` (b·heads·q_blocks + h·q_blocks + qb) by the 32 threads of a
+/// one-warp CTA, its chosen blocks as a bitmap at bitmap[row·words ..] and their count at
+/// counts[row]. E = select_entries(cap) (cap = select_cap(k_blocks)): the unforced entries
+/// sorted in registers, E per lane, or with E = 0 in shared memory. `smem`:
+/// select_smem_bytes(E, cap, p.k_blocks) bytes, 16-byte aligned.
+template <int E>
+__device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, uint32_t* bitmap,
+                                           int64_t* counts, int cap, unsigned char* smem) {
+  uint64_t* keys = reinterpret_cast<uint64_t*>(smem);  // E = 0 only
+  const int64_t words = ceil_div(p.k_blocks, 32);
+  uint32_t* bits = reinterpret_cast<uint32_t*>(smem + (E == 0 ? int64_t(cap) * 8 : 0));
+  const int lane = threadIdx.x;
+  const SelectRow r(p, row);
+
+  for (int64_t w = lane; w < words; w += 32) bits[w] = 0u;
+  // The visible scores: their total (each lane in ascending order, as the CPU-checked kernel
+  // always summed) and, for the register sort, the sort keys.
+  double total = 0;
+  uint64_t x[E > 0 ? E : 1];
+  if constexpr (E > 0) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int64_t i = 32 * e + lane;
+      const float s = i < r.vis ? r.sc[i] : 0.f;
+      if (i < r.vis) total += static_cast<double>(s);
+      x[e] = r.key(i, s);
+    }
+  } else {
+    for (int64_t kb = lane; kb < r.vis; kb += 32) total += static_cast<double>(r.sc[kb]);
+  }
+  total = warp_sum(total);
+  __syncwarp();
+  double mass = 0;
+  int64_t count = 0;
+  r.take_forced(mass, count, bits, lane);
+  __syncwarp();
+  const double limit = r.limit(p, total);
+  const int64_t others = r.vis - count;
+  if ((r.by_mass ? mass : static_cast<double>(count)) < limit && others > 0) {
+    double base = r.by_mass ? mass : static_cast<double>(count);
+    if constexpr (E > 0) {
+      warp_bitonic_sort<E>(x, lane);
+      bool more = true;
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if (more && 32 * e < others)  // warp-uniform
+          more = r.walk(x[e], 32 * e, others, limit, base, count, bits, lane);
+    } else {
+      for (int64_t i = lane; i < cap; i += 32) keys[i] = r.key(i, i < r.vis ? r.sc[i] : 0.f);
+      __syncwarp();
+      // Bitonic sort, ascending (the forced and invisible entries, ~0, end up last); the
+      // strides are powers of two, so the pair index is shifts and masks.
+      for (int size = 2; size <= cap; size *= 2) {
+        for (int stride = size / 2; stride > 0; stride /= 2) {
+          for (int i = lane; i < cap / 2; i += 32) {
+            const int lo = 2 * (i & ~(stride - 1)) + (i & (stride - 1)), hi = lo + stride;
+            const bool up = (lo & size) == 0;
+            const uint64_t a = keys[lo], b = keys[hi];
+            if ((a > b) == up) {
+              keys[lo] = b;
+              keys[hi] = a;
+            }
+          }
+          __syncwarp();
+        }
       }
-      double excl = __shfl_up_sync(0xffffffffu, incl, 1);
-      if (lane == 0) excl = 0;
-      const bool take = ok && base + excl < limit;
-      if (take) atomicOr(&bits[kb / 32], 1u << (kb % 32));
-      const unsigned taken = __ballot_sync(0xffffffffu, take);
-      count += __popc(taken);
-      base += __shfl_sync(0xffffffffu, incl, 31);
-      if (taken != __ballot_sync(0xffffffffu, ok)) break;
+      for (int64_t c0 = 0; c0 < others; c0 += 32)
+        if (!r.walk(keys[c0 + lane < cap ? c0 + lane : 0], c0, others, limit, base, count, bits,
+                    lane))
+          break;
     }
   }
   __syncwarp();

@@ -230,14 +230,18 @@ BlockMask emulate_select(const torch::Tensor& scores, const HeadPlan& plan, int6
   p.col_idx = col.data();
   p.col_capacity = capacity;
   const int cap = selection::select_cap(kbn);
-  for (int64_t row = 0; row < rows; ++row) {
-    std::vector<Chunk16> smem(static_cast<size_t>(selection::select_smem_bytes(cap, kbn) / 16 + 1));
-    std::memset(smem.data(), 0xa5, smem.size() * 16);
-    emu::run_block(32, [&] {
-      selection::select_row(p, row, bitmap.data(), counts.data(), cap,
-                            reinterpret_cast<unsigned char*>(smem.data()));
-    });
-  }
+  selection::dispatch_select(cap, [&](auto entries) {  // the launcher's choice of sort
+    constexpr int kE = decltype(entries)::value;
+    for (int64_t row = 0; row < rows; ++row) {
+      std::vector<Chunk16> smem(
+          static_cast<size_t>(selection::select_smem_bytes(kE, cap, kbn) / 16 + 1));
+      std::memset(smem.data(), 0xa5, smem.size() * 16);
+      emu::run_block(32, [&] {
+        selection::select_row<kE>(p, row, bitmap.data(), counts.data(), cap,
+                                  reinterpret_cast<unsigned char*>(smem.data()));
+      });
+    }
+  });
   std::exclusive_scan(counts.begin(), counts.end(), row_ptr.begin(), int64_t{0});
   for (int64_t blk = 0; blk < (rows + 3) / 4; ++blk)
     emu::run_block(128,
@@ -370,6 +374,32 @@ TEST(EstimatorKernelsEmulated, SelectionTiesFollowTheStableOrder) {
           }
       expect_same_selection(scores, n, m, bs, causal, q_offset,
                             fmt::format("ties causal={} bs={}", causal, bs));
+    }
+  }
+}
+
+/// Every sort select_row has: rows of 1 to 4 key blocks (a 32-entry register sort of mostly
+/// invisible entries), 600 and 1024 (32 entries per lane, the largest register sort) and 1500
+/// (past kSelectMaxRegisterCap: the shared-memory sort of 2048 entries). Random scores with
+/// some ties, causal and not, every plan of expect_same_selection.
+TEST(EstimatorKernelsEmulated, SelectionAtEverySortSize) {
+  std::mt19937_64 rng(31);
+  std::uniform_int_distribution<int> level(0, 40);
+  const int64_t bs = 64;
+  for (int64_t kbn : {1, 4, 600, 1024, 1500}) {
+    ASSERT_EQ(selection::select_entries(selection::select_cap(kbn)) == 0,
+              selection::select_cap(kbn) > selection::kSelectMaxRegisterCap);
+    for (bool causal : {true, false}) {
+      const int64_t m = kbn * bs - 3, n = std::min<int64_t>(m, 2 * bs + 5);
+      const int64_t q_offset = causal ? m - n - (kbn > 4 ? bs * 3 : 0) : 0;
+      const int64_t qbn = (n + bs - 1) / bs;
+      auto scores = torch::empty({1, 1, qbn, kbn}, torch::kFloat);
+      auto acc = scores.accessor<float, 4>();
+      for (int64_t qb = 0; qb < qbn; ++qb)
+        for (int64_t kb = 0; kb < kbn; ++kb)
+          acc[0][0][qb][kb] = static_cast<float>(level(rng)) / 64.f;
+      expect_same_selection(scores, n, m, bs, causal, q_offset,
+                            fmt::format("k_blocks={} causal={}", kbn, causal));
     }
   }
 }
