@@ -13,8 +13,9 @@
 //    sampled rows per query block, selection, CSR lists on the device) at L = 32k, r = 16 and 32,
 //    density 10% and 5%, 3xTF32 and one-pass TF32 scores, and with pooled queries (one mean
 //    query per block; mode pq-mma: scored against the stored keys on the tensor cores, the
-//    default; pq-wg / pq-wg3: the same as warpgroup MMAs on an H100/H200; pool-q: against the
-//    projected keys, fp32 CUDA cores), against the attention it plans
+//    default; pq-wg / pq-wg3: the same as warpgroup MMAs on an H100/H200; wg-1p: pq-wg with w
+//    in one 16-bit part; pool-q: against the projected keys, fp32 CUDA cores), against the
+//    attention it plans
 //    and against the CPU twin's LibTorch code (estimators.cpp) run on the same GPU tensors. First
 //    the key projection alone (r = 8..64) by the projection kernel's two variants, 1 and 4 output
 //    rows per thread (CudaEstimatorOptions::projection_rows), side by side with their ratio and
@@ -438,13 +439,14 @@ void run_estimator(bool quick) {
       // pq-wg3: the stored-key scores as warpgroup MMAs (compute capability 9.0, where pq-wg is
       // the default), 2 and 3 key tiles of 128 in flight; wg-3cta: pq-wg compiled for three CTAs
       // per SM (registers capped at 168) instead of two; wg-pipe: its pipelined form (64-key
-      // halves, one folded while the other's products run; 3 tiles in flight). (3 and 4
+      // halves, one folded while the other's products run; 3 tiles in flight); wg-1p: pq-wg
+      // with w in one 16-bit part (pooled_key_split = false: half the MMAs). (3 and 4
       // tiles in flight for pq-mma, and key chunks of 2048 and 4096 keys, measured no faster:
       // RESULTS.md, 2026-12-06.)
       bool sm90 = false;
       const char* failed_call = "";
       cuda_check(cuda::device_is_sm90(&sm90, &failed_call), failed_call);
-      for (int variant = 0; variant < 6; ++variant) {
+      for (int variant = 0; variant < 7; ++variant) {
         if (variant >= 2 && !sm90) continue;
         const bool key_mma = variant != 1;
         CudaEstimatorOptions eo;
@@ -454,12 +456,14 @@ void run_estimator(bool quick) {
         eo.pooled_key_stages = variant == 3 ? 3 : 0;
         eo.pooled_key_ctas_per_sm = variant == 4 ? 3 : 0;
         eo.pooled_key_pipelined = variant == 5;
+        eo.pooled_key_split = variant != 6;
         const char* mode = variant == 0   ? "pq-mma"
                            : variant == 1 ? "pool-q"
                            : variant == 2 ? "pq-wg"
                            : variant == 3 ? "pq-wg3"
                            : variant == 4 ? "wg-3cta"
-                                          : "wg-pipe";
+                           : variant == 5 ? "wg-pipe"
+                                          : "wg-1p";
         double flops = 0;
         BlockMask mask;
         const auto estimate = [&] {
@@ -593,9 +597,10 @@ void run_decode(bool quick) {
   }
 }
 
-/// One call of the default pooled estimator (r 16, density 10%, L = 32k) between
-/// cudaProfilerStart and cudaProfilerStop, after two warm-up calls: for a profiler started with
-/// profiling off (ncu --profile-from-start off), which then sees just that call's kernels.
+/// One call of the default pooled estimator (r 16, density 10%, L = 32k), then one with w in one
+/// 16-bit part (pooled_key_split = false), between cudaProfilerStart and cudaProfilerStop, after
+/// two warm-up calls of each: for a profiler started with profiling off (ncu
+/// --profile-from-start off), which then sees just those calls' kernels.
 void run_estimator_profile() {
   const int64_t heads = 32, d = 128, bs = 128, len = 32768, r = 16;
   const auto dev = torch::Device(torch::kCUDA, 0);
@@ -609,13 +614,22 @@ void run_estimator_profile() {
   plan.rank = r;
   plan.pool_queries = true;
   double flops = 0;
-  for (int i = 0; i < 2; ++i) (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops);
+  CudaEstimatorOptions one_part;
+  one_part.pooled_key_split = false;
+  for (int i = 0; i < 2; ++i) {
+    (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops);
+    (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, one_part);
+  }
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   cuda_check(cudaProfilerStart(), "cudaProfilerStart");
   (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops);
+  (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, one_part);
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   cuda_check(cudaProfilerStop(), "cudaProfilerStop");
-  fmt::print("estimator-profile: one pooled estimator call (L {}, r {}, 10%) profiled\n", len, r);
+  fmt::print(
+      "estimator-profile: two pooled estimator calls (L {}, r {}, 10%; w in two parts, then one) "
+      "profiled\n",
+      len, r);
 }
 
 }  // namespace

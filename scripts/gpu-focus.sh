@@ -16,7 +16,9 @@
 #   NCU_DENSITIES the sparse rows ncu may profile (default "1,0.1,0.05"; -c 1 takes the first)
 #   NCU_ESTIMATOR 1: ncu of one default estimator call (every kernel: duration, throughput,
 #                 occupancy) into ncu-estimator.txt; full: --set full of its pooled-key scores
-#                 kernel alone, with per-SASS stalls (ncu-estimator.txt, ncu-estimator-sass.csv)
+#                 kernel alone, with per-SASS stalls (ncu-estimator.txt, ncu-estimator-sass.csv);
+#                 the profiled run calls the default estimator, then w in one part
+#   NCU_SKIP      full: pooled-key kernels to skip first (1: the one-part call's; default 0)
 #   GPU_TESTS     0: skip the GPU tests; a list of test programs: only those (default 1: all)
 #   SANITIZE      a gtest filter: compute-sanitizer memcheck of the block-sparse and estimator
 #                 GPU tests on it (e.g. '*Persistent*:*PooledScores*'; default none)
@@ -102,7 +104,7 @@ if [ "${NCU_ESTIMATOR:-0}" = full ] && [ "$(left)" -gt 60 ]; then
   step "ncu estimator (full, pooled-key scores kernel)"
   N=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   timeout "$(($(left) - 10))" "$N" --profile-from-start off --set full -k regex:pooled_keys \
-    -c 1 --export "$OUT/prof-est" --force-overwrite $BS --only estimator-profile >/dev/null 2>&1
+    -s "${NCU_SKIP:-0}" -c 1 --export "$OUT/prof-est" --force-overwrite $BS --only estimator-profile >/dev/null 2>&1
   "$N" -i "$OUT/prof-est.ncu-rep" --page details >"$OUT/ncu-estimator.txt" 2>&1
   "$N" -i "$OUT/prof-est.ncu-rep" --page source --csv --print-source sass \
     >"$OUT/ncu-estimator-sass.csv" 2>&1

@@ -154,6 +154,9 @@ struct PooledKeysLaunch {
   /// The wgmma body's pipelined form (pooled_keys_wgmma.cuh, kPipelined: one 64-key half
   /// folded while the other's products run; not with ctas_per_sm 3). A tuning knob.
   bool pipelined = false;
+  /// w in two 16-bit parts (hi + lo, the default) or, false, in one (hi alone: half the MMAs;
+  /// CudaEstimatorOptions::pooled_key_split). Not with `pipelined`.
+  bool split = true;
 };
 
 /// The normalisation's launch (pooled_normalise_row reads only the geometry and the scores)

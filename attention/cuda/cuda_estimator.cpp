@@ -124,6 +124,9 @@ void check_options(const CudaEstimatorOptions& options) {
                       "cuda estimator: pooled_key_pipelined takes pooled_key_ctas_per_sm 0 or 2 "
                       "(got {})",
                       options.pooled_key_ctas_per_sm);
+  ATTNPILOT_CHECK_ARG(options.pooled_key_split || !options.pooled_key_pipelined,
+                      "cuda estimator: pooled_key_split false (w in one 16-bit part) does not "
+                      "take pooled_key_pipelined true");
 }
 
 /// Rows of query block qb and its visible key count (the CPU twin's kend).
@@ -265,6 +268,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     pl.stages = options.pooled_key_stages;
     pl.ctas_per_sm = options.pooled_key_ctas_per_sm;
     pl.pipelined = options.pooled_key_pipelined;
+    pl.split = options.pooled_key_split;
     using Body = CudaEstimatorOptions::PooledKeyBody;
     pl.wgmma = options.pooled_key_body == Body::kWgmma;
     if (options.pooled_key_body == Body::kAuto) {
@@ -274,9 +278,11 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     failed = "launch_pooled_key_scores";
     check_cuda(cuda::launch_pooled_key_scores(pl, stream, &failed), failed, q_in, k_in, bs);
     // FLOPs: the block means (n·d adds), the projection of the means and its product with
-    // A_kᵀ, then 2·2d + 1 per (query block, visible key) pair (w's two 16-bit parts).
+    // A_kᵀ, then 2·2d + 1 per (query block, visible key) pair with w's two 16-bit parts
+    // (2d + 1 with one).
+    const double per_pair = (options.pooled_key_split ? 4.0 : 2.0) * d + 1;
     *flops += static_cast<double>(b) * h *
-              (static_cast<double>(n) * d + 4.0 * qbn * d * r + pairs * (4.0 * d + 1));
+              (static_cast<double>(n) * d + 4.0 * qbn * d * r + pairs * per_pair);
     return scores;
   }
   const auto pq = torch::empty({b, h, qbn, rp}, fopt);

@@ -80,6 +80,12 @@ struct CudaEstimatorOptions {
   /// knob for the benchmark: measured no faster (H100, 2026-12-06). Ignored by the mma.sync
   /// body.
   bool pooled_key_pipelined = false;
+  /// The tensor-core pooled scores with w in two 16-bit parts (hi + lo: scores within ~1e-5 of
+  /// the fp32 path, the default) or, false, in one (hi alone: half the tensor-core work and
+  /// half the A-fragment registers; w then keeps 8 (bf16) or 11 (fp16) bits, and the block
+  /// scores move by up to ~1e-3, measured against the float64 twin in the tests). Either body;
+  /// not with pooled_key_pipelined (InvalidArgument).
+  bool pooled_key_split = true;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one

@@ -387,9 +387,11 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
           uint32_t bf[4];
           ptx::ldmatrix_x4(bf, ks + (16 * np + kb_row) * kLd + 16 * kk + kb_col);
           ptx::mma_16816<T>(s[2 * np], ahi[kk], bf[0], bf[1]);
-          ptx::mma_16816<T>(s[2 * np], alo[kk], bf[0], bf[1]);
           ptx::mma_16816<T>(s[2 * np + 1], ahi[kk], bf[2], bf[3]);
-          ptx::mma_16816<T>(s[2 * np + 1], alo[kk], bf[2], bf[3]);
+          if (p.split) {  // CTA-uniform
+            ptx::mma_16816<T>(s[2 * np], alo[kk], bf[0], bf[1]);
+            ptx::mma_16816<T>(s[2 * np + 1], alo[kk], bf[2], bf[3]);
+          }
         }
       const bool need_mask = k0 + kTileKeys > cr.warp_kmin;  // warp-uniform
 #pragma unroll

@@ -23,15 +23,16 @@ namespace {
 namespace pkw = pooled_keys_wgmma;
 
 // Grid as the mma.sync kernel's: x = group + groups·chunk, y = head, z = batch entry. kMinCtas:
-// CTAs per SM the registers are capped for (1: no cap; 204 registers give two). kPipelined: the
-// body's pipelined form.
-template <typename T, int D, int S, int kMinCtas, bool kPipelined>
+// CTAs per SM the registers are capped for (1: no cap; ~195 registers give two). kPipelined: the
+// body's pipelined form. kSplit: w in two 16-bit parts (false: one).
+template <typename T, int D, int S, int kMinCtas, bool kPipelined, bool kSplit = true>
 __global__ void __launch_bounds__(pkw::kThreads, kMinCtas)
     pooled_keys_wgmma_kernel(PooledKeysLaunch p, int64_t groups) {
   extern __shared__ __align__(1024) unsigned char pooled_keys_wgmma_smem[];
   const int64_t group = blockIdx.x % groups, chunk = blockIdx.x / groups;
   const int64_t bh = static_cast<int64_t>(blockIdx.z) * p.heads + blockIdx.y;
-  pkw::pooled_keys_wgmma_block<T, D, S, kPipelined>(p, chunk, group, bh, pooled_keys_wgmma_smem);
+  pkw::pooled_keys_wgmma_block<T, D, S, kPipelined, kSplit>(p, chunk, group, bh,
+                                                            pooled_keys_wgmma_smem);
 }
 
 }  // namespace
@@ -46,6 +47,10 @@ cudaError_t launch_pooled_keys_wgmma(const PooledKeysLaunch& p, cudaStream_t str
         "pipelined)";
     return cudaErrorInvalidValue;
   }
+  if (!p.split && p.pipelined) {
+    *failed_call = "launch_pooled_key_scores (wgmma body: w in one part is not pipelined)";
+    return cudaErrorInvalidValue;
+  }
   const auto bytes = static_cast<int>(pkw::shared_bytes(p.d, stages));
   cudaError_t e = cudaSuccess;
   pooled_keys::dispatch_config(p, stages, [&](auto type, auto dim, auto st) {
@@ -55,10 +60,18 @@ cudaError_t launch_pooled_keys_wgmma(const PooledKeysLaunch& p, cudaStream_t str
         "pooled_keys_wgmma_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
     if constexpr (kS == 2) {
       if (p.ctas_per_sm == 3) {
-        e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 3, false>, p, bytes,
-                                            stream, what, failed_call);
+        e = p.split ? pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 3, false>,
+                                                      p, bytes, stream, what, failed_call)
+                    : pooled_keys::launch_keys_kernel(
+                          pooled_keys_wgmma_kernel<T, kD, kS, 3, false, false>, p, bytes, stream,
+                          what, failed_call);
         return;
       }
+    }
+    if (!p.split) {
+      e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 1, false, false>, p,
+                                          bytes, stream, what, failed_call);
+      return;
     }
     if (p.pipelined) {
       e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 1, true>, p, bytes,

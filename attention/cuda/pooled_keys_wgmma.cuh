@@ -67,11 +67,15 @@ __host__ __device__ constexpr int64_t shared_bytes(int d, int stages) {
 /// running maximum is updated by selects: branches beside the in-flight wgmma made ptxas
 /// serialise every wgmma (C7518). Stages are refilled as in the plain body; the folds run in
 /// the same key order.
-template <typename T, int D, int S, bool kPipelined = false>
+///
+/// kSplit = false: w's hi part alone (PooledKeysLaunch::split): d/16 wgmma per tile instead of
+/// 2·d/16, and the lo fragments are never formed.
+template <typename T, int D, int S, bool kPipelined = false, bool kSplit = true>
 __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_t chunk,
                                                int64_t group, int64_t bh, unsigned char* smem_raw) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
   static_assert(S >= 2 && S <= pooled_keys::kMaxStages, "2 to kMaxStages key tiles in flight");
+  static_assert(kSplit || !kPipelined, "w in one part: the plain body only");
   constexpr uint32_t kTile = bsw::tile_bytes(D);
   constexpr int kDk = D / 16;
   constexpr int kHalf = pooled_keys::kTileKeys;  // keys of a half tile (blocks: multiples of 64)
@@ -177,7 +181,7 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
     for (int kk = 0; kk < kDk; ++kk) {
       const uint64_t bk = ptx::desc_advance(kd, (kk / 4) * bsw::kRegionBytes + (kk % 4) * 32);
       ptx::wgmma_rs<T, kN, false>(acc, ahi[kk], bk, kk > 0);
-      ptx::wgmma_rs<T, kN, false>(acc, alo[kk], bk, true);
+      if constexpr (kSplit) ptx::wgmma_rs<T, kN, false>(acc, alo[kk], bk, true);
     }
     ptx::wgmma_commit();
   };
