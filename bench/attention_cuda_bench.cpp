@@ -49,6 +49,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -351,6 +352,23 @@ torch::Tensor random_basis(int64_t b, int64_t h, int64_t d, int64_t r, const tor
       .to(dev);
 }
 
+/// The fraction of a's listed blocks that b lists too (rows compared as sets; host masks).
+double mask_agreement(const BlockMask& a, const BlockMask& b) {
+  const auto ra = a.row_ptr.accessor<int64_t, 1>(), rb = b.row_ptr.accessor<int64_t, 1>();
+  const auto ca = a.col_idx.accessor<int64_t, 1>(), cb = b.col_idx.accessor<int64_t, 1>();
+  int64_t both = 0, total = 0;
+  for (int64_t row = 0; row + 1 < a.row_ptr.size(0); ++row) {
+    std::vector<int64_t> x(&ca[ra[row]], &ca[ra[row]] + (ra[row + 1] - ra[row]));
+    std::vector<int64_t> y(&cb[rb[row]], &cb[rb[row]] + (rb[row + 1] - rb[row]));
+    std::sort(x.begin(), x.end());
+    std::sort(y.begin(), y.end());
+    std::vector<int64_t> common;
+    std::set_intersection(x.begin(), x.end(), y.begin(), y.end(), std::back_inserter(common));
+    both += static_cast<int64_t>(common.size());
+    total += static_cast<int64_t>(x.size());
+  }
+  return total > 0 ? static_cast<double>(both) / static_cast<double>(total) : 1.0;
+}
 /// 2. The low-rank block estimator (rank r, 8 sampled rows or one pooled query per query block,
 /// key projection included) against the block-sparse attention it plans, L = 32k, 32 heads,
 /// d = 128, bf16.
@@ -446,6 +464,7 @@ void run_estimator(bool quick) {
       bool sm90 = false;
       const char* failed_call = "";
       cuda_check(cuda::device_is_sm90(&sm90, &failed_call), failed_call);
+      BlockMask split_mask;  // pq-wg's, for wg-1p's agreement
       for (int variant = 0; variant < 7; ++variant) {
         if (variant >= 2 && !sm90) continue;
         const bool key_mma = variant != 1;
@@ -480,6 +499,10 @@ void run_estimator(bool quick) {
         const double t_graph = ev.graph_median_ms(estimate, 2, 10);
         fmt::print("{:>22} {:>13.3f} {:>13} {:>11.3f}   (GPU work alone: CUDA graph replay)\n",
                    "graph", t_graph, "", t_graph / t_att);
+        if (variant == 2) split_mask = mask.on_host();
+        if (variant == 6 && split_mask.row_ptr.defined())
+          fmt::print("{:>22} {:>13.4f}   (blocks also chosen by pq-wg, of those chosen)\n",
+                     "agreement", mask_agreement(mask.on_host(), split_mask));
         std::fflush(stdout);
       }
       if (r != 16 || density != 0.10) continue;

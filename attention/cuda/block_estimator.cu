@@ -83,6 +83,7 @@
 #include "attention/cuda/estimator_common.cuh"
 #include "attention/cuda/pooled_keys_mma.cuh"
 #include "attention/cuda/pooled_scores.cuh"
+#include "attention/cuda/pooled_w.cuh"
 #include "attention/cuda/projection_block.cuh"
 #include "attention/cuda/select_block.cuh"
 
@@ -163,10 +164,21 @@ template <typename T, int D, int S>
 __global__ void __launch_bounds__(pooled_keys::kThreads)
     pooled_keys_kernel(PooledKeysLaunch p, int64_t groups) {
   extern __shared__ __align__(16) unsigned char pooled_keys_smem[];
-  const int64_t group = blockIdx.x % groups, chunk = blockIdx.x / groups;
+  // 32-bit division (the grid's x is < 2^31; a 64-bit one calls a division routine).
+  const unsigned g32 = static_cast<unsigned>(groups);
+  const int64_t group = blockIdx.x % g32, chunk = blockIdx.x / g32;
   const int64_t bh = static_cast<int64_t>(blockIdx.z) * p.heads + blockIdx.y;
   pooled_keys::pooled_keys_block<T, D, S>(p, chunk, group, bh,
                                           reinterpret_cast<T*>(pooled_keys_smem));
+}
+
+// ---- (1w) w of the pooled queries (the body is pooled_w.cuh's pooled_w_block) ----
+
+// Grid (⌈q_blocks / kWBlocks⌉, heads, batch), pooled_w::kThreads threads.
+template <typename T, int D>
+__global__ void __launch_bounds__(pooled_w::kThreads) pooled_w_kernel(PooledWLaunch p) {
+  __shared__ float smem[pooled_w::shared_floats<T, D>()];
+  pooled_w::pooled_w_block<T, D>(p, blockIdx.x, blockIdx.y, blockIdx.z, smem);
 }
 
 // ---- (3) selection (the body is select_block.cuh's select_row) ----
@@ -475,6 +487,39 @@ cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p_in, cudaStrea
     return e;
   }
   return launch_pooled_normalise(p, stream, failed_call);
+}
+
+cudaError_t launch_pooled_w(const PooledWLaunch& p, cudaStream_t stream, const char** failed_call) {
+  const int64_t elem = p.type == InputType::kFloat32 ? 4 : 2;
+  const int64_t vec = 16 / elem;
+  const bool ok =
+      p.q != nullptr && p.a_q != nullptr && p.a_k != nullptr && p.w != nullptr &&
+      (p.d == 64 || p.d == 128) && p.rank >= 1 && p.rank <= pooled_w::kMaxRank && p.batch >= 1 &&
+      p.heads >= 1 && p.n >= 1 && p.block_size >= 1 && p.q_blocks == ceil_div(p.n, p.block_size) &&
+      (p.a_batch == 1 || p.a_batch == p.batch) && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
+      p.q_stride[0] % vec == 0 && p.q_stride[1] % vec == 0 && p.q_stride[2] % vec == 0 &&
+      ceil_div(p.q_blocks, pooled_w::kWBlocks) < (int64_t(1) << 31) && p.heads <= 65535 &&
+      p.batch <= 65535;
+  if (!ok) {
+    *failed_call = "launch_pooled_w (arguments outside the kernel's range)";
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.q_blocks, pooled_w::kWBlocks)),
+                  static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+  const auto launch = [&](auto kernel) {
+    kernel<<<grid, pooled_w::kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  };
+  cudaError_t e;
+  if (p.type == InputType::kFloat32)
+    e = p.d == 64 ? launch(pooled_w_kernel<float, 64>) : launch(pooled_w_kernel<float, 128>);
+  else if (p.type == InputType::kBFloat16)
+    e = p.d == 64 ? launch(pooled_w_kernel<__nv_bfloat16, 64>)
+                  : launch(pooled_w_kernel<__nv_bfloat16, 128>);
+  else
+    e = p.d == 64 ? launch(pooled_w_kernel<__half, 64>) : launch(pooled_w_kernel<__half, 128>);
+  if (e != cudaSuccess) *failed_call = "pooled_w_kernel<<<(q_blocks / 4, heads, batch), 256>>>";
+  return e;
 }
 
 cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t stream,

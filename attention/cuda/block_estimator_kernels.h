@@ -14,8 +14,9 @@
 ///   pq, kp ──(2p) pooled scores: per-(query block, key block) log-sum-exp into scores, then a
 ///       normalisation in place──► scores [B, H, QB, KB] fp32 (pooled_scores.cuh)
 /// or, for bf16/fp16 keys of d 64 or 128, without projecting the keys:
-///   pq ──(LibTorch: · A_kᵀ)──► w [B, H, QB, d]; w, k ──(2k) the same scores on the tensor
-///       cores (pooled_keys_mma.cuh), then the same normalisation
+///   q ──(1w) block means, · A_q · log2(e)/√d, · A_kᵀ, one kernel (pooled_w.cuh)──►
+///       w [B, H, QB, d]; w, k ──(2k) the same scores on the tensor cores
+///       (pooled_keys_mma.cuh), then the same normalisation
 ///   scores ──(3) selection (one warp per row) ──► bitmap [rows, ⌈KB/32⌉] + counts [rows]
 ///          ──(4) CUB exclusive scan──► row_ptr [rows+1] ──(5) scatter──► col_idx (ascending)
 ///
@@ -117,6 +118,30 @@ struct PooledScoresLaunch {
   int64_t chunk_blocks = 0;
 };
 
+/// Largest rank launch_pooled_w takes (pooled_w.cuh's kMaxRank).
+inline constexpr int kPooledWMaxRank = 64;
+
+/// (1w) w[b, h, qb, :] = A_k[b or 0, h] · (A_q[b or 0, h]ᵀ · q̄ · scale), q̄ the mean of query
+/// block qb's rows (the last block may be short): the d-vector (2k) scores the stored keys with
+/// (pooled_w.cuh). fp32 math.
+struct PooledWLaunch {
+  const void* q = nullptr;          ///< [batch, heads, n, d] of `type`, 16-byte aligned rows
+  int64_t q_stride[3] = {0, 0, 0};  ///< element strides over (batch, head, row)
+  InputType type = InputType::kBFloat16;
+  const float* a_q = nullptr;         ///< [a_batch, heads, d, >= rank] fp32, last dim contiguous
+  int64_t a_q_stride[3] = {0, 0, 0};  ///< element strides over (batch, head, d row)
+  const float* a_k = nullptr;         ///< a_q's shape, its own strides
+  int64_t a_k_stride[3] = {0, 0, 0};
+  int a_batch = 1;     ///< 1 (shared by the batch) or batch
+  float* w = nullptr;  ///< [batch, heads, q_blocks, d] fp32 contiguous
+  int batch = 0, heads = 0;
+  int64_t n = 0, q_blocks = 0;
+  int block_size = 0;
+  int d = 0;     ///< 64 or 128
+  int rank = 0;  ///< 1 .. 64
+  float scale = 1.f;
+};
+
 /// Most 64-key tiles the tensor-core pooled kernel keeps in flight per CTA (PooledKeysLaunch::
 /// stages, CudaEstimatorOptions::pooled_key_stages).
 inline constexpr int kPooledKeyMaxStages = 4;
@@ -214,6 +239,8 @@ cudaError_t launch_lowrank_block_scores(const BlockScoresLaunch& p, cudaStream_t
 /// Two kernels on `stream`: the pooled scores' per-block log-sum-exps, then their normalisation.
 cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p, cudaStream_t stream,
                                        const char** failed_call);
+/// (1w): w of every query block (pooled_w.cuh), one kernel on `stream`.
+cudaError_t launch_pooled_w(const PooledWLaunch& p, cudaStream_t stream, const char** failed_call);
 /// Two kernels on `stream`: the pooled scores from the stored keys (L per block), then the same
 /// normalisation as launch_pooled_block_scores.
 cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p, cudaStream_t stream,

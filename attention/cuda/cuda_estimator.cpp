@@ -191,6 +191,57 @@ torch::Tensor block_means(const torch::Tensor& q, int64_t bs) {
   return parts.size() == 1 ? parts[0].contiguous() : torch::cat(parts, 2);
 }
 
+/// w = (q̄ A_q · scale) A_kᵀ [b, h, ceil(n / bs), d] fp32 for q [b, h, n, d] (d 64 or 128),
+/// a_q, a_k [1 or b, h, d, r], r <= 64: pooled_w.cuh's kernel where q's rows are contiguous
+/// and 16-byte aligned, else LibTorch (block_means, two products). On `stream`.
+torch::Tensor pooled_w(const torch::Tensor& q, const torch::Tensor& a_q, const torch::Tensor& a_k,
+                       int64_t bs, double scale, cudaStream_t stream) {
+  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3);
+  const int64_t vec = q.scalar_type() == torch::kFloat ? 4 : 8;
+  const bool kernel_ok = (d == 64 || d == 128) && a_q.size(3) <= cuda::kPooledWMaxRank &&
+                         q.stride(3) == 1 && q.stride(0) % vec == 0 && q.stride(1) % vec == 0 &&
+                         q.stride(2) % vec == 0 &&
+                         reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0;
+  if (!kernel_ok)
+    return torch::matmul(torch::matmul(block_means(q, bs), a_q.to(torch::kFloat)) * scale,
+                         a_k.to(torch::kFloat).transpose(2, 3))
+        .contiguous();
+  // fp32 with the last dim contiguous (the usual case: no copy).
+  const auto as_f32 = [](const torch::Tensor& a) {
+    auto f = a.to(torch::kFloat);
+    return f.stride(3) == 1 ? f : f.contiguous();
+  };
+  const auto aq = as_f32(a_q), ak = as_f32(a_k);
+  auto w = torch::empty({b, h, div_up(n, bs), d}, q.options().dtype(torch::kFloat));
+  cuda::PooledWLaunch p;
+  p.q = q.data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    p.q_stride[i] = q.stride(i);
+    p.a_q_stride[i] = aq.stride(i);
+    p.a_k_stride[i] = ak.stride(i);
+  }
+  p.type = input_type(q);
+  p.a_q = aq.data_ptr<float>();
+  p.a_k = ak.data_ptr<float>();
+  p.a_batch = static_cast<int>(aq.size(0));
+  p.w = w.data_ptr<float>();
+  p.batch = static_cast<int>(b);
+  p.heads = static_cast<int>(h);
+  p.n = n;
+  p.q_blocks = div_up(n, bs);
+  p.block_size = static_cast<int>(bs);
+  p.d = static_cast<int>(d);
+  p.rank = static_cast<int>(a_q.size(3));
+  p.scale = static_cast<float>(scale);
+  const char* failed = "launch_pooled_w";
+  const cudaError_t e = cuda::launch_pooled_w(p, stream, &failed);
+  if (e != cudaSuccess)
+    throw Error(fmt::format("cuda estimator: {} failed: {} ({}) for q {}, a_q {}, block size {}",
+                            failed, cudaGetErrorName(e), cudaGetErrorString(e), shape_of(q),
+                            shape_of(a_q), bs));
+  return w;
+}
+
 /// The geometry fields shared by the score kernels' launch structs (BlockScoresLaunch,
 /// PooledScoresLaunch, PooledKeysLaunch) for q [b, h, n, d], k [b, hkv, m, d].
 template <class Launch>
@@ -237,10 +288,8 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
   const auto fopt = q_in.options().dtype(torch::kFloat);
   key_mma = key_mma && pooled_keys_mma_handles(k_in);
 
-  // The block means of q (LibTorch reductions on the current stream), projected and scaled by
-  // log2(e)/√d like the sampled rows (mean then project: the CPU twin's project then mean up to
-  // rounding).
-  const auto means = block_means(q_in, bs);
+  // The block means of q, projected and scaled by log2(e)/√d like the sampled rows (mean then
+  // project: the CPU twin's project then mean up to rounding).
   const double scale = kLog2e / std::sqrt(static_cast<double>(d));
   auto scores = torch::empty({b, h, qbn, kbn}, fopt);
   double pairs = 0;
@@ -249,12 +298,10 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
   const char* failed = "launch_pooled_block_scores";
   if (key_mma) {
     // w = (q̄ A_q · scale) A_kᵀ [b, h, qbn, d], scored against k itself: the rank-r scores
-    // without projecting the keys. Both products by fp32 cuBLAS (LibTorch's TF32 setting for
-    // matmuls applies): the projection kernel, made for many rows, took 28 µs for these few
-    // (256 means per head, 2 CTAs per head; ncu, H100, 2026-12-06).
-    const auto w = torch::matmul(torch::matmul(means, a_q.to(torch::kFloat)) * scale,
-                                 a_k.to(torch::kFloat).transpose(2, 3))
-                       .contiguous();
+    // without projecting the keys. One kernel (pooled_w.cuh: the block means and both
+    // products, fp32) where q's rows allow 16-byte loads, else LibTorch's block means and two
+    // fp32 products (cuBLAS; LibTorch's TF32 setting for matmuls applies there).
+    const auto w = pooled_w(q_in, a_q, a_k, bs, scale, stream);
     cuda::PooledKeysLaunch pl;
     pl.w = w.data_ptr<float>();
     pl.k = k_in.data_ptr();
@@ -286,7 +333,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     return scores;
   }
   const auto pq = torch::empty({b, h, qbn, rp}, fopt);
-  project(means, a_q, scale, 0, pq, stream, proj_rows);
+  project(block_means(q_in, bs), a_q, scale, 0, pq, stream, proj_rows);
   const auto kp = torch::empty({b, h, m, rp}, fopt);
   project(k_in, a_k, 1.0, 0, kp, stream, proj_rows);
   cuda::PooledScoresLaunch pl;

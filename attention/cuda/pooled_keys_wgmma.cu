@@ -29,7 +29,9 @@ template <typename T, int D, int S, int kMinCtas, bool kPipelined, bool kSplit =
 __global__ void __launch_bounds__(pkw::kThreads, kMinCtas)
     pooled_keys_wgmma_kernel(PooledKeysLaunch p, int64_t groups) {
   extern __shared__ __align__(1024) unsigned char pooled_keys_wgmma_smem[];
-  const int64_t group = blockIdx.x % groups, chunk = blockIdx.x / groups;
+  // 32-bit division (the grid's x is < 2^31; a 64-bit one calls a division routine).
+  const unsigned g32 = static_cast<unsigned>(groups);
+  const int64_t group = blockIdx.x % g32, chunk = blockIdx.x / g32;
   const int64_t bh = static_cast<int64_t>(blockIdx.z) * p.heads + blockIdx.y;
   pkw::pooled_keys_wgmma_block<T, D, S, kPipelined, kSplit>(p, chunk, group, bh,
                                                             pooled_keys_wgmma_smem);

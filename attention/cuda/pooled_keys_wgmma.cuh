@@ -82,8 +82,9 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
   const float kNegInf = -INFINITY;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c4 = lane % 4;
   const int64_t bs = p.block_size;
+  int64_t k_lo = 0, k_hi = 0;  // CTA-uniform: a CTA whose group sees no key of its chunk returns
+  if (!pooled_keys::ChunkRows::chunk_keys(p, chunk, group, k_lo, k_hi)) return;
   const pooled_keys::ChunkRows cr(p, chunk, group, bh, warp, g, D);
-  if (cr.k_lo >= cr.k_hi) return;  // CTA-uniform: the group sees nothing of this chunk
   const int64_t ntiles = div_up(cr.k_hi - cr.k_lo, kTileKeys);
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int64_t kvh = h / (p.heads / p.kv_heads);
@@ -106,7 +107,7 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
 
   float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
   // Halves left in the current key block (the chunk starts at a block boundary) and its index:
-  // counters, as a 64-bit modulo per half cost ~70 instructions.
+  // counters, not a 64-bit modulo per half (a division routine).
   const int halves_per_block = static_cast<int>(bs / kHalf);
   int block_left = halves_per_block;
   int64_t kb = cr.k_lo / bs;

@@ -341,6 +341,22 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
             1e-9 * cpu_flops)
             << what;
       }
+      if (on_keys) {
+        // q's layout: a strided view (rows h·d apart) reads the same values in the same order
+        // through the w kernel, the same bits; rows not 16-byte aligned take the LibTorch means
+        // and products instead, the same scores up to their rounding.
+        const auto q_strided = in.q.transpose(1, 2).contiguous().transpose(1, 2);
+        EXPECT_TRUE(
+            torch::equal(got, lowrank_block_scores_cuda(q_strided, in.k, in.a_q, in.a_k, c.bs,
+                                                        c.causal, c.q_offset, &gpu_flops, pooled)))
+            << what << ": a strided q changes the scores";
+        const auto q_odd =
+            torch::empty({c.b, c.h, c.n, c.d + 1}, in.q.options()).narrow(3, 0, c.d).copy_(in.q);
+        const auto g_odd = lowrank_block_scores_cuda(q_odd, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                     c.q_offset, &gpu_flops, pooled);
+        EXPECT_LE((g_odd.cpu().to(torch::kDouble) - g).abs().max().item<double>(), 1e-5)
+            << what << ": q rows not 16-byte aligned (LibTorch's w) against the w kernel";
+      }
       // tf32 does not apply to the pooled path; same inputs, same bits (no race). Each (query
       // block, key block) value comes from one CTA whatever the key chunks, so other chunk
       // sizes give the same bits too.

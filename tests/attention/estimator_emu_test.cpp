@@ -33,6 +33,7 @@
 #include "attention/cuda/pooled_keys_mma.cuh"
 #include "attention/cuda/pooled_keys_wgmma.cuh"
 #include "attention/cuda/pooled_scores.cuh"
+#include "attention/cuda/pooled_w.cuh"
 #include "tests/cuda_emu/cuda_emu_mma.h"
 #include "tests/cuda_emu/cuda_emu_wgmma.h"
 // clang-format on
@@ -43,6 +44,7 @@ namespace cu = attnpilot::attention::cuda;
 namespace pooled = attnpilot::attention::cuda::pooled;
 namespace pooled_keys = attnpilot::attention::cuda::pooled_keys;
 namespace pooled_keys_wgmma = attnpilot::attention::cuda::pooled_keys_wgmma;
+namespace pooled_w = attnpilot::attention::cuda::pooled_w;
 namespace emu = attnpilot::cuda_emu;
 
 /// fp32 rounding of the kernels' inputs (pq, kp) and fp32 dot products, exp2 and sums, amplified
@@ -497,6 +499,111 @@ TEST(PooledKeyScoresEmulated, OnePartOfWMatchesTheCpuTwin) {
     // Dropping the low part must change something (the one-part kernels do run one part).
     EXPECT_GT(moved, 0.0) << c.s.str() << ": one part gives the two-part bits";
   }
+}
+
+/// pooled_w_block (the kernel that forms w = A_k (A_qᵀ q̄ · scale) from q) against the same
+/// products in float64 on the values the kernel reads: q in bf16, fp16 and fp32, d 64 and 128,
+/// a short last block, q's rows and heads strided (a view of [b, n, h, d]), A shared by the batch
+/// or not, A_q narrowed to fewer columns than it stores (row stride > rank), every CTA of the
+/// grid (kWBlocks blocks each, the last CTA partly past q_blocks). w is poisoned first.
+template <typename T, int D>
+void check_pooled_w(int64_t b, int64_t h, int64_t n, int64_t bs, int64_t r, int64_t a_batch,
+                    uint64_t seed) {
+  const std::string what = fmt::format("{} d={} b={} h={} n={} bs={} r={} a_batch={}",
+                                       std::is_same_v<T, float>           ? "fp32"
+                                       : std::is_same_v<T, __nv_bfloat16> ? "bf16"
+                                                                          : "fp16",
+                                       D, b, h, n, bs, r, a_batch);
+  torch::manual_seed(seed);
+  // q as the kernel sees it: [b, n, h, d] storage, rows of the (b, h) slice strided by h·d.
+  const auto q_store = torch::randn({b, n, h, D}, torch::kDouble) + 0.3;
+  std::vector<T> q_raw(static_cast<size_t>(q_store.numel()));
+  auto q_used = torch::empty_like(q_store);  // the values after rounding to T
+  {
+    const auto flat = q_store.contiguous().view({-1});
+    auto used = q_used.view({-1});
+    for (int64_t i = 0; i < flat.numel(); ++i) {
+      const float x = static_cast<float>(flat[i].item<double>());
+      if constexpr (std::is_same_v<T, float>) {
+        q_raw[i] = x;
+        used[i] = static_cast<double>(x);
+      } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        q_raw[i] = __float2bfloat16(x);
+        used[i] = static_cast<double>(__bfloat162float(q_raw[i]));
+      } else {
+        q_raw[i] = __float2half(x);
+        used[i] = static_cast<double>(__half2float(q_raw[i]));
+      }
+    }
+  }
+  const int64_t r_store = r + 3;  // A_q's stored columns: the kernel reads the first r
+  const auto a_q = torch::randn({a_batch, h, D, r_store}, torch::kFloat);
+  const auto a_k = torch::randn({a_batch, h, D, r}, torch::kFloat);
+  const double scale = 0.125;
+  const int64_t qbn = (n + bs - 1) / bs;
+  std::vector<float> w(static_cast<size_t>(b * h * qbn * D), std::nanf(""));
+  cu::PooledWLaunch p;
+  p.q = q_raw.data();
+  p.q_stride[0] = n * h * D;
+  p.q_stride[1] = D;
+  p.q_stride[2] = h * D;
+  p.type = std::is_same_v<T, float>           ? cu::InputType::kFloat32
+           : std::is_same_v<T, __nv_bfloat16> ? cu::InputType::kBFloat16
+                                              : cu::InputType::kFloat16;
+  p.a_q = a_q.data_ptr<float>();
+  p.a_k = a_k.data_ptr<float>();
+  for (int i = 0; i < 3; ++i) {
+    p.a_q_stride[i] = a_q.stride(i);
+    p.a_k_stride[i] = a_k.stride(i);
+  }
+  p.a_batch = static_cast<int>(a_batch);
+  p.w = w.data();
+  p.batch = static_cast<int>(b);
+  p.heads = static_cast<int>(h);
+  p.n = n;
+  p.q_blocks = qbn;
+  p.block_size = static_cast<int>(bs);
+  p.d = D;
+  p.rank = static_cast<int>(r);
+  p.scale = static_cast<float>(scale);
+  std::vector<float> smem(static_cast<size_t>(pooled_w::shared_floats<T, D>()));
+  const int64_t groups = (qbn + pooled_w::kWBlocks - 1) / pooled_w::kWBlocks;
+  for (int64_t bb = 0; bb < b; ++bb)
+    for (int64_t hh = 0; hh < h; ++hh)
+      for (int64_t g = 0; g < groups; ++g) {
+        std::fill(smem.begin(), smem.end(), std::nanf(""));
+        emu::run_block(pooled_w::kThreads,
+                       [&] { pooled_w::pooled_w_block<T, D>(p, g, hh, bb, smem.data()); });
+      }
+  // The float64 reference: block means of the rounded q, then the two products.
+  const auto qd = q_used.permute({0, 2, 1, 3});  // [b, h, n, d]
+  double worst = 0, size = 0;
+  for (int64_t bb = 0; bb < b; ++bb)
+    for (int64_t hh = 0; hh < h; ++hh) {
+      const auto aq = a_q[a_batch > 1 ? bb : 0][hh].narrow(1, 0, r).to(torch::kDouble);
+      const auto ak = a_k[a_batch > 1 ? bb : 0][hh].to(torch::kDouble);
+      for (int64_t qb = 0; qb < qbn; ++qb) {
+        const int64_t rows = std::min(bs, n - qb * bs);
+        const auto mean = qd[bb][hh].narrow(0, qb * bs, rows).mean(0);
+        const auto want = torch::mv(ak, torch::mv(aq.t(), mean) * scale);
+        const auto got =
+            torch::from_blob(w.data() + ((bb * h + hh) * qbn + qb) * D, {D}, torch::kFloat)
+                .to(torch::kDouble);
+        ASSERT_TRUE(torch::isfinite(got).all().item<bool>()) << what << " qb " << qb;
+        worst = std::max(worst, (got - want).abs().max().item<double>());
+        size = std::max(size, want.abs().max().item<double>());
+      }
+    }
+  // fp32 sums of up to 128 rows and d + r products: ~1e-6 of the values' size.
+  EXPECT_LE(worst, 2e-5 * size) << what << " (largest |w| " << size << ")";
+  std::printf("pooled_w %s: max abs error %.3g (largest |w| %.3g)\n", what.c_str(), worst, size);
+}
+
+TEST(PooledWEmulated, MatchesTheProductsInFloat64) {
+  check_pooled_w<__nv_bfloat16, 128>(1, 2, 5 * 64 + 17, 64, 16, 1, 1);
+  check_pooled_w<__half, 64>(2, 1, 300, 128, 5, 2, 2);
+  check_pooled_w<float, 128>(1, 1, 129, 128, 64, 1, 3);
+  check_pooled_w<float, 64>(2, 2, 64 * 9, 64, 1, 2, 4);
 }
 
 // More key tiles in flight per CTA (3 or 4 cp.async stages) change when each tile is loaded,
