@@ -175,10 +175,11 @@ __global__ void __launch_bounds__(pooled_keys::kThreads)
 // ---- (1w) w of the pooled queries (the body is pooled_w.cuh's pooled_w_block) ----
 
 // Grid (⌈q_blocks / kWBlocks⌉, heads, batch), pooled_w::kThreads threads.
+// Dynamic shared memory: pooled_w::shared_floats<T, D>(p.rank) floats.
 template <typename T, int D>
 __global__ void __launch_bounds__(pooled_w::kThreads) pooled_w_kernel(PooledWLaunch p) {
-  __shared__ float smem[pooled_w::shared_floats<T, D>()];
-  pooled_w::pooled_w_block<T, D>(p, blockIdx.x, blockIdx.y, blockIdx.z, smem);
+  extern __shared__ float pooled_w_smem[];
+  pooled_w::pooled_w_block<T, D>(p, blockIdx.x, blockIdx.y, blockIdx.z, pooled_w_smem);
 }
 
 // ---- (3) selection (the body is select_block.cuh's select_row) ----
@@ -506,20 +507,32 @@ cudaError_t launch_pooled_w(const PooledWLaunch& p, cudaStream_t stream, const c
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.q_blocks, pooled_w::kWBlocks)),
                   static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
-  const auto launch = [&](auto kernel) {
-    kernel<<<grid, pooled_w::kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+  const char* what = "pooled_w_kernel<<<(q_blocks / 4, heads, batch), 256>>>";
+  const auto launch = [&](auto type, auto dim) {
+    using T = typename decltype(type)::type;
+    constexpr int kD = decltype(dim)::value;
+    const size_t bytes = sizeof(float) * pooled_w::shared_floats<T, kD>(p.rank);
+    if (bytes > 48 * 1024) {  // rank 64, d 128: 74 KB
+      const cudaError_t e = cudaFuncSetAttribute(
+          pooled_w_kernel<T, kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+      if (e != cudaSuccess) {
+        *failed_call = "cudaFuncSetAttribute(pooled_w_kernel, MaxDynamicSharedMemorySize)";
+        return e;
+      }
+    }
+    pooled_w_kernel<T, kD><<<grid, pooled_w::kThreads, bytes, stream>>>(p);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) *failed_call = what;
+    return e;
   };
-  cudaError_t e;
-  if (p.type == InputType::kFloat32)
-    e = p.d == 64 ? launch(pooled_w_kernel<float, 64>) : launch(pooled_w_kernel<float, 128>);
-  else if (p.type == InputType::kBFloat16)
-    e = p.d == 64 ? launch(pooled_w_kernel<__nv_bfloat16, 64>)
-                  : launch(pooled_w_kernel<__nv_bfloat16, 128>);
-  else
-    e = p.d == 64 ? launch(pooled_w_kernel<__half, 64>) : launch(pooled_w_kernel<__half, 128>);
-  if (e != cudaSuccess) *failed_call = "pooled_w_kernel<<<(q_blocks / 4, heads, batch), 256>>>";
-  return e;
+  using pooled_keys::TypeTag;
+  const auto by_dim = [&](auto type) {
+    return p.d == 64 ? launch(type, std::integral_constant<int, 64>{})
+                     : launch(type, std::integral_constant<int, 128>{});
+  };
+  if (p.type == InputType::kFloat32) return by_dim(TypeTag<float>{});
+  if (p.type == InputType::kBFloat16) return by_dim(TypeTag<__nv_bfloat16>{});
+  return by_dim(TypeTag<__half>{});
 }
 
 cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t stream,

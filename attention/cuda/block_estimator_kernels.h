@@ -128,10 +128,10 @@ struct PooledWLaunch {
   const void* q = nullptr;          ///< [batch, heads, n, d] of `type`, 16-byte aligned rows
   int64_t q_stride[3] = {0, 0, 0};  ///< element strides over (batch, head, row)
   InputType type = InputType::kBFloat16;
-  const float* a_q = nullptr;         ///< [a_batch, heads, d, >= rank] fp32, last dim contiguous
-  int64_t a_q_stride[3] = {0, 0, 0};  ///< element strides over (batch, head, d row)
-  const float* a_k = nullptr;         ///< a_q's shape, its own strides
-  int64_t a_k_stride[3] = {0, 0, 0};
+  const float* a_q = nullptr;            ///< [a_batch, heads, d, >= rank] fp32, any strides
+  int64_t a_q_stride[4] = {0, 0, 0, 0};  ///< element strides over (batch, head, d row, column)
+  const float* a_k = nullptr;            ///< a_q's shape, its own strides
+  int64_t a_k_stride[4] = {0, 0, 0, 0};
   int a_batch = 1;     ///< 1 (shared by the batch) or batch
   float* w = nullptr;  ///< [batch, heads, q_blocks, d] fp32 contiguous
   int batch = 0, heads = 0;

@@ -206,17 +206,13 @@ torch::Tensor pooled_w(const torch::Tensor& q, const torch::Tensor& a_q, const t
     return torch::matmul(torch::matmul(block_means(q, bs), a_q.to(torch::kFloat)) * scale,
                          a_k.to(torch::kFloat).transpose(2, 3))
         .contiguous();
-  // fp32 with the last dim contiguous (the usual case: no copy).
-  const auto as_f32 = [](const torch::Tensor& a) {
-    auto f = a.to(torch::kFloat);
-    return f.stride(3) == 1 ? f : f.contiguous();
-  };
-  const auto aq = as_f32(a_q), ak = as_f32(a_k);
+  // fp32, any strides (the usual case: no copy).
+  const auto aq = a_q.to(torch::kFloat), ak = a_k.to(torch::kFloat);
   auto w = torch::empty({b, h, div_up(n, bs), d}, q.options().dtype(torch::kFloat));
   cuda::PooledWLaunch p;
   p.q = q.data_ptr();
-  for (int i = 0; i < 3; ++i) {
-    p.q_stride[i] = q.stride(i);
+  for (int i = 0; i < 3; ++i) p.q_stride[i] = q.stride(i);
+  for (int i = 0; i < 4; ++i) {
     p.a_q_stride[i] = aq.stride(i);
     p.a_k_stride[i] = ak.stride(i);
   }

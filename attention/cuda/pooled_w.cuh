@@ -11,9 +11,9 @@
 ///
 /// One kernel instead of LibTorch's block-mean reduction, two cuBLAS products and a scaling
 /// (four launches; the products followed LibTorch's TF32 matmul setting, this is plain fp32).
-/// q is read once, kWBlocks query blocks per CTA, so a CTA's reads of A_q and A_k (2·d·r floats)
-/// are shared by its blocks. Plain C++ with the CUDA qualifiers: tests also run it on the CPU
-/// through tests/cuda_emu/cuda_emu.h.
+/// q is read once, kWBlocks query blocks per CTA, so a CTA's reads of A_q and A_k (2·d·r floats,
+/// staged in shared memory) are shared by its blocks. Plain C++ with the CUDA qualifiers: tests
+/// also run it on the CPU through tests/cuda_emu/cuda_emu.h.
 #ifndef ATTNPILOT_CUDA_EMU
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -42,10 +42,11 @@ struct Geometry {
   static_assert(D % kVec == 0 && kThreads % kChunks == 0, "d a multiple of 16 bytes' elements");
 };
 
-/// Shared memory of a CTA (floats): the row lanes' partial sums, the mean, t.
+/// Shared memory of a CTA (floats) at rank r: the row lanes' partial sums, the kWBlocks means,
+/// A_q and A_k (d × r each), t (kWBlocks × r).
 template <typename T, int D>
-__host__ __device__ constexpr int shared_floats() {
-  return Geometry<T, D>::kRowLanes * D + D + kMaxRank;
+__host__ __device__ constexpr int shared_floats(int r) {
+  return Geometry<T, D>::kRowLanes * D + kWBlocks * D + 2 * D * r + kWBlocks * r;
 }
 
 /// 16 bytes of q (kVec elements) as floats, added to acc.
@@ -78,24 +79,33 @@ __device__ __forceinline__ void add_vec(const T* src, float (&acc)[V]) {
 
 /// One CTA (kThreads threads, all of which call it: it holds barriers): query blocks
 /// group·kWBlocks .. + kWBlocks - 1 (those < q_blocks) of head h of batch entry b. `smem`:
-/// shared_floats<T, D>() floats.
+/// shared_floats<T, D>(p.rank) floats. Three phases, so the reads of q stream without waiting
+/// on the products: A_q and A_k into shared memory; the blocks' means (two barriers per block);
+/// then t and w of all the blocks from shared memory.
 template <typename T, int D>
 __device__ inline void pooled_w_block(const PooledWLaunch& p, int64_t group, int64_t h, int64_t b,
                                       float* smem) {
   using G = Geometry<T, D>;
-  float* partial = smem;                  // [kRowLanes][D]
-  float* mean = smem + G::kRowLanes * D;  // [D]
-  float* t = mean + D;                    // [kMaxRank]
+  const int r = p.rank;
+  float* partial = smem;                     // [kRowLanes][D]
+  float* mean = partial + G::kRowLanes * D;  // [kWBlocks][D]
+  float* aq_s = mean + kWBlocks * D;         // [D][r]
+  float* ak_s = aq_s + D * r;                // [D][r]
+  float* t = ak_s + D * r;                   // [kWBlocks][r]
   const int tid = threadIdx.x, lane_r = tid / G::kChunks, chunk = tid % G::kChunks;
   const T* qh = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
   const int64_t ab = p.a_batch > 1 ? b : 0;
   const float* aq = p.a_q + ab * p.a_q_stride[0] + h * p.a_q_stride[1];
   const float* ak = p.a_k + ab * p.a_k_stride[0] + h * p.a_k_stride[1];
-  const int64_t bs = p.block_size;
-  for (int j = 0; j < kWBlocks; ++j) {
-    const int64_t qb = group * kWBlocks + j;
-    if (qb >= p.q_blocks) break;  // CTA-uniform
-    const int64_t row0 = qb * bs;
+  for (int e = tid; e < D * r; e += kThreads) {
+    const int i = e / r, k = e % r;
+    aq_s[e] = aq[i * p.a_q_stride[2] + k * p.a_q_stride[3]];
+    ak_s[e] = ak[i * p.a_k_stride[2] + k * p.a_k_stride[3]];
+  }
+  const int64_t bs = p.block_size, qb0 = group * kWBlocks;
+  const int blocks = static_cast<int>(p.q_blocks - qb0 < kWBlocks ? p.q_blocks - qb0 : kWBlocks);
+  for (int j = 0; j < blocks; ++j) {
+    const int64_t row0 = (qb0 + j) * bs;
     const int64_t rows = p.n - row0 < bs ? p.n - row0 : bs;
     float acc[G::kVec] = {};
     // Eight loads in flight per thread where the block has the rows (a full block of 128 rows
@@ -103,8 +113,8 @@ __device__ inline void pooled_w_block(const PooledWLaunch& p, int64_t group, int
     for (int64_t r0 = lane_r; r0 < rows; r0 += 8 * G::kRowLanes) {
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
-        const int64_t r = r0 + u * G::kRowLanes;
-        if (r < rows) add_vec<T>(qh + (row0 + r) * p.q_stride[2] + chunk * G::kVec, acc);
+        const int64_t row = r0 + u * G::kRowLanes;
+        if (row < rows) add_vec<T>(qh + (row0 + row) * p.q_stride[2] + chunk * G::kVec, acc);
       }
     }
 #pragma unroll
@@ -112,23 +122,27 @@ __device__ inline void pooled_w_block(const PooledWLaunch& p, int64_t group, int
     __syncthreads();
     if (tid < D) {
       float s = 0.f;
+#pragma unroll 8
       for (int l = 0; l < G::kRowLanes; ++l) s += partial[l * D + tid];
-      mean[tid] = s / static_cast<float>(rows);
+      mean[j * D + tid] = s / static_cast<float>(rows);
     }
-    __syncthreads();
-    if (tid < p.rank) {
-      float s = 0.f;
-      for (int i = 0; i < D; ++i) s = fmaf(mean[i], aq[i * p.a_q_stride[2] + tid], s);
-      t[tid] = s * p.scale;
-    }
-    __syncthreads();
-    if (tid < D) {
-      const float* row = ak + tid * p.a_k_stride[2];
-      float s = 0.f;
-      for (int k = 0; k < p.rank; ++k) s = fmaf(row[k], t[k], s);
-      p.w[((b * p.heads + h) * p.q_blocks + qb) * D + tid] = s;
-    }
-    __syncthreads();  // partial, mean and t are rewritten by the next block
+    __syncthreads();  // partial is rewritten by the next block
+  }
+  // t[j][k] = scale · Σ_i mean[j][i] A_q[i][k]
+  for (int e = tid; e < blocks * r; e += kThreads) {
+    const int j = e / r, k = e % r;
+    float s = 0.f;
+#pragma unroll 8
+    for (int i = 0; i < D; ++i) s = fmaf(mean[j * D + i], aq_s[i * r + k], s);
+    t[e] = s * p.scale;
+  }
+  __syncthreads();
+  // w[j][i] = Σ_k A_k[i][k] t[j][k]
+  for (int e = tid; e < blocks * D; e += kThreads) {
+    const int j = e / D, i = e % D;
+    float s = 0.f;
+    for (int k = 0; k < r; ++k) s = fmaf(ak_s[i * r + k], t[j * r + k], s);
+    p.w[((b * p.heads + h) * p.q_blocks + qb0 + j) * D + i] = s;
   }
 }
 

@@ -504,7 +504,8 @@ TEST(PooledKeyScoresEmulated, OnePartOfWMatchesTheCpuTwin) {
 /// pooled_w_block (the kernel that forms w = A_k (A_qᵀ q̄ · scale) from q) against the same
 /// products in float64 on the values the kernel reads: q in bf16, fp16 and fp32, d 64 and 128,
 /// a short last block, q's rows and heads strided (a view of [b, n, h, d]), A shared by the batch
-/// or not, A_q narrowed to fewer columns than it stores (row stride > rank), every CTA of the
+/// or not, A_q narrowed to fewer columns than it stores (row stride > rank), A_k column-major,
+/// every CTA of the
 /// grid (kWBlocks blocks each, the last CTA partly past q_blocks). w is poisoned first.
 template <typename T, int D>
 void check_pooled_w(int64_t b, int64_t h, int64_t n, int64_t bs, int64_t r, int64_t a_batch,
@@ -538,7 +539,8 @@ void check_pooled_w(int64_t b, int64_t h, int64_t n, int64_t bs, int64_t r, int6
   }
   const int64_t r_store = r + 3;  // A_q's stored columns: the kernel reads the first r
   const auto a_q = torch::randn({a_batch, h, D, r_store}, torch::kFloat);
-  const auto a_k = torch::randn({a_batch, h, D, r}, torch::kFloat);
+  // A_k column-major within each head (as linalg_qr returns it): a column stride of d.
+  const auto a_k = torch::randn({a_batch, h, r, D}, torch::kFloat).transpose(2, 3);
   const double scale = 0.125;
   const int64_t qbn = (n + bs - 1) / bs;
   std::vector<float> w(static_cast<size_t>(b * h * qbn * D), std::nanf(""));
@@ -552,7 +554,7 @@ void check_pooled_w(int64_t b, int64_t h, int64_t n, int64_t bs, int64_t r, int6
                                               : cu::InputType::kFloat16;
   p.a_q = a_q.data_ptr<float>();
   p.a_k = a_k.data_ptr<float>();
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < 4; ++i) {
     p.a_q_stride[i] = a_q.stride(i);
     p.a_k_stride[i] = a_k.stride(i);
   }
@@ -566,7 +568,7 @@ void check_pooled_w(int64_t b, int64_t h, int64_t n, int64_t bs, int64_t r, int6
   p.d = D;
   p.rank = static_cast<int>(r);
   p.scale = static_cast<float>(scale);
-  std::vector<float> smem(static_cast<size_t>(pooled_w::shared_floats<T, D>()));
+  std::vector<float> smem(static_cast<size_t>(pooled_w::shared_floats<T, D>(static_cast<int>(r))));
   const int64_t groups = (qbn + pooled_w::kWBlocks - 1) / pooled_w::kWBlocks;
   for (int64_t bb = 0; bb < b; ++bb)
     for (int64_t hh = 0; hh < h; ++hh)
