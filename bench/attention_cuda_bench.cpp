@@ -456,16 +456,16 @@ void run_estimator(bool quick) {
       // compute capability 9.0); pool-q: the keys projected, then the CUDA-core kernel; pq-wg /
       // pq-wg3: the stored-key scores as warpgroup MMAs (compute capability 9.0, where pq-wg is
       // the default), 2 and 3 key tiles of 128 in flight; wg-3cta: pq-wg compiled for three CTAs
-      // per SM (registers capped at 168) instead of two; wg-pipe: its pipelined form (64-key
-      // halves, one folded while the other's products run; 3 tiles in flight); wg-1p: pq-wg
-      // with w in one 16-bit part (pooled_key_split = false: half the MMAs). (3 and 4
+      // per SM (registers capped at 168) instead of two; wg-pipe: its pipelined form (tile t +
+      // 1's products run while tile t is folded; 3 tiles in flight); wg-1p: pq-wg with w in one
+      // 16-bit part (pooled_key_split = false: half the MMAs); 1p-pipe: both. (3 and 4
       // tiles in flight for pq-mma, and key chunks of 2048 and 4096 keys, measured no faster:
       // RESULTS.md, 2026-12-06.)
       bool sm90 = false;
       const char* failed_call = "";
       cuda_check(cuda::device_is_sm90(&sm90, &failed_call), failed_call);
       BlockMask split_mask;  // pq-wg's, for wg-1p's agreement
-      for (int variant = 0; variant < 7; ++variant) {
+      for (int variant = 0; variant < 8; ++variant) {
         if (variant >= 2 && !sm90) continue;
         const bool key_mma = variant != 1;
         CudaEstimatorOptions eo;
@@ -474,15 +474,16 @@ void run_estimator(bool quick) {
                                           : CudaEstimatorOptions::PooledKeyBody::kMmaSync;
         eo.pooled_key_stages = variant == 3 ? 3 : 0;
         eo.pooled_key_ctas_per_sm = variant == 4 ? 3 : 0;
-        eo.pooled_key_pipelined = variant == 5;
-        eo.pooled_key_split = variant != 6;
+        eo.pooled_key_pipelined = variant == 5 || variant == 7;
+        eo.pooled_key_split = variant < 6;
         const char* mode = variant == 0   ? "pq-mma"
                            : variant == 1 ? "pool-q"
                            : variant == 2 ? "pq-wg"
                            : variant == 3 ? "pq-wg3"
                            : variant == 4 ? "wg-3cta"
                            : variant == 5 ? "wg-pipe"
-                                          : "wg-1p";
+                           : variant == 6 ? "wg-1p"
+                                          : "1p-pipe";
         double flops = 0;
         BlockMask mask;
         const auto estimate = [&] {
@@ -500,7 +501,7 @@ void run_estimator(bool quick) {
         fmt::print("{:>22} {:>13.3f} {:>13} {:>11.3f}   (GPU work alone: CUDA graph replay)\n",
                    "graph", t_graph, "", t_graph / t_att);
         if (variant == 2) split_mask = mask.on_host();
-        if (variant == 6 && split_mask.row_ptr.defined())
+        if (variant >= 6 && split_mask.row_ptr.defined())
           fmt::print("{:>22} {:>13.4f}   (blocks also chosen by pq-wg, of those chosen)\n",
                      "agreement", mask_agreement(mask.on_host(), split_mask));
         std::fflush(stdout);
@@ -620,9 +621,10 @@ void run_decode(bool quick) {
   }
 }
 
-/// One call of the default pooled estimator (r 16, density 10%, L = 32k), then one with w in one
-/// 16-bit part (pooled_key_split = false), between cudaProfilerStart and cudaProfilerStop, after
-/// two warm-up calls of each: for a profiler started with profiling off (ncu
+/// One call of the default pooled estimator (r 16, density 10%, L = 32k), one with w in one
+/// 16-bit part (pooled_key_split = false) and one with that and pooled_key_pipelined, between
+/// cudaProfilerStart and cudaProfilerStop, after two warm-up calls of each: for a profiler started
+/// with profiling off (ncu
 /// --profile-from-start off), which then sees just those calls' kernels.
 void run_estimator_profile() {
   const int64_t heads = 32, d = 128, bs = 128, len = 32768, r = 16;
@@ -637,21 +639,24 @@ void run_estimator_profile() {
   plan.rank = r;
   plan.pool_queries = true;
   double flops = 0;
-  CudaEstimatorOptions one_part;
+  CudaEstimatorOptions one_part, one_part_piped;
   one_part.pooled_key_split = false;
-  for (int i = 0; i < 2; ++i) {
+  one_part_piped.pooled_key_split = false;
+  one_part_piped.pooled_key_pipelined = true;
+  const auto calls = [&] {
     (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops);
     (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, one_part);
-  }
+    (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, one_part_piped);
+  };
+  for (int i = 0; i < 2; ++i) calls();
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   cuda_check(cudaProfilerStart(), "cudaProfilerStart");
-  (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops);
-  (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, one_part);
+  calls();
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   cuda_check(cudaProfilerStop(), "cudaProfilerStop");
   fmt::print(
-      "estimator-profile: two pooled estimator calls (L {}, r {}, 10%; w in two parts, then one) "
-      "profiled\n",
+      "estimator-profile: three pooled estimator calls (L {}, r {}, 10%; w in two parts, in one, "
+      "in one pipelined) profiled\n",
       len, r);
 }
 

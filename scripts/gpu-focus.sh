@@ -17,8 +17,9 @@
 #   NCU_ESTIMATOR 1: ncu of one default estimator call (every kernel: duration, throughput,
 #                 occupancy) into ncu-estimator.txt; full: --set full of its pooled-key scores
 #                 kernel alone, with per-SASS stalls (ncu-estimator.txt, ncu-estimator-sass.csv);
-#                 the profiled run calls the default estimator, then w in one part
-#   NCU_SKIP      full: pooled-key kernels to skip first (1: the one-part call's; default 0)
+#                 the profiled run calls the default estimator, w in one part, that pipelined
+#   NCU_SKIP      full: pooled-key kernels to skip first (1: the one-part call's, 2: its pipelined
+#                 form; default 0)
 #   GPU_TESTS     0: skip the GPU tests; a list of test programs: only those (default 1: all)
 #   SANITIZE      a gtest filter: compute-sanitizer memcheck of the block-sparse and estimator
 #                 GPU tests on it (e.g. '*Persistent*:*PooledScores*'; default none)

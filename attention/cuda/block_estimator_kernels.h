@@ -176,11 +176,11 @@ struct PooledKeysLaunch {
   /// (capped at 168 registers, ~100 bytes spilled; with 2 stages only, not pipelined). A tuning
   /// knob.
   int ctas_per_sm = 0;
-  /// The wgmma body's pipelined form (pooled_keys_wgmma.cuh, kPipelined: one 64-key half
-  /// folded while the other's products run; not with ctas_per_sm 3). A tuning knob.
+  /// The wgmma body's pipelined form (pooled_keys_wgmma.cuh, kPipelined: tile t + 1's products
+  /// run while tile t is folded; stages 0 or 3, not with ctas_per_sm 3).
   bool pipelined = false;
   /// w in two 16-bit parts (hi + lo, the default) or, false, in one (hi alone: half the MMAs;
-  /// CudaEstimatorOptions::pooled_key_split). Not with `pipelined`.
+  /// CudaEstimatorOptions::pooled_key_split).
   bool split = true;
 };
 

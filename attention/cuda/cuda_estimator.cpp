@@ -124,9 +124,12 @@ void check_options(const CudaEstimatorOptions& options) {
                       "cuda estimator: pooled_key_pipelined takes pooled_key_ctas_per_sm 0 or 2 "
                       "(got {})",
                       options.pooled_key_ctas_per_sm);
-  ATTNPILOT_CHECK_ARG(options.pooled_key_split || !options.pooled_key_pipelined,
-                      "cuda estimator: pooled_key_split false (w in one 16-bit part) does not "
-                      "take pooled_key_pipelined true");
+  ATTNPILOT_CHECK_ARG(
+      !options.pooled_key_pipelined || options.pooled_key_stages == 0 ||
+          options.pooled_key_stages == 3,
+      "cuda estimator: pooled_key_pipelined takes pooled_key_stages 0 or 3 (got {}): the "
+      "folded tile, the one whose products run and the one loading",
+      options.pooled_key_stages);
 }
 
 /// Rows of query block qb and its visible key count (the CPU twin's kend).

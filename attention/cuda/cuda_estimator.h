@@ -74,17 +74,16 @@ struct CudaEstimatorOptions {
   /// kernel measured latency-bound (12% achieved occupancy), but three measured no faster
   /// (ncu and bench, H100, 2026-12-06). Anything else: InvalidArgument.
   int pooled_key_ctas_per_sm = 0;
-  /// The wgmma body in its pipelined form (pooled_keys_wgmma.cuh: each 128-key tile's products
-  /// as two 64-key halves, the first folded while the second's run; not with
-  /// pooled_key_ctas_per_sm 3). The same scores up to the order of the fp32 sums. A tuning
-  /// knob for the benchmark: measured no faster (H100, 2026-12-06). Ignored by the mma.sync
-  /// body.
+  /// The wgmma body in its pipelined form (pooled_keys_wgmma.cuh: the next 128-key tile's
+  /// products run while a tile is folded, two accumulator sets, three tiles of keys in shared
+  /// memory; pooled_key_stages 0 or 3, pooled_key_ctas_per_sm 0 or 2, else InvalidArgument).
+  /// The same scores, bit for bit, as the plain wgmma body. Ignored by the mma.sync body.
   bool pooled_key_pipelined = false;
   /// The tensor-core pooled scores with w in two 16-bit parts (hi + lo: scores within ~1e-5 of
   /// the fp32 path, the default) or, false, in one (hi alone: half the tensor-core work and
   /// half the A-fragment registers; w then keeps 8 (bf16) or 11 (fp16) bits, and the block
-  /// scores move by up to ~1e-3, measured against the float64 twin in the tests). Either body;
-  /// not with pooled_key_pipelined (InvalidArgument).
+  /// scores move by up to ~4e-3, measured against the float64 twin in the tests). Either body,
+  /// plain or pipelined.
   bool pooled_key_split = true;
 };
 

@@ -41,7 +41,9 @@ __global__ void __launch_bounds__(pkw::kThreads, kMinCtas)
 
 cudaError_t launch_pooled_keys_wgmma(const PooledKeysLaunch& p, cudaStream_t stream,
                                      const char** failed_call) {
-  const int stages = p.stages > 0 ? p.stages : pooled_keys::kDefaultStages;
+  // The pipelined body keeps three tiles (the folded one, the one whose products run, the one
+  // loading): stages 0 means 3 there.
+  const int stages = p.stages > 0 ? p.stages : (p.pipelined ? 3 : pooled_keys::kDefaultStages);
   if (p.ctas_per_sm != 0 && p.ctas_per_sm != 2 &&
       !(p.ctas_per_sm == 3 && stages == 2 && !p.pipelined)) {
     *failed_call =
@@ -49,8 +51,8 @@ cudaError_t launch_pooled_keys_wgmma(const PooledKeysLaunch& p, cudaStream_t str
         "pipelined)";
     return cudaErrorInvalidValue;
   }
-  if (!p.split && p.pipelined) {
-    *failed_call = "launch_pooled_key_scores (wgmma body: w in one part is not pipelined)";
+  if (p.pipelined && stages != 3) {
+    *failed_call = "launch_pooled_key_scores (wgmma body: pipelined takes stages 0 or 3)";
     return cudaErrorInvalidValue;
   }
   const auto bytes = static_cast<int>(pkw::shared_bytes(p.d, stages));
@@ -60,28 +62,25 @@ cudaError_t launch_pooled_keys_wgmma(const PooledKeysLaunch& p, cudaStream_t str
     constexpr int kD = decltype(dim)::value, kS = decltype(st)::value;
     const char* what =
         "pooled_keys_wgmma_kernel<<<(query groups × key chunks, heads, batch), 128>>>";
+    const auto go = [&](auto kernel) {
+      e = pooled_keys::launch_keys_kernel(kernel, p, bytes, stream, what, failed_call);
+    };
     if constexpr (kS == 2) {
       if (p.ctas_per_sm == 3) {
-        e = p.split ? pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 3, false>,
-                                                      p, bytes, stream, what, failed_call)
-                    : pooled_keys::launch_keys_kernel(
-                          pooled_keys_wgmma_kernel<T, kD, kS, 3, false, false>, p, bytes, stream,
-                          what, failed_call);
+        p.split ? go(pooled_keys_wgmma_kernel<T, kD, kS, 3, false, true>)
+                : go(pooled_keys_wgmma_kernel<T, kD, kS, 3, false, false>);
         return;
       }
     }
-    if (!p.split) {
-      e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 1, false, false>, p,
-                                          bytes, stream, what, failed_call);
-      return;
+    if constexpr (kS == 3) {
+      if (p.pipelined) {
+        p.split ? go(pooled_keys_wgmma_kernel<T, kD, kS, 1, true, true>)
+                : go(pooled_keys_wgmma_kernel<T, kD, kS, 1, true, false>);
+        return;
+      }
     }
-    if (p.pipelined) {
-      e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 1, true>, p, bytes,
-                                          stream, what, failed_call);
-      return;
-    }
-    e = pooled_keys::launch_keys_kernel(pooled_keys_wgmma_kernel<T, kD, kS, 1, false>, p, bytes,
-                                        stream, what, failed_call);
+    p.split ? go(pooled_keys_wgmma_kernel<T, kD, kS, 1, false, true>)
+            : go(pooled_keys_wgmma_kernel<T, kD, kS, 1, false, false>);
   });
   return e;
 }

@@ -56,17 +56,19 @@ __host__ __device__ constexpr int64_t shared_bytes(int d, int stages) {
 /// pooled_keys::pooled_keys_block's contract, with S swizzled 128-key tiles in `smem_raw`
 /// (shared_bytes(D, S) bytes).
 ///
-/// kPipelined: each tile's products as two m64n64 halves (A: keys 0-63, B: 64-127; one
-/// accumulator set each, the same registers), so B's products run while A is folded:
+/// kPipelined (S = 3): tile t + 1's products run while tile t is folded, in a second
+/// accumulator set:
 ///
-///   tile t:  issue A_t, B_t | wait A_t | fold A_t (B_t running) | wait B_t | fold B_t
+///   tile t:  wait P_t | flush held blocks | t+1 landed, barrier | load t+2 | issue P_t+1 |
+///            fold t (P_t+1 running)
 ///
-/// (the fold, an exp2 and a few FMAs per score, otherwise waits for the whole tile's products
-/// and they for it: one warpgroup per CTA, two CTAs per SM, 12% achieved occupancy; ncu, H100,
-/// 2026-12-06). A's finished key block is flushed (shuffles, stores) after B's wait, and its
-/// running maximum is updated by selects: branches beside the in-flight wgmma made ptxas
-/// serialise every wgmma (C7518). Stages are refilled as in the plain body; the folds run in
-/// the same key order.
+/// (the plain body's fold waits for the tile's products and they for it: one warpgroup per CTA,
+/// 12-18% achieved occupancy; ncu, H100, 2026-12-06). A finished key block is held in registers
+/// and flushed (shuffles, stores) at the next tile's start, when no wgmma is in flight, and the
+/// running maximum is updated by selects: branches and flushes beside an in-flight wgmma made
+/// ptxas serialise every wgmma (C7518). The folds run in the same key order as the plain body's.
+/// (An earlier form, each tile's products as two 64-key halves, the first folded while the
+/// second's ran, measured no faster than the plain body: RESULTS.md, 2026-12-06.)
 ///
 /// kSplit = false: w's hi part alone (PooledKeysLaunch::split): d/16 wgmma per tile instead of
 /// 2·d/16, and the lo fragments are never formed.
@@ -75,7 +77,6 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
                                                int64_t group, int64_t bh, unsigned char* smem_raw) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
   static_assert(S >= 2 && S <= pooled_keys::kMaxStages, "2 to kMaxStages key tiles in flight");
-  static_assert(kSplit || !kPipelined, "w in one part: the plain body only");
   constexpr uint32_t kTile = bsw::tile_bytes(D);
   constexpr int kDk = D / 16;
   constexpr int kHalf = pooled_keys::kTileKeys;  // keys of a half tile (blocks: multiples of 64)
@@ -112,7 +113,7 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
   int block_left = halves_per_block;
   int64_t kb = cr.k_lo / bs;
   // The pipelined body's finished key blocks not yet flushed: (max, sum) per row and the block
-  // (-1: none), slot 0 for the fold of A_t, 1 for B_t.
+  // (-1: none), slot 0 for a tile's first 64 keys, 1 for its last.
   float held_mx[2][2] = {}, held_sum[2][2] = {};
   int64_t held_kb[2] = {-1, -1};
   // Folds the 64 keys of half `half` of the tile at k0 (at(i, hr, e): the score of row
@@ -172,11 +173,10 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
       held_kb[slot] = -1;
     }
   };
-  // The products of the N = 2·|acc| keys from key `first` of the tile in `stage` (N = 128: the
-  // whole tile, 64: a half) into acc, one commit group.
-  const auto issue = [&](auto& acc, int stage, int first) {
+  // The products of the tile in `stage` (128 keys) into acc, one commit group.
+  const auto issue = [&](auto& acc, int stage) {
     constexpr int kN = 2 * static_cast<int>(sizeof(acc) / sizeof(float));
-    const uint64_t kd = ptx::sw128_desc(tiles_addr + stage * kTile + first * 128, 16, 1024);
+    const uint64_t kd = ptx::sw128_desc(tiles_addr + stage * kTile, 16, 1024);
     ptx::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDk; ++kk) {
@@ -186,42 +186,67 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
     }
     ptx::wgmma_commit();
   };
-  for (int64_t t = 0; t < ntiles; ++t) {
-    const int64_t k0 = cr.k_lo + t * kTileKeys;
-    // Tile t has landed (this thread's copies, fenced for wgmma's async-proxy reads; then
-    // everyone's), and every wgmma of tile t - 1 has completed (each thread waited for its
-    // own), so its stage may be refilled.
-    ptx::cp_async_wait_group<S - 2>();
-    ptx::fence_proxy_async();
-    __syncthreads();
-    if (t + S - 1 < ntiles)
-      bsw::load_tile_async<T, D, kThreads>(tiles + ((t + S - 1) % S) * kTile, kg, p.k_stride[2],
-                                           k0 + (S - 1) * kTileKeys, p.m, tid);
-    ptx::cp_async_commit();
-    const int stage = static_cast<int>(t % S);
-    if constexpr (kPipelined) {
-      // B's products run while A is folded; nothing is in flight at the end of an iteration.
-      // (Folding B of the previous tile beside A's products as well made ptxas serialise every
-      // wgmma, C7518: it reads registers the next wgmma takes as its accumulator.)
-      float s0[kHalf / 2], s1[kHalf / 2];
-      issue(s0, stage, 0);
-      issue(s1, stage, kHalf);
-      ptx::wgmma_wait<1>();
-      fold_half([&](int i, int hr, int e) -> float& { return s0[4 * i + 2 * hr + e]; }, k0, 0, 0);
-      ptx::wgmma_wait<0>();
-      fold_half([&](int i, int hr, int e) -> float& { return s1[4 * i + 2 * hr + e]; }, k0, 1, 1);
-      flush_held();
-      continue;
-    }
-    float s[kTileKeys / 2];
-    issue(s, stage, 0);
-    ptx::wgmma_wait<0>();
-    // Two halves of 64 keys: s[4i + 2hr + e] is row g + 8hr, key k0 + 8i + 2c4 + e.
+  // One 128-key tile's two halves folded from acc (acc[4i + 2hr + e]: row g + 8hr, key
+  // 8i + 2c4 + e of the tile), in key order; a finished block is flushed or held in the slot
+  // of its half.
+  const auto fold_tile = [&](auto& acc, int64_t k0) {
 #pragma unroll
     for (int half = 0; half < 2; ++half)
       fold_half([&](int i, int hr,
-                    int e) -> float& { return s[4 * (half * (kHalf / 8) + i) + 2 * hr + e]; },
-                k0, half, 0);
+                    int e) -> float& { return acc[4 * (half * (kHalf / 8) + i) + 2 * hr + e]; },
+                k0, half, half);
+  };
+  if constexpr (kPipelined) {
+    // Tile t + 1's products run while tile t is folded (two accumulator sets; the loop is
+    // unrolled by two so each set is one register array). Per tile t:
+    //   wait for tile t's products | flush the blocks fold(t - 1) held (nothing in flight) |
+    //   tile t + 1 landed, barrier (every warp is done with tile t - 1's stage) |
+    //   load tile t + 2 into that stage | issue tile t + 1's products | fold tile t
+    static_assert(S == 3, "the cross-tile pipeline: tiles t (folded), t + 1, t + 2 (loading)");
+    float acc0[kTileKeys / 2], acc1[kTileKeys / 2];
+    ptx::cp_async_wait_group<S - 2>();  // tile 0 (tile 1 may still be in flight)
+    ptx::fence_proxy_async();
+    __syncthreads();
+    issue(acc0, 0);
+    const auto step = [&](auto& cur, auto& next, int64_t t) {
+      ptx::wgmma_wait<0>();
+      flush_held();
+      if (t + 1 < ntiles) {  // CTA-uniform
+        ptx::cp_async_wait_group<0>();
+        ptx::fence_proxy_async();
+      }
+      __syncthreads();
+      if (t + 2 < ntiles)
+        bsw::load_tile_async<T, D, kThreads>(tiles + ((t + 2) % S) * kTile, kg, p.k_stride[2],
+                                             cr.k_lo + (t + 2) * kTileKeys, p.m, tid);
+      ptx::cp_async_commit();
+      if (t + 1 < ntiles) issue(next, static_cast<int>((t + 1) % S));
+      fold_tile(cur, cr.k_lo + t * kTileKeys);
+    };
+    for (int64_t t = 0; t < ntiles; t += 2) {
+      step(acc0, acc1, t);
+      if (t + 1 < ntiles) step(acc1, acc0, t + 1);
+    }
+    ptx::wgmma_wait<0>();  // (the last step issued nothing)
+    flush_held();
+  } else {
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t k0 = cr.k_lo + t * kTileKeys;
+      // Tile t has landed (this thread's copies, fenced for wgmma's async-proxy reads; then
+      // everyone's), and every wgmma of tile t - 1 has completed (each thread waited for its
+      // own), so its stage may be refilled.
+      ptx::cp_async_wait_group<S - 2>();
+      ptx::fence_proxy_async();
+      __syncthreads();
+      if (t + S - 1 < ntiles)
+        bsw::load_tile_async<T, D, kThreads>(tiles + ((t + S - 1) % S) * kTile, kg, p.k_stride[2],
+                                             k0 + (S - 1) * kTileKeys, p.m, tid);
+      ptx::cp_async_commit();
+      float acc[kTileKeys / 2];
+      issue(acc, static_cast<int>(t % S));
+      ptx::wgmma_wait<0>();
+      fold_tile(acc, k0);
+    }
   }
   ptx::cp_async_wait_all();  // no copy outlives the CTA (the groups past the last tile are empty)
 }

@@ -410,6 +410,9 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
           CudaEstimatorOptions staged = wgo;
           staged.pooled_key_stages = 3;
           one_part.emplace_back(staged, "wgmma, 3 tiles in flight");
+          CudaEstimatorOptions piped = wgo;
+          piped.pooled_key_pipelined = true;
+          one_part.emplace_back(piped, "wgmma pipelined");
         }
         torch::Tensor first;
         for (auto& [opts, name] : one_part) {
@@ -468,17 +471,19 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
                                               c.q_offset, &gpu_flops, three)))
                 << wwhat << ": three CTAs per SM change the scores";
           }
-          {  // the pipelined form (64-key halves, one folded while the other runs)
+          {  // the pipelined form (tile t + 1's products run while tile t is folded)
             CudaEstimatorOptions piped = wg;
             piped.pooled_key_pipelined = true;
+            piped.pooled_key_stages = 0;  // its three tiles
             poison({want.numel()}, std::nan(""), torch::kFloat);
             const auto gp = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
                                                       c.q_offset, &gpu_flops, piped);
             const auto gpd = gp.cpu().to(torch::kDouble);
             ASSERT_TRUE(torch::isfinite(gpd).all().item<bool>()) << wwhat << " pipelined: NaN";
             EXPECT_LE((gpd - w).abs().max().item<double>(), kPooledAbsTol) << wwhat << " pipelined";
-            EXPECT_LE((gpd - gwd).abs().max().item<double>(), 1e-6)
-                << wwhat << " pipelined against the plain wgmma body";
+            EXPECT_TRUE(torch::equal(gp, gw))
+                << wwhat << " pipelined: not the plain wgmma body's bits (max diff "
+                << (gpd - gwd).abs().max().item<double>() << ")";
             EXPECT_TRUE(torch::equal(
                 gp, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
                                               c.q_offset, &gpu_flops, piped)))
@@ -689,11 +694,14 @@ TEST(CudaEstimator, BadArgumentsAreRefused) {
   bad_piped.pooled_key_ctas_per_sm = 3;
   expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl, bad_piped); },
                  "pooled_key_pipelined");
-  CudaEstimatorOptions bad_one_part;
-  bad_one_part.pooled_key_pipelined = true;
-  bad_one_part.pooled_key_split = false;
-  expect_invalid([&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl, bad_one_part); },
-                 "pooled_key_split");
+  for (int stages : {2, 4}) {
+    CudaEstimatorOptions bad_piped_stages;
+    bad_piped_stages.pooled_key_pipelined = true;
+    bad_piped_stages.pooled_key_stages = stages;
+    expect_invalid(
+        [&] { lowrank_block_scores_cuda(q, k, a, a, 64, true, 0, &fl, bad_piped_stages); },
+        fmt::format("pooled_key_stages 0 or 3 (got {})", stages));
+  }
   for (const auto& [ctas, stages] : std::vector<std::pair<int, int>>{{1, 0}, {4, 0}, {3, 3}}) {
     CudaEstimatorOptions bad_ctas;
     bad_ctas.pooled_key_ctas_per_sm = ctas;

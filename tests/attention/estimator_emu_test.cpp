@@ -299,8 +299,8 @@ KeysProblem make_keys_problem(const Shape& s, int64_t hkv, int64_t ld, uint64_t 
 
 /// The two kernels as the launcher runs them (every CTA of the grid, then the normaliser), on
 /// poisoned scores, with `stages` key tiles in flight per CTA; `lse` (if not null) receives the
-/// scores between the two. split = false: w in one 16-bit part (not pipelined; wgmma: 2 or 3
-/// stages).
+/// scores between the two. split = false: w in one 16-bit part (wgmma: 2 or 3 stages, or
+/// pipelined). The pipelined wgmma body keeps 3 tiles whatever `stages` says (as the launcher).
 template <typename T, int D>
 std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const KeysProblem& pr,
                                 std::vector<float>* lse, int stages, bool wgmma,
@@ -333,14 +333,15 @@ std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const K
               (reinterpret_cast<uintptr_t>(raw.data()) + 1023) / 1024 * 1024);
           emu::wgmma::set_shared_window(base, bytes);
           emu::run_block(pooled_keys_wgmma::kThreads, [&] {
-            if (!split && stages == 2)
+            // The pipelined body always keeps three tiles (the launcher's stages 0 or 3).
+            if (pipelined && !split)
+              pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 3, true, false>(p, c, g, bh, base);
+            else if (pipelined)
+              pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 3, true>(p, c, g, bh, base);
+            else if (!split && stages == 2)
               pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 2, false, false>(p, c, g, bh, base);
             else if (!split)
               pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 3, false, false>(p, c, g, bh, base);
-            else if (pipelined && stages == 2)
-              pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 2, true>(p, c, g, bh, base);
-            else if (pipelined)
-              pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 3, true>(p, c, g, bh, base);
             else if (stages == 2)
               pooled_keys_wgmma::pooled_keys_wgmma_block<T, D, 2>(p, c, g, bh, base);
             else
@@ -457,22 +458,23 @@ TEST(PooledKeyScoresEmulated, WgmmaBodyMatchesTheCpuTwinInFloat64) {
   check_keys_against_twin(true, 3);
 }
 
-// The pipelined wgmma body (two 64-key halves per tile, the first folded while the second's
-// products run, its finished key block flushed after them) with 2 and 3 tiles in flight:
-// against the twin, and the same bits as the plain wgmma body (the same products and folds in
-// the same order; the stages are NaN-poisoned, so a half read before its tile lands or after
-// its stage is refilled shows).
+// The pipelined wgmma body (tile t + 1's products run while tile t is folded, two accumulator
+// sets, three tiles of keys; blocks of 64 end twice per tile, blocks of 128 once, chunk ends mid
+// tile): against the twin, and the same bits as the plain wgmma body (the same products and
+// folds in the same order; the stages are NaN-poisoned, and the emulated wgmma checks that no
+// operand's shared memory changes while it is pending and that no accumulator is read before
+// its wait), with w in two parts and in one.
 TEST(PooledKeyScoresEmulated, PipelinedWgmmaBodyMatchesThePlainOne) {
-  check_keys_against_twin(true, 2, /*pipelined=*/true);
+  check_keys_against_twin(true, 3, /*pipelined=*/true);
   uint64_t seed = 71;
   for (const KeysCase& c : keys_cases()) {
     const KeysProblem pr = make_keys_any(c, seed++, 8.0);
-    const auto plain = emulate_keys_any(c, pr, nullptr, 2, /*wgmma=*/true);
-    for (int stages : {2, 3}) {
-      const auto piped = emulate_keys_any(c, pr, nullptr, stages, true, /*pipelined=*/true);
+    for (bool split : {true, false}) {
+      const auto plain = emulate_keys_any(c, pr, nullptr, 2, /*wgmma=*/true, false, split);
+      const auto piped = emulate_keys_any(c, pr, nullptr, 3, true, /*pipelined=*/true, split);
       ASSERT_EQ(plain.size(), piped.size());
       EXPECT_EQ(std::memcmp(plain.data(), piped.data(), plain.size() * sizeof(float)), 0)
-          << c.s.str() << ": pipelined with " << stages << " stages differs from the plain body";
+          << c.s.str() << ": pipelined differs from the plain body" << (split ? "" : " (one part)");
     }
   }
 }
