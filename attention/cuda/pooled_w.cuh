@@ -21,9 +21,9 @@
 #endif
 
 #include <cstdint>
-#include <type_traits>
 
 #include "attention/cuda/block_estimator_kernels.h"
+#include "attention/cuda/projection_block.cuh"
 
 namespace attnpilot::attention::cuda::pooled_w {
 
@@ -49,28 +49,12 @@ __host__ __device__ constexpr int shared_floats(int r) {
   return Geometry<T, D>::kRowLanes * D + kWBlocks * D + 2 * D * r + kWBlocks * r;
 }
 
-/// 16 bytes of q (kVec elements of T) as loaded, added to acc as floats.
+/// 16 bytes of q (V elements of T) as loaded, added to acc as floats (projection_block.cuh's
+/// piece_elem: bit operations, no local copy).
 template <typename T, int V>
 __device__ __forceinline__ void add_vec(const uint4& raw, float (&acc)[V]) {
-  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-  if constexpr (std::is_same_v<T, float>) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[i] += __uint_as_float(words[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      T pair[2];
-      static_assert(sizeof(pair) == sizeof(uint32_t), "two 16-bit elements per word");
-      __builtin_memcpy(pair, &words[i], sizeof(pair));
-      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-        acc[2 * i] += __bfloat162float(pair[0]);
-        acc[2 * i + 1] += __bfloat162float(pair[1]);
-      } else {
-        acc[2 * i] += __half2float(pair[0]);
-        acc[2 * i + 1] += __half2float(pair[1]);
-      }
-    }
-  }
+  for (int u = 0; u < V; ++u) acc[u] += proj::piece_elem<T>(raw, u);
 }
 
 /// One CTA (kThreads threads, all of which call it: it holds barriers): query blocks
