@@ -46,12 +46,15 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
 rm -f "$OUT/configure.log"
 step build
 TESTS="attention_cuda_block_sparse_test attention_cuda_estimator_test attention_cuda_decode_test attention_cuda_executor_test perturbation_jacobi_svd_cuda_test"
+case "${GPU_TESTS:-1}" in 1) ;; 0) TESTS="" ;; *) TESTS="$GPU_TESTS" ;; esac
+# Only what this run uses: the tests it runs, the attention bench, svd_bench when SVD is set.
+BENCHES="attention_cuda_bench"
+[ -n "${SVD:-}" ] && BENCHES="$BENCHES svd_bench"
 # shellcheck disable=SC2086
-cmake --build build-gpu -j "$(nproc)" --target $TESTS attention_cuda_bench svd_bench -- -k 0 \
+cmake --build build-gpu -j "$(nproc)" --target $TESTS $BENCHES -- -k 0 \
   >"$OUT/build.log" 2>&1 || grep -E "error|FAILED" "$OUT/build.log" | head -40
 step tests
 : >"$OUT/tests.log"
-case "${GPU_TESTS:-1}" in 1) ;; 0) TESTS="" ;; *) TESTS="$GPU_TESTS" ;; esac
 for t in $TESTS; do
   f=$(find build-gpu/tests -name "$t" -type f | head -1)
   [ -n "$f" ] || { echo "$t: not built"; continue; }
