@@ -458,14 +458,15 @@ void run_estimator(bool quick) {
       // the default), 2 and 3 key tiles of 128 in flight; wg-3cta: pq-wg compiled for three CTAs
       // per SM (registers capped at 168) instead of two; wg-pipe: its pipelined form (tile t +
       // 1's products run while tile t is folded; 3 tiles in flight); wg-1p: pq-wg with w in one
-      // 16-bit part (pooled_key_split = false: half the MMAs); 1p-pipe: both. (3 and 4
+      // 16-bit part (pooled_key_split = false: half the MMAs); 1p-pipe: both; 1p-p-wk: and w
+      // by one kernel (pooled_w_kernel). (3 and 4
       // tiles in flight for pq-mma, and key chunks of 2048 and 4096 keys, measured no faster:
       // RESULTS.md, 2026-12-06.)
       bool sm90 = false;
       const char* failed_call = "";
       cuda_check(cuda::device_is_sm90(&sm90, &failed_call), failed_call);
       BlockMask split_mask;  // pq-wg's, for wg-1p's agreement
-      for (int variant = 0; variant < 8; ++variant) {
+      for (int variant = 0; variant < 9; ++variant) {
         if (variant >= 2 && !sm90) continue;
         const bool key_mma = variant != 1;
         CudaEstimatorOptions eo;
@@ -474,7 +475,8 @@ void run_estimator(bool quick) {
                                           : CudaEstimatorOptions::PooledKeyBody::kMmaSync;
         eo.pooled_key_stages = variant == 3 ? 3 : 0;
         eo.pooled_key_ctas_per_sm = variant == 4 ? 3 : 0;
-        eo.pooled_key_pipelined = variant == 5 || variant == 7;
+        eo.pooled_key_pipelined = variant == 5 || variant >= 7;
+        eo.pooled_w_kernel = variant == 8;
         eo.pooled_key_split = variant < 6;
         const char* mode = variant == 0   ? "pq-mma"
                            : variant == 1 ? "pool-q"
@@ -483,7 +485,8 @@ void run_estimator(bool quick) {
                            : variant == 4 ? "wg-3cta"
                            : variant == 5 ? "wg-pipe"
                            : variant == 6 ? "wg-1p"
-                                          : "1p-pipe";
+                           : variant == 7 ? "1p-pipe"
+                                          : "1p-p-wk";
         double flops = 0;
         BlockMask mask;
         const auto estimate = [&] {

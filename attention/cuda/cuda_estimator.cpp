@@ -195,13 +195,13 @@ torch::Tensor block_means(const torch::Tensor& q, int64_t bs) {
 }
 
 /// w = (q̄ A_q · scale) A_kᵀ [b, h, ceil(n / bs), d] fp32 for q [b, h, n, d] (d 64 or 128),
-/// a_q, a_k [1 or b, h, d, r], r <= 64: pooled_w.cuh's kernel where q's rows are contiguous
-/// and 16-byte aligned, else LibTorch (block_means, two products). On `stream`.
+/// a_q, a_k [1 or b, h, d, r], r <= 64: with `kernel`, pooled_w.cuh's kernel where q's rows are
+/// contiguous and 16-byte aligned; else LibTorch (block_means, two products). On `stream`.
 torch::Tensor pooled_w(const torch::Tensor& q, const torch::Tensor& a_q, const torch::Tensor& a_k,
-                       int64_t bs, double scale, cudaStream_t stream) {
+                       int64_t bs, double scale, bool kernel, cudaStream_t stream) {
   const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3);
   const int64_t vec = q.scalar_type() == torch::kFloat ? 4 : 8;
-  const bool kernel_ok = (d == 64 || d == 128) && a_q.size(3) <= cuda::kPooledWMaxRank &&
+  const bool kernel_ok = kernel && (d == 64 || d == 128) && a_q.size(3) <= cuda::kPooledWMaxRank &&
                          q.stride(3) == 1 && q.stride(0) % vec == 0 && q.stride(1) % vec == 0 &&
                          q.stride(2) % vec == 0 &&
                          reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0;
@@ -297,10 +297,10 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
   const char* failed = "launch_pooled_block_scores";
   if (key_mma) {
     // w = (q̄ A_q · scale) A_kᵀ [b, h, qbn, d], scored against k itself: the rank-r scores
-    // without projecting the keys. One kernel (pooled_w.cuh: the block means and both
-    // products, fp32) where q's rows allow 16-byte loads, else LibTorch's block means and two
-    // fp32 products (cuBLAS; LibTorch's TF32 setting for matmuls applies there).
-    const auto w = pooled_w(q_in, a_q, a_k, bs, scale, stream);
+    // without projecting the keys. LibTorch's block means and two fp32 products (cuBLAS;
+    // LibTorch's TF32 setting for matmuls applies), or with options.pooled_w_kernel one kernel
+    // (pooled_w.cuh: the block means and both products, fp32) where q's rows allow 16-byte loads.
+    const auto w = pooled_w(q_in, a_q, a_k, bs, scale, options.pooled_w_kernel, stream);
     cuda::PooledKeysLaunch pl;
     pl.w = w.data_ptr<float>();
     pl.k = k_in.data_ptr();

@@ -85,6 +85,14 @@ struct CudaEstimatorOptions {
   /// scores move by up to ~4e-3, measured against the float64 twin in the tests). Either body,
   /// plain or pipelined.
   bool pooled_key_split = true;
+  /// The tensor-core pooled path forms w = A_k A_qᵀ q̄ by one kernel (pooled_w.cuh: block means
+  /// and both products in fp32, q read once with 16-byte loads; where q's rows are not 16-byte
+  /// aligned, LibTorch) instead of LibTorch's block means and two cuBLAS products (the default).
+  /// Not the default: its first two forms measured slower than LibTorch (139 and 148 µs against
+  /// ~98 + 20 µs at L = 32k, r = 16; and +0.17 ms at r = 32; ncu and bench, H100, 2026-12-06);
+  /// the third (eight loads in flight per thread, A staged in shared memory) is built and tested
+  /// in emulation, not yet measured. The same w up to float rounding.
+  bool pooled_w_kernel = false;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one

@@ -342,20 +342,26 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
             << what;
       }
       if (on_keys) {
-        // q's layout: a strided view (rows h·d apart) reads the same values in the same order
-        // through the w kernel, the same bits; rows not 16-byte aligned take the LibTorch means
-        // and products instead, the same scores up to their rounding.
+        // w by the kernel (pooled_w_kernel): against the LibTorch w within rounding; a strided
+        // q (rows h·d apart) reads the same values in the same order, the same bits; rows not
+        // 16-byte aligned fall back to LibTorch's w, the default's bits.
+        CudaEstimatorOptions wk = pooled;
+        wk.pooled_w_kernel = true;
+        const auto g_wk = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                    c.q_offset, &gpu_flops, wk);
+        EXPECT_LE((g_wk.cpu().to(torch::kDouble) - g).abs().max().item<double>(), 1e-5)
+            << what << ": the w kernel against LibTorch's w";
         const auto q_strided = in.q.transpose(1, 2).contiguous().transpose(1, 2);
         EXPECT_TRUE(
-            torch::equal(got, lowrank_block_scores_cuda(q_strided, in.k, in.a_q, in.a_k, c.bs,
-                                                        c.causal, c.q_offset, &gpu_flops, pooled)))
-            << what << ": a strided q changes the scores";
+            torch::equal(g_wk, lowrank_block_scores_cuda(q_strided, in.k, in.a_q, in.a_k, c.bs,
+                                                         c.causal, c.q_offset, &gpu_flops, wk)))
+            << what << ": a strided q changes the w kernel's scores";
         const auto q_odd =
             torch::empty({c.b, c.h, c.n, c.d + 1}, in.q.options()).narrow(3, 0, c.d).copy_(in.q);
-        const auto g_odd = lowrank_block_scores_cuda(q_odd, in.k, in.a_q, in.a_k, c.bs, c.causal,
-                                                     c.q_offset, &gpu_flops, pooled);
-        EXPECT_LE((g_odd.cpu().to(torch::kDouble) - g).abs().max().item<double>(), 1e-5)
-            << what << ": q rows not 16-byte aligned (LibTorch's w) against the w kernel";
+        EXPECT_TRUE(
+            torch::equal(got, lowrank_block_scores_cuda(q_odd, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                        c.q_offset, &gpu_flops, wk)))
+            << what << ": q rows not 16-byte aligned did not fall back to LibTorch's w";
       }
       // tf32 does not apply to the pooled path; same inputs, same bits (no race). Each (query
       // block, key block) value comes from one CTA whatever the key chunks, so other chunk
