@@ -14,8 +14,8 @@
 ///   pq, kp ──(2p) pooled scores: per-(query block, key block) log-sum-exp into scores, then a
 ///       normalisation in place──► scores [B, H, QB, KB] fp32 (pooled_scores.cuh)
 /// or, for bf16/fp16 keys of d 64 or 128, without projecting the keys:
-///   q ──(1w) block means, · A_q · log2(e)/√d, · A_kᵀ, one kernel (pooled_w.cuh)──►
-///       w [B, H, QB, d]; w, k ──(2k) the same scores on the tensor cores
+///   q ──(LibTorch: block means, · A_q · log2(e)/√d, · A_kᵀ; or (1w), the same in one kernel,
+///       pooled_w.cuh)──► w [B, H, QB, d]; w, k ──(2k) the same scores on the tensor cores
 ///       (pooled_keys_mma.cuh), then the same normalisation
 ///   scores ──(3) selection (one warp per row) ──► bitmap [rows, ⌈KB/32⌉] + counts [rows]
 ///          ──(4) CUB exclusive scan──► row_ptr [rows+1] ──(5) scatter──► col_idx (ascending)

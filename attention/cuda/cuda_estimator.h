@@ -77,13 +77,16 @@ struct CudaEstimatorOptions {
   /// The wgmma body in its pipelined form (pooled_keys_wgmma.cuh: the next 128-key tile's
   /// products run while a tile is folded, two accumulator sets, three tiles of keys in shared
   /// memory; pooled_key_stages 0 or 3, pooled_key_ctas_per_sm 0 or 2, else InvalidArgument).
-  /// The same scores, bit for bit, as the plain wgmma body. Ignored by the mma.sync body.
+  /// The same scores, bit for bit, as the plain wgmma body (emulation). Ignored by the mma.sync
+  /// body. Not yet run on a GPU in this form (2026-12-06); the earlier form (each tile's
+  /// products as two halves) measured no faster than the plain body.
   bool pooled_key_pipelined = false;
   /// The tensor-core pooled scores with w in two 16-bit parts (hi + lo: scores within ~1e-5 of
   /// the fp32 path, the default) or, false, in one (hi alone: half the tensor-core work and
   /// half the A-fragment registers; w then keeps 8 (bf16) or 11 (fp16) bits, and the block
-  /// scores move by up to ~4e-3, measured against the float64 twin in the tests). Either body,
-  /// plain or pipelined.
+  /// scores move by up to ~5e-3, measured against the float64 twin in the tests; the chosen
+  /// masks agreed with the two-part ones on 99.86% of the blocks at L = 32k, 10%: H100,
+  /// 2026-12-06; 0.375 against 0.428 ms per call there). Either body, plain or pipelined.
   bool pooled_key_split = true;
   /// The tensor-core pooled path forms w = A_k A_qᵀ q̄ by one kernel (pooled_w.cuh: block means
   /// and both products in fp32, q read once with 16-byte loads; where q's rows are not 16-byte

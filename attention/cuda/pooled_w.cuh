@@ -10,7 +10,10 @@
 ///   w = A_k t            [d]   (one thread per element, r FMAs) ──► w[b, h, qb, :] fp32
 ///
 /// One kernel instead of LibTorch's block-mean reduction, two cuBLAS products and a scaling
-/// (four launches; the products followed LibTorch's TF32 matmul setting, this is plain fp32).
+/// (four launches; the products followed LibTorch's TF32 matmul setting, this is plain fp32),
+/// opt-in (CudaEstimatorOptions::pooled_w_kernel): its first two forms measured slower than
+/// LibTorch's (139 and 148 µs against ~118, H100, 2026-12-06: one load in flight per thread);
+/// this form, eight loads in flight, is not yet measured.
 /// q is read once, kWBlocks query blocks per CTA, so a CTA's reads of A_q and A_k (2·d·r floats,
 /// staged in shared memory) are shared by its blocks. Plain C++ with the CUDA qualifiers: tests
 /// also run it on the CPU through tests/cuda_emu/cuda_emu.h.

@@ -57,8 +57,9 @@ constexpr double kRelTol = 5e-5;
 /// keys (bf16/fp16) measured at most 1.1e-5 in the emulation (w split into two 16-bit parts).
 constexpr double kPooledAbsTol = 5e-5;
 constexpr double kPooledRelTol = 5e-5;
-/// w in one 16-bit part (pooled_key_split = false): up to 4.3e-3 measured in the emulation on
-/// sharp bf16 scores (estimator_emu_test's kOnePartAbsTol, the same bound).
+/// w in one 16-bit part (pooled_key_split = false): up to 4.3e-3 in the emulation on sharp bf16
+/// scores (estimator_emu_test's kOnePartAbsTol, the same bound) and 4.5e-3 on this test's cases
+/// (H100, 2026-12-06).
 constexpr double kPooledOnePartAbsTol = 1e-2;
 /// The one-pass tf32 mode (CudaEstimatorOptions::tf32): scores from 10-bit-mantissa products;
 /// the emulation measured at most 6.6e-3 absolute and 2.7e-3 relative error (130 cases).
