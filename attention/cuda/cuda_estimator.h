@@ -78,8 +78,9 @@ struct CudaEstimatorOptions {
   /// products run while a tile is folded, two accumulator sets, three tiles of keys in shared
   /// memory; pooled_key_stages 0 or 3, pooled_key_ctas_per_sm 0 or 2, else InvalidArgument).
   /// The same scores, bit for bit, as the plain wgmma body (emulation). Ignored by the mma.sync
-  /// body. Not yet run on a GPU in this form (2026-12-06); the earlier form (each tile's
-  /// products as two halves) measured no faster than the plain body.
+  /// body. Registers (ptxas, sm_90a, d 128): 254 with w in one part, no spills; 255 and 40
+  /// bytes of stack with w in two parts. Not yet run on a GPU in this form (2026-12-06); the
+  /// earlier form (each tile's products as two halves) measured no faster than the plain body.
   bool pooled_key_pipelined = false;
   /// The tensor-core pooled scores with w in two 16-bit parts (hi + lo: scores within ~1e-5 of
   /// the fp32 path, the default) or, false, in one (hi alone: half the tensor-core work and
