@@ -310,10 +310,12 @@ struct ChunkRows {
     return k_lo < k_hi;
   }
 
-  __device__ __forceinline__ ChunkRows(const PooledKeysLaunch& p, int64_t chunk, int64_t group,
-                                       int64_t bh, int warp, int g, int d) {
+  /// The per-row set-up, for a CTA whose chunk_keys [lo, hi) are not empty (computed once, by
+  /// the caller's early-exit test).
+  __device__ __forceinline__ ChunkRows(const PooledKeysLaunch& p, int64_t lo, int64_t hi,
+                                       int64_t group, int64_t bh, int warp, int g, int d)
+      : k_lo(lo), k_hi(hi) {
     const int64_t bs = p.block_size, first = group * kGroupBlocks;
-    chunk_keys(p, chunk, group, k_lo, k_hi);
     const int64_t qb0 = first + 16 * warp;
     const int64_t qb_last = qb0 + 15 < p.q_blocks ? qb0 + 15 : p.q_blocks - 1;
     warp_kmax = qb0 < p.q_blocks ? visible_keys(p, qb_last) : 0;
@@ -345,7 +347,7 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
   const int64_t bs = p.block_size;
   int64_t k_lo = 0, k_hi = 0;
   if (!ChunkRows::chunk_keys(p, chunk, group, k_lo, k_hi)) return;  // CTA-uniform: no key seen
-  const ChunkRows cr(p, chunk, group, bh, warp, g, D);
+  const ChunkRows cr(p, k_lo, k_hi, group, bh, warp, g, D);
   const int64_t ntiles = div_up(cr.k_hi - cr.k_lo, kTileKeys);
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int64_t kvh = h / (p.heads / p.kv_heads);

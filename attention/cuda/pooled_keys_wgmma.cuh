@@ -85,7 +85,7 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
   const int64_t bs = p.block_size;
   int64_t k_lo = 0, k_hi = 0;  // CTA-uniform: a CTA whose group sees no key of its chunk returns
   if (!pooled_keys::ChunkRows::chunk_keys(p, chunk, group, k_lo, k_hi)) return;
-  const pooled_keys::ChunkRows cr(p, chunk, group, bh, warp, g, D);
+  const pooled_keys::ChunkRows cr(p, k_lo, k_hi, group, bh, warp, g, D);
   const int64_t ntiles = div_up(cr.k_hi - cr.k_lo, kTileKeys);
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int64_t kvh = h / (p.heads / p.kv_heads);
