@@ -55,27 +55,37 @@ namespace attnpilot::perturbation::cuda {
 namespace {
 
 // The body is jacobi::svd_block (jacobi_sweeps.cuh), which the CPU emulation tests also run.
-template <typename T, int LANES, int TM, int MAXT, bool TRACK>
+template <typename T, int LANES, int TM, int MAXT, bool TRACK, bool FULL>
 __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int rotated[jacobi::kSweepSharedInts];
   __shared__ unsigned long long max_bits;
-  jacobi::svd_block<T, LANES, TM, TRACK>(p, blockIdx.x, smem, rotated, &max_bits);
+  jacobi::svd_block<T, LANES, TM, TRACK, FULL>(p, blockIdx.x, smem, rotated, &max_bits);
 }
 
-template <typename T, int LANES, int TM, int MAXT, bool TRACK = false>
+// FULL_TILES: instantiate the kernel whose tile loops have no bounds tests too, and launch it
+// when X and V both fill all TM tiles (ceil(m/TH) == ceil(n/TH) == TM, e.g. 128×128).
+template <typename T, int LANES, int TM, int MAXT, bool TRACK = false, bool FULL_TILES = false>
 cudaError_t launch_typed(const JacobiLaunch& p, cudaStream_t stream, const char** failed_call) {
   const int m = p.transpose ? p.cols_in : p.rows_in, n = p.transpose ? p.rows_in : p.cols_in;
   const int threads = jacobi::svd_block_threads(n, LANES);
-  if (threads > MAXT || (m + 4 * LANES - 1) / (4 * LANES) > TM) {
+  constexpr int TH = 4 * LANES;
+  if (threads > MAXT || (m + TH - 1) / TH > TM) {
     *failed_call = "jacobi_svd_kernel (shape outside the instantiated kernel)";
     return cudaErrorInvalidValue;
   }
   const int64_t bytes = jacobi_shared_bytes(m, n, sizeof(T) == 8, LANES);
-  return launch_checked(jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK>,
-                        static_cast<unsigned>(p.batch), threads, bytes, stream, p,
-                        "cudaFuncSetAttribute(jacobi_svd_kernel, MaxDynamicSharedMemorySize)",
-                        "jacobi_svd_kernel<<<batch, threads, shared bytes, stream>>>", failed_call);
+  const char* attr = "cudaFuncSetAttribute(jacobi_svd_kernel, MaxDynamicSharedMemorySize)";
+  const char* launch = "jacobi_svd_kernel<<<batch, threads, shared bytes, stream>>>";
+  if constexpr (FULL_TILES) {
+    if ((m + TH - 1) / TH == TM && (n + TH - 1) / TH == TM)
+      return launch_checked(jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK, true>,
+                            static_cast<unsigned>(p.batch), threads, bytes, stream, p, attr, launch,
+                            failed_call);
+  }
+  return launch_checked(jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK, false>,
+                        static_cast<unsigned>(p.batch), threads, bytes, stream, p, attr, launch,
+                        failed_call);
 }
 
 }  // namespace
@@ -112,7 +122,7 @@ cudaError_t launch_jacobi_svd(const JacobiLaunch& p, bool is_double, cudaStream_
     if (tiles <= 2) return launch_typed<float, 8, 2, 512>(p, stream, failed_call);
     if (jacobi_lanes(m, false, p.lanes) == 8)
       return skinny ? launch_typed<float, 8, 4, 512, true>(p, stream, failed_call)
-                    : launch_typed<float, 8, 4, 512>(p, stream, failed_call);
+                    : launch_typed<float, 8, 4, 512, false, true>(p, stream, failed_call);
     return launch_typed<float, 4, 8, 256>(p, stream, failed_call);
   }
   if (tiles <= 1) return launch_typed<double, 8, 1, 256>(p, stream, failed_call);

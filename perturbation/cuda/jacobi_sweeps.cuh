@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <cassert>
 #include <cstdint>
 
 #include "perturbation/cuda/jacobi_kernels.h"
@@ -142,6 +143,69 @@ __device__ __forceinline__ T group_dot(const T* x, const T* y, int tiles, unsign
   return acc;
 }
 
+// The rotation of one pair from its Gram entries app = ‖x‖², aqq = ‖y‖², apq = xᵀy (apq != 0):
+// returns whether |apq| > tol·‖x‖‖y‖ (the pair is not yet orthogonal), and then tan θ in *t and
+// the pair's |cos| = |apq|/(‖x‖‖y‖) in *rel. Only the decision needs care: the rotation's c and
+// s are computed from *t in double by the caller, so c² + s² = 1 to rounding whatever the error
+// of *t, and an angle a few ulps off leaves a residual cosine that the next sweep removes.
+// float: hardware approximations (MUFU rsqrt and reciprocal, about 2^-22 relative error) where
+// app, aqq and apq are normal numbers, instead of three IEEE square roots and three divisions
+// with their slow-path tests; the exact forms otherwise.
+template <typename T>
+__device__ __forceinline__ bool pair_angle_exact(T app, T aqq, T apq, T tol, T* t, T* rel) {
+  *rel = fabs(apq) / (sqrt(app) * sqrt(aqq));
+  if (!(fabs(apq) > tol * sqrt(app) * sqrt(aqq))) return false;
+  const T zeta = (aqq - app) / (T(2) * apq);
+  *t = fabs(zeta) > zeta_big<T>() ? T(0.5) / zeta
+                                  : copysign(T(1), zeta) / (fabs(zeta) + sqrt(T(1) + zeta * zeta));
+  return true;
+}
+template <typename T>
+__device__ __forceinline__ bool pair_angle(T app, T aqq, T apq, T tol, T* t, T* rel) {
+  return pair_angle_exact(app, aqq, apq, tol, t, rel);
+}
+// rsqrt.approx.ftz and rcp.approx.ftz: the MUFU instructions alone (rsqrtf and __fdividef add
+// a rescaling of subnormal arguments, which pair_angle rules out). The emulation's rsqrtf and
+// __fdividef model their error.
+__device__ __forceinline__ float rsqrt_approx(float x) {
+#ifdef ATTNPILOT_CUDA_EMU
+  return rsqrtf(x);
+#else
+  float r;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+__device__ __forceinline__ float div_approx(float a, float b) {
+#ifdef ATTNPILOT_CUDA_EMU
+  return __fdividef(a, b);
+#else
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
+  return a * r;
+#endif
+}
+template <>
+__device__ __forceinline__ bool pair_angle<float>(float app, float aqq, float apq, float tol,
+                                                  float* t, float* rel) {
+  constexpr float kNormalMin = 1.17549435e-38f;  // FLT_MIN
+  // Subnormal or zero entries (the approximations flush them): the exact forms. Otherwise every
+  // argument below is a normal number.
+  if (!(app >= kNormalMin && aqq >= kNormalMin && fabsf(apq) >= kNormalMin))
+    return pair_angle_exact(app, aqq, apq, tol, t, rel);
+  *rel = fabsf(apq) * rsqrt_approx(app) * rsqrt_approx(aqq);
+  if (!(*rel > tol)) return false;
+  const float zeta = div_approx(aqq - app, 2.f * apq);
+  const float az = fabsf(zeta);
+  if (az > zeta_big<float>()) {
+    *t = 0.5f / zeta;  // rare; exact (ζ may be infinite)
+  } else {
+    const float u = fmaf(zeta, zeta, 1.f);  // <= 1 + 1e36
+    *t = copysignf(div_approx(1.f, az + u * rsqrt_approx(u)), zeta);
+  }
+  return true;
+}
+
 /// Sweeps of one-sided Jacobi on X = A[:, 0..npad) (m rows, leading dimension lda; columns past
 /// n are zero) accumulating the rotations into V (n rows, ldv; the caller initialises it),
 /// until converged (returns true) or after max_sweeps (false). Groups of LANES lanes own a
@@ -170,12 +234,15 @@ __device__ __forceinline__ T group_dot(const T* x, const T* y, int tiles, unsign
 /// H100 (2026-12-05): the top-r path's 128×12 and 128×20 solves ran faster with it (1.46
 /// against 2.54 ms for the whole r = 8 update), while 64×64 ran 1.24x slower (more registers, one
 /// block fewer per SM) and 128×128 no faster; the callers choose it for tall-skinny shapes only.
-template <typename T, int LANES, int TM, int TMV = TM, bool TRACK = false>
+template <typename T, int LANES, int TM, int TMV = TM, bool TRACK = false, bool FULL = false>
 __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T tol, int max_sweeps,
                        int* rotated, T* nrm, bool lapack_stop = true) {
   constexpr int TH = 4 * LANES;  // rows per tile
   const int tid = threadIdx.x, nt = blockDim.x;
-  const int ta = (m + TH - 1) / TH, tv = (n + TH - 1) / TH;
+  // FULL: the caller guarantees ceil(m/TH) == TM and ceil(n/TH) == TMV, and the tile loops lose
+  // their bounds tests (predicates, branches and register moves in every step).
+  const int ta = FULL ? TM : (m + TH - 1) / TH, tv = FULL ? TMV : (n + TH - 1) / TH;
+  assert(!FULL || ((m + TH - 1) / TH == TM && (n + TH - 1) / TH == TMV));
   if (tid == 0) {
     for (int i = 0; i < kSweepSharedInts; ++i) rotated[i] = 0;
   }
@@ -219,25 +286,19 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
         T aqq = 0;
         if (active) {
           load_col<LANES, TM>(A + mcol * lda, ta, l, ma);
-          load_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
           if constexpr (TRACK) aqq = nrm[mcol];
         }
-        // Every thread of the block takes part (idle groups add zeros), so the full mask holds.
-        const int tiles = active ? ta : 0;
-        const T apq = group_dot<LANES, TM>(fa, ma, tiles, 0xffffffffu);
+        // Every thread of the block takes part (idle groups never load and add zeros), so the
+        // full mask holds.
+        const T apq = group_dot<LANES, TM>(fa, ma, ta, 0xffffffffu);
         if constexpr (!TRACK) {
-          fn = group_dot<LANES, TM>(fa, fa, tiles, 0xffffffffu);
-          aqq = group_dot<LANES, TM>(ma, ma, tiles, 0xffffffffu);
+          fn = group_dot<LANES, TM>(fa, fa, ta, 0xffffffffu);
+          aqq = group_dot<LANES, TM>(ma, ma, ta, 0xffffffffu);
         }
         const T app = fn;
         bool rot = false;
-        if (active && apq != T(0)) {
-          // The test and tan θ in the working precision (IEEE sqrt and division).
-          if (fabs(apq) > tol * sqrt(app) * sqrt(aqq)) {
-            const T zeta = (aqq - app) / (T(2) * apq);
-            const T t = fabs(zeta) > zeta_big<T>()
-                            ? T(0.5) / zeta
-                            : copysign(T(1), zeta) / (fabs(zeta) + sqrt(T(1) + zeta * zeta));
+        T t, rel;
+        if (active && apq != T(0) && pair_angle(app, aqq, apq, tol, &t, &rel)) {
             // c and s from t in double: rounded once to T they satisfy c² + s² = 1 to half an
             // ulp. Computed in float (2-3 ulp off) they cost V an order of magnitude of
             // orthogonality over the thousands of rotations of a 128×128 solve (2e-5 against
@@ -250,22 +311,20 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
             // (c x − s y, s x + c y) has squared norms app − t·apq and aqq + t·apq. Keep the
             // larger column at the lower index (fixed < moving always) by swapping the two
             // outputs when needed: columns stay roughly sorted by norm, which cuts the sweeps
-            // for clustered spectra (de Rijk's idea, inside the rotation).
-            wmax = fmaxf(wmax, fmaxf(static_cast<float>(fabs(apq) / (sqrt(app) * sqrt(aqq))),
-                                     fabsf(static_cast<float>(sn))));
+            // for clustered spectra (de Rijk's idea, inside the rotation). The swap selects the
+            // coefficients, so a warp whose groups decide differently runs one rotation body.
+            wmax = fmaxf(wmax, fmaxf(static_cast<float>(rel), fabsf(static_cast<float>(sn))));
             const T np = app - t * apq, nq = aqq + t * apq;
-            T mn;
-            if (np >= nq) {
-              rotate<TM>(fa, ma, ta, c, -sn, sn, c);
-              rotate<TMV>(fv, mv, tv, c, -sn, sn, c);
-              fn = np;
-              mn = nq;
-            } else {
-              rotate<TM>(fa, ma, ta, sn, c, c, -sn);
-              rotate<TMV>(fv, mv, tv, sn, c, c, -sn);
-              fn = nq;
-              mn = np;
-            }
+            const bool keep = np >= nq;
+            // V's moving column is read only for a pair that rotates (in the last sweeps most
+            // pairs do not), which also keeps it out of registers during the dot products.
+            load_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
+            const T c11 = keep ? c : sn, c12 = keep ? -sn : c, c21 = keep ? sn : c,
+                    c22 = keep ? c : -sn;
+            rotate<TM>(fa, ma, ta, c11, c12, c21, c22);
+            rotate<TMV>(fv, mv, tv, c11, c12, c21, c22);
+            fn = keep ? np : nq;
+            T mn = keep ? nq : np;
             if constexpr (TRACK) {
               const T floor = T(1e-2) * (app > aqq ? app : aqq);
               if (fn < floor) fn = group_dot<LANES, TM>(fa, fa, ta, gmask);  // group-uniform
@@ -278,7 +337,6 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
             store_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
             rot = true;
             dirty = true;
-          }
         }
         if (rot) rotated[slot] = 1;
         __syncthreads();
@@ -360,7 +418,7 @@ __host__ __device__ inline int64_t svd_block_shared_bytes(int m, int n, int elem
 /// U_X, V_X, σ and the status written to global memory. smem: svd_block_shared_bytes, 16-byte
 /// aligned; rotated, max_bits: shared scratch. Called by every thread of a block of
 /// svd_block_threads(n, LANES) threads.
-template <typename T, int LANES, int TM, bool TRACK>
+template <typename T, int LANES, int TM, bool TRACK, bool FULL = false>
 __device__ void svd_block(const JacobiLaunch& p, int64_t b, unsigned char* smem, int* rotated,
                           unsigned long long* max_bits) {
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -405,7 +463,7 @@ __device__ void svd_block(const JacobiLaunch& p, int64_t b, unsigned char* smem,
   const int expo = scale_pow2(A, npad * lda, local_max, max_bits);
 
   // 2. Sweeps; 3. σ_j and their descending order.
-  const bool converged = sweeps<T, LANES, TM, TM, TRACK>(
+  const bool converged = sweeps<T, LANES, TM, TM, TRACK, FULL>(
       A, lda, V, ldv, m, n, npad, static_cast<T>(p.tol), p.max_sweeps, rotated, nrm);
   column_order(A, lda, m, npad, sig, order);
   // Columns with σ_j <= thr have no direction (exact zeros, or below 1e-30 of σ₁): their U

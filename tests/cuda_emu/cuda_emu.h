@@ -66,6 +66,14 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 inline double2 make_double2(double x, double y) { return {x, y}; }
 
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+// The float hardware approximations (MUFU rsqrt and reciprocal, about 2 ulp): the exact value
+// moved by 2^-22 relative, a pessimistic model, so the tests see an error the device can make.
+inline float rsqrtf(float x) {
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(x)) * (1.0 + 0x1p-22));
+}
+inline float __fdividef(float a, float b) {
+  return static_cast<float>(static_cast<double>(a) / static_cast<double>(b) * (1.0 - 0x1p-22));
+}
 inline long long __double_as_longlong(double d) {
   long long r;
   std::memcpy(&r, &d, sizeof r);

@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <iostream>
 #include <limits>
@@ -37,7 +38,7 @@ struct Svd {
 
 /// One emulated thread block doing what jacobi_svd_kernel does for X (m×n, m >= n): X and
 /// V = I into "shared memory", power-of-two scaling, sweeps, σ and their order.
-template <typename T, int LANES, int TM, bool TRACK>
+template <typename T, int LANES, int TM, bool TRACK, bool FULL = false>
 Svd emulated_svd(const torch::Tensor& x64, int max_sweeps = 100, bool lapack_stop = true) {
   const int m = static_cast<int>(x64.size(0)), n = static_cast<int>(x64.size(1));
   const int npad = jac::next_pow2(n < 2 ? 2 : n);
@@ -67,8 +68,8 @@ Svd emulated_svd(const torch::Tensor& x64, int max_sweeps = 100, bool lapack_sto
     __syncthreads();
     const int e = jac::scale_pow2(a.data(), npad * lda, local_max, &max_bits);
     const bool c =
-        jac::sweeps<T, LANES, TM, TM, TRACK>(a.data(), lda, v.data(), ldv, m, n, npad, tol,
-                                             max_sweeps, rotated, nrm.data(), lapack_stop);
+        jac::sweeps<T, LANES, TM, TM, TRACK, FULL>(a.data(), lda, v.data(), ldv, m, n, npad, tol,
+                                                   max_sweeps, rotated, nrm.data(), lapack_stop);
     jac::column_order(a.data(), lda, m, npad, sig.data(), order.data());
     if (threadIdx.x == 0) {
       converged = c;
@@ -99,10 +100,11 @@ torch::Tensor matrix_with_spectrum(int64_t m, int64_t n, const torch::Tensor& si
   return torch::matmul(u * sigma.unsqueeze(0), v.t());
 }
 
-template <typename T, int LANES, int TM, bool TRACK>
+template <typename T, int LANES, int TM, bool TRACK, bool FULL = false>
 void expect_accurate(const torch::Tensor& x, double tol, const std::string& what) {
-  const Svd r = emulated_svd<T, LANES, TM, TRACK>(x);
-  const std::string w = what + " lanes " + std::to_string(LANES) + (TRACK ? " tracked" : "");
+  const Svd r = emulated_svd<T, LANES, TM, TRACK, FULL>(x);
+  const std::string w = what + " lanes " + std::to_string(LANES) + (TRACK ? " tracked" : "") +
+                        (FULL ? " full tiles" : "");
   EXPECT_TRUE(r.converged) << w;
   const auto ref = torch::linalg_svdvals(x);
   const double smax = ref[0].item<double>();
@@ -114,6 +116,11 @@ void expect_accurate(const torch::Tensor& x, double tol, const std::string& what
   EXPECT_LE((torch::matmul(r.v.t(), r.v) - eye).abs().max().item<double>(), tol) << w << ": V";
   const auto rec = torch::matmul(r.u * r.s.unsqueeze(0), r.v.t());
   EXPECT_LE(((rec - x).norm() / x.norm()).item<double>(), tol) << w << ": reconstruction";
+  if (std::getenv("JACOBI_PRINT"))
+    std::cout << w << " sigma " << (r.s - ref).abs().max().item<double>() / smax << " U "
+              << (torch::matmul(r.u.t(), r.u) - eye).abs().max().item<double>() << " V "
+              << (torch::matmul(r.v.t(), r.v) - eye).abs().max().item<double>() << " rec "
+              << ((rec - x).norm() / x.norm()).item<double>() << "\n";
 }
 
 TEST(JacobiEmulated, EveryLayoutMatchesFloat64) {
@@ -142,6 +149,20 @@ TEST(JacobiEmulated, EveryLayoutMatchesFloat64) {
   // double.
   expect_accurate<double, 8, 1, false>(gauss(24, 24, 7), 1e-12, "24x24");
   expect_accurate<double, 8, 1, true>(gauss(24, 24, 7), 1e-12, "24x24");
+}
+
+// Full tiles (no bounds tests in the tile loops; the kernel launched at 128×128): 128×128, the
+// largest shape, where the rotations' rounding accumulates most; 64×64 at condition number 1e6
+// (20 sweeps; 128×128 would take 17 s here); 40×36, whose last tiles are partly zero padding.
+// JACOBI_PRINT=1 prints each case's errors.
+TEST(JacobiEmulated, FullTilesMatchFloat64) {
+  auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(9);
+  expect_accurate<float, 8, 4, false, true>(torch::randn({128, 128}, gen, o64), 1e-5, "128x128");
+  expect_accurate<float, 8, 2, false, true>(
+      matrix_with_spectrum(64, 64, torch::logspace(0, -6, 64, 10, o64), 8), 1e-5,
+      "64x64 cond 1e6");
+  expect_accurate<float, 8, 2, false, true>(torch::randn({40, 36}, gen, o64), 1e-5, "40x36");
 }
 
 // LAPACK's stopping test (sweeps(..., lapack_stop = true), the default) against stopping only
