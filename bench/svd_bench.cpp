@@ -229,6 +229,19 @@ int main(int argc, char** argv) {
           "    the same kernel with 4 lanes per column pair: {:.3f} ms, {:.2f}x ours\n", t4 * 1e3,
           t4 / ours);
     }
+    if (cuda && s.m == s.n) {  // scaled rotations (JacobiOptions::scaled_rotations)
+      cuda::JacobiOptions js;
+      js.scaled_rotations = true;
+      const double ts = time_it(dev, repeats, [&] { (void)cuda::jacobi_svd(a, js); });
+      const double tg = time_it(dev, repeats, [&] {
+        auto r = torch::linalg_svd(a, false, c10::string_view("gesvda"));
+        (void)r;
+      });
+      std::cout << fmt::format(
+          "    the same kernel with scaled rotations: {:.3f} ms, {:.2f}x ours; gesvda again "
+          "{:.3f} ms, {:.2f}x scaled\n",
+          ts * 1e3, ts / ours, tg * 1e3, tg / ts);
+    }
 #endif
   }
 

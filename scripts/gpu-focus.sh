@@ -18,6 +18,9 @@
 #                 occupancy) into ncu-estimator.txt; full: --set full of its pooled-key scores
 #                 kernel alone, with per-SASS stalls (ncu-estimator.txt, ncu-estimator-sass.csv);
 #                 the profiled run calls the default estimator, w in one part, that pipelined
+#   NCU_SVD       1: ncu --set full of one 128x128 batched Jacobi SVD launch (svd_bench --only
+#                 square; the full-tile kernel with scaled rotations) into ncu-svd.txt and
+#                 ncu-svd-sass.csv
 #   NCU_SKIP      full: pooled-key kernels to skip first (1: the one-part call's, 2: its pipelined
 #                 form; default 0)
 #   GPU_TESTS     0: skip the GPU tests; a list of test programs: only those (default 1: all)
@@ -49,7 +52,7 @@ TESTS="attention_cuda_block_sparse_test attention_cuda_estimator_test attention_
 case "${GPU_TESTS:-1}" in 1) ;; 0) TESTS="" ;; *) TESTS="$GPU_TESTS" ;; esac
 # Only what this run uses: the tests it runs, the attention bench, svd_bench when SVD is set.
 BENCHES="attention_cuda_bench"
-[ -n "${SVD:-}" ] && BENCHES="$BENCHES svd_bench"
+[ -n "${SVD:-}${NCU_SVD:-}" ] && BENCHES="$BENCHES svd_bench"
 # shellcheck disable=SC2086
 cmake --build build-gpu -j "$(nproc)" --target $TESTS $BENCHES -- -k 0 \
   >"$OUT/build.log" 2>&1 || grep -E "error|FAILED" "$OUT/build.log" | head -40
@@ -123,5 +126,16 @@ elif [ "${NCU_ESTIMATOR:-0}" = 1 ] && [ "$(left)" -gt 40 ]; then
     >"$OUT/ncu-estimator.txt" 2>&1
   grep -E "^  [a-zA-Z_].*\(|Duration|Registers Per|Achieved Occupancy|Memory Through|Compute \(SM\) Thr" \
     "$OUT/ncu-estimator.txt" | head -80
+fi
+if [ "${NCU_SVD:-0}" = 1 ] && [ "$(left)" -gt 60 ]; then
+  step "ncu svd (128x128 Jacobi kernel)"
+  N=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  timeout "$(($(left) - 10))" "$N" --set full --kernel-name-base demangled \
+    -k 'regex:jacobi_svd_kernel.*\(bool\)0, \(bool\)1, \(bool\)1>' -c 1 --export "$OUT/prof-svd" --force-overwrite \
+    build-gpu/bench/svd_bench --device cuda --full --repeats 1 --only square >/dev/null 2>&1
+  "$N" -i "$OUT/prof-svd.ncu-rep" --page details >"$OUT/ncu-svd.txt" 2>&1
+  "$N" -i "$OUT/prof-svd.ncu-rep" --page source --csv --print-source sass >"$OUT/ncu-svd-sass.csv" 2>&1
+  rm -f "$OUT/prof-svd.ncu-rep"
+  grep -E "Duration|Issue Slots Busy|highest-utilized|Achieved Occupancy" "$OUT/ncu-svd.txt" | head -6
 fi
 step finished

@@ -28,6 +28,7 @@ struct JacobiLaunch {
   double tol = 0;          ///< rotate when |a_pᵀa_q| > tol·‖a_p‖‖a_q‖ (> 0)
   int max_sweeps = 0;      ///< >= 1
   int lanes = 0;  ///< lanes per column pair, 4 or 8 (float with m > 64 only); 0 = jacobi_lanes
+  bool scaled = false;  ///< scaled rotations (float, 8 lanes, untracked norms; else ignored)
 };
 
 /// Whether the kernel handles X of m×n (m >= n >= 1) in this precision: float m <= 128;

@@ -168,6 +168,7 @@ torch::Tensor jacobi_launch(const torch::Tensor& a, const JacobiOptions& opts, t
   p.tol = opts.tol > 0 ? opts.tol : default_jacobi_tol(m, dbl);
   p.max_sweeps = opts.max_sweeps;
   p.lanes = lanes;
+  p.scaled = opts.scaled_rotations;
   const char* failed = "launch_jacobi_svd";
   const cudaError_t err =
       launch_jacobi_svd(p, dbl, at::cuda::getCurrentCUDAStream(a.get_device()).stream(), &failed);

@@ -55,17 +55,19 @@ namespace attnpilot::perturbation::cuda {
 namespace {
 
 // The body is jacobi::svd_block (jacobi_sweeps.cuh), which the CPU emulation tests also run.
-template <typename T, int LANES, int TM, int MAXT, bool TRACK, bool FULL>
+template <typename T, int LANES, int TM, int MAXT, bool TRACK, bool FULL, bool SCALED>
 __global__ void __launch_bounds__(MAXT) jacobi_svd_kernel(JacobiLaunch p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int rotated[jacobi::kSweepSharedInts];
   __shared__ unsigned long long max_bits;
-  jacobi::svd_block<T, LANES, TM, TRACK, FULL>(p, blockIdx.x, smem, rotated, &max_bits);
+  jacobi::svd_block<T, LANES, TM, TRACK, FULL, SCALED>(p, blockIdx.x, smem, rotated, &max_bits);
 }
 
 // FULL_TILES: instantiate the kernel whose tile loops have no bounds tests too, and launch it
 // when X and V both fill all TM tiles (ceil(m/TH) == ceil(n/TH) == TM, e.g. 128×128).
-template <typename T, int LANES, int TM, int MAXT, bool TRACK = false, bool FULL_TILES = false>
+// SCALED: also instantiate the scaled-rotation kernels and launch them when p.scaled.
+template <typename T, int LANES, int TM, int MAXT, bool TRACK = false, bool FULL_TILES = false,
+          bool SCALED = false>
 cudaError_t launch_typed(const JacobiLaunch& p, cudaStream_t stream, const char** failed_call) {
   const int m = p.transpose ? p.cols_in : p.rows_in, n = p.transpose ? p.rows_in : p.cols_in;
   const int threads = jacobi::svd_block_threads(n, LANES);
@@ -77,15 +79,20 @@ cudaError_t launch_typed(const JacobiLaunch& p, cudaStream_t stream, const char*
   const int64_t bytes = jacobi_shared_bytes(m, n, sizeof(T) == 8, LANES);
   const char* attr = "cudaFuncSetAttribute(jacobi_svd_kernel, MaxDynamicSharedMemorySize)";
   const char* launch = "jacobi_svd_kernel<<<batch, threads, shared bytes, stream>>>";
-  if constexpr (FULL_TILES) {
-    if ((m + TH - 1) / TH == TM && (n + TH - 1) / TH == TM)
-      return launch_checked(jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK, true>,
-                            static_cast<unsigned>(p.batch), threads, bytes, stream, p, attr, launch,
-                            failed_call);
+  const unsigned grid = static_cast<unsigned>(p.batch);
+  const bool full = FULL_TILES && (m + TH - 1) / TH == TM && (n + TH - 1) / TH == TM;
+  if constexpr (SCALED) {
+    if (p.scaled) {
+      return full ? launch_checked(jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK, FULL_TILES, true>,
+                                   grid, threads, bytes, stream, p, attr, launch, failed_call)
+                  : launch_checked(jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK, false, true>, grid,
+                                   threads, bytes, stream, p, attr, launch, failed_call);
+    }
   }
-  return launch_checked(jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK, false>,
-                        static_cast<unsigned>(p.batch), threads, bytes, stream, p, attr, launch,
-                        failed_call);
+  return full ? launch_checked(jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK, FULL_TILES, false>,
+                               grid, threads, bytes, stream, p, attr, launch, failed_call)
+              : launch_checked(jacobi_svd_kernel<T, LANES, TM, MAXT, TRACK, false, false>, grid,
+                               threads, bytes, stream, p, attr, launch, failed_call);
 }
 
 }  // namespace
@@ -118,11 +125,13 @@ cudaError_t launch_jacobi_svd(const JacobiLaunch& p, bool is_double, cudaStream_
   // Tall-skinny X (the top-r path's d×p blocks) tracks its column norms (jacobi_sweeps.cuh).
   const bool skinny = n <= 32 && m >= 4 * n;
   if (!is_double) {
-    if (tiles <= 1) return launch_typed<float, 8, 1, 512>(p, stream, failed_call);
-    if (tiles <= 2) return launch_typed<float, 8, 2, 512>(p, stream, failed_call);
+    if (tiles <= 1)
+      return launch_typed<float, 8, 1, 512, false, false, true>(p, stream, failed_call);
+    if (tiles <= 2)
+      return launch_typed<float, 8, 2, 512, false, false, true>(p, stream, failed_call);
     if (jacobi_lanes(m, false, p.lanes) == 8)
       return skinny ? launch_typed<float, 8, 4, 512, true>(p, stream, failed_call)
-                    : launch_typed<float, 8, 4, 512, false, true>(p, stream, failed_call);
+                    : launch_typed<float, 8, 4, 512, false, true, true>(p, stream, failed_call);
     return launch_typed<float, 4, 8, 256>(p, stream, failed_call);
   }
   if (tiles <= 1) return launch_typed<double, 8, 1, 256>(p, stream, failed_call);

@@ -40,6 +40,11 @@ struct JacobiOptions {
   /// Lanes per column pair in the kernel: 0 or 8 = 8; 4 (float with max(m, n) > 64 only) is a
   /// tuning and testing knob, measured slower (doubles and smaller shapes always use 8).
   int lanes = 0;
+  /// Scaled rotations: each column carries a scale (a product of cosines, in double) and a
+  /// rotation costs two FMAs per row instead of two products and two FMAs (jacobi_sweeps.cuh).
+  /// Applies to float with 8 lanes where the kernel does not track its norms (it does for
+  /// tall-skinny blocks of more than 64 rows, n <= 32 and m >= 4n); elsewhere it has no effect.
+  bool scaled_rotations = false;
   TallPasses tall_passes = TallPasses::kCublas;  ///< the tall path's passes over X
 };
 

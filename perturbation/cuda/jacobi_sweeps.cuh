@@ -106,6 +106,36 @@ __device__ __forceinline__ void rotate(T* x, T* y, int tiles, T c11, T c12, T c2
   }
 }
 
+// x' = x − mu·y, y' = y + nu·x (both from the old x and y) on the lane's rows.
+template <int TM, typename T>
+__device__ __forceinline__ void scaled_rotate(T* x, T* y, int tiles, T mu, T nu) {
+#pragma unroll
+  for (int t = 0; t < TM; ++t) {
+    if (t < tiles) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const T xi = x[4 * t + e], yi = y[4 * t + e];
+        x[4 * t + e] = fma(-mu, yi, xi);
+        y[4 * t + e] = fma(nu, xi, yi);
+      }
+    }
+  }
+}
+template <int TM, typename T>
+__device__ __forceinline__ void scale_col(T* x, int tiles, T f) {
+#pragma unroll
+  for (int t = 0; t < TM; ++t) {
+    if (t < tiles) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[4 * t + e] *= f;
+    }
+  }
+}
+// Scaled rotations: a column's scale (a product of cosines, in (0, 1]) is folded into its stored
+// values once it falls below this, so the ratio r = d_m/d_f stays within 2^±21 and the stored
+// values within 2^21 of the true ones (no overflow in the Gram entries however many rotations).
+inline constexpr double kScaleFloor = 0x1p-20;
+
 /// Scales the first `count` elements of A by 2^-e so that max |a| (whose per-thread part is
 /// local_max, finite) lies in [0.5, 1), and returns e (0 for an all-zero A). *max_bits is a
 /// shared word that is 0 and visible to every thread on entry; it is left holding the max.
@@ -234,9 +264,12 @@ __device__ __forceinline__ bool pair_angle<float>(float app, float aqq, float ap
 /// H100 (2026-12-05): the top-r path's 128×12 and 128×20 solves ran faster with it (1.46
 /// against 2.54 ms for the whole r = 8 update), while 64×64 ran 1.24x slower (more registers, one
 /// block fewer per SM) and 128×128 no faster; the callers choose it for tall-skinny shapes only.
-template <typename T, int LANES, int TM, int TMV = TM, bool TRACK = false, bool FULL = false>
+template <typename T, int LANES, int TM, int TMV = TM, bool TRACK = false, bool FULL = false,
+          bool SCALED = false>
 __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T tol, int max_sweeps,
-                       int* rotated, T* nrm, bool lapack_stop = true) {
+                       int* rotated, T* nrm, bool lapack_stop = true, double* dsc = nullptr,
+                       double scale_floor = kScaleFloor) {
+  static_assert(!(TRACK && SCALED), "tracked norms and scaled rotations do not combine");
   constexpr int TH = 4 * LANES;  // rows per tile
   const int tid = threadIdx.x, nt = blockDim.x;
   // FULL: the caller guarantees ceil(m/TH) == TM and ceil(n/TH) == TMV, and the tile loops lose
@@ -256,6 +289,9 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
   for (int i = 0; i < 4 * TM; ++i) fa[i] = ma[i] = T(0);
 #pragma unroll
   for (int i = 0; i < 4 * TMV; ++i) fv[i] = mv[i] = T(0);
+  if constexpr (SCALED) {
+    for (int j = tid; j < 2 * npad; j += nt) dsc[j] = 1.0;  // published by the first barrier
+  }
   bool converged = false;
   for (int sweep = 0; sweep < max_sweeps; ++sweep) {
     const int slot = sweep & 1;
@@ -275,18 +311,36 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
       const int kk = g & (h - 1);
       const int fcol = base + kk;
       bool dirty = false;
-      T fn = 0;  // the fixed column's squared norm
+      T fn = 0;                                 // the fixed column's squared norm
+      [[maybe_unused]] double df = 1, idf = 1;  // SCALED: the fixed column's scale, its inverse
       if (active) {
         load_col<LANES, TM>(A + fcol * lda, ta, l, fa);
         load_col<LANES, TMV>(V + fcol * ldv, tv, l, fv);
         if constexpr (TRACK) fn = nrm[fcol];
+        if constexpr (SCALED) {
+          df = dsc[fcol];
+          idf = dsc[npad + fcol];
+        }
       }
       for (int s = 0; s < h; ++s) {
         const int mcol = base + h + ((kk + s) & (h - 1));
         T aqq = 0;
+        [[maybe_unused]] double dm = 1, idm = 1;  // SCALED: the moving column's scale, inverse
+        bool folded = false;                      // SCALED: the moving column was folded on loading
         if (active) {
           load_col<LANES, TM>(A + mcol * lda, ta, l, ma);
           if constexpr (TRACK) aqq = nrm[mcol];
+          if constexpr (SCALED) {
+            dm = dsc[mcol];
+            idm = dsc[npad + mcol];
+            if (dm < scale_floor) {  // group-uniform; rare
+              load_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
+              scale_col<TM>(ma, ta, static_cast<T>(dm));
+              scale_col<TMV>(mv, tv, static_cast<T>(dm));
+              dm = idm = 1;
+              folded = true;
+            }
+          }
         }
         // Every thread of the block takes part (idle groups never load and add zeros), so the
         // full mask holds.
@@ -295,30 +349,79 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
           fn = group_dot<LANES, TM>(fa, fa, ta, 0xffffffffu);
           aqq = group_dot<LANES, TM>(ma, ma, ta, 0xffffffffu);
         }
-        const T app = fn;
+        // SCALED: the stored columns are the true ones over their scales d, so the Gram entries
+        // below are the true ones over d_f·d_m, a common factor that leaves the angle, the test
+        // and the output order unchanged. r = d_m/d_f.
+        T app = fn;
+        [[maybe_unused]] T r = 1, rinv = 1;
+        if constexpr (SCALED) {
+          r = static_cast<T>(dm * idf);
+          rinv = static_cast<T>(df * idm);
+          app = fn * rinv;
+          aqq = aqq * r;
+        }
         bool rot = false;
         T t, rel;
         if (active && apq != T(0) && pair_angle(app, aqq, apq, tol, &t, &rel)) {
-            // c and s from t in double: rounded once to T they satisfy c² + s² = 1 to half an
-            // ulp. Computed in float (2-3 ulp off) they cost V an order of magnitude of
-            // orthogonality over the thousands of rotations of a 128×128 solve (2e-5 against
-            // 2e-6, measured on the H100 and in an emulation of this ordering), so only tan θ
-            // is computed in T: one double rsqrt per rotation instead of a chain of five.
-            const double td = static_cast<double>(t);
-            const double cd = rsqrt(1.0 + td * td);
-            const T c = static_cast<T>(cd);
-            const T sn = static_cast<T>(cd * td);
-            // (c x − s y, s x + c y) has squared norms app − t·apq and aqq + t·apq. Keep the
-            // larger column at the lower index (fixed < moving always) by swapping the two
-            // outputs when needed: columns stay roughly sorted by norm, which cuts the sweeps
-            // for clustered spectra (de Rijk's idea, inside the rotation). The swap selects the
-            // coefficients, so a warp whose groups decide differently runs one rotation body.
-            wmax = fmaxf(wmax, fmaxf(static_cast<float>(rel), fabsf(static_cast<float>(sn))));
-            const T np = app - t * apq, nq = aqq + t * apq;
-            const bool keep = np >= nq;
-            // V's moving column is read only for a pair that rotates (in the last sweeps most
-            // pairs do not), which also keeps it out of registers during the dot products.
-            load_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
+          // c and s from t in double: rounded once to T they satisfy c² + s² = 1 to half an
+          // ulp. Computed in float (2-3 ulp off) they cost V an order of magnitude of
+          // orthogonality over the thousands of rotations of a 128×128 solve (2e-5 against
+          // 2e-6, measured on the H100 and in an emulation of this ordering), so only tan θ
+          // is computed in T: one double rsqrt per rotation instead of a chain of five.
+          const double td = static_cast<double>(t);
+          const double cd = rsqrt(1.0 + td * td);
+          const T c = static_cast<T>(cd);
+          const T sn = static_cast<T>(cd * td);
+          // (c x − s y, s x + c y) has squared norms app − t·apq and aqq + t·apq. Keep the
+          // larger column at the lower index (fixed < moving always) by swapping the two
+          // outputs when needed: columns stay roughly sorted by norm, which cuts the sweeps
+          // for clustered spectra (de Rijk's idea, inside the rotation). The swap selects the
+          // coefficients, so a warp whose groups decide differently runs one rotation body.
+          wmax = fmaxf(wmax, fmaxf(static_cast<float>(rel), fabsf(static_cast<float>(sn))));
+          const T np = app - t * apq, nq = aqq + t * apq;
+          const bool keep = np >= nq;
+          // V's moving column is read only for a pair that rotates (in the last sweeps most
+          // pairs do not), which also keeps it out of registers during the dot products.
+          if (!folded) load_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
+          if constexpr (SCALED) {
+            // c·(x − t·y, t·x + y) with c moved into the scales: two FMAs per row instead of
+            // two products and two FMAs. P = f − t·r·m and Q = m + t/r·f are the two outputs
+            // over their scales c·d_f and c·d_m; the larger goes to the fixed column.
+            const T mu = static_cast<T>(td * static_cast<double>(r));
+            const T nu = static_cast<T>(td * static_cast<double>(rinv));
+            scaled_rotate<TM>(fa, ma, ta, mu, nu);
+            scaled_rotate<TMV>(fv, mv, tv, mu, nu);
+            const double ic = (1.0 + td * td) * cd;  // 1/c
+            const double pf = cd * df, ipf = ic * idf, qm = cd * dm, iqm = ic * idm;
+            if (keep) {
+              store_col<LANES, TM>(A + mcol * lda, ta, l, ma);
+              store_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
+              df = pf;
+              idf = ipf;
+              if (l == 0) {
+                dsc[mcol] = qm;
+                dsc[npad + mcol] = iqm;
+              }
+            } else {
+              store_col<LANES, TM>(A + mcol * lda, ta, l, fa);
+              store_col<LANES, TMV>(V + mcol * ldv, tv, l, fv);
+#pragma unroll
+              for (int i = 0; i < 4 * TM; ++i) fa[i] = ma[i];
+#pragma unroll
+              for (int i = 0; i < 4 * TMV; ++i) fv[i] = mv[i];
+              df = qm;
+              idf = iqm;
+              if (l == 0) {
+                dsc[mcol] = pf;
+                dsc[npad + mcol] = ipf;
+              }
+            }
+            if (df < scale_floor) {  // fold the fixed column's scale (rare)
+              scale_col<TM>(fa, ta, static_cast<T>(df));
+              scale_col<TMV>(fv, tv, static_cast<T>(df));
+              df = idf = 1;
+            }
+          } else {
             const T c11 = keep ? c : sn, c12 = keep ? -sn : c, c21 = keep ? sn : c,
                     c22 = keep ? c : -sn;
             rotate<TM>(fa, ma, ta, c11, c12, c21, c22);
@@ -335,8 +438,16 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
             }
             store_col<LANES, TM>(A + mcol * lda, ta, l, ma);
             store_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
-            rot = true;
-            dirty = true;
+          }
+          rot = true;
+          dirty = true;
+        } else if (SCALED && folded) {  // not rotated: the folded column goes back as it is
+          store_col<LANES, TM>(A + mcol * lda, ta, l, ma);
+          store_col<LANES, TMV>(V + mcol * ldv, tv, l, mv);
+          if (l == 0) {
+            dsc[mcol] = 1;
+            dsc[npad + mcol] = 1;
+          }
         }
         if (rot) rotated[slot] = 1;
         __syncthreads();
@@ -345,6 +456,10 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
         store_col<LANES, TM>(A + fcol * lda, ta, l, fa);
         store_col<LANES, TMV>(V + fcol * ldv, tv, l, fv);
         if (TRACK && l == 0) nrm[fcol] = fn;
+        if (SCALED && l == 0) {
+          dsc[fcol] = df;
+          dsc[npad + fcol] = idf;
+        }
       }
       __syncthreads();
     }
@@ -366,6 +481,11 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
       converged = true;
       break;
     }
+  }
+  if constexpr (SCALED) {  // the true columns: every stored column times its scale
+    for (int idx = tid; idx < npad * lda; idx += nt) A[idx] *= static_cast<T>(dsc[idx / lda]);
+    for (int idx = tid; idx < npad * ldv; idx += nt) V[idx] *= static_cast<T>(dsc[idx / ldv]);
+    __syncthreads();
   }
   return converged;
 }
@@ -405,12 +525,13 @@ __host__ __device__ inline int svd_block_threads(int n, int lanes) {
 }
 
 /// Dynamic shared memory of svd_block for X of m×n (m >= n), elem_bytes 4 or 8: X and V
-/// (padded to npad columns), σ (double), the order (int), the column norms (T).
+/// (padded to npad columns), σ (double), the order (int), the column norms (T), the scaled
+/// rotations' column scales and their inverses (double).
 __host__ __device__ inline int64_t svd_block_shared_bytes(int m, int n, int elem_bytes, int lanes) {
   const int64_t npad = next_pow2(n < 2 ? 2 : n);
   return npad * (leading_dim(m, elem_bytes, lanes) + leading_dim(n, elem_bytes, lanes)) *
              elem_bytes +
-         npad * 8 + npad * 4 + npad * elem_bytes;
+         npad * 8 + npad * 4 + npad * elem_bytes + 2 * npad * 8;
 }
 
 /// The batched Jacobi SVD of matrix b of p (jacobi_svd_kernel's whole body; see jacobi_svd.cu):
@@ -418,7 +539,7 @@ __host__ __device__ inline int64_t svd_block_shared_bytes(int m, int n, int elem
 /// U_X, V_X, σ and the status written to global memory. smem: svd_block_shared_bytes, 16-byte
 /// aligned; rotated, max_bits: shared scratch. Called by every thread of a block of
 /// svd_block_threads(n, LANES) threads.
-template <typename T, int LANES, int TM, bool TRACK, bool FULL = false>
+template <typename T, int LANES, int TM, bool TRACK, bool FULL = false, bool SCALED = false>
 __device__ void svd_block(const JacobiLaunch& p, int64_t b, unsigned char* smem, int* rotated,
                           unsigned long long* max_bits) {
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -432,6 +553,7 @@ __device__ void svd_block(const JacobiLaunch& p, int64_t b, unsigned char* smem,
   double* sig = reinterpret_cast<double*>(V + static_cast<int64_t>(npad) * ldv);
   int* order = reinterpret_cast<int*>(sig + npad);
   T* nrm = reinterpret_cast<T*>(order + npad);  // the sweeps' column norms (npad >= 2: aligned)
+  double* dsc = reinterpret_cast<double*>(nrm + npad);  // scales, inverses (npad even: aligned)
 
   // 1. X (zero-padded) and V = I into shared memory; non-finite check; power-of-two scaling.
   for (int idx = tid; idx < npad * lda; idx += nt) A[idx] = T(0);
@@ -463,8 +585,8 @@ __device__ void svd_block(const JacobiLaunch& p, int64_t b, unsigned char* smem,
   const int expo = scale_pow2(A, npad * lda, local_max, max_bits);
 
   // 2. Sweeps; 3. σ_j and their descending order.
-  const bool converged = sweeps<T, LANES, TM, TM, TRACK, FULL>(
-      A, lda, V, ldv, m, n, npad, static_cast<T>(p.tol), p.max_sweeps, rotated, nrm);
+  const bool converged = sweeps<T, LANES, TM, TM, TRACK, FULL, SCALED>(
+      A, lda, V, ldv, m, n, npad, static_cast<T>(p.tol), p.max_sweeps, rotated, nrm, true, dsc);
   column_order(A, lda, m, npad, sig, order);
   // Columns with σ_j <= thr have no direction (exact zeros, or below 1e-30 of σ₁): their U
   // columns are written as 0 and the host completes them to an orthonormal set.

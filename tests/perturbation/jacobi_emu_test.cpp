@@ -8,8 +8,8 @@
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
 #include <iostream>
 #include <limits>
 #include <string>
@@ -38,8 +38,9 @@ struct Svd {
 
 /// One emulated thread block doing what jacobi_svd_kernel does for X (m×n, m >= n): X and
 /// V = I into "shared memory", power-of-two scaling, sweeps, σ and their order.
-template <typename T, int LANES, int TM, bool TRACK, bool FULL = false>
-Svd emulated_svd(const torch::Tensor& x64, int max_sweeps = 100, bool lapack_stop = true) {
+template <typename T, int LANES, int TM, bool TRACK, bool FULL = false, bool SCALED = false>
+Svd emulated_svd(const torch::Tensor& x64, int max_sweeps = 100, bool lapack_stop = true,
+                 double scale_floor = jac::kScaleFloor) {
   const int m = static_cast<int>(x64.size(0)), n = static_cast<int>(x64.size(1));
   const int npad = jac::next_pow2(n < 2 ? 2 : n);
   const int lda = jac::leading_dim(m, sizeof(T), LANES),
@@ -53,6 +54,7 @@ Svd emulated_svd(const torch::Tensor& x64, int max_sweeps = 100, bool lapack_sto
   std::vector<double> sig(npad);
   std::vector<int> order(npad);
   std::vector<T> nrm(npad);
+  std::vector<double> dsc(2 * static_cast<size_t>(npad));
   int rotated[jac::kSweepSharedInts] = {};
   unsigned long long max_bits = 0;
   bool converged = false;
@@ -67,9 +69,9 @@ Svd emulated_svd(const torch::Tensor& x64, int max_sweeps = 100, bool lapack_sto
     if (threadIdx.x == 0) max_bits = 0;
     __syncthreads();
     const int e = jac::scale_pow2(a.data(), npad * lda, local_max, &max_bits);
-    const bool c =
-        jac::sweeps<T, LANES, TM, TM, TRACK, FULL>(a.data(), lda, v.data(), ldv, m, n, npad, tol,
-                                                   max_sweeps, rotated, nrm.data(), lapack_stop);
+    const bool c = jac::sweeps<T, LANES, TM, TM, TRACK, FULL, SCALED>(
+        a.data(), lda, v.data(), ldv, m, n, npad, tol, max_sweeps, rotated, nrm.data(), lapack_stop,
+        dsc.data(), scale_floor);
     jac::column_order(a.data(), lda, m, npad, sig.data(), order.data());
     if (threadIdx.x == 0) {
       converged = c;
@@ -100,11 +102,12 @@ torch::Tensor matrix_with_spectrum(int64_t m, int64_t n, const torch::Tensor& si
   return torch::matmul(u * sigma.unsqueeze(0), v.t());
 }
 
-template <typename T, int LANES, int TM, bool TRACK, bool FULL = false>
-void expect_accurate(const torch::Tensor& x, double tol, const std::string& what) {
-  const Svd r = emulated_svd<T, LANES, TM, TRACK, FULL>(x);
+template <typename T, int LANES, int TM, bool TRACK, bool FULL = false, bool SCALED = false>
+void expect_accurate(const torch::Tensor& x, double tol, const std::string& what,
+                     double scale_floor = jac::kScaleFloor) {
+  const Svd r = emulated_svd<T, LANES, TM, TRACK, FULL, SCALED>(x, 100, true, scale_floor);
   const std::string w = what + " lanes " + std::to_string(LANES) + (TRACK ? " tracked" : "") +
-                        (FULL ? " full tiles" : "");
+                        (FULL ? " full tiles" : "") + (SCALED ? " scaled" : "");
   EXPECT_TRUE(r.converged) << w;
   const auto ref = torch::linalg_svdvals(x);
   const double smax = ref[0].item<double>();
@@ -140,7 +143,11 @@ TEST(JacobiEmulated, EveryLayoutMatchesFloat64) {
                                                           {clustered, "24x16 clustered"}}) {
     expect_accurate<float, 8, 1, false>(x, 1e-5, name);
     expect_accurate<float, 8, 1, true>(x, 1e-5, name);
-    expect_accurate<float, 4, 2, false>(x, 1e-5, name);  // 16-row tiles
+    expect_accurate<float, 4, 2, false>(x, 1e-5, name);               // 16-row tiles
+    expect_accurate<float, 8, 1, false, false, true>(x, 1e-5, name);  // scaled rotations
+    // Scales folded into the columns after almost every rotation (a floor of 0.99 instead of
+    // 2^-20): the fold paths of the fixed and the moving column.
+    expect_accurate<float, 8, 1, false, false, true>(x, 1e-5, name + " folding", 0.99);
   }
   // Taller blocks: two and four 32-row tiles, the top-r path's shape class.
   expect_accurate<float, 8, 2, true>(gauss(64, 12, 3), 1e-5, "64x12");
@@ -149,6 +156,7 @@ TEST(JacobiEmulated, EveryLayoutMatchesFloat64) {
   // double.
   expect_accurate<double, 8, 1, false>(gauss(24, 24, 7), 1e-12, "24x24");
   expect_accurate<double, 8, 1, true>(gauss(24, 24, 7), 1e-12, "24x24");
+  expect_accurate<double, 8, 1, false, false, true>(gauss(24, 24, 7), 1e-12, "24x24");
 }
 
 // Full tiles (no bounds tests in the tile loops; the kernel launched at 128×128): 128×128, the
@@ -158,10 +166,12 @@ TEST(JacobiEmulated, EveryLayoutMatchesFloat64) {
 TEST(JacobiEmulated, FullTilesMatchFloat64) {
   auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(9);
-  expect_accurate<float, 8, 4, false, true>(torch::randn({128, 128}, gen, o64), 1e-5, "128x128");
-  expect_accurate<float, 8, 2, false, true>(
-      matrix_with_spectrum(64, 64, torch::logspace(0, -6, 64, 10, o64), 8), 1e-5,
-      "64x64 cond 1e6");
+  const auto g128 = torch::randn({128, 128}, gen, o64);
+  const auto c64 = matrix_with_spectrum(64, 64, torch::logspace(0, -6, 64, 10, o64), 8);
+  expect_accurate<float, 8, 4, false, true>(g128, 1e-5, "128x128");
+  expect_accurate<float, 8, 2, false, true>(c64, 1e-5, "64x64 cond 1e6");
+  expect_accurate<float, 8, 4, false, true, true>(g128, 1e-5, "128x128");
+  expect_accurate<float, 8, 2, false, true, true>(c64, 1e-5, "64x64 cond 1e6");
   expect_accurate<float, 8, 2, false, true>(torch::randn({40, 36}, gen, o64), 1e-5, "40x36");
 }
 
@@ -212,7 +222,7 @@ TEST(JacobiEmulated, SweepLimitIsReported) {
 
 /// The batched kernel's whole block (jacobi::svd_block: load, transposition, checks, sweeps,
 /// outputs and status) on host memory, one emulated block per matrix.
-template <typename T, int LANES, int TM, bool TRACK>
+template <typename T, int LANES, int TM, bool TRACK, bool SCALED = false>
 std::vector<int> emulated_kernel(const torch::Tensor& a, int k, int max_sweeps, torch::Tensor& u,
                                  torch::Tensor& s, torch::Tensor& v) {
   const int64_t batch = a.size(0);
@@ -244,8 +254,8 @@ std::vector<int> emulated_kernel(const torch::Tensor& a, int k, int max_sweeps, 
     int rotated[jac::kSweepSharedInts] = {};
     unsigned long long max_bits = 0;
     emu::run_block(jac::svd_block_threads(n, LANES), [&] {
-      jac::svd_block<T, LANES, TM, TRACK>(p, b, reinterpret_cast<unsigned char*>(smem_words.data()),
-                                          rotated, &max_bits);
+      jac::svd_block<T, LANES, TM, TRACK, false, SCALED>(
+          p, b, reinterpret_cast<unsigned char*>(smem_words.data()), rotated, &max_bits);
     });
   }
   // A = X (U = U_X, V = V_X) or A = Xᵀ (U = V_X, V = U_X).
@@ -262,13 +272,19 @@ TEST(JacobiEmulated, KernelBlockTallWideTopKAndStatuses) {
     int64_t rows, cols;
     int k;
   };
-  for (const Case& c : {Case{40, 24, 24}, Case{24, 40, 24}, Case{33, 33, 5}, Case{9, 1, 1}}) {
+  // The last case again with scaled rotations (their scales in the block's shared memory, folded
+  // into the columns before the outputs).
+  int index = 0;
+  for (const Case& c :
+       {Case{40, 24, 24}, Case{24, 40, 24}, Case{33, 33, 5}, Case{9, 1, 1}, Case{40, 24, 24}}) {
+    const bool scaled = ++index == 5;
     auto a = torch::randn({3, c.rows, c.cols}, gen, o64);
     a[1].zero_();  // no direction at all: zero U columns, flagged
     torch::Tensor u, s, v;
-    const auto st = emulated_kernel<float, 8, 2, false>(a, c.k, 100, u, s, v);
-    const std::string what =
-        std::to_string(c.rows) + "x" + std::to_string(c.cols) + " k " + std::to_string(c.k);
+    const auto st = scaled ? emulated_kernel<float, 8, 2, false, true>(a, c.k, 100, u, s, v)
+                           : emulated_kernel<float, 8, 2, false>(a, c.k, 100, u, s, v);
+    const std::string what = std::to_string(c.rows) + "x" + std::to_string(c.cols) + " k " +
+                             std::to_string(c.k) + (scaled ? " scaled" : "");
     EXPECT_EQ(st[0], 0) << what;
     EXPECT_EQ(st[1], attnpilot::perturbation::cuda::kJacobiZeroColumns) << what;
     EXPECT_EQ(st[2], 0) << what;
