@@ -90,46 +90,39 @@ __device__ __forceinline__ double zeta_big<double>() {
   return 1e100;
 }
 
-// x' = c11 x + c12 y, y' = c21 x + c22 y on the lane's rows.
-template <int TM, typename T>
-__device__ __forceinline__ void rotate(T* x, T* y, int tiles, T c11, T c12, T c21, T c22) {
+// f(i) for each of the lane's register rows i = 4t .. 4t + 3 of the tiles t < tiles (<= TM).
+template <int TM, class F>
+__device__ __forceinline__ void for_rows(int tiles, F&& f) {
 #pragma unroll
   for (int t = 0; t < TM; ++t) {
     if (t < tiles) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const T xi = x[4 * t + e], yi = y[4 * t + e];
-        x[4 * t + e] = fma(c11, xi, c12 * yi);
-        y[4 * t + e] = fma(c21, xi, c22 * yi);
-      }
+      for (int e = 0; e < 4; ++e) f(4 * t + e);
     }
   }
 }
 
+// x' = c11 x + c12 y, y' = c21 x + c22 y on the lane's rows.
+template <int TM, typename T>
+__device__ __forceinline__ void rotate(T* x, T* y, int tiles, T c11, T c12, T c21, T c22) {
+  for_rows<TM>(tiles, [&](int i) {
+    const T xi = x[i], yi = y[i];
+    x[i] = fma(c11, xi, c12 * yi);
+    y[i] = fma(c21, xi, c22 * yi);
+  });
+}
 // x' = x − mu·y, y' = y + nu·x (both from the old x and y) on the lane's rows.
 template <int TM, typename T>
 __device__ __forceinline__ void scaled_rotate(T* x, T* y, int tiles, T mu, T nu) {
-#pragma unroll
-  for (int t = 0; t < TM; ++t) {
-    if (t < tiles) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const T xi = x[4 * t + e], yi = y[4 * t + e];
-        x[4 * t + e] = fma(-mu, yi, xi);
-        y[4 * t + e] = fma(nu, xi, yi);
-      }
-    }
-  }
+  for_rows<TM>(tiles, [&](int i) {
+    const T xi = x[i], yi = y[i];
+    x[i] = fma(-mu, yi, xi);
+    y[i] = fma(nu, xi, yi);
+  });
 }
 template <int TM, typename T>
 __device__ __forceinline__ void scale_col(T* x, int tiles, T f) {
-#pragma unroll
-  for (int t = 0; t < TM; ++t) {
-    if (t < tiles) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x[4 * t + e] *= f;
-    }
-  }
+  for_rows<TM>(tiles, [&](int i) { x[i] *= f; });
 }
 // Scaled rotations: a column's scale (a product of cosines, in (0, 1]) is folded into its stored
 // values once it falls below this, so the ratio r = d_m/d_f stays within 2^±21 and the stored
