@@ -50,11 +50,14 @@ rm -f "$OUT/configure.log"
 step build
 TESTS="attention_cuda_block_sparse_test attention_cuda_estimator_test attention_cuda_decode_test attention_cuda_executor_test perturbation_jacobi_svd_cuda_test"
 case "${GPU_TESTS:-1}" in 1) ;; 0) TESTS="" ;; *) TESTS="$GPU_TESTS" ;; esac
-# Only what this run uses: the tests it runs, the attention bench, svd_bench when SVD is set.
-BENCHES="attention_cuda_bench"
+# Only what this run uses: the tests it runs, the attention bench when a step uses it, svd_bench
+# when SVD or NCU_SVD is set.
+BENCHES=""
+[ -n "${SPARSE_LENS-32768 131072}${NCU_KERNEL:-}" ] || [ "${ESTIMATOR:-1}" = 1 ] ||
+  [ "${NCU_ESTIMATOR:-0}" != 0 ] && BENCHES="attention_cuda_bench"
 [ -n "${SVD:-}${NCU_SVD:-}" ] && BENCHES="$BENCHES svd_bench"
 # shellcheck disable=SC2086
-cmake --build build-gpu -j "$(nproc)" --target $TESTS $BENCHES -- -k 0 \
+[ -z "$TESTS$BENCHES" ] || cmake --build build-gpu -j "$(nproc)" --target $TESTS $BENCHES -- -k 0 \
   >"$OUT/build.log" 2>&1 || grep -E "error|FAILED" "$OUT/build.log" | head -40
 step tests
 : >"$OUT/tests.log"
