@@ -298,8 +298,11 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
   // chunk_barriers (every thread owns a pair, at most 512 threads): only the h groups of a chunk
   // of 2h columns exchange columns at level h, and the chunks of the next level nest in this
   // one's, so a level's chunk meets alone: one warp (h·LANES <= 32) by __syncwarp, more by a
-  // named barrier per chunk (ids 1..8); warps of other chunks run on. Not with TRACK, whose
-  // group-masked shuffles would then meet the warp barrier of the other groups of their warp.
+  // named barrier per chunk; warps of other chunks run on. Each (level, chunk) has its own
+  // barrier id: a chunk that runs ahead into the next level must not join a barrier that a
+  // slower chunk still uses with another thread count (ids 1..14 at 512 threads: 2 chunks at
+  // h = 32, 4 at 16, 8 at 8). Not with TRACK, whose group-masked shuffles would then meet the
+  // warp barrier of the other groups of their warp.
   const bool chunked = !TRACK && chunk_barriers && nt == LANES * P && nt <= 512;
   const auto level_sync = [&](int h) {
     const int count = h * LANES;
@@ -308,7 +311,11 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
     } else if (count <= 32) {
       __syncwarp();
     } else {
-      chunk_bar_sync(1 + g / h, count);
+      // This level's first id: 1 + the chunks of the larger levels that used named barriers.
+      int first = 1;
+      for (int hh = P / 2; hh > h; hh >>= 1)
+        if (hh * LANES < nt && hh * LANES > 32) first += P / hh;
+      chunk_bar_sync(first + g / h, count);
     }
   };
   // This group's lanes within the warp (for shuffles inside group-uniform branches).
