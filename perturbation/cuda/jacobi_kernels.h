@@ -29,7 +29,6 @@ struct JacobiLaunch {
   int max_sweeps = 0;      ///< >= 1
   int lanes = 0;  ///< lanes per column pair, 4 or 8 (float with m > 64 only); 0 = jacobi_lanes
   bool scaled = false;  ///< scaled rotations (float, 8 lanes, untracked norms; else ignored)
-  bool chunk_barriers = false;  ///< steps end with a barrier per chunk, not per block
 };
 
 /// Whether the kernel handles X of m×n (m >= n >= 1) in this precision: float m <= 128;

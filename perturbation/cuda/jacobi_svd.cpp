@@ -169,7 +169,6 @@ torch::Tensor jacobi_launch(const torch::Tensor& a, const JacobiOptions& opts, t
   p.max_sweeps = opts.max_sweeps;
   p.lanes = lanes;
   p.scaled = opts.scaled_rotations;
-  p.chunk_barriers = opts.chunk_barriers;
   const char* failed = "launch_jacobi_svd";
   const cudaError_t err =
       launch_jacobi_svd(p, dbl, at::cuda::getCurrentCUDAStream(a.get_device()).stream(), &failed);

@@ -45,10 +45,6 @@ struct JacobiOptions {
   /// Applies to float with 8 lanes where the kernel does not track its norms (it does for
   /// tall-skinny blocks of more than 64 rows, n <= 32 and m >= 4n); elsewhere it has no effect.
   bool scaled_rotations = false;
-  /// Steps at level h end with a barrier among the h·lanes threads that exchange columns (a
-  /// warp or a named barrier per chunk) instead of the whole block (jacobi_sweeps.cuh; not in
-  /// the kernels that track their norms); a tuning knob until measured.
-  bool chunk_barriers = false;
   TallPasses tall_passes = TallPasses::kCublas;  ///< the tall path's passes over X
 };
 

@@ -124,16 +124,6 @@ template <int TM, typename T>
 __device__ __forceinline__ void scale_col(T* x, int tiles, T f) {
   for_rows<TM>(tiles, [&](int i) { x[i] *= f; });
 }
-// bar.sync id, count: the `count` threads (a multiple of 32) of one chunk meet at barrier id.
-// The emulation's named barriers live in tests/cuda_emu/cuda_emu_wgmma.h (included first).
-__device__ __forceinline__ void chunk_bar_sync(int id, int count) {
-#ifdef ATTNPILOT_CUDA_EMU
-  ::attnpilot::cuda_emu::wgmma::named_bar_sync(id, count);
-#else
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
-#endif
-}
-
 // Scaled rotations: a column's scale (a product of cosines, in (0, 1]) is folded into its stored
 // values once it falls below this, so the ratio r = d_m/d_f stays within 2^±21 and the stored
 // values within 2^21 of the true ones (no overflow in the Gram entries however many rotations).
@@ -280,7 +270,7 @@ template <typename T, int LANES, int TM, int TMV = TM, bool TRACK = false, bool 
           bool SCALED = false>
 __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T tol, int max_sweeps,
                        int* rotated, T* nrm, bool lapack_stop = true, double* dsc = nullptr,
-                       double scale_floor = kScaleFloor, bool chunk_barriers = false) {
+                       double scale_floor = kScaleFloor) {
   static_assert(!(TRACK && SCALED), "tracked norms and scaled rotations do not combine");
   constexpr int TH = 4 * LANES;  // rows per tile
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -294,30 +284,6 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
   const int P = npad / 2;
   const int g = tid / LANES, l = tid % LANES;
   const bool active = g < P;
-  // The barrier that ends a step (and a level) at level h. Plain: the whole block. With
-  // chunk_barriers (every thread owns a pair, at most 512 threads): only the h groups of a chunk
-  // of 2h columns exchange columns at level h, and the chunks of the next level nest in this
-  // one's, so a level's chunk meets alone: one warp (h·LANES <= 32) by __syncwarp, more by a
-  // named barrier per chunk; warps of other chunks run on. Each (level, chunk) has its own
-  // barrier id: a chunk that runs ahead into the next level must not join a barrier that a
-  // slower chunk still uses with another thread count (ids 1..14 at 512 threads: 2 chunks at
-  // h = 32, 4 at 16, 8 at 8). Not with TRACK, whose group-masked shuffles would then meet the
-  // warp barrier of the other groups of their warp.
-  const bool chunked = !TRACK && chunk_barriers && nt == LANES * P && nt <= 512;
-  const auto level_sync = [&](int h) {
-    const int count = h * LANES;
-    if (!chunked || count >= nt) {
-      __syncthreads();
-    } else if (count <= 32) {
-      __syncwarp();
-    } else {
-      // This level's first id: 1 + the chunks of the larger levels that used named barriers.
-      int first = 1;
-      for (int hh = P / 2; hh > h; hh >>= 1)
-        if (hh * LANES < nt && hh * LANES > 32) first += P / hh;
-      chunk_bar_sync(first + g / h, count);
-    }
-  };
   // This group's lanes within the warp (for shuffles inside group-uniform branches).
   [[maybe_unused]] const unsigned gmask = ((1u << LANES) - 1u) << (LANES * ((tid % 32) / LANES));
   T fa[4 * TM], ma[4 * TM], fv[4 * TMV], mv[4 * TMV];
@@ -486,7 +452,7 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
           }
         }
         if (rot) rotated[slot] = 1;
-        level_sync(h);
+        __syncthreads();
       }
       if (active && dirty) {
         store_col<LANES, TM>(A + fcol * lda, ta, l, fa);
@@ -497,7 +463,7 @@ __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T t
           dsc[npad + fcol] = idf;
         }
       }
-      level_sync(h);
+      __syncthreads();
     }
     // The sweep's largest max(|cos|, |sin|): a warp max, then one shared atomic per warp.
 #pragma unroll
@@ -622,8 +588,7 @@ __device__ void svd_block(const JacobiLaunch& p, int64_t b, unsigned char* smem,
 
   // 2. Sweeps; 3. σ_j and their descending order.
   const bool converged = sweeps<T, LANES, TM, TM, TRACK, FULL, SCALED>(
-      A, lda, V, ldv, m, n, npad, static_cast<T>(p.tol), p.max_sweeps, rotated, nrm, true, dsc,
-      kScaleFloor, p.chunk_barriers);
+      A, lda, V, ldv, m, n, npad, static_cast<T>(p.tol), p.max_sweeps, rotated, nrm, true, dsc);
   column_order(A, lda, m, npad, sig, order);
   // Columns with σ_j <= thr have no direction (exact zeros, or below 1e-30 of σ₁): their U
   // columns are written as 0 and the host completes them to an orthonormal set.

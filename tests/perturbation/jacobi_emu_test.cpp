@@ -20,7 +20,6 @@
 
 // After LibTorch and GoogleTest: the emulation defines CUDA's keywords as macros.
 #include "tests/cuda_emu/cuda_emu.h"
-#include "tests/cuda_emu/cuda_emu_wgmma.h"  // named barriers (chunk barriers)
 // clang-format off (the emulation must come first)
 #include "perturbation/cuda/jacobi_sweeps.cuh"
 #include "perturbation/cuda/tall_blocks.cuh"
@@ -41,7 +40,7 @@ struct Svd {
 /// V = I into "shared memory", power-of-two scaling, sweeps, σ and their order.
 template <typename T, int LANES, int TM, bool TRACK, bool FULL = false, bool SCALED = false>
 Svd emulated_svd(const torch::Tensor& x64, int max_sweeps = 100, bool lapack_stop = true,
-                 double scale_floor = jac::kScaleFloor, bool chunk_barriers = false) {
+                 double scale_floor = jac::kScaleFloor) {
   const int m = static_cast<int>(x64.size(0)), n = static_cast<int>(x64.size(1));
   const int npad = jac::next_pow2(n < 2 ? 2 : n);
   const int lda = jac::leading_dim(m, sizeof(T), LANES),
@@ -72,7 +71,7 @@ Svd emulated_svd(const torch::Tensor& x64, int max_sweeps = 100, bool lapack_sto
     const int e = jac::scale_pow2(a.data(), npad * lda, local_max, &max_bits);
     const bool c = jac::sweeps<T, LANES, TM, TM, TRACK, FULL, SCALED>(
         a.data(), lda, v.data(), ldv, m, n, npad, tol, max_sweeps, rotated, nrm.data(), lapack_stop,
-        dsc.data(), scale_floor, chunk_barriers);
+        dsc.data(), scale_floor);
     jac::column_order(a.data(), lda, m, npad, sig.data(), order.data());
     if (threadIdx.x == 0) {
       converged = c;
@@ -105,9 +104,8 @@ torch::Tensor matrix_with_spectrum(int64_t m, int64_t n, const torch::Tensor& si
 
 template <typename T, int LANES, int TM, bool TRACK, bool FULL = false, bool SCALED = false>
 void expect_accurate(const torch::Tensor& x, double tol, const std::string& what,
-                     double scale_floor = jac::kScaleFloor, bool chunk_barriers = false) {
-  const Svd r =
-      emulated_svd<T, LANES, TM, TRACK, FULL, SCALED>(x, 100, true, scale_floor, chunk_barriers);
+                     double scale_floor = jac::kScaleFloor) {
+  const Svd r = emulated_svd<T, LANES, TM, TRACK, FULL, SCALED>(x, 100, true, scale_floor);
   const std::string w = what + " lanes " + std::to_string(LANES) + (TRACK ? " tracked" : "") +
                         (FULL ? " full tiles" : "") + (SCALED ? " scaled" : "");
   EXPECT_TRUE(r.converged) << w;
@@ -150,9 +148,6 @@ TEST(JacobiEmulated, EveryLayoutMatchesFloat64) {
     // Scales folded into the columns after almost every rotation (a floor of 0.99 instead of
     // 2^-20): the fold paths of the fixed and the moving column.
     expect_accurate<float, 8, 1, false, false, true>(x, 1e-5, name + " folding", 0.99);
-    // Chunk barriers (a warp or a named barrier per chunk instead of the block), 8 and 4 lanes.
-    expect_accurate<float, 8, 1, false>(x, 1e-5, name + " chunk barriers", jac::kScaleFloor, true);
-    expect_accurate<float, 4, 2, false>(x, 1e-5, name + " chunk barriers", jac::kScaleFloor, true);
   }
   // Taller blocks: two and four 32-row tiles, the top-r path's shape class.
   expect_accurate<float, 8, 2, true>(gauss(64, 12, 3), 1e-5, "64x12");
@@ -177,8 +172,6 @@ TEST(JacobiEmulated, FullTilesMatchFloat64) {
   expect_accurate<float, 8, 2, false, true>(c64, 1e-5, "64x64 cond 1e6");
   expect_accurate<float, 8, 4, false, true, true>(g128, 1e-5, "128x128");
   expect_accurate<float, 8, 2, false, true, true>(c64, 1e-5, "64x64 cond 1e6");
-  expect_accurate<float, 8, 2, false, true, true>(c64, 1e-5, "64x64 cond 1e6 chunk barriers",
-                                                  jac::kScaleFloor, true);
   expect_accurate<float, 8, 2, false, true>(torch::randn({40, 36}, gen, o64), 1e-5, "40x36");
 }
 
@@ -255,7 +248,6 @@ std::vector<int> emulated_kernel(const torch::Tensor& a, int k, int max_sweeps, 
   p.status = status.data();
   p.tol = std::sqrt(static_cast<double>(m)) * std::numeric_limits<T>::epsilon();
   p.max_sweeps = max_sweeps;
-  p.chunk_barriers = SCALED;  // the scaled case runs with chunk barriers too
   std::vector<double> smem_words(
       static_cast<size_t>(jac::svd_block_shared_bytes(m, n, sizeof(T), LANES) / 8 + 2));
   for (int64_t b = 0; b < batch; ++b) {
@@ -281,7 +273,7 @@ TEST(JacobiEmulated, KernelBlockTallWideTopKAndStatuses) {
     int k;
   };
   // The last case again with scaled rotations (their scales in the block's shared memory, folded
-  // into the columns before the outputs) and chunk barriers.
+  // into the columns before the outputs).
   int index = 0;
   for (const Case& c :
        {Case{40, 24, 24}, Case{24, 40, 24}, Case{33, 33, 5}, Case{9, 1, 1}, Case{40, 24, 24}}) {

@@ -127,8 +127,7 @@ void expect_descending(const torch::Tensor& s, const std::string& what) {
 // Runs the Jacobi kernel (or the tall path) into NaN-poisoned outputs and checks them.
 Errors run_poisoned(const torch::Tensor& a64, torch::Dtype dtype, int64_t rank, bool tall,
                     const std::string& what, torch::Tensor* ref_out = nullptr, int lanes = 0,
-                    cuda::TallPasses passes = cuda::TallPasses::kCublas, bool scaled = false,
-                    bool chunked = false) {
+                    cuda::TallPasses passes = cuda::TallPasses::kCublas, bool scaled = false) {
   auto a = a64.to(torch::kCUDA).to(dtype);
   const int64_t b = a.size(0), m = a.size(1), n = a.size(2);
   const int64_t k = rank > 0 ? rank : std::min(m, n);
@@ -140,7 +139,6 @@ Errors run_poisoned(const torch::Tensor& a64, torch::Dtype dtype, int64_t rank, 
   o.lanes = lanes;
   o.tall_passes = passes;
   o.scaled_rotations = scaled;
-  o.chunk_barriers = chunked;
   const int64_t nc =
       tall ? cuda::tall_qr_jacobi_svd_out(a, o, u, s, v) : cuda::jacobi_svd_out(a, o, u, s, v);
   EXPECT_EQ(nc, 0) << what << ": matrices that hit the sweep limit";
@@ -388,14 +386,10 @@ TEST(JacobiSvdCuda, SquareAndShortMatchFloat64Reference) {
       if (std::max(sh.m, sh.n) > 64)
         expect_within(run_poisoned(a, torch::kFloat32, 0, false, what + " 4 lanes", nullptr, 4),
                       kTol, what + " 4 lanes");
-      // Scaled rotations (every kernel of 8 lanes that does not track its norms), chunk
-      // barriers (every kernel that does not track its norms), both.
-      for (auto [scaled, chunked] : {std::pair{true, false}, {false, true}, {true, true}}) {
-        const std::string w = what + (scaled ? " scaled" : "") + (chunked ? " chunk barriers" : "");
-        expect_within(run_poisoned(a, torch::kFloat32, 0, false, w, nullptr, 0,
-                                   cuda::TallPasses::kCublas, scaled, chunked),
-                      kTol, w);
-      }
+      // Scaled rotations (every kernel of 8 lanes that does not track its norms).
+      expect_within(run_poisoned(a, torch::kFloat32, 0, false, what + " scaled", nullptr, 0,
+                                 cuda::TallPasses::kCublas, true),
+                    kTol, what + " scaled");
     }
   }
 }
