@@ -162,7 +162,7 @@ TEST(JacobiEmulated, EveryLayoutMatchesFloat64) {
 // Full tiles (no bounds tests in the tile loops; the kernel launched at 128×128): 128×128, the
 // largest shape, where the rotations' rounding accumulates most; 64×64 at condition number 1e6
 // (20 sweeps; 128×128 would take 17 s here); 40×36, whose last tiles are partly zero padding.
-// JACOBI_PRINT=1 prints each case's errors.
+// Scaled rotations (opt-in) at 64×64 only. JACOBI_PRINT=1 prints each case's errors.
 TEST(JacobiEmulated, FullTilesMatchFloat64) {
   auto o64 = torch::TensorOptions().dtype(torch::kFloat64);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(9);
@@ -170,7 +170,6 @@ TEST(JacobiEmulated, FullTilesMatchFloat64) {
   const auto c64 = matrix_with_spectrum(64, 64, torch::logspace(0, -6, 64, 10, o64), 8);
   expect_accurate<float, 8, 4, false, true>(g128, 1e-5, "128x128");
   expect_accurate<float, 8, 2, false, true>(c64, 1e-5, "64x64 cond 1e6");
-  expect_accurate<float, 8, 4, false, true, true>(g128, 1e-5, "128x128");
   expect_accurate<float, 8, 2, false, true, true>(c64, 1e-5, "64x64 cond 1e6");
   expect_accurate<float, 8, 2, false, true>(torch::randn({40, 36}, gen, o64), 1e-5, "40x36");
 }
