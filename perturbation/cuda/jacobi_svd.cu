@@ -27,10 +27,15 @@
 // H100 (2026-12-05), so it stays a tuning knob (JacobiOptions::lanes). The three dot products
 // are summed in the working precision per lane and reduced over the lanes by shuffles (an xor
 // butterfly, so all lanes get bitwise-equal sums and take the same decision); the rotation test
-// and tan θ are computed in the working precision, c and s from tan θ in double (see the
-// comment there: float c, s cost V an order of magnitude of orthogonality; an earlier version
-// computed the whole angle in double, a long FP64 latency chain in every step), and each
-// rotation leaves the larger column at the lower index. Sweeps measured by emulating this exact
+// and tan θ are computed in the working precision (float: the MUFU rsqrt and reciprocal, see
+// pair_angle), c and s from tan θ in double (see the comment there: float c, s cost V an order
+// of magnitude of orthogonality; an earlier version computed the whole angle in double, a long
+// FP64 latency chain in every step), and each rotation leaves the larger column at the lower
+// index, selecting the coefficients so that one rotation body serves both orders. V's moving
+// column is read only for a pair that rotates, and where X and V fill all the tiles (97 to 128
+// rows, 128×128 among them) a kernel without bounds tests in the tile loops runs. Those four
+// changes together took 1024 × 128×128 from 9.9 to 7.2 ms on the H100 (2026-12-06: 1.94x
+// gesvda), 64×64 from 1.30 to 1.20 ms. Sweeps measured by emulating this exact
 // algorithm in numpy (fp32 data): 7–9 for random or well-conditioned matrices of 32–128 columns, 5
 // for clustered spectra, 14–21 for spectra log-spaced over 6 decades (graded matrices converge
 // slowly without QR preconditioning).
@@ -40,10 +45,13 @@
 // 1.5e11 flops, 2.3 ms at the H200's 67 TFLOP/s fp32. The tighter limit is shared memory: per
 // pair one column of X and one of V go in and out (8(m+n) bytes), 1024 × 8128 pairs × 8 sweeps
 // × 2 KiB = 136 GB, 4.1 ms at 132 SMs × 128 B/clk × 1.98 GHz = 33 TB/s. Expected 4–6 ms at
-// 128×128 (gesvda: 13.4 ms), about 0.5 ms at 64×64 (14.8 GB of shared-memory traffic), and at
+// 128×128 (gesvda: 13.4 ms; measured 7.2 ms), about 0.5 ms at 64×64 (14.8 GB of shared-memory
+// traffic; measured 1.2 ms), and at
 // 32×32 the launch and the status read-back (about 0.05 ms) dominate. Device-memory traffic
 // (read A once, write U, Σ, V) is 0.2 GB at 128×128, 0.05 ms at 4.8 TB/s: not the limit.
-// Occupancy: 128×128 fp32 uses 134 KiB of shared memory and 512 threads, one block per SM.
+// Occupancy: 128×128 fp32 uses 136 KiB of shared memory and 512 threads, one block per SM (ncu
+// of the scaled-rotation form, 2026-12-06: 54% of the issue slots busy, 7 cycles between a
+// warp's instructions).
 #include <cfloat>
 #include <cstdint>
 

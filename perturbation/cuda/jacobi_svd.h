@@ -42,6 +42,8 @@ struct JacobiOptions {
   int lanes = 0;
   /// Scaled rotations: each column carries a scale (a product of cosines, in double) and a
   /// rotation costs two FMAs per row instead of two products and two FMAs (jacobi_sweeps.cuh).
+  /// More accurate in the emulation (V orthogonal to 5e-7 against 2e-6 at 128×128), but
+  /// 1.1-1.3x slower on the H100 (bench/RESULTS.md, 2026-12-06).
   /// Applies to float with 8 lanes where the kernel does not track its norms (it does for
   /// tall-skinny blocks of more than 64 rows, n <= 32 and m >= 4n); elsewhere it has no effect.
   bool scaled_rotations = false;

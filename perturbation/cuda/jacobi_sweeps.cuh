@@ -266,6 +266,9 @@ __device__ __forceinline__ bool pair_angle<float>(float app, float aqq, float ap
 /// the scales. A scale below scale_floor is folded into its column (rare), and all are folded at
 /// the end, so A and V leave holding the true columns. In the emulation at 128×128 (fp32) V
 /// came out orthogonal to 5e-7 against 2e-6 with plain rotations, σ to 1.7e-7·σ₁ against 5e-7.
+/// But it measured slower on the H100 (2026-12-06: 1.10x at 32×32, 1.29x at 64×64, 1.12x at
+/// 128×128; the scales' shared loads and stores, the double products and the swap's copies
+/// cost more than the two FMAs per row saved), so it is opt-in (JacobiOptions).
 template <typename T, int LANES, int TM, int TMV = TM, bool TRACK = false, bool FULL = false,
           bool SCALED = false>
 __device__ bool sweeps(T* A, int lda, T* V, int ldv, int m, int n, int npad, T tol, int max_sweeps,
