@@ -77,25 +77,27 @@ struct CudaEstimatorOptions {
   /// The wgmma body in its pipelined form (pooled_keys_wgmma.cuh: the next 128-key tile's
   /// products run while a tile is folded, two accumulator sets, three tiles of keys in shared
   /// memory; pooled_key_stages 0 or 3, pooled_key_ctas_per_sm 0 or 2, else InvalidArgument).
-  /// The same scores, bit for bit, as the plain wgmma body (emulation). Ignored by the mma.sync
-  /// body. Registers (ptxas, sm_90a, d 128): 254 with w in one part, no spills; 255 and 40
-  /// bytes of stack with w in two parts. Not yet run on a GPU in this form (2026-12-06); the
-  /// earlier form (each tile's products as two halves) measured no faster than the plain body.
+  /// The same scores as the plain wgmma body: bit for bit in the emulation, within 1.2e-7 on the
+  /// H100 (the folds compile differently). Ignored by the mma.sync body. Registers (ptxas,
+  /// sm_90a, d 128): 254 with w in one part, no spills; 255 and 40 bytes of stack with w in two
+  /// parts. Measured slower than the plain body (H100, 2026-12-06, L = 32k, r = 16: 0.476
+  /// against 0.423 ms per call with w in two parts, 0.406 against 0.370 with one), so opt-in.
   bool pooled_key_pipelined = false;
   /// The tensor-core pooled scores with w in two 16-bit parts (hi + lo: scores within ~1e-5 of
   /// the fp32 path, the default) or, false, in one (hi alone: half the tensor-core work and
   /// half the A-fragment registers; w then keeps 8 (bf16) or 11 (fp16) bits, and the block
   /// scores move by up to ~5e-3, measured against the float64 twin in the tests; the chosen
   /// masks agreed with the two-part ones on 99.86% of the blocks at L = 32k, 10%: H100,
-  /// 2026-12-06; 0.375 against 0.428 ms per call there). Either body, plain or pipelined.
+  /// 2026-12-06; 0.370 against 0.423 ms per call there, the fastest form measured). Either
+  /// body, plain or pipelined.
   bool pooled_key_split = true;
   /// The tensor-core pooled path forms w = A_k A_qᵀ q̄ by one kernel (pooled_w.cuh: block means
   /// and both products in fp32, q read once with 16-byte loads; where q's rows are not 16-byte
   /// aligned, LibTorch) instead of LibTorch's block means and two cuBLAS products (the default).
   /// Not the default: its first two forms measured slower than LibTorch (139 and 148 µs against
   /// ~98 + 20 µs at L = 32k, r = 16; and +0.17 ms at r = 32; ncu and bench, H100, 2026-12-06);
-  /// the third (eight loads in flight per thread, A staged in shared memory) is built and tested
-  /// in emulation, not yet measured. The same w up to float rounding.
+  /// the third (eight loads in flight per thread, A staged in shared memory) no faster at
+  /// r = 16 and 0.12 ms slower at r = 32 (same day). The same w up to float rounding.
   bool pooled_w_kernel = false;
 };
 
