@@ -244,7 +244,8 @@ __device__ __forceinline__ bool pair_angle<float>(float app, float aqq, float ap
 /// of this ordering (fp32, 128×128, 2026-12-05) with this form: 8.1 sweeps against 8.6 for 8
 /// Gaussian matrices, 20 against 21-22 at condition number 1e6, 5 against 6 for repeated
 /// singular values, no change for clustered ones; U and V orthogonal to 1.3e-6-3.8e-6 either
-/// way. The GPU time it saves is not measured yet (about 5% at 128×128 by the sweep counts).
+/// way. On the H100 (2026-12-05) it took 128×128 from 9.97 to 9.83 ms, about 1.5% (the sweep
+/// counts suggested 5%).
 ///
 /// TRACK: column norms are tracked, as LAPACK's sgesvj does: computed exactly at the start of
 /// every sweep, then updated by each rotation (‖a_p'‖² = ‖a_p‖² − t·a_pᵀa_q,
