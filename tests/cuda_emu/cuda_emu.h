@@ -2,7 +2,7 @@
 /// A CPU emulation of the CUDA execution model, enough to run our block-level device code
 /// (perturbation/cuda/jacobi_sweeps.cuh) in tests on machines without a GPU, CI among them.
 ///
-///   emu::run_block(threads, body)   one thread block: `threads` fibers (ucontext), each runs
+///   emu::run_block(threads, body)   one thread block: `threads` fibers, each runs
 ///                                   body(); the scheduler switches fibers only at barriers
 ///   __syncthreads / __syncthreads_or    block barrier (all fibers)
 ///   __shfl_xor_sync(mask, v, off)   the lanes of `mask` in the caller's warp exchange values
@@ -93,6 +93,53 @@ using std::isfinite;
 using std::ldexp;
 using std::sqrt;
 
+// Fiber switches. x86-64 Linux: attnpilot_emu_switch saves the callee-saved registers, MXCSR
+// and the x87 control word on the current stack, stores the stack pointer in *save_sp and
+// resumes the stack at load_sp: no system call, where swapcontext saves and restores the signal
+// mask with one each time (half the run time of the emulation tests went there). Elsewhere, and
+// under AddressSanitizer (which follows stacks through swapcontext), ucontext.
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ATTNPILOT_EMU_ASAN 1
+#endif
+#endif
+#if defined(__x86_64__) && defined(__linux__) && !defined(__SANITIZE_ADDRESS__) && \
+    !defined(ATTNPILOT_EMU_ASAN) && !defined(ATTNPILOT_EMU_UCONTEXT)
+#define ATTNPILOT_EMU_FAST_SWITCH 1
+extern "C" void attnpilot_emu_switch(void** save_sp, void* load_sp);
+// Weak: every translation unit that includes this header defines it; the linker keeps one.
+asm(R"(
+  .pushsection .text
+  .weak attnpilot_emu_switch
+  .hidden attnpilot_emu_switch
+  .type attnpilot_emu_switch, @function
+attnpilot_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr 8(%rsp)
+  fnstcw 12(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr 8(%rsp)
+  fldcw 12(%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size attnpilot_emu_switch, .-attnpilot_emu_switch
+  .popsection
+)");
+#endif
+
 namespace attnpilot::cuda_emu {
 
 struct Dim3 {
@@ -110,11 +157,30 @@ class Block {
     for (int t = 0; t < threads; ++t) {
       auto& f = fibers_[static_cast<size_t>(t)];
       f.stack.reset(new char[kStack]);  // not zeroed: untouched stack pages are never mapped
+#ifdef ATTNPILOT_EMU_FAST_SWITCH
+      // The frame attnpilot_emu_switch resumes (from the top, 16-byte aligned): an unused
+      // return address of the trampoline (which never returns), the address the switch's ret
+      // jumps to, six zero registers, then this thread's MXCSR and x87 control word.
+      auto top = reinterpret_cast<uintptr_t>(f.stack.get() + kStack) & ~uintptr_t(15);
+      auto* words = reinterpret_cast<uint64_t*>(top);
+      words[-1] = 0;
+      words[-2] = reinterpret_cast<uint64_t>(&Block::trampoline);
+      for (int i = 3; i <= 8; ++i) words[-i] = 0;
+      char* sp = reinterpret_cast<char*>(top) - 80;
+      uint32_t mxcsr = 0;
+      uint16_t fpucw = 0;
+      asm volatile("stmxcsr %0" : "=m"(mxcsr));
+      asm volatile("fnstcw %0" : "=m"(fpucw));
+      std::memcpy(sp + 8, &mxcsr, sizeof mxcsr);
+      std::memcpy(sp + 12, &fpucw, sizeof fpucw);
+      f.sp = sp;
+#else
       getcontext(&f.ctx);
       f.ctx.uc_stack.ss_sp = f.stack.get();
       f.ctx.uc_stack.ss_size = kStack;
       f.ctx.uc_link = &sched_;
       makecontext(&f.ctx, reinterpret_cast<void (*)()>(&Block::entry), 0);
+#endif
     }
     slots_.resize(static_cast<size_t>((threads + 31) / 32) * 32);
     exchanges_.resize(static_cast<size_t>((threads + 31) / 32));
@@ -146,7 +212,7 @@ class Block {
         auto& f = fibers_[t];
         if (f.finished || !ready(f)) continue;
         tid_ = static_cast<int>(t);
-        swapcontext(&sched_, &f.ctx);
+        switch_to(f);
         progressed = true;
         if (f.finished) ++done;
         if (error_) break;
@@ -219,7 +285,11 @@ class Block {
  private:
   static constexpr size_t kStack = 256 * 1024;
   struct Fiber {
+#ifdef ATTNPILOT_EMU_FAST_SWITCH
+    void* sp = nullptr;  // the saved stack pointer while switched out
+#else
     ucontext_t ctx{};
+#endif
     std::unique_ptr<char[]> stack;
     bool finished = false;
     std::function<bool()> until;  // waiting while set and false
@@ -234,7 +304,34 @@ class Block {
       if (!b->error_) b->error_ = std::current_exception();
     }
     b->fibers_[static_cast<size_t>(b->tid_)].finished = true;
-    // uc_link returns to the scheduler.
+    // ucontext: uc_link returns to the scheduler; the fast switch: trampoline does.
+  }
+
+#ifdef ATTNPILOT_EMU_FAST_SWITCH
+  // A fiber's first frame: runs entry, then switches to the scheduler for good.
+  [[noreturn]] static void trampoline() {
+    entry();
+    Block* b = current_block();
+    attnpilot_emu_switch(&b->fibers_[static_cast<size_t>(b->tid_)].sp, b->sched_sp_);
+    __builtin_unreachable();
+  }
+#endif
+
+  // The scheduler runs fiber f until it waits or finishes.
+  void switch_to(Fiber& f) {
+#ifdef ATTNPILOT_EMU_FAST_SWITCH
+    attnpilot_emu_switch(&sched_sp_, f.sp);
+#else
+    swapcontext(&sched_, &f.ctx);
+#endif
+  }
+  // The running fiber f hands control back to the scheduler.
+  void switch_out(Fiber& f) {
+#ifdef ATTNPILOT_EMU_FAST_SWITCH
+    attnpilot_emu_switch(&f.sp, sched_sp_);
+#else
+    swapcontext(&f.ctx, &sched_);
+#endif
   }
 
   bool ready(Fiber& f) {
@@ -250,7 +347,7 @@ class Block {
     auto& f = fibers_[static_cast<size_t>(tid_)];
     f.until = std::move(until);
     const int me = tid_;
-    swapcontext(&f.ctx, &sched_);
+    switch_out(f);
     tid_ = me;
     if (error_) throw std::runtime_error("cuda_emu: another thread failed");
   }
@@ -278,7 +375,11 @@ class Block {
 
   std::function<void()> body_;
   std::vector<Fiber> fibers_;
+#ifdef ATTNPILOT_EMU_FAST_SWITCH
+  void* sched_sp_ = nullptr;  // the scheduler's stack pointer while a fiber runs
+#else
   ucontext_t sched_{};
+#endif
   int tid_ = 0;
   std::exception_ptr error_;
   uint64_t round_ = 0;  // scheduling rounds so far
