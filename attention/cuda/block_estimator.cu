@@ -41,12 +41,17 @@
 //
 // Selection kernel, one warp per row (b, h, qb), select_blocks' rule exactly: the sink block 0
 // and the diagonal blocks first (mass summed in the CPU's order), then the other visible blocks
-// by descending score, ties to the lower index (a bitonic sort of 64-bit keys ~score<<32 | kb in
-// shared memory: the order of std::stable_sort), taken while mass < gamma·total (or count <
-// budget). Mass prefix sums are float64 as on the CPU, but summed as a warp scan, not one by
-// one: a mask can differ from the CPU's only where a prefix mass lies within a few float64 ulps
-// of gamma·total. Then a CUB exclusive scan of the per-row counts gives row_ptr, and a scatter
-// (one warp per row, popcount prefix over the row's bitmap) writes col_idx in ascending order.
+// by descending score, ties to the lower index (64-bit keys ~score<<32 | kb: the order of
+// std::stable_sort). A count budget (top_k, density) takes the c smallest keys by a radix
+// select in registers (select_block.cuh's take_smallest: ~32 warp counts instead of a sort); its
+// row lengths follow from the geometry, so the kernel writes row_ptr and col_idx itself. A mass
+// budget sorts the keys (bitonic, in registers up to 1024 blocks, else in shared memory) and
+// takes them while mass < gamma·total; its prefix sums are float64 as on the CPU, but summed as
+// a warp scan, not one by one: a mask can differ from the CPU's only where a prefix mass lies
+// within a few float64 ulps of gamma·total. Then a CUB exclusive scan of the per-row counts
+// gives row_ptr, and a scatter (one warp per row, popcount prefix over the row's bitmap) writes
+// col_idx in ascending order. With SelectLaunch::log2_sums the kernel first normalises a pooled
+// estimator's per-block log2 sums itself (the normalisation kernel's arithmetic).
 //
 // Operation count and floor (L = 32k, 32 heads, d = 128, r = 16, block 128, causal): sampled
 // (row, key) pairs 32 · 8 · Σ_qb kend ≈ 1.07e9; the scores are 16 FMA per pair (34 GFLOP;
@@ -187,13 +192,14 @@ __global__ void __launch_bounds__(pooled_w::kThreads) pooled_w_kernel(PooledWLau
 
 // ---- (3) selection (the body is select_block.cuh's select_row) ----
 
-// One warp per row, its sort in registers (E entries per lane) or, with E = 0, in shared
-// memory. Shared memory: select_smem_bytes(E, cap, k_blocks).
-template <int E>
+// One warp per row, its entries in registers (E per lane) or, with E = 0, in shared memory.
+// Shared memory: select_smem_bytes(E, cap, k_blocks). kDirect: a count budget's lists written
+// straight into row_ptr / col_idx (select_row).
+template <int E, bool kDirect>
 __global__ void __launch_bounds__(32)
     select_kernel(SelectLaunch p, uint32_t* bitmap, int64_t* counts, int cap) {
   extern __shared__ __align__(16) unsigned char smem[];
-  selection::select_row<E>(p, blockIdx.x, bitmap, counts, cap, smem);
+  selection::select_row<E, kDirect>(p, blockIdx.x, bitmap, counts, cap, smem);
 }
 
 // ---- (5) scatter (the body is select_block.cuh's scatter_block) ----
@@ -490,6 +496,7 @@ cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p_in, cudaStrea
     *failed_call = "pooled_scores_kernel<<<(key chunks × query groups, heads, batch), 128>>>";
     return e;
   }
+  if (!p.normalise) return cudaSuccess;
   return launch_pooled_normalise(p, stream, failed_call);
 }
 
@@ -564,7 +571,7 @@ cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t 
       return cudaErrorInvalidValue;
     }
     e = launch_pooled_keys_wgmma(p, stream, failed_call);
-    if (e != cudaSuccess) return e;
+    if (e != cudaSuccess || !p.normalise) return e;
     return launch_pooled_normalise(pooled_normalise_launch(p), stream, failed_call);
   }
   const int stages = p.stages > 0 ? p.stages : pooled_keys::kDefaultStages;
@@ -577,57 +584,67 @@ cudaError_t launch_pooled_key_scores(const PooledKeysLaunch& p_in, cudaStream_t 
         p, bytes, stream, "pooled_keys_kernel<<<(query groups × key chunks, heads, batch), 128>>>",
         failed_call);
   });
-  if (e != cudaSuccess) return e;
+  if (e != cudaSuccess || !p.normalise) return e;
   return launch_pooled_normalise(pooled_normalise_launch(p), stream, failed_call);
 }
 
 cudaError_t launch_select_blocks(const SelectLaunch& p, cudaStream_t stream,
                                  const char** failed_call) {
-  const bool ok = p.scores != nullptr && p.row_ptr != nullptr && p.temp != nullptr && p.rows >= 1 &&
-                  p.rows < 0x7fffffff && p.n >= 1 && p.m >= 1 && p.q_offset >= 0 &&
+  // A count budget (gamma <= 0) knows every row's length from the geometry: its lists are
+  // written directly by the selection kernel (no bitmap, scan or scatter, no temp storage).
+  const bool direct = p.gamma <= 0;
+  const bool ok = p.scores != nullptr && p.row_ptr != nullptr && (direct || p.temp != nullptr) &&
+                  p.rows >= 1 && p.rows < 0x7fffffff && p.n >= 1 && p.m >= 1 && p.q_offset >= 0 &&
                   p.block_size >= 1 && p.q_blocks == ceil_div(p.n, p.block_size) &&
                   p.k_blocks == ceil_div(p.m, p.block_size) &&
                   p.k_blocks <= kEstimatorMaxKeyBlocks && p.rows % p.q_blocks == 0 &&
                   (p.col_capacity == 0 || p.col_idx != nullptr) && std::isfinite(p.gamma) &&
                   std::isfinite(p.density);
   size_t need = 0;
-  if (ok) {
+  if (ok && !direct) {
     const cudaError_t e = select_blocks_temp_bytes(p.rows, p.k_blocks, &need, failed_call);
     if (e != cudaSuccess) return e;
   }
-  if (!ok || p.temp_bytes < need) {
+  if (!ok || (!direct && p.temp_bytes < need)) {
     *failed_call = "launch_select_blocks (arguments outside the kernel's range)";
     return cudaErrorInvalidValue;
   }
   unsigned char* t = static_cast<unsigned char*>(p.temp);
-  uint32_t* bitmap = reinterpret_cast<uint32_t*>(t);
-  int64_t* counts = reinterpret_cast<int64_t*>(t + bitmap_bytes(p.rows, p.k_blocks));
-  void* cub_temp = t + bitmap_bytes(p.rows, p.k_blocks) + counts_bytes(p.rows);
-  size_t cub_bytes = p.temp_bytes - bitmap_bytes(p.rows, p.k_blocks) - counts_bytes(p.rows);
+  uint32_t* bitmap = direct ? nullptr : reinterpret_cast<uint32_t*>(t);
+  int64_t* counts =
+      direct ? nullptr : reinterpret_cast<int64_t*>(t + bitmap_bytes(p.rows, p.k_blocks));
 
-  cudaError_t e = cudaMemsetAsync(counts + p.rows, 0, sizeof(int64_t), stream);
-  if (e != cudaSuccess) {
-    *failed_call = "cudaMemsetAsync(counts[rows])";
-    return e;
+  cudaError_t e = cudaSuccess;
+  if (!direct) {
+    e = cudaMemsetAsync(counts + p.rows, 0, sizeof(int64_t), stream);
+    if (e != cudaSuccess) {
+      *failed_call = "cudaMemsetAsync(counts[rows])";
+      return e;
+    }
   }
   const int cap = select_cap(p.k_blocks);
   selection::dispatch_select(cap, [&](auto entries) {
     constexpr int kE = decltype(entries)::value;
-    const int64_t smem = selection::select_smem_bytes(kE, cap, p.k_blocks);
-    if (smem > 48 * 1024) {
-      e = cudaFuncSetAttribute(select_kernel<kE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
-      if (e != cudaSuccess) {
-        *failed_call = "cudaFuncSetAttribute(select_kernel, MaxDynamicSharedMemorySize)";
-        return;
+    const auto go = [&](auto kernel) {
+      const int64_t smem = selection::select_smem_bytes(kE, cap, p.k_blocks);
+      if (smem > 48 * 1024) {
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(smem));
+        if (e != cudaSuccess) {
+          *failed_call = "cudaFuncSetAttribute(select_kernel, MaxDynamicSharedMemorySize)";
+          return;
+        }
       }
-    }
-    select_kernel<kE><<<static_cast<unsigned>(p.rows), 32, static_cast<size_t>(smem), stream>>>(
-        p, bitmap, counts, cap);
-    e = cudaGetLastError();
-    if (e != cudaSuccess) *failed_call = "select_kernel<<<rows, 32>>>";
+      kernel<<<static_cast<unsigned>(p.rows), 32, static_cast<size_t>(smem), stream>>>(p, bitmap,
+                                                                                       counts, cap);
+      e = cudaGetLastError();
+      if (e != cudaSuccess) *failed_call = "select_kernel<<<rows, 32>>>";
+    };
+    direct ? go(select_kernel<kE, true>) : go(select_kernel<kE, false>);
   });
-  if (e != cudaSuccess) return e;
+  if (e != cudaSuccess || direct) return e;
+  void* cub_temp = t + bitmap_bytes(p.rows, p.k_blocks) + counts_bytes(p.rows);
+  size_t cub_bytes = p.temp_bytes - bitmap_bytes(p.rows, p.k_blocks) - counts_bytes(p.rows);
   e = cub::DeviceScan::ExclusiveSum(cub_temp, cub_bytes, counts, p.row_ptr,
                                     static_cast<int>(p.rows + 1), stream);
   if (e != cudaSuccess) {

@@ -116,6 +116,10 @@ struct PooledScoresLaunch {
   /// Key blocks per CTA of the score kernel (its grid's key chunks); 0: the launcher's choice
   /// (kPooledChunkKeys keys, at least one block).
   int64_t chunk_blocks = 0;
+  /// Normalise the rows (the second kernel of launch_pooled_block_scores); false: leave the
+  /// per-block log2 sums L in the scores (valid for the visible blocks only) for a selection with
+  /// SelectLaunch::log2_sums, which normalises them to the same floats.
+  bool normalise = true;
 };
 
 /// Largest rank launch_pooled_w takes (pooled_w.cuh's kMaxRank).
@@ -182,6 +186,8 @@ struct PooledKeysLaunch {
   /// w in two 16-bit parts (hi + lo, the default) or, false, in one (hi alone: half the MMAs;
   /// CudaEstimatorOptions::pooled_key_split).
   bool split = true;
+  /// As PooledScoresLaunch::normalise.
+  bool normalise = true;
 };
 
 /// The normalisation's launch (pooled_normalise_row reads only the geometry and the scores)
@@ -206,6 +212,10 @@ PooledScoresLaunch pooled_normalise_launch(const Launch& p) {
 /// (3)-(5) select_blocks on device-resident scores, written as CSR lists.
 struct SelectLaunch {
   const float* scores = nullptr;  ///< [rows, k_blocks] (rows = batch·heads·q_blocks)
+  /// The scores are per-block log2 sums L (the pooled estimators' rows before
+  /// launch_pooled_*_scores normalise them, PooledScoresLaunch::normalise = false): the
+  /// selection normalises them itself, to the same floats.
+  bool log2_sums = false;
   int64_t rows = 0;
   int64_t n = 0, m = 0, q_offset = 0;
   int64_t q_blocks = 0, k_blocks = 0;
@@ -217,7 +227,9 @@ struct SelectLaunch {
   int64_t* row_ptr = nullptr;  ///< [rows + 1] (written)
   int64_t* col_idx = nullptr;  ///< [col_capacity] (the first row_ptr[rows] written)
   int64_t col_capacity = 0;    ///< entries past it are never written
-  void* temp = nullptr;        ///< select_blocks_temp_bytes(rows, k_blocks) bytes
+  /// select_blocks_temp_bytes(rows, k_blocks) bytes; unused (may be null) for a count budget
+  /// (gamma <= 0), whose lists are written directly, col_capacity then being exactly their total.
+  void* temp = nullptr;
   size_t temp_bytes = 0;
 };
 

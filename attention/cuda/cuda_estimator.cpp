@@ -270,10 +270,12 @@ bool pooled_keys_mma_handles(const torch::Tensor& k) {
 /// Pooled-query scores on the device; see lowrank_block_scores_cuda. options.pooled_key_mma:
 /// the tensor-core kernel on the stored keys where pooled_keys_mma_handles(k), else the key
 /// projection and the CUDA-core kernel.
+/// normalise = false: the rows keep their per-block log2 sums (for a selection with
+/// SelectLaunch::log2_sums; entries past a row's visible blocks unwritten).
 torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k_in,
                                       const torch::Tensor& a_q, const torch::Tensor& a_k,
                                       int64_t bs, bool causal, int64_t q_offset, double* flops,
-                                      const CudaEstimatorOptions& options) {
+                                      const CudaEstimatorOptions& options, bool normalise = true) {
   const int proj_rows = options.projection_rows;
   bool key_mma = options.pooled_key_mma;
   // Key blocks per CTA (0: the launchers' default).
@@ -315,6 +317,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     pl.ctas_per_sm = options.pooled_key_ctas_per_sm;
     pl.pipelined = options.pooled_key_pipelined;
     pl.split = options.pooled_key_split;
+    pl.normalise = normalise;
     using Body = CudaEstimatorOptions::PooledKeyBody;
     pl.wgmma = options.pooled_key_body == Body::kWgmma;
     if (options.pooled_key_body == Body::kAuto) {
@@ -342,6 +345,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
   set_geometry(pl, q_in, k_in, bs, causal, q_offset);
   pl.rank_pad = static_cast<int>(rp);
   pl.chunk_blocks = chunk_blocks;
+  pl.normalise = normalise;
   check_cuda(cuda::launch_pooled_block_scores(pl, stream, &failed), failed, q_in, k_in, bs);
   // FLOPs: the block means (n·d adds), the projections of the means and of the keys, then 2r+1
   // per (query block, visible key) pair.
@@ -402,6 +406,100 @@ torch::Tensor scores_on_device(const torch::Tensor& q_in, const torch::Tensor& k
   return scores;
 }
 
+/// select_blocks_cuda; log2_sums: the scores are a pooled estimator's per-block log2 sums
+/// (pooled_scores_on_device with normalise = false), normalised by the selection kernel.
+BlockMask select_on_device(const torch::Tensor& scores_in, const HeadPlan& plan, int64_t n,
+                           int64_t m, bool causal, int64_t q_offset,
+                           const CudaEstimatorOptions& options, bool log2_sums) {
+  ATTNPILOT_CHECK_ARG(scores_in.defined() && scores_in.dim() == 4 && scores_in.is_cuda(),
+                      "cuda selection: scores must be a 4-D CUDA tensor [b, h, q_blocks, "
+                      "k_blocks]; got {} on {}",
+                      shape_of(scores_in),
+                      scores_in.defined() ? scores_in.device().str() : std::string("-"));
+  ATTNPILOT_CHECK_ARG(plan.kind == Kind::kBlockSparse && plan.block_size >= 1,
+                      "cuda selection: plan {} is not a block_sparse plan", plan.to_string());
+  const int64_t bs = plan.block_size;
+  ATTNPILOT_CHECK_ARG(n >= 1 && m >= 1 && q_offset >= 0 && scores_in.size(2) == div_up(n, bs) &&
+                          scores_in.size(3) == div_up(m, bs),
+                      "cuda selection: scores {} do not fit n = {} queries and m = {} keys in "
+                      "blocks of {} (q_offset {})",
+                      shape_of(scores_in), n, m, bs, q_offset);
+  ATTNPILOT_CHECK_ARG(scores_in.size(3) <= cuda::kEstimatorMaxKeyBlocks,
+                      "cuda selection: {} key blocks; at most {} are supported", scores_in.size(3),
+                      cuda::kEstimatorMaxKeyBlocks);
+  const auto scores = scores_in.to(torch::kFloat).contiguous();
+  c10::cuda::CUDAGuard guard(scores.device());
+  const auto stream = at::cuda::getCurrentCUDAStream(scores.get_device()).stream();
+  const int64_t b = scores.size(0), h = scores.size(1);
+  const int64_t qbn = scores.size(2), kbn = scores.size(3), rows = b * h * qbn;
+  // Entries per row: known in advance for a top_k or density budget (select_blocks keeps
+  // max(forced, min(budget, visible))), at most the visible blocks with gamma.
+  int64_t capacity = 0;
+  for (int64_t i = 0; i < qbn; ++i) {
+    const int64_t first_q = q_offset + i * bs,
+                  last_q = q_offset + i * bs + block_rows(i, n, bs) - 1;
+    const int64_t vis = causal ? std::min(kbn, last_q / bs + 1) : kbn;
+    int64_t keep = vis;
+    if (plan.gamma <= 0) {
+      const int64_t d0 = std::min(first_q, m - 1) / bs, d1 = std::min(last_q, m - 1) / bs;
+      int64_t forced = 1;  // block 0
+      for (int64_t kb = std::max<int64_t>(d0, 1); kb <= d1; ++kb) forced += kb < vis ? 1 : 0;
+      const int64_t budget =
+          plan.top_k > 0 ? plan.top_k : static_cast<int64_t>(std::ceil(plan.density * vis - 1e-9));
+      keep = std::max(forced, std::min(budget, vis));
+    }
+    capacity += keep;
+  }
+  capacity *= b * h;
+  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(scores.device());
+  auto row_ptr = torch::empty({rows + 1}, lopt);
+  auto col_idx =
+      plan.gamma > 0 ? torch::full({capacity}, -1, lopt) : torch::empty({capacity}, lopt);
+  // Scratch (bitmap, counts, the scan's storage) for a mass budget only: a count budget's lists
+  // are written directly.
+  size_t temp_bytes = 0;
+  const char* failed = "select_blocks_temp_bytes";
+  torch::Tensor temp;
+  if (plan.gamma > 0) {
+    check_cuda(cuda::select_blocks_temp_bytes(rows, kbn, &temp_bytes, &failed), failed, scores, bs);
+    temp = torch::empty({static_cast<int64_t>(temp_bytes)},
+                        torch::TensorOptions().dtype(torch::kUInt8).device(scores.device()));
+  }
+  cuda::SelectLaunch p;
+  p.scores = scores.data_ptr<float>();
+  p.log2_sums = log2_sums;
+  p.rows = rows;
+  p.n = n;
+  p.m = m;
+  p.q_offset = q_offset;
+  p.q_blocks = qbn;
+  p.k_blocks = kbn;
+  p.block_size = static_cast<int>(bs);
+  p.causal = causal;
+  p.gamma = plan.gamma;
+  p.top_k = plan.top_k;
+  p.density = plan.density;
+  p.row_ptr = row_ptr.data_ptr<int64_t>();
+  p.col_idx = capacity > 0 ? col_idx.data_ptr<int64_t>() : nullptr;
+  p.col_capacity = capacity;
+  p.temp = temp.defined() ? temp.data_ptr() : nullptr;
+  p.temp_bytes = temp_bytes;
+  failed = "launch_select_blocks";
+  check_cuda(cuda::launch_select_blocks(p, stream, &failed), failed, scores, bs);
+
+  BlockMask mask;
+  mask.batch = b;
+  mask.heads = h;
+  mask.q_blocks = qbn;
+  mask.k_blocks = kbn;
+  mask.block_size = bs;
+  mask.row_ptr = row_ptr;
+  mask.col_idx = col_idx;
+  if (options.exact_nnz && plan.gamma > 0)
+    mask.col_idx = col_idx.narrow(0, 0, row_ptr[rows].item<int64_t>());
+  return mask;
+}
+
 }  // namespace
 
 bool cuda_estimator_handles(const torch::Tensor& q, const torch::Tensor& k, int64_t rank,
@@ -449,16 +547,20 @@ BlockMask estimate_block_mask_cuda(const torch::Tensor& q, const torch::Tensor& 
   // Density 1 without gamma or top_k keeps every visible block whatever the scores: no estimate.
   const bool everything = plan.gamma <= 0 && plan.top_k <= 0 && plan.density >= 1.0;
   torch::Tensor scores;
-  if (everything)
+  // Pooled scores go to the selection as per-block log2 sums: it normalises them itself (the
+  // same floats as the normalisation kernel, one launch and one pass over the scores fewer).
+  bool log2_sums = false;
+  if (everything) {
     scores = torch::zeros({q.size(0), q.size(1), div_up(q.size(2), bs), div_up(k.size(2), bs)},
                           q.options().dtype(torch::kFloat));
-  else if (plan.pool_queries)
-    scores = pooled_scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options);
-  else
+  } else if (plan.pool_queries) {
+    scores = pooled_scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options, false);
+    log2_sums = true;
+  } else {
     scores = scores_on_device(q, k, aq, ak, bs, causal, q_offset, flops, options.tf32,
                               options.projection_rows);
-
-  return select_blocks_cuda(scores, plan, q.size(2), k.size(2), causal, q_offset, options);
+  }
+  return select_on_device(scores, plan, q.size(2), k.size(2), causal, q_offset, options, log2_sums);
 }
 
 torch::Tensor lowrank_project_keys_cuda(const torch::Tensor& k, const torch::Tensor& a_k,
@@ -499,90 +601,10 @@ bool cuda_select_handles(const torch::Tensor& scores) {
          scores.size(3) <= cuda::kEstimatorMaxKeyBlocks;
 }
 
-BlockMask select_blocks_cuda(const torch::Tensor& scores_in, const HeadPlan& plan, int64_t n,
+BlockMask select_blocks_cuda(const torch::Tensor& scores, const HeadPlan& plan, int64_t n,
                              int64_t m, bool causal, int64_t q_offset,
                              const CudaEstimatorOptions& options) {
-  ATTNPILOT_CHECK_ARG(scores_in.defined() && scores_in.dim() == 4 && scores_in.is_cuda(),
-                      "cuda selection: scores must be a 4-D CUDA tensor [b, h, q_blocks, "
-                      "k_blocks]; got {} on {}",
-                      shape_of(scores_in),
-                      scores_in.defined() ? scores_in.device().str() : std::string("-"));
-  ATTNPILOT_CHECK_ARG(plan.kind == Kind::kBlockSparse && plan.block_size >= 1,
-                      "cuda selection: plan {} is not a block_sparse plan", plan.to_string());
-  const int64_t bs = plan.block_size;
-  ATTNPILOT_CHECK_ARG(n >= 1 && m >= 1 && q_offset >= 0 && scores_in.size(2) == div_up(n, bs) &&
-                          scores_in.size(3) == div_up(m, bs),
-                      "cuda selection: scores {} do not fit n = {} queries and m = {} keys in "
-                      "blocks of {} (q_offset {})",
-                      shape_of(scores_in), n, m, bs, q_offset);
-  ATTNPILOT_CHECK_ARG(scores_in.size(3) <= cuda::kEstimatorMaxKeyBlocks,
-                      "cuda selection: {} key blocks; at most {} are supported", scores_in.size(3),
-                      cuda::kEstimatorMaxKeyBlocks);
-  const auto scores = scores_in.to(torch::kFloat).contiguous();
-  c10::cuda::CUDAGuard guard(scores.device());
-  const auto stream = at::cuda::getCurrentCUDAStream(scores.get_device()).stream();
-  const int64_t b = scores.size(0), h = scores.size(1);
-  const int64_t qbn = scores.size(2), kbn = scores.size(3), rows = b * h * qbn;
-  // Entries per row: known in advance for a top_k or density budget (select_blocks keeps
-  // max(forced, min(budget, visible))), at most the visible blocks with gamma.
-  int64_t capacity = 0;
-  for (int64_t i = 0; i < qbn; ++i) {
-    const int64_t first_q = q_offset + i * bs,
-                  last_q = q_offset + i * bs + block_rows(i, n, bs) - 1;
-    const int64_t vis = causal ? std::min(kbn, last_q / bs + 1) : kbn;
-    int64_t keep = vis;
-    if (plan.gamma <= 0) {
-      const int64_t d0 = std::min(first_q, m - 1) / bs, d1 = std::min(last_q, m - 1) / bs;
-      int64_t forced = 1;  // block 0
-      for (int64_t kb = std::max<int64_t>(d0, 1); kb <= d1; ++kb) forced += kb < vis ? 1 : 0;
-      const int64_t budget =
-          plan.top_k > 0 ? plan.top_k : static_cast<int64_t>(std::ceil(plan.density * vis - 1e-9));
-      keep = std::max(forced, std::min(budget, vis));
-    }
-    capacity += keep;
-  }
-  capacity *= b * h;
-  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(scores.device());
-  auto row_ptr = torch::empty({rows + 1}, lopt);
-  auto col_idx =
-      plan.gamma > 0 ? torch::full({capacity}, -1, lopt) : torch::empty({capacity}, lopt);
-  size_t temp_bytes = 0;
-  const char* failed = "select_blocks_temp_bytes";
-  check_cuda(cuda::select_blocks_temp_bytes(rows, kbn, &temp_bytes, &failed), failed, scores, bs);
-  auto temp = torch::empty({static_cast<int64_t>(temp_bytes)},
-                           torch::TensorOptions().dtype(torch::kUInt8).device(scores.device()));
-  cuda::SelectLaunch p;
-  p.scores = scores.data_ptr<float>();
-  p.rows = rows;
-  p.n = n;
-  p.m = m;
-  p.q_offset = q_offset;
-  p.q_blocks = qbn;
-  p.k_blocks = kbn;
-  p.block_size = static_cast<int>(bs);
-  p.causal = causal;
-  p.gamma = plan.gamma;
-  p.top_k = plan.top_k;
-  p.density = plan.density;
-  p.row_ptr = row_ptr.data_ptr<int64_t>();
-  p.col_idx = capacity > 0 ? col_idx.data_ptr<int64_t>() : nullptr;
-  p.col_capacity = capacity;
-  p.temp = temp.data_ptr();
-  p.temp_bytes = temp_bytes;
-  failed = "launch_select_blocks";
-  check_cuda(cuda::launch_select_blocks(p, stream, &failed), failed, scores, bs);
-
-  BlockMask mask;
-  mask.batch = b;
-  mask.heads = h;
-  mask.q_blocks = qbn;
-  mask.k_blocks = kbn;
-  mask.block_size = bs;
-  mask.row_ptr = row_ptr;
-  mask.col_idx = col_idx;
-  if (options.exact_nnz && plan.gamma > 0)
-    mask.col_idx = col_idx.narrow(0, 0, row_ptr[rows].item<int64_t>());
-  return mask;
+  return select_on_device(scores, plan, n, m, causal, q_offset, options, false);
 }
 
 }  // namespace attnpilot::attention

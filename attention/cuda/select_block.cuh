@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -130,38 +131,87 @@ __device__ __forceinline__ void warp_bitonic_sort(uint64_t (&x)[E], int lane) {
   }
 }
 
-/// select_row's rule for one row, shared by its two sorts.
-struct SelectRow {
-  const float* sc;  // the row's scores
+/// The key blocks of query block qb: visible [0, vis) and the diagonal [d0, d1] (with block 0,
+/// always taken).
+struct RowBlocks {
   int64_t vis, d0, d1;
-  bool by_mass;
 
-  __device__ __forceinline__ SelectRow(const SelectLaunch& p, int64_t row) {
-    const int64_t qb = row % p.q_blocks, bs = p.block_size;
-    sc = p.scores + row * p.k_blocks;
+  __device__ RowBlocks(const SelectLaunch& p, int64_t qb) {
+    const int64_t bs = p.block_size;
     const int64_t first_q = p.q_offset + qb * bs;
     const int64_t last_q = p.q_offset + qb * bs + block_rows(qb, p.n, bs) - 1;
     vis = p.k_blocks;
     if (p.causal && last_q / bs + 1 < vis) vis = last_q / bs + 1;
     d0 = (first_q < p.m - 1 ? first_q : p.m - 1) / bs;
     d1 = (last_q < p.m - 1 ? last_q : p.m - 1) / bs;
-    by_mass = p.gamma > 0;
   }
   /// Block 0 and the diagonal blocks: always taken.
-  __device__ __forceinline__ bool forced(int64_t kb) const {
-    return kb == 0 || (kb >= d0 && kb <= d1);
+  __device__ bool forced(int64_t kb) const { return kb == 0 || (kb >= d0 && kb <= d1); }
+  /// How many of them are visible (block 0 always is).
+  __device__ int64_t forced_count() const {
+    int64_t c = 1;
+    for (int64_t kb = d0 > 1 ? d0 : 1; kb <= d1 && kb < vis; ++kb) ++c;
+    return c;
+  }
+  /// A count budget's block count (gamma <= 0: top_k, else ceil(density·vis - 1e-9)).
+  __device__ double budget(const SelectLaunch& p) const {
+    return p.top_k > 0 ? static_cast<double>(p.top_k)
+                       : ceil(__dsub_rn(__dmul_rn(p.density, static_cast<double>(vis)), 1e-9));
+  }
+  /// Blocks a count budget keeps: max(forced, min(budget, vis)), as select_blocks and the
+  /// launcher's capacity (cuda_estimator.cpp) count them.
+  __device__ int64_t keep(const SelectLaunch& p) const {
+    const double b = budget(p);
+    const int64_t take = b < static_cast<double>(vis) ? static_cast<int64_t>(b) : vis;
+    const int64_t f = forced_count();
+    return take > f ? take : f;
+  }
+};
+
+/// A count budget's CSR position of row `row` (b·heads·q_blocks + h·q_blocks + qb): every row's
+/// length is keep(), known from the geometry alone, so each warp sums the lengths before its row
+/// (those of its (b, h) slice: qb of them, plus whole slices of sum_qb keep) instead of a scan
+/// over the selection's counts. Every lane gets the same values.
+__device__ __forceinline__ void count_budget_offset(const SelectLaunch& p, int64_t row, int lane,
+                                                    int64_t& offset, int64_t& per_slice) {
+  const int64_t qb = row % p.q_blocks;
+  long long before = 0, slice = 0;
+  for (int64_t i = lane; i < p.q_blocks; i += 32) {
+    const int64_t k = RowBlocks(p, i).keep(p);
+    slice += k;
+    if (i < qb) before += k;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {
+    before += __shfl_xor_sync(0xffffffffu, before, o);
+    slice += __shfl_xor_sync(0xffffffffu, slice, o);
+  }
+  per_slice = slice;
+  offset = (row / p.q_blocks) * per_slice + before;
+}
+
+/// select_row's rule for one row, shared by its two sorts.
+struct SelectRow : RowBlocks {
+  const float* sc;  // the row's scores
+  bool by_mass;
+
+  __device__ __forceinline__ SelectRow(const SelectLaunch& p, int64_t row)
+      : RowBlocks(p, row % p.q_blocks) {
+    sc = p.scores + row * p.k_blocks;
+    by_mass = p.gamma > 0;
   }
   /// The sort key of entry i (~0, sorting last, for the forced and invisible entries).
   __device__ __forceinline__ uint64_t key(int64_t i, float score) const {
     return i < vis && !forced(i) ? order_key(score, i) : ~0ull;
   }
-  /// The forced blocks in the CPU's order (block 0, then the diagonal ascending) into the mass,
-  /// the count and the bitmap `bits`.
-  __device__ __forceinline__ void take_forced(double& mass, int64_t& count, uint32_t* bits,
-                                              int lane) const {
+  /// The forced blocks in the CPU's order (block 0, then the diagonal ascending) into the mass
+  /// (the row's scores through `score`), the count and the bitmap `bits`.
+  template <class Score>
+  __device__ __forceinline__ void take_forced(Score&& score, double& mass, int64_t& count,
+                                              uint32_t* bits, int lane) const {
     for (int64_t kb = 0; kb < vis; kb = kb == 0 ? (d0 > 1 ? d0 : 1) : kb + 1) {
       if (!forced(kb)) break;
-      mass += static_cast<double>(sc[kb]);
+      mass += static_cast<double>(score(kb));
       ++count;
       if (lane == 0) bits[kb / 32] |= 1u << (kb % 32);
     }
@@ -169,8 +219,7 @@ struct SelectRow {
   /// The budget the sorted entries are taken against: gamma·total mass, or a count.
   __device__ __forceinline__ double limit(const SelectLaunch& p, double total) const {
     if (by_mass) return __dmul_rn(p.gamma, total);
-    return p.top_k > 0 ? static_cast<double>(p.top_k)
-                       : ceil(__dsub_rn(__dmul_rn(p.density, static_cast<double>(vis)), 1e-9));
+    return budget(p);
   }
   /// Sorted entries c0 .. c0 + 31 (this lane's: `key`, entry c0 + lane) of the `others`
   /// unforced ones: an entry is taken when the mass (count) before it, `base` + the warp's
@@ -200,55 +249,196 @@ struct SelectRow {
   }
 };
 
-/// One warp per row: row `row` (b·heads·q_blocks + h·q_blocks + qb) by the 32 threads of a
-/// one-warp CTA, its chosen blocks as a bitmap at bitmap[row·words ..] and their count at
-/// counts[row]. E = select_entries(cap) (cap = select_cap(k_blocks)): the unforced entries
-/// sorted in registers, E per lane, or with E = 0 in shared memory. `smem`:
-/// select_smem_bytes(E, cap, p.k_blocks) bytes, 16-byte aligned.
+/// The sum of a lane value over the warp (one REDUX on compute capability 8.0 and later).
+__device__ __forceinline__ unsigned warp_count(unsigned n) {
+#if defined(ATTNPILOT_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+  return __reduce_add_sync(0xffffffffu, n);
+#else
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) n += __shfl_xor_sync(0xffffffffu, n, o);
+  return n;
+#endif
+}
+
+/// The c smallest of a warp's 32·E keys (entry 32e + lane in x[e]; only entries with bit e of
+/// `valid` count) marked in `bits` (by block, the key's low 32 bits, < 2^key_bits), 1 <= c <
+/// the valid entries: the entries a sort followed by taking its first c would mark, found by a
+/// radix select instead (the keys are distinct: their low bits are the block). The c-th smallest
+/// key T is built bit by bit from the top, each step counting the valid keys below a candidate
+/// (one warp reduction): its score half (32 steps), then, only where other keys share T's
+/// score, its block bits. Every valid key <= T is taken.
 template <int E>
+__device__ __forceinline__ void take_smallest(const uint64_t (&x)[E], uint32_t valid, int64_t c,
+                                              int key_bits, uint32_t* bits) {
+  const auto count = [&](auto&& below) {
+    unsigned n = 0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) n += ((valid >> e) & 1u) && below(x[e]) ? 1u : 0u;
+    return static_cast<int64_t>(warp_count(n));
+  };
+  // T's score half: the largest h with fewer than c keys whose score half is below h.
+  uint32_t hi = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t cand = hi | (1u << bit);
+    if (count([&](uint64_t k) { return static_cast<uint32_t>(k >> 32) < cand; }) < c) hi = cand;
+  }
+  uint64_t t = (static_cast<uint64_t>(hi) << 32) | 0xffffffffu;  // every key of score half hi
+  if (count([&](uint64_t k) { return static_cast<uint32_t>(k >> 32) <= hi; }) > c) {
+    // Ties at T's score: T's block bits, the same way.
+    uint32_t lo = 0;
+    for (int bit = key_bits - 1; bit >= 0; --bit) {
+      const uint64_t cand = (static_cast<uint64_t>(hi) << 32) | lo | (1u << bit);
+      if (count([&](uint64_t k) { return k < cand; }) < c) lo |= 1u << bit;
+    }
+    t = (static_cast<uint64_t>(hi) << 32) | lo;
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e)
+    if (((valid >> e) & 1u) && x[e] <= t) {
+      const uint32_t kb = static_cast<uint32_t>(x[e]);
+      atomicOr(&bits[kb / 32], 1u << (kb % 32));
+    }
+}
+
+/// The set bits of a row's bitmap `bits` (`words` words), ascending, at col_idx[base ..) (none
+/// at or past col_capacity). Every lane of the warp calls it.
+__device__ __forceinline__ void write_list(const SelectLaunch& p, const uint32_t* bits,
+                                           int64_t words, int64_t base, int lane) {
+  for (int64_t w0 = 0; w0 < words; w0 += 32) {
+    const int64_t w = w0 + lane;
+    uint32_t word = w < words ? bits[w] : 0u;
+    const int c = __popc(word);
+    int incl = c;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    int64_t pos = base + incl - c;
+    while (word != 0u) {
+      const int bit = __ffs(word) - 1;
+      if (pos < p.col_capacity) p.col_idx[pos] = w * 32 + bit;
+      ++pos;
+      word &= word - 1u;
+    }
+    base += __shfl_sync(0xffffffffu, incl, 31);
+  }
+}
+
+/// One warp per row: row `row` (b·heads·q_blocks + h·q_blocks + qb) by the 32 threads of a
+/// one-warp CTA. E = select_entries(cap) (cap = select_cap(k_blocks)): the unforced entries held
+/// in registers, E per lane, or with E = 0 in shared memory. `smem`:
+/// select_smem_bytes(E, cap, p.k_blocks) bytes, 16-byte aligned.
+///
+/// With p.log2_sums the row holds per-block log2 sums L (the pooled estimator's unnormalised
+/// scores) and is normalised first exactly as pooled_scores.cuh's pooled_normalise_row does (the
+/// same lanes, order and operations: the same floats). A count budget (gamma <= 0) takes its
+/// unforced entries by take_smallest (E > 0) or the shared-memory sort (E = 0); a mass budget
+/// sorts them and walks the prefix sums (in registers for E > 0).
+///
+/// kDirect (count budgets only): the list goes straight to col_idx at the row's position
+/// (count_budget_offset) and row_ptr[row] (and row_ptr[rows] by the last row) is written; no
+/// bitmap, counts, scan or scatter. Else the chosen blocks go to a bitmap at
+/// bitmap[row·words ..] and their count to counts[row], for the scan and scatter_block.
+template <int E, bool kDirect = false>
 __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, uint32_t* bitmap,
                                            int64_t* counts, int cap, unsigned char* smem) {
   uint64_t* keys = reinterpret_cast<uint64_t*>(smem);  // E = 0 only
   const int64_t words = ceil_div(p.k_blocks, 32);
   uint32_t* bits = reinterpret_cast<uint32_t*>(smem + (E == 0 ? int64_t(cap) * 8 : 0));
-  const int lane = threadIdx.x;
+  const int lane = threadIdx.x % 32;
   const SelectRow r(p, row);
+  assert(!kDirect || !r.by_mass);
 
   for (int64_t w = lane; w < words; w += 32) bits[w] = 0u;
-  // The visible scores: their total (each lane in ascending order, as the CPU-checked kernel
-  // always summed) and, for the register sort, the sort keys.
-  double total = 0;
-  uint64_t x[E > 0 ? E : 1];
+  // The row's scores: as stored, or normalised from log2 sums (pooled_normalise_row's steps).
+  float mx = 0.f, il = 1.f;
+  float raw[E > 0 ? E : 1];
   if constexpr (E > 0) {
 #pragma unroll
     for (int e = 0; e < E; ++e) {
       const int64_t i = 32 * e + lane;
-      const float s = i < r.vis ? r.sc[i] : 0.f;
+      raw[e] = i < r.vis ? r.sc[i] : 0.f;
+    }
+  }
+  if (p.log2_sums) {
+    mx = -INFINITY;
+    if constexpr (E > 0) {
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if (32 * e + lane < r.vis) mx = fmaxf(mx, raw[e]);
+    } else {
+      for (int64_t kb = lane; kb < r.vis; kb += 32) mx = fmaxf(mx, r.sc[kb]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float l = 0.f;
+    if constexpr (E > 0) {
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if (32 * e + lane < r.vis) l += exp2f(raw[e] - mx);
+    } else {
+      for (int64_t kb = lane; kb < r.vis; kb += 32) l += exp2f(r.sc[kb] - mx);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
+    il = 1.f / l;
+  }
+  const bool log2 = p.log2_sums;
+  const auto normalised = [&](float v) { return log2 ? exp2f(v - mx) * il : v; };
+  const auto score = [&](int64_t kb) { return normalised(r.sc[kb]); };  // kb < vis
+  // Mass budgets: the visible scores' total (each lane in ascending order, as the CPU-checked
+  // kernel always summed). The register entries' sort keys.
+  double total = 0;
+  uint64_t x[E > 0 ? E : 1];
+  uint32_t valid = 0;  // bit e: entry 32e + lane is visible and not forced
+  if constexpr (E > 0) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int64_t i = 32 * e + lane;
+      const float s = i < r.vis ? normalised(raw[e]) : 0.f;
       if (i < r.vis) total += static_cast<double>(s);
       x[e] = r.key(i, s);
+      if (i < r.vis && !r.forced(i)) valid |= 1u << e;
     }
-  } else {
-    for (int64_t kb = lane; kb < r.vis; kb += 32) total += static_cast<double>(r.sc[kb]);
+  } else if (r.by_mass) {
+    for (int64_t kb = lane; kb < r.vis; kb += 32) total += static_cast<double>(score(kb));
   }
-  total = warp_sum(total);
+  if (r.by_mass) total = warp_sum(total);
   __syncwarp();
   double mass = 0;
   int64_t count = 0;
-  r.take_forced(mass, count, bits, lane);
+  r.take_forced(score, mass, count, bits, lane);
   __syncwarp();
   const double limit = r.limit(p, total);
   const int64_t others = r.vis - count;
   if ((r.by_mass ? mass : static_cast<double>(count)) < limit && others > 0) {
     double base = r.by_mass ? mass : static_cast<double>(count);
-    if constexpr (E > 0) {
-      warp_bitonic_sort<E>(x, lane);
-      bool more = true;
+    // A count budget's unforced entries to take (limit is a whole number there).
+    const int64_t want = r.by_mass ? 0
+                         : limit - base >= static_cast<double>(others)
+                             ? others
+                             : static_cast<int64_t>(limit - base);
+    if (!r.by_mass && want == others) {  // all of them
+      for (int64_t kb = lane; kb < r.vis; kb += 32)
+        if (!r.forced(kb)) atomicOr(&bits[kb / 32], 1u << (kb % 32));
+      count += others;
+    } else if constexpr (E > 0) {
+      if (!r.by_mass) {
+        int key_bits = 1;
+        while ((int64_t(1) << key_bits) < r.vis) ++key_bits;
+        take_smallest<E>(x, valid, want, key_bits, bits);
+        count += want;
+      } else {
+        warp_bitonic_sort<E>(x, lane);
+        bool more = true;
 #pragma unroll
-      for (int e = 0; e < E; ++e)
-        if (more && 32 * e < others)  // warp-uniform
-          more = r.walk(x[e], 32 * e, others, limit, base, count, bits, lane);
+        for (int e = 0; e < E; ++e)
+          if (more && 32 * e < others)  // warp-uniform
+            more = r.walk(x[e], 32 * e, others, limit, base, count, bits, lane);
+      }
     } else {
-      for (int64_t i = lane; i < cap; i += 32) keys[i] = r.key(i, i < r.vis ? r.sc[i] : 0.f);
+      for (int64_t i = lane; i < cap; i += 32) keys[i] = r.key(i, i < r.vis ? score(i) : 0.f);
       __syncwarp();
       // Bitonic sort, ascending (the forced and invisible entries, ~0, end up last); the
       // strides are powers of two, so the pair index is shifts and masks.
@@ -273,8 +463,19 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
     }
   }
   __syncwarp();
-  for (int64_t w = lane; w < words; w += 32) bitmap[row * words + w] = bits[w];
-  if (lane == 0) counts[row] = count;
+  if constexpr (kDirect) {
+    int64_t offset = 0, per_slice = 0;
+    count_budget_offset(p, row, lane, offset, per_slice);
+    assert(count == r.keep(p));
+    write_list(p, bits, words, offset, lane);
+    if (lane == 0) {
+      p.row_ptr[row] = offset;
+      if (row == p.rows - 1) p.row_ptr[p.rows] = offset + count;
+    }
+  } else {
+    for (int64_t w = lane; w < words; w += 32) bitmap[row * words + w] = bits[w];
+    if (lane == 0) counts[row] = count;
+  }
 }
 
 /// One CTA of 128 threads (`block` is blockIdx.x), one warp per row (row block·4 + warp): the set
@@ -286,26 +487,7 @@ __device__ __forceinline__ void scatter_block(const SelectLaunch& p, unsigned in
   const int64_t row = static_cast<int64_t>(block) * 4 + threadIdx.x / 32;
   if (row >= p.rows) return;  // whole warps; no block barriers below
   const int64_t words = ceil_div(p.k_blocks, 32);
-  int64_t base = p.row_ptr[row];
-  for (int64_t w0 = 0; w0 < words; w0 += 32) {
-    const int64_t w = w0 + lane;
-    uint32_t word = w < words ? bitmap[row * words + w] : 0u;
-    const int c = __popc(word);
-    int incl = c;
-#pragma unroll
-    for (int o = 1; o < 32; o *= 2) {
-      const int y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += y;
-    }
-    int64_t pos = base + incl - c;
-    while (word != 0u) {
-      const int bit = __ffs(word) - 1;
-      if (pos < p.col_capacity) p.col_idx[pos] = w * 32 + bit;
-      ++pos;
-      word &= word - 1u;
-    }
-    base += __shfl_sync(0xffffffffu, incl, 31);
-  }
+  write_list(p, bitmap + row * words, words, p.row_ptr[row], lane);
 }
 
 }  // namespace attnpilot::attention::cuda::selection

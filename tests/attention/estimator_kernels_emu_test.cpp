@@ -36,6 +36,7 @@
 #include "tests/cuda_emu/cuda_emu.h"
 // clang-format off (the emulation must come first)
 #include "attention/cuda/block_scores_block.cuh"
+#include "attention/cuda/pooled_scores.cuh"
 #include "attention/cuda/select_block.cuh"
 #include "tests/cuda_emu/cuda_emu_mma.h"
 // clang-format on
@@ -45,6 +46,7 @@ namespace {
 
 namespace cu = attnpilot::attention::cuda;
 namespace sampled = attnpilot::attention::cuda::sampled;
+namespace pooled = attnpilot::attention::cuda::pooled;
 namespace selection = attnpilot::attention::cuda::selection;
 namespace emu = attnpilot::cuda_emu;
 
@@ -198,23 +200,29 @@ torch::Tensor cpu_scores(const Shape& s, const Problem& pr) {
   return lowrank_block_scores(pr.q, pr.k, pr.a_q, pr.a_k, s.bs, s.causal, s.q_offset, &flops);
 }
 
-/// Emulated selection (select_kernel: one one-warp CTA per row), the exclusive scan of the
-/// counts on the host (CUB's on the device), then the scatter (4 rows per 128-thread CTA).
-/// `capacity` < 0: room for every block of every row.
+/// Emulated selection as launch_select_blocks runs it (select_kernel: one one-warp CTA per row):
+/// a count budget's lists written by the kernel itself; a mass budget's bitmap and counts, the
+/// exclusive scan of the counts on the host (CUB's on the device), then the scatter (4 rows per
+/// 128-thread CTA). `capacity` < 0: room for every block of every row (a count budget: exactly
+/// its lists, as the launcher sizes col_idx). log2_sums: the scores are per-block log2 sums for
+/// the kernel to normalise (SelectLaunch::log2_sums).
 BlockMask emulate_select(const torch::Tensor& scores, const HeadPlan& plan, int64_t n, int64_t m,
                          bool causal, int64_t q_offset, int64_t capacity = -1,
-                         std::vector<int64_t>* col_all = nullptr) {
+                         std::vector<int64_t>* col_all = nullptr, bool log2_sums = false) {
   const auto sc = scores.to(torch::kFloat).contiguous();
   const int64_t b = sc.size(0), h = sc.size(1), qbn = sc.size(2), kbn = sc.size(3);
   const int64_t rows = b * h * qbn, words = (kbn + 31) / 32;
+  const bool direct = plan.gamma <= 0;
   std::vector<uint32_t> bitmap(static_cast<size_t>(rows * words), 0xdeadbeefu);
   std::vector<int64_t> counts(static_cast<size_t>(rows + 1), -99);
   counts[static_cast<size_t>(rows)] = 0;  // the launcher's memset
   std::vector<int64_t> row_ptr(static_cast<size_t>(rows + 1), -55);
-  if (capacity < 0) capacity = rows * kbn;
+  if (capacity < 0)
+    capacity = direct ? select_blocks(scores, plan, n, m, causal, q_offset).nnz() : rows * kbn;
   std::vector<int64_t> col(static_cast<size_t>(std::max<int64_t>(capacity, 1) + 8), -77);
   cu::SelectLaunch p;
   p.scores = sc.data_ptr<float>();
+  p.log2_sums = log2_sums;
   p.rows = rows;
   p.n = n;
   p.m = m;
@@ -237,15 +245,20 @@ BlockMask emulate_select(const torch::Tensor& scores, const HeadPlan& plan, int6
           static_cast<size_t>(selection::select_smem_bytes(kE, cap, kbn) / 16 + 1));
       std::memset(smem.data(), 0xa5, smem.size() * 16);
       emu::run_block(32, [&] {
-        selection::select_row<kE>(p, row, bitmap.data(), counts.data(), cap,
-                                  reinterpret_cast<unsigned char*>(smem.data()));
+        auto* sm = reinterpret_cast<unsigned char*>(smem.data());
+        if (direct)
+          selection::select_row<kE, true>(p, row, nullptr, nullptr, cap, sm);
+        else
+          selection::select_row<kE, false>(p, row, bitmap.data(), counts.data(), cap, sm);
       });
     }
   });
-  std::exclusive_scan(counts.begin(), counts.end(), row_ptr.begin(), int64_t{0});
-  for (int64_t blk = 0; blk < (rows + 3) / 4; ++blk)
-    emu::run_block(128,
-                   [&] { selection::scatter_block(p, static_cast<unsigned>(blk), bitmap.data()); });
+  if (!direct) {
+    std::exclusive_scan(counts.begin(), counts.end(), row_ptr.begin(), int64_t{0});
+    for (int64_t blk = 0; blk < (rows + 3) / 4; ++blk)
+      emu::run_block(
+          128, [&] { selection::scatter_block(p, static_cast<unsigned>(blk), bitmap.data()); });
+  }
   const int64_t nnz = row_ptr[static_cast<size_t>(rows)];
   for (size_t i = static_cast<size_t>(std::min(nnz, capacity)); i < col.size(); ++i)
     EXPECT_EQ(col[i], -77) << "col_idx written past the list or the capacity at " << i;
@@ -402,6 +415,115 @@ TEST(EstimatorKernelsEmulated, SelectionAtEverySortSize) {
                             fmt::format("k_blocks={} causal={}", kbn, causal));
     }
   }
+}
+
+/// Per-block log2 sums (a pooled estimator's rows before normalisation, NaN past each row's
+/// visible blocks, as the score kernels leave them): the selection's own normalisation gives the
+/// normalisation kernel's floats, so its lists equal select_blocks' on the normalised rows, every
+/// plan, every sort size, causal and not.
+TEST(EstimatorKernelsEmulated, SelectionNormalisesLog2SumsAsTheNormaliser) {
+  std::mt19937_64 rng(77);
+  std::normal_distribution<float> nd(0.f, 6.f);
+  const int64_t bs = 64;
+  for (int64_t kbn : {3, 100, 700, 1200}) {
+    for (bool causal : {true, false}) {
+      const int64_t m = kbn * bs - 7, n = std::min<int64_t>(m, 3 * bs + 9);
+      const int64_t q_offset = causal ? m - n - (kbn > 3 ? bs * 2 : 0) : 0;
+      const int64_t qbn = (n + bs - 1) / bs;
+      auto log2s = torch::empty({1, 2, qbn, kbn}, torch::kFloat);
+      auto acc = log2s.accessor<float, 4>();
+      cu::PooledScoresLaunch np;
+      np.batch = 1;
+      np.heads = 2;
+      np.n = n;
+      np.m = m;
+      np.q_offset = q_offset;
+      np.q_blocks = qbn;
+      np.k_blocks = kbn;
+      np.block_size = static_cast<int>(bs);
+      np.causal = causal;
+      for (int64_t h = 0; h < 2; ++h)
+        for (int64_t qb = 0; qb < qbn; ++qb) {
+          const int64_t vis = (pooled::pooled_visible_keys(np, qb) + bs - 1) / bs;
+          for (int64_t kb = 0; kb < kbn; ++kb)
+            acc[0][h][qb][kb] = kb < vis ? nd(rng) + (kb % 5 == 0 ? 40.f : 0.f)
+                                         : std::numeric_limits<float>::quiet_NaN();
+        }
+      // The normalisation kernel, emulated, on a copy.
+      auto normalised = log2s.clone();
+      np.scores = normalised.data_ptr<float>();
+      for (int64_t row = 0; row < 2 * qbn; ++row)
+        emu::run_block(32, [&] { pooled::pooled_normalise_row(np, row); });
+      for (const HeadPlan& plan : plans(bs)) {
+        const std::string w =
+            fmt::format("k_blocks={} causal={} plan {}", kbn, causal, plan.to_string());
+        const BlockMask want = select_blocks(normalised, plan, n, m, causal, q_offset);
+        const BlockMask got =
+            emulate_select(log2s, plan, n, m, causal, q_offset, -1, nullptr, true);
+        ASSERT_TRUE(torch::equal(got.row_ptr, want.row_ptr)) << w << ": row_ptr differs";
+        EXPECT_TRUE(torch::equal(got.col_idx, want.col_idx)) << w << ": col_idx differs";
+      }
+    }
+  }
+}
+
+/// The count budgets' radix select against select_blocks on rows built to stress it: every
+/// score equal (all ties: the lowest blocks win), two levels, a few distinct values among
+/// zeros, huge and subnormal scores, and scores differing in the last bit only; top_k from 1 to
+/// past the visible blocks and densities, at register sizes of 1 to 32 entries per lane.
+TEST(EstimatorKernelsEmulated, CountBudgetRadixSelectMatchesSort) {
+  std::mt19937_64 rng(123);
+  const int64_t bs = 64;
+  int cases = 0;
+  for (int64_t kbn : {5, 33, 64, 250, 1000}) {
+    const int64_t m = kbn * bs, n = std::min<int64_t>(m, 4 * bs);
+    const int64_t q_offset = m - n;
+    const int64_t qbn = n / bs;
+    for (int pattern = 0; pattern < 5; ++pattern) {
+      auto scores = torch::empty({1, 1, qbn, kbn}, torch::kFloat);
+      auto acc = scores.accessor<float, 4>();
+      std::uniform_int_distribution<int> pick(0, 9);
+      for (int64_t qb = 0; qb < qbn; ++qb)
+        for (int64_t kb = 0; kb < kbn; ++kb) {
+          float v = 0.f;
+          switch (pattern) {
+            case 0:
+              v = 0.25f;
+              break;
+            case 1:
+              v = pick(rng) < 5 ? 0.5f : 0.125f;
+              break;
+            case 2:
+              v = pick(rng) == 0 ? static_cast<float>(pick(rng)) : 0.f;
+              break;
+            case 3:
+              v = pick(rng) < 3 ? 3e38f : pick(rng) < 5 ? 1e-44f : 1.f;
+              break;
+            default:
+              v = std::nextafter(1.f, 2.f * static_cast<float>(pick(rng) % 3));
+              break;
+          }
+          acc[0][0][qb][kb] = v;
+        }
+      std::vector<HeadPlan> ps;
+      for (int64_t top_k : {int64_t{1}, int64_t{2}, kbn / 3 + 1, kbn - 1, kbn + 5}) {
+        HeadPlan hp = HeadPlan::block_sparse(0.5, bs);
+        hp.top_k = top_k;
+        ps.push_back(hp);
+      }
+      for (double density : {0.05, 0.5, 0.97}) ps.push_back(HeadPlan::block_sparse(density, bs));
+      for (const HeadPlan& plan : ps) {
+        const std::string w =
+            fmt::format("k_blocks={} pattern={} plan {}", kbn, pattern, plan.to_string());
+        const BlockMask want = select_blocks(scores, plan, n, m, true, q_offset);
+        const BlockMask got = emulate_select(scores, plan, n, m, true, q_offset);
+        ASSERT_TRUE(torch::equal(got.row_ptr, want.row_ptr)) << w << ": row_ptr differs";
+        ASSERT_TRUE(torch::equal(got.col_idx, want.col_idx)) << w << ": col_idx differs";
+        ++cases;
+      }
+    }
+  }
+  EXPECT_EQ(cases, 5 * 5 * 8);
 }
 
 /// A col_idx shorter than the lists: entries past the capacity are never written, the row_ptr

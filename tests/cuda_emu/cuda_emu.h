@@ -629,6 +629,20 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
       });
   return r;
 }
+/// The sum of v over the lanes of mask, to every one of them (REDUX.SUM).
+inline unsigned __reduce_add_sync(unsigned mask, unsigned v) {
+  unsigned r = 0;
+  ::attnpilot::cuda_emu::Block::current_block()->warp_exchange(
+      mask, &v, sizeof v, [&](auto lane_bytes) {
+        for (int l = 0; l < 32; ++l) {
+          if (!(mask & (1u << l))) continue;
+          unsigned x;
+          std::memcpy(&x, lane_bytes(l), sizeof x);
+          r += x;
+        }
+      });
+  return r;
+}
 inline unsigned atomicAdd(unsigned* p, unsigned v) {
   const unsigned old = *p;
   *p = old + v;
