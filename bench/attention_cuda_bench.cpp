@@ -453,40 +453,34 @@ void run_estimator(bool quick) {
           },
           1, 3);
       // pq-mma: the tensor-core kernel on the stored keys by mma.sync (the default off
-      // compute capability 9.0); pool-q: the keys projected, then the CUDA-core kernel; pq-wg /
-      // pq-wg3: the stored-key scores as warpgroup MMAs (compute capability 9.0, where pq-wg is
-      // the default), 2 and 3 key tiles of 128 in flight; wg-3cta: pq-wg compiled for three CTAs
-      // per SM (registers capped at 168) instead of two; wg-pipe: its pipelined form (tile t +
-      // 1's products run while tile t is folded; 3 tiles in flight); wg-1p: pq-wg with w in one
-      // 16-bit part (pooled_key_split = false: half the MMAs); 1p-pipe: both; 1p-p-wk: and w
-      // by one kernel (pooled_w_kernel). (3 and 4
-      // tiles in flight for pq-mma, and key chunks of 2048 and 4096 keys, measured no faster:
-      // RESULTS.md, 2026-12-06.)
+      // compute capability 9.0); pool-q: the keys projected, then the CUDA-core kernel; pq-wg:
+      // the stored-key scores as warpgroup MMAs (compute capability 9.0, where it is the
+      // default: w from LibTorch's block means and the products kernel); wg-cub: pq-wg with
+      // w's products by LibTorch (two cuBLAS products and a scaling, the default before
+      // 2026-12-06's tenth session); wg-1p: pq-wg with w in one 16-bit part
+      // (pooled_key_split = false: half the MMAs); 1p-wk: and w by one kernel from q
+      // (pooled_w_kernel). (Measured slower and left out: 3 and 4 tiles in flight, key chunks
+      // of 2048 and 4096 keys, three CTAs per SM, the pipelined body: RESULTS.md, 2026-12-06.)
       bool sm90 = false;
       const char* failed_call = "";
       cuda_check(cuda::device_is_sm90(&sm90, &failed_call), failed_call);
-      BlockMask split_mask;  // pq-wg's, for wg-1p's agreement
-      for (int variant = 0; variant < 9; ++variant) {
+      BlockMask split_mask;  // pq-wg's, for the one-part rows' agreement
+      for (int variant = 0; variant < 6; ++variant) {
         if (variant >= 2 && !sm90) continue;
         const bool key_mma = variant != 1;
         CudaEstimatorOptions eo;
         eo.pooled_key_mma = key_mma;
         eo.pooled_key_body = variant >= 2 ? CudaEstimatorOptions::PooledKeyBody::kWgmma
                                           : CudaEstimatorOptions::PooledKeyBody::kMmaSync;
-        eo.pooled_key_stages = variant == 3 ? 3 : 0;
-        eo.pooled_key_ctas_per_sm = variant == 4 ? 3 : 0;
-        eo.pooled_key_pipelined = variant == 5 || variant >= 7;
-        eo.pooled_w_kernel = variant == 8;
-        eo.pooled_key_split = variant < 6;
+        eo.pooled_w_cublas = variant == 3;
+        eo.pooled_w_kernel = variant == 5;
+        eo.pooled_key_split = variant < 4;
         const char* mode = variant == 0   ? "pq-mma"
                            : variant == 1 ? "pool-q"
                            : variant == 2 ? "pq-wg"
-                           : variant == 3 ? "pq-wg3"
-                           : variant == 4 ? "wg-3cta"
-                           : variant == 5 ? "wg-pipe"
-                           : variant == 6 ? "wg-1p"
-                           : variant == 7 ? "1p-pipe"
-                                          : "1p-p-wk";
+                           : variant == 3 ? "wg-cub"
+                           : variant == 4 ? "wg-1p"
+                                          : "1p-wk";
         double flops = 0;
         BlockMask mask;
         const auto estimate = [&] {
@@ -504,7 +498,7 @@ void run_estimator(bool quick) {
         fmt::print("{:>22} {:>13.3f} {:>13} {:>11.3f}   (GPU work alone: CUDA graph replay)\n",
                    "graph", t_graph, "", t_graph / t_att);
         if (variant == 2) split_mask = mask.on_host();
-        if (variant >= 6 && split_mask.row_ptr.defined())
+        if (variant >= 4 && split_mask.row_ptr.defined())
           fmt::print("{:>22} {:>13.4f}   (blocks also chosen by pq-wg, of those chosen)\n",
                      "agreement", mask_agreement(mask.on_host(), split_mask));
         std::fflush(stdout);

@@ -182,7 +182,17 @@ __global__ void __launch_bounds__(pooled_keys::kThreads)
 
 // ---- (1w) w of the pooled queries (the body is pooled_w.cuh's pooled_w_block) ----
 
-// Grid (⌈q_blocks / kWBlocks⌉, heads, batch), pooled_w::kThreads threads.
+// Products alone (PooledWLaunch::means): grid (⌈q_blocks / kProductBlocks⌉, heads, batch),
+// pooled_w::kThreads threads, pooled_w::products_shared_floats<D>(p.rank) floats of dynamic
+// shared memory.
+template <int D>
+__global__ void __launch_bounds__(pooled_w::kThreads) pooled_w_products_kernel(PooledWLaunch p) {
+  extern __shared__ __align__(16) float pooled_w_products_smem[];
+  pooled_w::pooled_w_products_block<D>(p, blockIdx.x, blockIdx.y, blockIdx.z,
+                                       pooled_w_products_smem);
+}
+
+// From q: grid (⌈q_blocks / kWBlocks⌉, heads, batch), pooled_w::kThreads threads.
 // Dynamic shared memory: pooled_w::shared_floats<T, D>(p.rank) floats.
 template <typename T, int D>
 __global__ void __launch_bounds__(pooled_w::kThreads) pooled_w_kernel(PooledWLaunch p) {
@@ -503,17 +513,45 @@ cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p_in, cudaStrea
 cudaError_t launch_pooled_w(const PooledWLaunch& p, cudaStream_t stream, const char** failed_call) {
   const int64_t elem = p.type == InputType::kFloat32 ? 4 : 2;
   const int64_t vec = 16 / elem;
-  const bool ok =
-      p.q != nullptr && p.a_q != nullptr && p.a_k != nullptr && p.w != nullptr &&
-      (p.d == 64 || p.d == 128) && p.rank >= 1 && p.rank <= pooled_w::kMaxRank && p.batch >= 1 &&
-      p.heads >= 1 && p.n >= 1 && p.block_size >= 1 && p.q_blocks == ceil_div(p.n, p.block_size) &&
-      (p.a_batch == 1 || p.a_batch == p.batch) && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
-      p.q_stride[0] % vec == 0 && p.q_stride[1] % vec == 0 && p.q_stride[2] % vec == 0 &&
-      ceil_div(p.q_blocks, pooled_w::kWBlocks) < (int64_t(1) << 31) && p.heads <= 65535 &&
-      p.batch <= 65535;
+  const bool q_ok =
+      p.means != nullptr ||
+      (p.q != nullptr && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && p.q_stride[0] % vec == 0 &&
+       p.q_stride[1] % vec == 0 && p.q_stride[2] % vec == 0);
+  const bool ok = q_ok && p.a_q != nullptr && p.a_k != nullptr && p.w != nullptr &&
+                  (p.d == 64 || p.d == 128) && p.rank >= 1 && p.rank <= pooled_w::kMaxRank &&
+                  p.batch >= 1 && p.heads >= 1 && p.n >= 1 && p.block_size >= 1 &&
+                  p.q_blocks == ceil_div(p.n, p.block_size) &&
+                  (p.a_batch == 1 || p.a_batch == p.batch) &&
+                  ceil_div(p.q_blocks, pooled_w::kWBlocks) < (int64_t(1) << 31) &&
+                  p.heads <= 65535 && p.batch <= 65535;
   if (!ok) {
     *failed_call = "launch_pooled_w (arguments outside the kernel's range)";
     return cudaErrorInvalidValue;
+  }
+  if (p.means != nullptr) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.q_blocks, pooled_w::kProductBlocks)),
+                    static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+    const auto launch = [&](auto kernel, int d) {
+      const size_t bytes =
+          sizeof(float) * (d == 64 ? pooled_w::products_shared_floats<64>(p.rank)
+                                   : pooled_w::products_shared_floats<128>(p.rank));
+      if (bytes > 48 * 1024) {  // rank 64, d 128: 80 KB
+        const cudaError_t e =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+        if (e != cudaSuccess) {
+          *failed_call =
+              "cudaFuncSetAttribute(pooled_w_products_kernel, MaxDynamicSharedMemorySize)";
+          return e;
+        }
+      }
+      kernel<<<grid, pooled_w::kThreads, bytes, stream>>>(p);
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess)
+        *failed_call = "pooled_w_products_kernel<<<(q_blocks / 32, heads, batch), 256>>>";
+      return e;
+    };
+    return p.d == 64 ? launch(pooled_w_products_kernel<64>, 64)
+                     : launch(pooled_w_products_kernel<128>, 128);
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.q_blocks, pooled_w::kWBlocks)),
                   static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));

@@ -129,6 +129,9 @@ inline constexpr int kPooledWMaxRank = 64;
 /// block qb's rows (the last block may be short): the d-vector (2k) scores the stored keys with
 /// (pooled_w.cuh). fp32 math.
 struct PooledWLaunch {
+  /// Set: the query blocks' means [batch, heads, q_blocks, d] fp32 contiguous, and only the
+  /// products run (pooled_w_products_block; q is not read). Null: the means from q too.
+  const float* means = nullptr;
   const void* q = nullptr;          ///< [batch, heads, n, d] of `type`, 16-byte aligned rows
   int64_t q_stride[3] = {0, 0, 0};  ///< element strides over (batch, head, row)
   InputType type = InputType::kBFloat16;
@@ -251,7 +254,8 @@ cudaError_t launch_lowrank_block_scores(const BlockScoresLaunch& p, cudaStream_t
 /// Two kernels on `stream`: the pooled scores' per-block log-sum-exps, then their normalisation.
 cudaError_t launch_pooled_block_scores(const PooledScoresLaunch& p, cudaStream_t stream,
                                        const char** failed_call);
-/// (1w): w of every query block (pooled_w.cuh), one kernel on `stream`.
+/// (1w): w of every query block (pooled_w.cuh), one kernel on `stream`: from q, or with
+/// PooledWLaunch::means from the means (the products alone).
 cudaError_t launch_pooled_w(const PooledWLaunch& p, cudaStream_t stream, const char** failed_call);
 /// Two kernels on `stream`: the pooled scores from the stored keys (L per block), then the same
 /// normalisation as launch_pooled_block_scores.

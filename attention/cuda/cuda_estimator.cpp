@@ -195,31 +195,43 @@ torch::Tensor block_means(const torch::Tensor& q, int64_t bs) {
 }
 
 /// w = (q̄ A_q · scale) A_kᵀ [b, h, ceil(n / bs), d] fp32 for q [b, h, n, d] (d 64 or 128),
-/// a_q, a_k [1 or b, h, d, r], r <= 64: with `kernel`, pooled_w.cuh's kernel where q's rows are
-/// contiguous and 16-byte aligned; else LibTorch (block_means, two products). On `stream`.
+/// a_q, a_k [1 or b, h, d, r], r <= 64, on `stream`: LibTorch's block means, then
+/// - options.pooled_w_kernel (where q's rows are contiguous and 16-byte aligned): pooled_w.cuh's
+///   kernel from q instead (means and products in one);
+/// - options.pooled_w_cublas: two LibTorch (cuBLAS) products and a scaling;
+/// - else (the default) pooled_w.cuh's products kernel on the means.
 torch::Tensor pooled_w(const torch::Tensor& q, const torch::Tensor& a_q, const torch::Tensor& a_k,
-                       int64_t bs, double scale, bool kernel, cudaStream_t stream) {
+                       int64_t bs, double scale, const CudaEstimatorOptions& options,
+                       cudaStream_t stream) {
   const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3);
   const int64_t vec = q.scalar_type() == torch::kFloat ? 4 : 8;
-  const bool kernel_ok = kernel && (d == 64 || d == 128) && a_q.size(3) <= cuda::kPooledWMaxRank &&
-                         q.stride(3) == 1 && q.stride(0) % vec == 0 && q.stride(1) % vec == 0 &&
-                         q.stride(2) % vec == 0 &&
-                         reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0;
-  if (!kernel_ok)
+  const bool kernel_ok =
+      options.pooled_w_kernel && (d == 64 || d == 128) && a_q.size(3) <= cuda::kPooledWMaxRank &&
+      q.stride(3) == 1 && q.stride(0) % vec == 0 && q.stride(1) % vec == 0 &&
+      q.stride(2) % vec == 0 && reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0;
+  const bool products_ok =
+      !options.pooled_w_cublas && (d == 64 || d == 128) && a_q.size(3) <= cuda::kPooledWMaxRank;
+  if (!kernel_ok && !products_ok)
     return torch::matmul(torch::matmul(block_means(q, bs), a_q.to(torch::kFloat)) * scale,
                          a_k.to(torch::kFloat).transpose(2, 3))
         .contiguous();
   // fp32, any strides (the usual case: no copy).
   const auto aq = a_q.to(torch::kFloat), ak = a_k.to(torch::kFloat);
   auto w = torch::empty({b, h, div_up(n, bs), d}, q.options().dtype(torch::kFloat));
+  torch::Tensor means;  // the products kernel's input (kept alive until the launch)
   cuda::PooledWLaunch p;
-  p.q = q.data_ptr();
-  for (int i = 0; i < 3; ++i) p.q_stride[i] = q.stride(i);
+  if (!kernel_ok) {
+    means = block_means(q, bs);  // contiguous [b, h, q_blocks, d] fp32
+    p.means = means.data_ptr<float>();
+  } else {
+    p.q = q.data_ptr();
+    for (int i = 0; i < 3; ++i) p.q_stride[i] = q.stride(i);
+    p.type = input_type(q);
+  }
   for (int i = 0; i < 4; ++i) {
     p.a_q_stride[i] = aq.stride(i);
     p.a_k_stride[i] = ak.stride(i);
   }
-  p.type = input_type(q);
   p.a_q = aq.data_ptr<float>();
   p.a_k = ak.data_ptr<float>();
   p.a_batch = static_cast<int>(aq.size(0));
@@ -299,10 +311,9 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
   const char* failed = "launch_pooled_block_scores";
   if (key_mma) {
     // w = (q̄ A_q · scale) A_kᵀ [b, h, qbn, d], scored against k itself: the rank-r scores
-    // without projecting the keys. LibTorch's block means and two fp32 products (cuBLAS;
-    // LibTorch's TF32 setting for matmuls applies), or with options.pooled_w_kernel one kernel
-    // (pooled_w.cuh: the block means and both products, fp32) where q's rows allow 16-byte loads.
-    const auto w = pooled_w(q_in, a_q, a_k, bs, scale, options.pooled_w_kernel, stream);
+    // without projecting the keys (pooled_w above: LibTorch's block means and the products
+    // kernel, by default).
+    const auto w = pooled_w(q_in, a_q, a_k, bs, scale, options, stream);
     cuda::PooledKeysLaunch pl;
     pl.w = w.data_ptr<float>();
     pl.k = k_in.data_ptr();

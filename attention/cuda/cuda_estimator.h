@@ -93,12 +93,18 @@ struct CudaEstimatorOptions {
   bool pooled_key_split = true;
   /// The tensor-core pooled path forms w = A_k A_qᵀ q̄ by one kernel (pooled_w.cuh: block means
   /// and both products in fp32, q read once with 16-byte loads; where q's rows are not 16-byte
-  /// aligned, LibTorch) instead of LibTorch's block means and two cuBLAS products (the default).
+  /// aligned, the default path) instead of LibTorch's block means and the products kernel (the
+  /// default; measured below against LibTorch's means and two cuBLAS products).
   /// Not the default: its first two forms measured slower than LibTorch (139 and 148 µs against
   /// ~98 + 20 µs at L = 32k, r = 16; and +0.17 ms at r = 32; ncu and bench, H100, 2026-12-06);
   /// the third (eight loads in flight per thread, A staged in shared memory) no faster at
   /// r = 16 and 0.12 ms slower at r = 32 (same day). The same w up to float rounding.
   bool pooled_w_kernel = false;
+  /// w's two products (A_qᵀ q̄ · scale, then A_k ·) by LibTorch (two cuBLAS products and a
+  /// scaling; LibTorch's TF32 setting for matmuls applies) instead of pooled_w.cuh's products
+  /// kernel on LibTorch's block means (the default: one launch instead of three, fp32; the same w
+  /// up to the order of the fp32 sums). The reference the tests and the bench compare with.
+  bool pooled_w_cublas = false;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one

@@ -53,6 +53,59 @@ __host__ __device__ constexpr int shared_floats(int r) {
   return Geometry<T, D>::kRowLanes * D + kWBlocks * D + 2 * D * r + kWBlocks * r;
 }
 
+/// Query blocks per CTA of the products kernel (pooled_w_products_block).
+inline constexpr int kProductBlocks = 32;
+
+/// Shared memory (floats) of pooled_w_products_block at rank r: the means, A_q, A_k and t.
+template <int D>
+__host__ __device__ constexpr int products_shared_floats(int r) {
+  return kProductBlocks * D + 2 * D * r + kProductBlocks * r;
+}
+
+/// A_q of head (b, h) into aq_s [D][r] (row i, column k at i·r + k) and A_k transposed into
+/// ak_s [r][D] (column k, row i at k·D + i): the layouts in which products() reads both without
+/// bank conflicts. All kThreads threads; the caller synchronises.
+template <int D>
+__device__ __forceinline__ void stage_a(const PooledWLaunch& p, int64_t h, int64_t b, float* aq_s,
+                                        float* ak_s) {
+  const int r = p.rank;
+  const int64_t ab = p.a_batch > 1 ? b : 0;
+  const float* aq = p.a_q + ab * p.a_q_stride[0] + h * p.a_q_stride[1];
+  const float* ak = p.a_k + ab * p.a_k_stride[0] + h * p.a_k_stride[1];
+  for (int e = threadIdx.x; e < D * r; e += kThreads) {
+    const int i = e / r, k = e - (e / r) * r;
+    aq_s[e] = aq[i * p.a_q_stride[2] + k * p.a_q_stride[3]];
+    ak_s[k * D + i] = ak[i * p.a_k_stride[2] + k * p.a_k_stride[3]];
+  }
+}
+
+/// w of `blocks` query blocks from their means (mean_s [blocks][D], shared): t[j][k] = scale ·
+/// Σ_i mean[j][i] A_q[i][k] (one thread per (j, k); a warp reads A_q's consecutive columns and
+/// one or two broadcast means), then w[j][i] = Σ_k A_k[i][k] t[j][k] (one thread per (j, i):
+/// consecutive i, conflict-free in ak_s's transposed layout), written to w[b, h, qb0 + j, :]. All
+/// kThreads threads (one barrier).
+template <int D>
+__device__ __forceinline__ void products(const PooledWLaunch& p, int64_t h, int64_t b, int64_t qb0,
+                                         int blocks, const float* mean_s, const float* aq_s,
+                                         const float* ak_s, float* t_s) {
+  const int r = p.rank, tid = threadIdx.x;
+  for (int e = tid; e < blocks * r; e += kThreads) {
+    const int j = e / r, k = e - (e / r) * r;
+    float s = 0.f;
+#pragma unroll 8
+    for (int i = 0; i < D; ++i) s = fmaf(mean_s[j * D + i], aq_s[i * r + k], s);
+    t_s[e] = s * p.scale;
+  }
+  __syncthreads();
+  float* w = p.w + ((b * p.heads + h) * p.q_blocks + qb0) * D;
+  for (int e = tid; e < blocks * D; e += kThreads) {
+    const int j = e / D, i = e % D;
+    float s = 0.f;
+    for (int k = 0; k < r; ++k) s = fmaf(ak_s[k * D + i], t_s[j * r + k], s);
+    w[e] = s;
+  }
+}
+
 /// 16 bytes of q (V elements of T) as loaded, added to acc as floats (projection_block.cuh's
 /// piece_elem: bit operations, no local copy).
 template <typename T, int V>
@@ -74,18 +127,11 @@ __device__ inline void pooled_w_block(const PooledWLaunch& p, int64_t group, int
   float* partial = smem;                     // [kRowLanes][D]
   float* mean = partial + G::kRowLanes * D;  // [kWBlocks][D]
   float* aq_s = mean + kWBlocks * D;         // [D][r]
-  float* ak_s = aq_s + D * r;                // [D][r]
+  float* ak_s = aq_s + D * r;                // [r][D]
   float* t = ak_s + D * r;                   // [kWBlocks][r]
   const int tid = threadIdx.x, lane_r = tid / G::kChunks, chunk = tid % G::kChunks;
   const T* qh = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-  const int64_t ab = p.a_batch > 1 ? b : 0;
-  const float* aq = p.a_q + ab * p.a_q_stride[0] + h * p.a_q_stride[1];
-  const float* ak = p.a_k + ab * p.a_k_stride[0] + h * p.a_k_stride[1];
-  for (int e = tid; e < D * r; e += kThreads) {
-    const int i = e / r, k = e % r;
-    aq_s[e] = aq[i * p.a_q_stride[2] + k * p.a_q_stride[3]];
-    ak_s[e] = ak[i * p.a_k_stride[2] + k * p.a_k_stride[3]];
-  }
+  stage_a<D>(p, h, b, aq_s, ak_s);
   const int64_t bs = p.block_size, qb0 = group * kWBlocks;
   const int blocks = static_cast<int>(p.q_blocks - qb0 < kWBlocks ? p.q_blocks - qb0 : kWBlocks);
   for (int j = 0; j < blocks; ++j) {
@@ -120,24 +166,32 @@ __device__ inline void pooled_w_block(const PooledWLaunch& p, int64_t group, int
       for (int l = 0; l < G::kRowLanes; ++l) s += partial[l * D + tid];
       mean[j * D + tid] = s / static_cast<float>(rows);
     }
-    __syncthreads();  // partial is rewritten by the next block
+    __syncthreads();  // partial is rewritten by the next block (and mean is read below)
   }
-  // t[j][k] = scale · Σ_i mean[j][i] A_q[i][k]
-  for (int e = tid; e < blocks * r; e += kThreads) {
-    const int j = e / r, k = e % r;
-    float s = 0.f;
-#pragma unroll 8
-    for (int i = 0; i < D; ++i) s = fmaf(mean[j * D + i], aq_s[i * r + k], s);
-    t[e] = s * p.scale;
-  }
+  products<D>(p, h, b, qb0, blocks, mean, aq_s, ak_s, t);
+}
+
+/// One CTA (kThreads threads, all of which call it: it holds barriers): w of query blocks
+/// group·kProductBlocks .. + kProductBlocks - 1 (those < q_blocks) of head h of batch entry b
+/// from their means p.means [batch, heads, q_blocks, D] fp32 (LibTorch's block means): the
+/// products alone, in place of two cuBLAS products and a scaling (three launches). `smem`:
+/// products_shared_floats<D>(p.rank) floats.
+template <int D>
+__device__ inline void pooled_w_products_block(const PooledWLaunch& p, int64_t group, int64_t h,
+                                               int64_t b, float* smem) {
+  const int r = p.rank;
+  float* mean = smem;                       // [kProductBlocks][D]
+  float* aq_s = mean + kProductBlocks * D;  // [D][r]
+  float* ak_s = aq_s + D * r;               // [r][D]
+  float* t = ak_s + D * r;                  // [kProductBlocks][r]
+  const int64_t qb0 = group * kProductBlocks;
+  const int blocks =
+      static_cast<int>(p.q_blocks - qb0 < kProductBlocks ? p.q_blocks - qb0 : kProductBlocks);
+  const float* src = p.means + ((b * p.heads + h) * p.q_blocks + qb0) * D;
+  for (int e = threadIdx.x; e < blocks * D; e += kThreads) mean[e] = src[e];
+  stage_a<D>(p, h, b, aq_s, ak_s);
   __syncthreads();
-  // w[j][i] = Σ_k A_k[i][k] t[j][k]
-  for (int e = tid; e < blocks * D; e += kThreads) {
-    const int j = e / D, i = e % D;
-    float s = 0.f;
-    for (int k = 0; k < r; ++k) s = fmaf(ak_s[i * r + k], t[j * r + k], s);
-    p.w[((b * p.heads + h) * p.q_blocks + qb0 + j) * D + i] = s;
-  }
+  products<D>(p, h, b, qb0, blocks, mean, aq_s, ak_s, t);
 }
 
 }  // namespace attnpilot::attention::cuda::pooled_w

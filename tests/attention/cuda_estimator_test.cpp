@@ -367,6 +367,14 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
             torch::equal(want_odd, lowrank_block_scores_cuda(q_odd, in.k, in.a_q, in.a_k, c.bs,
                                                              c.causal, c.q_offset, &gpu_flops, wk)))
             << what << ": q rows not 16-byte aligned did not fall back to LibTorch's w";
+        // The default w (LibTorch's block means, the products kernel) against LibTorch's two
+        // cuBLAS products and scaling: the same w up to the order of the fp32 sums.
+        CudaEstimatorOptions wc = pooled;
+        wc.pooled_w_cublas = true;
+        const auto g_wc = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                    c.q_offset, &gpu_flops, wc);
+        EXPECT_LE((g_wc.cpu().to(torch::kDouble) - g).abs().max().item<double>(), 1e-5)
+            << what << ": the products kernel against cuBLAS's products";
       }
       // tf32 does not apply to the pooled path; same inputs, same bits (no race). Each (query
       // block, key block) value comes from one CTA whatever the key chunks, so other chunk

@@ -509,14 +509,17 @@ TEST(PooledKeyScoresEmulated, OnePartOfWMatchesTheCpuTwin) {
 /// or not, A_q narrowed to fewer columns than it stores (row stride > rank), A_k column-major,
 /// every CTA of the
 /// grid (kWBlocks blocks each, the last CTA partly past q_blocks). w is poisoned first.
+/// from_means: pooled_w_products_block instead, on fp32 means of the rounded q (PooledWLaunch::
+/// means; kProductBlocks blocks per CTA, q poisoned: it must not be read).
 template <typename T, int D>
 void check_pooled_w(int64_t b, int64_t h, int64_t n, int64_t bs, int64_t r, int64_t a_batch,
-                    uint64_t seed) {
-  const std::string what = fmt::format("{} d={} b={} h={} n={} bs={} r={} a_batch={}",
-                                       std::is_same_v<T, float>           ? "fp32"
-                                       : std::is_same_v<T, __nv_bfloat16> ? "bf16"
-                                                                          : "fp16",
-                                       D, b, h, n, bs, r, a_batch);
+                    uint64_t seed, bool from_means = false) {
+  const std::string what =
+      fmt::format("{} d={} b={} h={} n={} bs={} r={} a_batch={}{}",
+                  std::is_same_v<T, float>           ? "fp32"
+                  : std::is_same_v<T, __nv_bfloat16> ? "bf16"
+                                                     : "fp16",
+                  D, b, h, n, bs, r, a_batch, from_means ? " (products from the means)" : "");
   torch::manual_seed(seed);
   // q as the kernel sees it: [b, n, h, d] storage, rows of the (b, h) slice strided by h·d.
   const auto q_store = torch::randn({b, n, h, D}, torch::kDouble) + 0.3;
@@ -570,17 +573,32 @@ void check_pooled_w(int64_t b, int64_t h, int64_t n, int64_t bs, int64_t r, int6
   p.d = D;
   p.rank = static_cast<int>(r);
   p.scale = static_cast<float>(scale);
-  std::vector<float> smem(static_cast<size_t>(pooled_w::shared_floats<T, D>(static_cast<int>(r))));
-  const int64_t groups = (qbn + pooled_w::kWBlocks - 1) / pooled_w::kWBlocks;
+  // The float64 reference reads the rounded q (the kernel from q) or the fp32 means (from_means).
+  const auto qd = q_used.permute({0, 2, 1, 3});  // [b, h, n, d]
+  torch::Tensor means32;                         // [b, h, qbn, d] fp32 contiguous
+  if (from_means) {
+    means32 = torch::empty({b, h, qbn, D}, torch::kFloat);
+    for (int64_t qb = 0; qb < qbn; ++qb)
+      means32.select(2, qb).copy_(qd.narrow(2, qb * bs, std::min(bs, n - qb * bs)).mean(2));
+    p.means = means32.data_ptr<float>();
+    std::memset(q_raw.data(), 0xff, q_raw.size() * sizeof(T));  // NaN in every type
+  }
+  const int per_cta = from_means ? pooled_w::kProductBlocks : pooled_w::kWBlocks;
+  std::vector<float> smem(
+      static_cast<size_t>(from_means ? pooled_w::products_shared_floats<D>(static_cast<int>(r))
+                                     : pooled_w::shared_floats<T, D>(static_cast<int>(r))));
+  const int64_t groups = (qbn + per_cta - 1) / per_cta;
   for (int64_t bb = 0; bb < b; ++bb)
     for (int64_t hh = 0; hh < h; ++hh)
       for (int64_t g = 0; g < groups; ++g) {
         std::fill(smem.begin(), smem.end(), std::nanf(""));
-        emu::run_block(pooled_w::kThreads,
-                       [&] { pooled_w::pooled_w_block<T, D>(p, g, hh, bb, smem.data()); });
+        emu::run_block(pooled_w::kThreads, [&] {
+          if (from_means)
+            pooled_w::pooled_w_products_block<D>(p, g, hh, bb, smem.data());
+          else
+            pooled_w::pooled_w_block<T, D>(p, g, hh, bb, smem.data());
+        });
       }
-  // The float64 reference: block means of the rounded q, then the two products.
-  const auto qd = q_used.permute({0, 2, 1, 3});  // [b, h, n, d]
   double worst = 0, size = 0;
   for (int64_t bb = 0; bb < b; ++bb)
     for (int64_t hh = 0; hh < h; ++hh) {
@@ -588,7 +606,8 @@ void check_pooled_w(int64_t b, int64_t h, int64_t n, int64_t bs, int64_t r, int6
       const auto ak = a_k[a_batch > 1 ? bb : 0][hh].to(torch::kDouble);
       for (int64_t qb = 0; qb < qbn; ++qb) {
         const int64_t rows = std::min(bs, n - qb * bs);
-        const auto mean = qd[bb][hh].narrow(0, qb * bs, rows).mean(0);
+        const auto mean = from_means ? means32[bb][hh][qb].to(torch::kDouble)
+                                     : qd[bb][hh].narrow(0, qb * bs, rows).mean(0);
         const auto want = torch::mv(ak, torch::mv(aq.t(), mean) * scale);
         const auto got =
             torch::from_blob(w.data() + ((bb * h + hh) * qbn + qb) * D, {D}, torch::kFloat)
@@ -608,6 +627,15 @@ TEST(PooledWEmulated, MatchesTheProductsInFloat64) {
   check_pooled_w<__half, 64>(2, 1, 300, 128, 5, 2, 2);
   check_pooled_w<float, 128>(1, 1, 129, 128, 64, 1, 3);
   check_pooled_w<float, 64>(2, 2, 64 * 9, 64, 1, 2, 4);
+}
+
+/// The products kernel (the default w path's second step) on fp32 means: two CTAs per head, the
+/// second partly past q_blocks, ranks 1 to 64.
+TEST(PooledWEmulated, ProductsFromTheMeansMatchFloat64) {
+  check_pooled_w<__nv_bfloat16, 128>(1, 2, 41 * 64 + 17, 64, 16, 1, 5, true);
+  check_pooled_w<__half, 64>(2, 1, 300, 128, 5, 2, 6, true);
+  check_pooled_w<float, 128>(1, 1, 70 * 64, 64, 64, 1, 7, true);
+  check_pooled_w<float, 64>(2, 2, 64 * 9, 64, 1, 2, 8, true);
 }
 
 // More key tiles in flight per CTA (3 or 4 cp.async stages) change when each tile is loaded,
