@@ -618,10 +618,9 @@ void run_decode(bool quick) {
   }
 }
 
-/// One call of the default pooled estimator (r 16, density 10%, L = 32k), one with w in one
-/// 16-bit part (pooled_key_split = false) and one with that and pooled_key_pipelined, between
-/// cudaProfilerStart and cudaProfilerStop, after two warm-up calls of each: for a profiler started
-/// with profiling off (ncu
+/// One call of the default pooled estimator (r 16, density 10%, L = 32k) and one with w in one
+/// 16-bit part (pooled_key_split = false), between cudaProfilerStart and cudaProfilerStop, after
+/// two warm-up calls of each: for a profiler started with profiling off (ncu
 /// --profile-from-start off), which then sees just those calls' kernels.
 void run_estimator_profile() {
   const int64_t heads = 32, d = 128, bs = 128, len = 32768, r = 16;
@@ -636,14 +635,11 @@ void run_estimator_profile() {
   plan.rank = r;
   plan.pool_queries = true;
   double flops = 0;
-  CudaEstimatorOptions one_part, one_part_piped;
+  CudaEstimatorOptions one_part;
   one_part.pooled_key_split = false;
-  one_part_piped.pooled_key_split = false;
-  one_part_piped.pooled_key_pipelined = true;
   const auto calls = [&] {
     (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops);
     (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, one_part);
-    (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, one_part_piped);
   };
   for (int i = 0; i < 2; ++i) calls();
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
@@ -652,8 +648,8 @@ void run_estimator_profile() {
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   cuda_check(cudaProfilerStop(), "cudaProfilerStop");
   fmt::print(
-      "estimator-profile: three pooled estimator calls (L {}, r {}, 10%; w in two parts, in one, "
-      "in one pipelined) profiled\n",
+      "estimator-profile: two pooled estimator calls (L {}, r {}, 10%; w in two parts, in one) "
+      "profiled\n",
       len, r);
 }
 
