@@ -459,13 +459,14 @@ void run_estimator(bool quick) {
       // w's products by LibTorch (two cuBLAS products and a scaling, the default before
       // 2026-12-06's tenth session); wg-1p: pq-wg with w in one 16-bit part
       // (pooled_key_split = false: half the MMAs); 1p-wk: and w by one kernel from q
-      // (pooled_w_kernel). (Measured slower and left out: 3 and 4 tiles in flight, key chunks
+      // (pooled_w_kernel); wg-lz / 1p-lz: pq-wg / wg-1p with the lazy fold (pooled_key_lazy_max).
+      // (Measured slower and left out: 3 and 4 tiles in flight, key chunks
       // of 2048 and 4096 keys, three CTAs per SM, the pipelined body: RESULTS.md, 2026-12-06.)
       bool sm90 = false;
       const char* failed_call = "";
       cuda_check(cuda::device_is_sm90(&sm90, &failed_call), failed_call);
       BlockMask split_mask;  // pq-wg's, for the one-part rows' agreement
-      for (int variant = 0; variant < 6; ++variant) {
+      for (int variant = 0; variant < 8; ++variant) {
         if (variant >= 2 && !sm90) continue;
         const bool key_mma = variant != 1;
         CudaEstimatorOptions eo;
@@ -474,13 +475,16 @@ void run_estimator(bool quick) {
                                           : CudaEstimatorOptions::PooledKeyBody::kMmaSync;
         eo.pooled_w_cublas = variant == 3;
         eo.pooled_w_kernel = variant == 5;
-        eo.pooled_key_split = variant < 4;
+        eo.pooled_key_split = variant < 4 || variant == 6;
+        eo.pooled_key_lazy_max = variant >= 6;
         const char* mode = variant == 0   ? "pq-mma"
                            : variant == 1 ? "pool-q"
                            : variant == 2 ? "pq-wg"
                            : variant == 3 ? "wg-cub"
                            : variant == 4 ? "wg-1p"
-                                          : "1p-wk";
+                           : variant == 5 ? "1p-wk"
+                           : variant == 6 ? "wg-lz"
+                                          : "1p-lz";
         double flops = 0;
         BlockMask mask;
         const auto estimate = [&] {
@@ -498,7 +502,7 @@ void run_estimator(bool quick) {
         fmt::print("{:>22} {:>13.3f} {:>13} {:>11.3f}   (GPU work alone: CUDA graph replay)\n",
                    "graph", t_graph, "", t_graph / t_att);
         if (variant == 2) split_mask = mask.on_host();
-        if (variant >= 4 && split_mask.row_ptr.defined())
+        if (variant >= 4 && variant != 6 && split_mask.row_ptr.defined())
           fmt::print("{:>22} {:>13.4f}   (blocks also chosen by pq-wg, of those chosen)\n",
                      "agreement", mask_agreement(mask.on_host(), split_mask));
         std::fflush(stdout);
@@ -618,9 +622,10 @@ void run_decode(bool quick) {
   }
 }
 
-/// One call of the default pooled estimator (r 16, density 10%, L = 32k) and one with w in one
-/// 16-bit part (pooled_key_split = false), between cudaProfilerStart and cudaProfilerStop, after
-/// two warm-up calls of each: for a profiler started with profiling off (ncu
+/// One call of the default pooled estimator (r 16, density 10%, L = 32k), one with w in one
+/// 16-bit part (pooled_key_split = false), and both with the lazy fold, between cudaProfilerStart
+/// and cudaProfilerStop, after two warm-up calls of each: for a profiler started with profiling off
+/// (ncu
 /// --profile-from-start off), which then sees just those calls' kernels.
 void run_estimator_profile() {
   const int64_t heads = 32, d = 128, bs = 128, len = 32768, r = 16;
@@ -635,11 +640,16 @@ void run_estimator_profile() {
   plan.rank = r;
   plan.pool_queries = true;
   double flops = 0;
-  CudaEstimatorOptions one_part;
+  CudaEstimatorOptions one_part, lazy, one_part_lazy;
   one_part.pooled_key_split = false;
+  lazy.pooled_key_lazy_max = true;
+  one_part_lazy = one_part;
+  one_part_lazy.pooled_key_lazy_max = true;
   const auto calls = [&] {
     (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops);
     (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, one_part);
+    (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, lazy);
+    (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, one_part_lazy);
   };
   for (int i = 0; i < 2; ++i) calls();
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
@@ -648,8 +658,8 @@ void run_estimator_profile() {
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   cuda_check(cudaProfilerStop(), "cudaProfilerStop");
   fmt::print(
-      "estimator-profile: two pooled estimator calls (L {}, r {}, 10%; w in two parts, in one) "
-      "profiled\n",
+      "estimator-profile: four pooled estimator calls (L {}, r {}, 10%; w in two parts, in one, "
+      "each exact and with the lazy fold) profiled\n",
       len, r);
 }
 

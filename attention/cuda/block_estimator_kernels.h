@@ -191,6 +191,10 @@ struct PooledKeysLaunch {
   bool split = true;
   /// As PooledScoresLaunch::normalise.
   bool normalise = true;
+  /// Fold unmasked key halves against a per-row reference without their maximum
+  /// (pooled_keys_mma.cuh's fold_keys_branched; CudaEstimatorOptions::pooled_key_lazy_max). Both
+  /// bodies; the pipelined wgmma body ignores it.
+  bool lazy_max = false;
 };
 
 /// The normalisation's launch (pooled_normalise_row reads only the geometry and the scores)

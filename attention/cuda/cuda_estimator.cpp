@@ -329,6 +329,7 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
     pl.pipelined = options.pooled_key_pipelined;
     pl.split = options.pooled_key_split;
     pl.normalise = normalise;
+    pl.lazy_max = options.pooled_key_lazy_max;
     using Body = CudaEstimatorOptions::PooledKeyBody;
     pl.wgmma = options.pooled_key_body == Body::kWgmma;
     if (options.pooled_key_body == Body::kAuto) {

@@ -105,6 +105,14 @@ struct CudaEstimatorOptions {
   /// kernel on LibTorch's block means (the default: one launch instead of three, fp32; the same w
   /// up to the order of the fp32 sums). The reference the tests and the bench compare with.
   bool pooled_w_cublas = false;
+  /// The tensor-core pooled scores fold each unmasked half tile against a per-row reference
+  /// carried across key blocks, without the half's maximum (pooled_keys_mma.cuh's
+  /// fold_keys_branched: an FMA, an exp2 and an add per score instead of a max, an FMA, an exp2
+  /// and an add, the exp2s free of the maximum's dependency chain), falling back to the exact
+  /// fold where the scores move more than 2^64 from the reference. The same scores up to the
+  /// rounding of each exp2's argument. Either body, not the pipelined one. NOT MEASURED ON A GPU
+  /// YET.
+  bool pooled_key_lazy_max = false;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one

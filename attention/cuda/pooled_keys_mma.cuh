@@ -254,15 +254,48 @@ __device__ __forceinline__ void fold_keys(At&& at, float sigma, bool need_mask, 
   sum += (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
+/// Where the lazy fold accepts its sum (fold_keys_branched): 2^-64 <= Σ 2^(s - ref) <= 2^64.
+inline constexpr float kLazyLow = 0x1p-64f, kLazyHigh = 0x1p64f;
+
 /// fold_keys with the mask code only where the warp-uniform need_mask asks for it (a branch:
 /// not for the pipelined wgmma body, whose folds run beside an in-flight wgmma).
+///
+/// lazy (PooledKeysLaunch::lazy_max): an unmasked half is first folded against the row's
+/// reference `ref` (the thread's last exact running maximum, carried across key blocks) with no
+/// maximum at all: Σ 2^(s - ref), an FMA, an exp2 and an add per score, the exp2s independent
+/// of any reduction. The sum is kept when it lies in [kLazyLow, kLazyHigh] (no term overflows,
+/// the largest is within 2^70 of 1, so the terms it drops, below 2^-126, are below 2^-56 of it:
+/// the exact fold drops them too, or adds them below its rounding); the block's running pair then
+/// becomes (ref, sum + that sum). Else (the scores moved far from ref; rare) the half is folded
+/// exactly, and ref becomes the new running maximum. Invariant: a block's running mx, once
+/// finite, equals ref. The scores are those of the exact fold up to the rounding of the exp2
+/// arguments (one ulp of each term).
 template <class At>
 __device__ __forceinline__ void fold_keys_branched(At&& at, float sigma, bool need_mask, int64_t k0,
-                                                   int64_t kend, int c4, float& mx, float& sum) {
-  if (need_mask)
+                                                   int64_t kend, int c4, float& mx, float& sum,
+                                                   bool lazy = false, float* ref = nullptr) {
+  if (need_mask) {
     fold_keys<true, true>(at, sigma, true, k0, kend, c4, mx, sum);
-  else
+  } else {
+    if (lazy && *ref != -INFINITY) {
+      constexpr int kChains = 4;
+      const float neg_ref = -*ref;
+      float acc[kChains] = {};
+#pragma unroll
+      for (int i = 0; i < kTileKeys / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          acc[(2 * i + e) % kChains] += ptx::exp2_approx(fmaf(at(i, e), sigma, neg_ref));
+      const float t = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+      if (t >= kLazyLow && t <= kLazyHigh) {  // (false for NaN)
+        sum = mx == -INFINITY ? t : sum + t;  // mx is -inf or ref
+        mx = *ref;
+        return;
+      }
+    }
     fold_keys<true, false>(at, sigma, false, k0, kend, c4, mx, sum);
+  }
+  if (lazy && mx != -INFINITY) *ref = mx;
 }
 
 /// The end of key block kb for one row: the lane quad's partial (mx, sum) pairs combine into
@@ -373,6 +406,7 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
   // Lane-local running max and Σ 2^(s - max) of the current key block, per row; the tiles
   // left in that block (64-key tiles; the chunk starts at a block boundary) and its index.
   float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
+  float ref[2] = {kNegInf, kNegInf};  // the lazy fold's per-row references (p.lazy_max)
   const int tiles_per_block = static_cast<int>(bs / kTileKeys);
   int block_left = tiles_per_block;
   int64_t kb = cr.k_lo / bs;
@@ -410,7 +444,7 @@ __device__ inline void pooled_keys_block(const PooledKeysLaunch& p, int64_t chun
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr)
         fold_keys_branched([&](int i, int e) -> float& { return s[i][2 * hr + e]; }, sigma[hr],
-                           need_mask, k0, cr.kend[hr], c4, mx[hr], sum[hr]);
+                           need_mask, k0, cr.kend[hr], c4, mx[hr], sum[hr], p.lazy_max, &ref[hr]);
     }
     // End of a key block (tiles never straddle one: the chunk start and bs are multiples of 64) or
     // of the CTA's keys (by counters, not a 64-bit modulo per tile: a division routine).

@@ -109,6 +109,9 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
   pooled_keys::load_w<T, D>(ahi, alo, sigma, cr.wrow, c4);  // rows past q_blocks: row 0
 
   float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
+  // The lazy fold's per-row references (PooledKeysLaunch::lazy_max; plain body only).
+  float ref[2] = {kNegInf, kNegInf};
+  const bool lazy = !kPipelined && p.lazy_max;  // CTA-uniform
   // Halves left in the current key block (the chunk starts at a block boundary) and its index:
   // counters, not a 64-bit modulo per half (a division routine).
   const int halves_per_block = static_cast<int>(bs / kHalf);
@@ -135,7 +138,7 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
         const auto row = [&](int i, int e) -> float& { return at(i, hr, e); };
         if constexpr (kInPlace)
           pooled_keys::fold_keys_branched(row, sigma[hr], need_mask, kh, cr.kend[hr], c4, mx[hr],
-                                          sum[hr]);
+                                          sum[hr], lazy, &ref[hr]);
         else
           pooled_keys::fold_keys<false>(row, sigma[hr], need_mask, kh, cr.kend[hr], c4, mx[hr],
                                         sum[hr]);

@@ -510,6 +510,23 @@ TEST(CudaEstimator, PooledScoresMatchCpuTwin) {
                                               c.q_offset, &gpu_flops, piped)))
                 << wwhat << " pipelined: two runs differ";
           }
+          {  // the lazy fold (no maximum per unmasked half): the twin's tolerance, within 1e-6
+             // of the exact fold, deterministic
+            CudaEstimatorOptions lazy = wg;
+            lazy.pooled_key_lazy_max = true;
+            poison({want.numel()}, std::nan(""), torch::kFloat);
+            const auto gl = lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs, c.causal,
+                                                      c.q_offset, &gpu_flops, lazy);
+            const auto gld = gl.cpu().to(torch::kDouble);
+            ASSERT_TRUE(torch::isfinite(gld).all().item<bool>()) << wwhat << " lazy: NaN";
+            EXPECT_LE((gld - w).abs().max().item<double>(), kPooledAbsTol) << wwhat << " lazy";
+            EXPECT_LE((gld - gwd).abs().max().item<double>(), 1e-6)
+                << wwhat << " lazy: against the exact fold";
+            EXPECT_TRUE(
+                torch::equal(gl, lowrank_block_scores_cuda(in.q, in.k, in.a_q, in.a_k, c.bs,
+                                                           c.causal, c.q_offset, &gpu_flops, lazy)))
+                << wwhat << " lazy: two runs differ";
+          }
         }
       }
     }

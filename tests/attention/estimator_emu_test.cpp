@@ -304,7 +304,7 @@ KeysProblem make_keys_problem(const Shape& s, int64_t hkv, int64_t ld, uint64_t 
 template <typename T, int D>
 std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const KeysProblem& pr,
                                 std::vector<float>* lse, int stages, bool wgmma,
-                                bool pipelined = false, bool split = true) {
+                                bool pipelined = false, bool split = true, bool lazy = false) {
   cu::PooledKeysLaunch p;
   const int64_t qbn = (s.n + s.bs - 1) / s.bs, kbn = (s.m + s.bs - 1) / s.bs;
   std::vector<float> scores(static_cast<size_t>(s.b * s.h * qbn * kbn),
@@ -319,6 +319,7 @@ std::vector<float> emulate_keys(const Shape& s, int64_t hkv, int64_t ld, const K
   p.kv_heads = static_cast<int>(hkv);
   p.d = D;
   p.split = split;
+  p.lazy_max = lazy;
   const int64_t groups = pooled_keys::groups(p), chunks = pooled_keys::chunks(p);
   for (int64_t bh = 0; bh < s.b * s.h; ++bh)
     for (int64_t c = 0; c < chunks; ++c)
@@ -373,17 +374,20 @@ struct KeysCase {
   bool bf16;
 };
 
-/// `pipelined`: the wgmma body's pipelined form (stages 2 or 3); split = false: w in one part.
+/// `pipelined`: the wgmma body's pipelined form (stages 2 or 3); split = false: w in one part;
+/// lazy: PooledKeysLaunch::lazy_max.
 std::vector<float> emulate_keys_any(const KeysCase& c, const KeysProblem& pr,
                                     std::vector<float>* lse, int stages = 2, bool wgmma = false,
-                                    bool pipelined = false, bool split = true) {
+                                    bool pipelined = false, bool split = true, bool lazy = false) {
   const int st = stages;
   const bool pp = pipelined;
   if (c.s.d == 64)
-    return c.bf16 ? emulate_keys<__nv_bfloat16, 64>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pp, split)
-                  : emulate_keys<__half, 64>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pp, split);
-  return c.bf16 ? emulate_keys<__nv_bfloat16, 128>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pp, split)
-                : emulate_keys<__half, 128>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pp, split);
+    return c.bf16 ? emulate_keys<__nv_bfloat16, 64>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pp, split,
+                                                    lazy)
+                  : emulate_keys<__half, 64>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pp, split, lazy);
+  return c.bf16 ? emulate_keys<__nv_bfloat16, 128>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pp, split,
+                                                   lazy)
+                : emulate_keys<__half, 128>(c.s, c.hkv, c.ld, pr, lse, st, wgmma, pp, split, lazy);
 }
 
 KeysProblem make_keys_any(const KeysCase& c, uint64_t seed, double sharp) {
@@ -422,7 +426,8 @@ std::vector<KeysCase> keys_cases() {
 
 /// Both bodies (mma.sync; wgmma with `stages` 128-key tiles in flight) on every case against
 /// the float64 CPU twin; split = false: w in one part, against kOnePartAbsTol.
-void check_keys_against_twin(bool wgmma, int stages, bool pipelined = false, bool split = true) {
+void check_keys_against_twin(bool wgmma, int stages, bool pipelined = false, bool split = true,
+                             bool lazy = false) {
   uint64_t seed = 31;
   double worst = 0;
   for (const KeysCase& c : keys_cases()) {
@@ -433,7 +438,7 @@ void check_keys_against_twin(bool wgmma, int stages, bool pipelined = false, boo
     const auto want = attnpilot::attention::lowrank_block_scores(
         pr.q, pr.k64, pr.a_q, pr.a_k, s.bs, s.causal, s.q_offset, &flops, /*pool_queries=*/true);
     std::vector<float> lse;
-    const auto got_v = emulate_keys_any(c, pr, &lse, stages, wgmma, pipelined, split);
+    const auto got_v = emulate_keys_any(c, pr, &lse, stages, wgmma, pipelined, split, lazy);
     worst = std::max(worst,
                      expect_pooled_scores(
                          s, want, got_v, lse, split ? kKeysAbsTol : kOnePartAbsTol,
@@ -475,6 +480,57 @@ TEST(PooledKeyScoresEmulated, PipelinedWgmmaBodyMatchesThePlainOne) {
       ASSERT_EQ(plain.size(), piped.size());
       EXPECT_EQ(std::memcmp(plain.data(), piped.data(), plain.size() * sizeof(float)), 0)
           << c.s.str() << ": pipelined differs from the plain body" << (split ? "" : " (one part)");
+    }
+  }
+}
+
+// The lazy fold (pooled_key_lazy_max: unmasked halves against a per-row reference, no maximum)
+// against the exact fold, both bodies, w in two parts and in one, on flat and very sharp scores
+// (sharp 48: scores spread over hundreds of log2 units, so halves leave the lazy fold's
+// [2^-64, 2^64] window and fall back to the exact fold, above and below the reference: a
+// quarter to a half of the lazy halves on these cases, counted in the emulation when this was
+// written): the per-block log2 sums within 2e-5 + 2e-6·|L| and the normalised scores within
+// 1e-6. Against the twin too.
+TEST(PooledKeyScoresEmulated, LazyFoldMatchesTheExactFold) {
+  check_keys_against_twin(false, 2, false, true, /*lazy=*/true);
+  check_keys_against_twin(true, 2, false, true, /*lazy=*/true);
+  // Cases whose warps see whole unmasked halves (a warp's 16 query blocks all real: masks only
+  // near each warp's diagonal): the 70-block case, 64 query blocks causal from the start
+  // (bf16, d 64), and 32 query blocks not causal (fp16, d 128, chunks of 3 blocks).
+  const std::vector<KeysCase> cases = {
+      keys_cases()[4],
+      {Shape{1, 1, 64 * 64, 64 * 64, 0, 64, 16, 64, true, 0}, 1, 64, true},
+      {Shape{1, 1, 32 * 64, 40 * 64 + 9, 0, 128, 8, 64, false, 3}, 1, 128, false},
+  };
+  uint64_t seed = 131;
+  for (double sharp : {1.0, 48.0}) {
+    for (const KeysCase& c : cases) {
+      const KeysProblem pr = make_keys_any(c, seed++, sharp);
+      for (bool wgmma : {false, true}) {
+        for (bool split : {true, false}) {
+          const std::string what =
+              fmt::format("{} sharp {} {}{}", c.s.str(), sharp, wgmma ? "wgmma" : "mma.sync",
+                          split ? "" : " one part");
+          std::vector<float> l_exact, l_lazy;
+          const auto exact = emulate_keys_any(c, pr, &l_exact, 2, wgmma, false, split, false);
+          const auto lazy = emulate_keys_any(c, pr, &l_lazy, 2, wgmma, false, split, true);
+          ASSERT_EQ(exact.size(), lazy.size());
+          double worst_l = 0, worst_s = 0;
+          for (size_t i = 0; i < exact.size(); ++i) {
+            ASSERT_EQ(std::isnan(l_exact[i]), std::isnan(l_lazy[i])) << what << " at " << i;
+            if (!std::isnan(l_exact[i])) {
+              ASSERT_TRUE(std::isfinite(l_lazy[i])) << what << " at " << i << ": " << l_lazy[i];
+              const double dl = std::abs(static_cast<double>(l_exact[i]) - l_lazy[i]);
+              EXPECT_LE(dl, 2e-5 + 2e-6 * std::abs(l_exact[i])) << what << " L at " << i;
+              worst_l = std::max(worst_l, dl);
+            }
+            worst_s = std::max(worst_s, static_cast<double>(std::abs(exact[i] - lazy[i])));
+          }
+          EXPECT_LE(worst_s, 1e-6) << what;
+          // The lazy fold does run (its sums round differently from the exact fold's).
+          EXPECT_GT(worst_l, 0.0) << what << ": the lazy fold gave the exact fold's bits";
+        }
+      }
     }
   }
 }
