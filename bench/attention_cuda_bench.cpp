@@ -459,32 +459,47 @@ void run_estimator(bool quick) {
       // w's products by LibTorch (two cuBLAS products and a scaling, the default before
       // 2026-12-06's tenth session); wg-1p: pq-wg with w in one 16-bit part
       // (pooled_key_split = false: half the MMAs); 1p-wk: and w by one kernel from q
-      // (pooled_w_kernel); wg-lz / 1p-lz: pq-wg / wg-1p with the lazy fold (pooled_key_lazy_max).
+      // (pooled_w_kernel); wg-lz / 1p-lz: pq-wg / wg-1p with the lazy fold (pooled_key_lazy_max);
+      // wg-ov4 / 1p-ov4: pq-wg / wg-1p in 4 parts, w on a side stream (pooled_overlap_parts);
+      // 1p-lzov: one part, lazy, 4 parts.
       // (Measured slower and left out: 3 and 4 tiles in flight, key chunks
       // of 2048 and 4096 keys, three CTAs per SM, the pipelined body: RESULTS.md, 2026-12-06.)
       bool sm90 = false;
       const char* failed_call = "";
       cuda_check(cuda::device_is_sm90(&sm90, &failed_call), failed_call);
       BlockMask split_mask;  // pq-wg's, for the one-part rows' agreement
-      for (int variant = 0; variant < 8; ++variant) {
-        if (variant >= 2 && !sm90) continue;
-        const bool key_mma = variant != 1;
+      struct Variant {
+        const char* mode;
+        bool key_mma = true, wgmma = true, split = true, cublas = false, w_kernel = false,
+             lazy = false;
+        int parts = 0;
+      };
+      const std::vector<Variant> variants = {
+          {"pq-mma", true, false},
+          {"pool-q", false, false},
+          {"pq-wg"},
+          {"wg-cub", true, true, true, true},
+          {"wg-1p", true, true, false},
+          {"1p-wk", true, true, false, false, true},
+          {"wg-lz", true, true, true, false, false, true},
+          {"1p-lz", true, true, false, false, false, true},
+          {"wg-ov4", true, true, true, false, false, false, 4},
+          {"1p-ov4", true, true, false, false, false, false, 4},
+          {"1p-lzov", true, true, false, false, false, true, 4},
+      };
+      for (size_t variant = 0; variant < variants.size(); ++variant) {
+        const Variant& vr = variants[variant];
+        if (vr.wgmma && !sm90) continue;
         CudaEstimatorOptions eo;
-        eo.pooled_key_mma = key_mma;
-        eo.pooled_key_body = variant >= 2 ? CudaEstimatorOptions::PooledKeyBody::kWgmma
-                                          : CudaEstimatorOptions::PooledKeyBody::kMmaSync;
-        eo.pooled_w_cublas = variant == 3;
-        eo.pooled_w_kernel = variant == 5;
-        eo.pooled_key_split = variant < 4 || variant == 6;
-        eo.pooled_key_lazy_max = variant >= 6;
-        const char* mode = variant == 0   ? "pq-mma"
-                           : variant == 1 ? "pool-q"
-                           : variant == 2 ? "pq-wg"
-                           : variant == 3 ? "wg-cub"
-                           : variant == 4 ? "wg-1p"
-                           : variant == 5 ? "1p-wk"
-                           : variant == 6 ? "wg-lz"
-                                          : "1p-lz";
+        eo.pooled_key_mma = vr.key_mma;
+        eo.pooled_key_body = vr.wgmma ? CudaEstimatorOptions::PooledKeyBody::kWgmma
+                                      : CudaEstimatorOptions::PooledKeyBody::kMmaSync;
+        eo.pooled_w_cublas = vr.cublas;
+        eo.pooled_w_kernel = vr.w_kernel;
+        eo.pooled_key_split = vr.split;
+        eo.pooled_key_lazy_max = vr.lazy;
+        eo.pooled_overlap_parts = vr.parts;
+        const char* mode = vr.mode;
         double flops = 0;
         BlockMask mask;
         const auto estimate = [&] {
@@ -502,7 +517,7 @@ void run_estimator(bool quick) {
         fmt::print("{:>22} {:>13.3f} {:>13} {:>11.3f}   (GPU work alone: CUDA graph replay)\n",
                    "graph", t_graph, "", t_graph / t_att);
         if (variant == 2) split_mask = mask.on_host();
-        if (variant >= 4 && variant != 6 && split_mask.row_ptr.defined())
+        if (!vr.split && split_mask.row_ptr.defined())
           fmt::print("{:>22} {:>13.4f}   (blocks also chosen by pq-wg, of those chosen)\n",
                      "agreement", mask_agreement(mask.on_host(), split_mask));
         std::fflush(stdout);
