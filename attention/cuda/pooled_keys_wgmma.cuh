@@ -111,7 +111,7 @@ __device__ inline void pooled_keys_wgmma_block(const PooledKeysLaunch& p, int64_
   float mx[2] = {kNegInf, kNegInf}, sum[2] = {0.f, 0.f};
   // The lazy fold's per-row references (PooledKeysLaunch::lazy_max; plain body only).
   float ref[2] = {kNegInf, kNegInf};
-  const bool lazy = !kPipelined && p.lazy_max;  // CTA-uniform
+  [[maybe_unused]] const bool lazy = !kPipelined && p.lazy_max;  // CTA-uniform
   // Halves left in the current key block (the chunk starts at a block boundary) and its index:
   // counters, not a 64-bit modulo per half (a division routine).
   const int halves_per_block = static_cast<int>(bs / kHalf);
