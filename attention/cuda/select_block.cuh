@@ -75,10 +75,13 @@ inline int64_t select_smem_bytes(int entries, int cap, int64_t k_blocks) {
   return (entries == 0 ? int64_t(cap) * 8 : 0) + ceil_div(k_blocks, 32) * 4;
 }
 
-// Ascending 64-bit sort key: descending score, then ascending block index.
+// Ascending 64-bit sort key: descending score, then ascending block index. The score half is
+// never 0xffffffff (the one float that would give it, the negative NaN of all ones, sorts with
+// the next NaN), so ~0 (invalid entries) is above every key of a block.
 __device__ __forceinline__ uint64_t order_key(float score, int64_t kb) {
   uint32_t u = __float_as_uint(score == 0.f ? 0.f : score);  // -0 sorts as +0
   u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);            // monotone in the float order
+  u = u == 0u ? 1u : u;
   return (static_cast<uint64_t>(~u) << 32) | static_cast<uint64_t>(kb);
 }
 /// The score order_key encoded (-0 comes back as +0).
@@ -141,17 +144,23 @@ struct RowBlocks {
     const int64_t first_q = p.q_offset + qb * bs;
     const int64_t last_q = p.q_offset + qb * bs + block_rows(qb, p.n, bs) - 1;
     vis = p.k_blocks;
-    if (p.causal && last_q / bs + 1 < vis) vis = last_q / bs + 1;
-    d0 = (first_q < p.m - 1 ? first_q : p.m - 1) / bs;
-    d1 = (last_q < p.m - 1 ? last_q : p.m - 1) / bs;
+    if (p.causal && div_bs(last_q, bs) + 1 < vis) vis = div_bs(last_q, bs) + 1;
+    d0 = div_bs(first_q < p.m - 1 ? first_q : p.m - 1, bs);
+    d1 = div_bs(last_q < p.m - 1 ? last_q : p.m - 1, bs);
+  }
+  /// x / bs for x >= 0: in 32 bits where x fits (a 64-bit division is a long routine, and
+  /// count_budget_offset runs this for every query block of a slice).
+  __device__ static int64_t div_bs(int64_t x, int64_t bs) {
+    return x < 0xffffffffll
+               ? static_cast<int64_t>(static_cast<uint32_t>(x) / static_cast<uint32_t>(bs))
+               : x / bs;
   }
   /// Block 0 and the diagonal blocks: always taken.
   __device__ bool forced(int64_t kb) const { return kb == 0 || (kb >= d0 && kb <= d1); }
-  /// How many of them are visible (block 0 always is).
+  /// How many of them are visible: block 0 (always) and those of [max(d0, 1), min(d1, vis - 1)].
   __device__ int64_t forced_count() const {
-    int64_t c = 1;
-    for (int64_t kb = d0 > 1 ? d0 : 1; kb <= d1 && kb < vis; ++kb) ++c;
-    return c;
+    const int64_t lo = d0 > 1 ? d0 : 1, hi = d1 < vis - 1 ? d1 : vis - 1;
+    return 1 + (hi >= lo ? hi - lo + 1 : 0);
   }
   /// A count budget's block count (gamma <= 0: top_k, else ceil(density·vis - 1e-9)).
   __device__ double budget(const SelectLaunch& p) const {
@@ -260,41 +269,45 @@ __device__ __forceinline__ unsigned warp_count(unsigned n) {
 #endif
 }
 
-/// The c smallest of a warp's 32·E keys (entry 32e + lane in x[e]; only entries with bit e of
-/// `valid` count) marked in `bits` (by block, the key's low 32 bits, < 2^key_bits), 1 <= c <
-/// the valid entries: the entries a sort followed by taking its first c would mark, found by a
-/// radix select instead (the keys are distinct: their low bits are the block). The c-th smallest
-/// key T is built bit by bit from the top, each step counting the valid keys below a candidate
-/// (one warp reduction): its score half (32 steps), then, only where other keys share T's
-/// score, its block bits. Every valid key <= T is taken.
+/// The c smallest of a warp's 32·E keys (entry 32e + lane in x[e]; ~0 for an entry that does
+/// not count, above every other key: order_key) marked in `bits` (by block, the key's low 32
+/// bits, < 2^key_bits), 1 <= c < the entries that count: the entries a sort followed by taking
+/// its first c would mark, found by a radix select instead (the keys are distinct: their low
+/// bits are the block). The c-th smallest key T is built bit by bit from the top, each step
+/// counting the keys below a candidate (one warp reduction): its score half (32 steps), then,
+/// only where other keys share T's score, its block bits. Every key <= T is taken.
 template <int E>
-__device__ __forceinline__ void take_smallest(const uint64_t (&x)[E], uint32_t valid, int64_t c,
-                                              int key_bits, uint32_t* bits) {
-  const auto count = [&](auto&& below) {
-    unsigned n = 0;
-#pragma unroll
-    for (int e = 0; e < E; ++e) n += ((valid >> e) & 1u) && below(x[e]) ? 1u : 0u;
-    return static_cast<int64_t>(warp_count(n));
-  };
-  // T's score half: the largest h with fewer than c keys whose score half is below h.
+__device__ __forceinline__ void take_smallest(const uint64_t (&x)[E], int64_t c, int key_bits,
+                                              uint32_t* bits) {
+  // T's score half: the largest h with fewer than c keys whose score half is below h (the
+  // entries that do not count have the score half 0xffffffff: never below).
   uint32_t hi = 0;
   for (int bit = 31; bit >= 0; --bit) {
     const uint32_t cand = hi | (1u << bit);
-    if (count([&](uint64_t k) { return static_cast<uint32_t>(k >> 32) < cand; }) < c) hi = cand;
+    unsigned n = 0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) n += static_cast<uint32_t>(x[e] >> 32) < cand ? 1u : 0u;
+    if (static_cast<int64_t>(warp_count(n)) < c) hi = cand;
   }
   uint64_t t = (static_cast<uint64_t>(hi) << 32) | 0xffffffffu;  // every key of score half hi
-  if (count([&](uint64_t k) { return static_cast<uint32_t>(k >> 32) <= hi; }) > c) {
+  unsigned le = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) le += x[e] <= t ? 1u : 0u;
+  if (static_cast<int64_t>(warp_count(le)) > c) {
     // Ties at T's score: T's block bits, the same way.
     uint32_t lo = 0;
     for (int bit = key_bits - 1; bit >= 0; --bit) {
       const uint64_t cand = (static_cast<uint64_t>(hi) << 32) | lo | (1u << bit);
-      if (count([&](uint64_t k) { return k < cand; }) < c) lo |= 1u << bit;
+      unsigned n = 0;
+#pragma unroll
+      for (int e = 0; e < E; ++e) n += x[e] < cand ? 1u : 0u;
+      if (static_cast<int64_t>(warp_count(n)) < c) lo |= 1u << bit;
     }
     t = (static_cast<uint64_t>(hi) << 32) | lo;
   }
 #pragma unroll
   for (int e = 0; e < E; ++e)
-    if (((valid >> e) & 1u) && x[e] <= t) {
+    if (x[e] <= t) {
       const uint32_t kb = static_cast<uint32_t>(x[e]);
       atomicOr(&bits[kb / 32], 1u << (kb % 32));
     }
@@ -391,7 +404,6 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
   // kernel always summed). The register entries' sort keys.
   double total = 0;
   uint64_t x[E > 0 ? E : 1];
-  uint32_t valid = 0;  // bit e: entry 32e + lane is visible and not forced
   if constexpr (E > 0) {
 #pragma unroll
     for (int e = 0; e < E; ++e) {
@@ -399,7 +411,6 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
       const float s = i < r.vis ? normalised(raw[e]) : 0.f;
       if (i < r.vis) total += static_cast<double>(s);
       x[e] = r.key(i, s);
-      if (i < r.vis && !r.forced(i)) valid |= 1u << e;
     }
   } else if (r.by_mass) {
     for (int64_t kb = lane; kb < r.vis; kb += 32) total += static_cast<double>(score(kb));
@@ -427,7 +438,7 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
       if (!r.by_mass) {
         int key_bits = 1;
         while ((int64_t(1) << key_bits) < r.vis) ++key_bits;
-        take_smallest<E>(x, valid, want, key_bits, bits);
+        take_smallest<E>(x, want, key_bits, bits);
         count += want;
       } else {
         warp_bitonic_sort<E>(x, lane);
