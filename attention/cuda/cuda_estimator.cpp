@@ -106,9 +106,6 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
 }
 
 void check_options(const CudaEstimatorOptions& options) {
-  ATTNPILOT_CHECK_ARG(options.pooled_overlap_parts >= 0 && options.pooled_overlap_parts <= 16,
-                      "cuda estimator: pooled_overlap_parts {} must be in [0, 16] (0 or 1: none)",
-                      options.pooled_overlap_parts);
   ATTNPILOT_CHECK_ARG(options.projection_rows == 1 || options.projection_rows == 4,
                       "cuda estimator: projection_rows {} must be 1 or 4", options.projection_rows);
   ATTNPILOT_CHECK_ARG(options.pooled_chunk_keys >= 0,
@@ -316,76 +313,32 @@ torch::Tensor pooled_scores_on_device(const torch::Tensor& q_in, const torch::Te
   const char* failed = "launch_pooled_block_scores";
   if (key_mma) {
     // w = (q̄ A_q · scale) A_kᵀ [b, h, qbn, d], scored against k itself: the rank-r scores
-    // without projecting the keys (pooled_w above: LibTorch's block means and the products
-    // kernel, by default).
+    // without projecting the keys (pooled_w above).
+    const auto w = pooled_w(q_in, a_q, a_k, bs, scale, options, stream);
+    cuda::PooledKeysLaunch pl;
+    pl.w = w.data_ptr<float>();
+    pl.k = k_in.data_ptr();
+    for (int i = 0; i < 3; ++i) pl.k_stride[i] = k_in.stride(i);
+    pl.type = input_type(k_in);
+    pl.scores = scores.data_ptr<float>();
+    set_geometry(pl, q_in, k_in, bs, causal, q_offset);
+    pl.kv_heads = static_cast<int>(k_in.size(1));
+    pl.d = static_cast<int>(d);
+    pl.chunk_blocks = chunk_blocks;
+    pl.stages = options.pooled_key_stages;
+    pl.ctas_per_sm = options.pooled_key_ctas_per_sm;
+    pl.pipelined = options.pooled_key_pipelined;
+    pl.split = options.pooled_key_split;
+    pl.normalise = normalise;
+    pl.lazy_max = options.pooled_key_lazy_max;
     using Body = CudaEstimatorOptions::PooledKeyBody;
-    bool wgmma = options.pooled_key_body == Body::kWgmma;
+    pl.wgmma = options.pooled_key_body == Body::kWgmma;
     if (options.pooled_key_body == Body::kAuto) {
       const char* failed_query = "";
-      check_cuda(cuda::device_is_sm90(&wgmma, &failed_query), failed_query, q_in, k_in, bs);
+      check_cuda(cuda::device_is_sm90(&pl.wgmma, &failed_query), failed_query, q_in, k_in, bs);
     }
-    // The scores of q_p, k_p (a part of the batch or of the heads) from its w into scores_p.
-    const auto score_part = [&](const torch::Tensor& q_p, const torch::Tensor& k_p,
-                                const torch::Tensor& w_p, const torch::Tensor& scores_p) {
-      cuda::PooledKeysLaunch pl;
-      pl.w = w_p.data_ptr<float>();
-      pl.k = k_p.data_ptr();
-      for (int i = 0; i < 3; ++i) pl.k_stride[i] = k_p.stride(i);
-      pl.type = input_type(k_p);
-      pl.scores = scores_p.data_ptr<float>();
-      set_geometry(pl, q_p, k_p, bs, causal, q_offset);
-      pl.kv_heads = static_cast<int>(k_p.size(1));
-      pl.d = static_cast<int>(d);
-      pl.chunk_blocks = chunk_blocks;
-      pl.stages = options.pooled_key_stages;
-      pl.ctas_per_sm = options.pooled_key_ctas_per_sm;
-      pl.pipelined = options.pooled_key_pipelined;
-      pl.split = options.pooled_key_split;
-      pl.normalise = normalise;
-      pl.lazy_max = options.pooled_key_lazy_max;
-      pl.wgmma = wgmma;
-      const char* failed_part = "launch_pooled_key_scores";
-      check_cuda(cuda::launch_pooled_key_scores(pl, stream, &failed_part), failed_part, q_p, k_p,
-                 bs);
-    };
-    // Parts (options.pooled_overlap_parts): along the batch, or along the heads in whole GQA
-    // groups; each part's slice of scores is contiguous.
-    const int64_t group = h / k_in.size(1);
-    const int64_t units = b > 1 ? b : h / group;
-    const int64_t parts = std::min<int64_t>(options.pooled_overlap_parts, units);
-    if (parts < 2) {
-      score_part(q_in, k_in, pooled_w(q_in, a_q, a_k, bs, scale, options, stream), scores);
-    } else {
-      // w of part p on a high-priority side stream while the scores of the parts before it run
-      // on this one: the block means stream q from DRAM while the score kernel, bound by its
-      // own latencies, leaves bandwidth (and, as its CTAs retire, SM slots) free.
-      const auto main = at::cuda::getCurrentCUDAStream(q_in.get_device());
-      const auto side = at::cuda::getStreamFromPool(/*isHighPriority=*/true, q_in.get_device());
-      at::cuda::CUDAEvent inputs_ready;
-      inputs_ready.record(main);
-      inputs_ready.block(side);
-      const int dim = b > 1 ? 0 : 1;
-      const int64_t per_unit = b > 1 ? 1 : group;
-      for (int64_t p = 0; p < parts; ++p) {
-        const int64_t u0 = units * p / parts, u1 = units * (p + 1) / parts;
-        const int64_t i0 = u0 * per_unit, len = (u1 - u0) * per_unit;
-        const auto q_p = q_in.narrow(dim, i0, len);
-        const auto k_p = b > 1 ? k_in.narrow(0, i0, len) : k_in.narrow(1, u0, u1 - u0);
-        const auto slice = [&](const torch::Tensor& a) {
-          return b > 1 ? (a.size(0) > 1 ? a.narrow(0, i0, len) : a) : a.narrow(1, i0, len);
-        };
-        torch::Tensor w_p;
-        {
-          const c10::cuda::CUDAStreamGuard on_side(side);
-          w_p = pooled_w(q_p, slice(a_q), slice(a_k), bs, scale, options, side.stream());
-        }
-        w_p.record_stream(main);  // freed below, in use by this stream's kernel
-        at::cuda::CUDAEvent w_ready;
-        w_ready.record(side);
-        w_ready.block(main);
-        score_part(q_p, k_p, w_p, scores.narrow(dim, i0, len));
-      }
-    }
+    failed = "launch_pooled_key_scores";
+    check_cuda(cuda::launch_pooled_key_scores(pl, stream, &failed), failed, q_in, k_in, bs);
     // FLOPs: the block means (n·d adds), the projection of the means and its product with
     // A_kᵀ, then 2·2d + 1 per (query block, visible key) pair with w's two 16-bit parts
     // (2d + 1 with one).

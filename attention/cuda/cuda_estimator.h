@@ -113,14 +113,6 @@ struct CudaEstimatorOptions {
   /// rounding of each exp2's argument. Either body, not the pipelined one. NOT MEASURED ON A GPU
   /// YET.
   bool pooled_key_lazy_max = false;
-  /// The tensor-core pooled path in this many parts (along the batch, or the heads in whole
-  /// GQA groups; at most one per unit), each part's w (block means and products) formed on a
-  /// high-priority side stream while the score kernels of the parts before it run on the
-  /// caller's stream: the means' DRAM reads overlap the score kernels, which are bound by their
-  /// own latencies. 0 or 1: none (the default); at most 16, else InvalidArgument. The same
-  /// scores up to the rounding of LibTorch's block means on a slice (each part runs the same
-  /// kernels on its slice). NOT MEASURED ON A GPU YET.
-  int pooled_overlap_parts = 0;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one
