@@ -454,34 +454,40 @@ void run_estimator(bool quick) {
           1, 3);
       // pq-mma: the tensor-core kernel on the stored keys by mma.sync (the default off
       // compute capability 9.0); pool-q: the keys projected, then the CUDA-core kernel; pq-wg:
-      // the stored-key scores as warpgroup MMAs (compute capability 9.0, where it is the
-      // default: w from LibTorch's block means and the products kernel); wg-cub: pq-wg with
-      // w's products by LibTorch (two cuBLAS products and a scaling, the default before
-      // 2026-12-06's tenth session); wg-1p: pq-wg with w in one 16-bit part
-      // (pooled_key_split = false: half the MMAs); 1p-wk: and w by one kernel from q
-      // (pooled_w_kernel); wg-lz / 1p-lz: pq-wg / wg-1p with the lazy fold (pooled_key_lazy_max).
-      // (Measured slower and left out: w formed in 4 parts on a side stream while the score
-      // kernels of earlier parts run (0.49 -> 0.66 ms per call, H100, 2026-12-06, tenth session); 3
-      // and 4 tiles in flight, key chunks of 2048 and 4096 keys, three CTAs per SM, the pipelined
-      // body: RESULTS.md, 2026-12-06.)
+      // the stored-key scores as warpgroup MMAs, the default on compute capability 9.0 (w from q
+      // by one kernel, the lazy fold); wg-lt: pq-wg with w from LibTorch's block means and the
+      // products kernel (pooled_w_kernel = false); wg-cub: with LibTorch's means and two cuBLAS
+      // products (pooled_w_cublas, the default before 2026-12-06's tenth session); wg-ex: with
+      // the exact fold (pooled_key_lazy_max = false); wg-1p, 1p-lt, 1p-ex: the same three with w
+      // in one 16-bit part (pooled_key_split = false: half the MMAs). (Measured slower and left
+      // out: w formed in 4 parts on a side stream while the score kernels of earlier parts run
+      // (0.49 -> 0.66 ms per call, H100, 2026-12-06, tenth session); 3 and 4 tiles in flight,
+      // key chunks of 2048 and 4096 keys, three CTAs per SM, the pipelined body: RESULTS.md,
+      // 2026-12-06.)
       bool sm90 = false;
       const char* failed_call = "";
       cuda_check(cuda::device_is_sm90(&sm90, &failed_call), failed_call);
       BlockMask split_mask;  // pq-wg's, for the one-part rows' agreement
       struct Variant {
         const char* mode;
-        bool key_mma = true, wgmma = true, split = true, cublas = false, w_kernel = false,
-             lazy = false;
+        bool key_mma = true, wgmma = true, split = true, w_kernel = true, cublas = false,
+             lazy = true;
+      };
+      const auto variant_of = [](const char* mode, auto&& edit) {
+        Variant v{mode};
+        edit(v);
+        return v;
       };
       const std::vector<Variant> variants = {
-          {"pq-mma", true, false},
-          {"pool-q", false, false},
-          {"pq-wg"},
-          {"wg-cub", true, true, true, true},
-          {"wg-1p", true, true, false},
-          {"1p-wk", true, true, false, false, true},
-          {"wg-lz", true, true, true, false, false, true},
-          {"1p-lz", true, true, false, false, false, true},
+          variant_of("pq-mma", [](Variant& v) { v.wgmma = false; }),
+          variant_of("pool-q", [](Variant& v) { v.key_mma = v.wgmma = false; }),
+          variant_of("pq-wg", [](Variant&) {}),
+          variant_of("wg-lt", [](Variant& v) { v.w_kernel = false; }),
+          variant_of("wg-cub", [](Variant& v) { v.cublas = true; }),
+          variant_of("wg-ex", [](Variant& v) { v.lazy = false; }),
+          variant_of("wg-1p", [](Variant& v) { v.split = false; }),
+          variant_of("1p-lt", [](Variant& v) { v.split = v.w_kernel = false; }),
+          variant_of("1p-ex", [](Variant& v) { v.split = v.lazy = false; }),
       };
       for (size_t variant = 0; variant < variants.size(); ++variant) {
         const Variant& vr = variants[variant];
@@ -633,7 +639,8 @@ void run_decode(bool quick) {
 }
 
 /// One call of the default pooled estimator (r 16, density 10%, L = 32k), one with w in one
-/// 16-bit part (pooled_key_split = false), and both with the lazy fold, between cudaProfilerStart
+/// 16-bit part (pooled_key_split = false), one with w from LibTorch's block means
+/// (pooled_w_kernel = false), between cudaProfilerStart
 /// and cudaProfilerStop, after two warm-up calls of each: for a profiler started with profiling off
 /// (ncu
 /// --profile-from-start off), which then sees just those calls' kernels.
@@ -650,16 +657,13 @@ void run_estimator_profile() {
   plan.rank = r;
   plan.pool_queries = true;
   double flops = 0;
-  CudaEstimatorOptions one_part, lazy, one_part_lazy;
+  CudaEstimatorOptions one_part, libtorch_means;
   one_part.pooled_key_split = false;
-  lazy.pooled_key_lazy_max = true;
-  one_part_lazy = one_part;
-  one_part_lazy.pooled_key_lazy_max = true;
+  libtorch_means.pooled_w_kernel = false;
   const auto calls = [&] {
     (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops);
     (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, one_part);
-    (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, lazy);
-    (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, one_part_lazy);
+    (void)estimate_block_mask_cuda(q, k, a_q, a_k, plan, true, 0, &flops, libtorch_means);
   };
   for (int i = 0; i < 2; ++i) calls();
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
@@ -668,8 +672,8 @@ void run_estimator_profile() {
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   cuda_check(cudaProfilerStop(), "cudaProfilerStop");
   fmt::print(
-      "estimator-profile: four pooled estimator calls (L {}, r {}, 10%; w in two parts, in one, "
-      "each exact and with the lazy fold) profiled\n",
+      "estimator-profile: three pooled estimator calls (L {}, r {}, 10%; the default, w in one "
+      "part, w from LibTorch's means) profiled\n",
       len, r);
 }
 

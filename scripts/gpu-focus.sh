@@ -17,7 +17,7 @@
 #   NCU_ESTIMATOR 1: ncu of one default estimator call (every kernel: duration, throughput,
 #                 occupancy) into ncu-estimator.txt; full: --set full of its pooled-key scores
 #                 kernel alone, with per-SASS stalls (ncu-estimator.txt, ncu-estimator-sass.csv);
-#                 the profiled run calls the default estimator, w in one part, each lazy too
+#                 the profiled run calls the default estimator, w in one part, w from LibTorch's means
 #   NCU_SVD       1: ncu --set full of one 128x128 batched Jacobi SVD launch (svd_bench --only
 #                 square; the full-tile kernel with scaled rotations) into ncu-svd.txt and
 #                 ncu-svd-sass.csv

@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(pooled_w::kThreads) pooled_w_products_kernel(P
                                        pooled_w_products_smem);
 }
 
-// From q: grid (⌈q_blocks / kWBlocks⌉, heads, batch), pooled_w::kThreads threads.
+// From q: grid (⌈q_blocks / blocks_per_cta⌉, heads, batch), pooled_w::kThreads threads.
 // Dynamic shared memory: pooled_w::shared_floats<T, D>(p.rank) floats.
 template <typename T, int D>
 __global__ void __launch_bounds__(pooled_w::kThreads) pooled_w_kernel(PooledWLaunch p) {
@@ -535,7 +535,7 @@ cudaError_t launch_pooled_w(const PooledWLaunch& p, cudaStream_t stream, const c
       const size_t bytes =
           sizeof(float) * (d == 64 ? pooled_w::products_shared_floats<64>(p.rank)
                                    : pooled_w::products_shared_floats<128>(p.rank));
-      if (bytes > 48 * 1024) {  // rank 64, d 128: 80 KB
+      if (bytes > 48 * 1024) {  // rank 64, d 128: 70 KB
         const cudaError_t e =
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
         if (e != cudaSuccess) {
@@ -547,20 +547,35 @@ cudaError_t launch_pooled_w(const PooledWLaunch& p, cudaStream_t stream, const c
       kernel<<<grid, pooled_w::kThreads, bytes, stream>>>(p);
       const cudaError_t e = cudaGetLastError();
       if (e != cudaSuccess)
-        *failed_call = "pooled_w_products_kernel<<<(q_blocks / 32, heads, batch), 256>>>";
+        *failed_call = "pooled_w_products_kernel<<<(q_blocks / 8, heads, batch), 256>>>";
       return e;
     };
     return p.d == 64 ? launch(pooled_w_products_kernel<64>, 64)
                      : launch(pooled_w_products_kernel<128>, 128);
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.q_blocks, pooled_w::kWBlocks)),
+  // Blocks per CTA: about four CTAs per SM over the whole grid (A_q and A_k are staged once per
+  // CTA; fewer, longer CTAs share them more), at most kWBlocks.
+  PooledWLaunch pw = p;
+  if (pw.blocks_per_cta == 0) {
+    int sms = 0, dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e != cudaSuccess) {
+      *failed_call = "cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount)";
+      return e;
+    }
+    const int64_t all = p.q_blocks * p.heads * p.batch, want = 4 * int64_t(sms);
+    pw.blocks_per_cta = static_cast<int>(std::max<int64_t>(
+        1, std::min<int64_t>(pooled_w::kWBlocks, all / std::max<int64_t>(1, want))));
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(pw.q_blocks, pw.blocks_per_cta)),
                   static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
-  const char* what = "pooled_w_kernel<<<(q_blocks / 4, heads, batch), 256>>>";
+  const char* what = "pooled_w_kernel<<<(q_blocks / blocks_per_cta, heads, batch), 256>>>";
   const auto launch = [&](auto type, auto dim) {
     using T = typename decltype(type)::type;
     constexpr int kD = decltype(dim)::value;
     const size_t bytes = sizeof(float) * pooled_w::shared_floats<T, kD>(p.rank);
-    if (bytes > 48 * 1024) {  // rank 64, d 128: 74 KB
+    if (bytes > 48 * 1024) {  // rank 64, d 128, 16-bit q: 94 KB
       const cudaError_t e = cudaFuncSetAttribute(
           pooled_w_kernel<T, kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
       if (e != cudaSuccess) {
@@ -568,7 +583,7 @@ cudaError_t launch_pooled_w(const PooledWLaunch& p, cudaStream_t stream, const c
         return e;
       }
     }
-    pooled_w_kernel<T, kD><<<grid, pooled_w::kThreads, bytes, stream>>>(p);
+    pooled_w_kernel<T, kD><<<grid, pooled_w::kThreads, bytes, stream>>>(pw);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) *failed_call = what;
     return e;

@@ -147,6 +147,9 @@ struct PooledWLaunch {
   int d = 0;     ///< 64 or 128
   int rank = 0;  ///< 1 .. 64
   float scale = 1.f;
+  /// Query blocks per CTA of the kernel from q (pooled_w_block), 1 .. 16; 0: the launcher's
+  /// choice (enough CTAs for about four per SM, at most 16 blocks each).
+  int blocks_per_cta = 0;
 };
 
 /// Most 64-key tiles the tensor-core pooled kernel keeps in flight per CTA (PooledKeysLaunch::

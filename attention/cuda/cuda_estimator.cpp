@@ -197,20 +197,22 @@ torch::Tensor block_means(const torch::Tensor& q, int64_t bs) {
 }
 
 /// w = (q̄ A_q · scale) A_kᵀ [b, h, ceil(n / bs), d] fp32 for q [b, h, n, d] (d 64 or 128),
-/// a_q, a_k [1 or b, h, d, r], r <= 64, on `stream`: LibTorch's block means, then
-/// - options.pooled_w_kernel (where q's rows are contiguous and 16-byte aligned): pooled_w.cuh's
-///   kernel from q instead (means and products in one);
-/// - options.pooled_w_cublas: two LibTorch (cuBLAS) products and a scaling;
-/// - else (the default) pooled_w.cuh's products kernel on the means.
+/// a_q, a_k [1 or b, h, d, r], r <= 64, on `stream`:
+/// - options.pooled_w_cublas: LibTorch's block means, two LibTorch (cuBLAS) products and a
+///   scaling;
+/// - else options.pooled_w_kernel (the default) where q's rows are contiguous and 16-byte
+///   aligned: pooled_w.cuh's kernel from q (means and products in one);
+/// - else LibTorch's block means and pooled_w.cuh's products kernel.
 torch::Tensor pooled_w(const torch::Tensor& q, const torch::Tensor& a_q, const torch::Tensor& a_k,
                        int64_t bs, double scale, const CudaEstimatorOptions& options,
                        cudaStream_t stream) {
   const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3);
   const int64_t vec = q.scalar_type() == torch::kFloat ? 4 : 8;
-  const bool kernel_ok =
-      options.pooled_w_kernel && (d == 64 || d == 128) && a_q.size(3) <= cuda::kPooledWMaxRank &&
-      q.stride(3) == 1 && q.stride(0) % vec == 0 && q.stride(1) % vec == 0 &&
-      q.stride(2) % vec == 0 && reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0;
+  const bool kernel_ok = !options.pooled_w_cublas && options.pooled_w_kernel &&
+                         (d == 64 || d == 128) && a_q.size(3) <= cuda::kPooledWMaxRank &&
+                         q.stride(3) == 1 && q.stride(0) % vec == 0 && q.stride(1) % vec == 0 &&
+                         q.stride(2) % vec == 0 &&
+                         reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0;
   const bool products_ok =
       !options.pooled_w_cublas && (d == 64 || d == 128) && a_q.size(3) <= cuda::kPooledWMaxRank;
   if (!kernel_ok && !products_ok)

@@ -92,27 +92,30 @@ struct CudaEstimatorOptions {
   /// body, plain or pipelined.
   bool pooled_key_split = true;
   /// The tensor-core pooled path forms w = A_k A_qᵀ q̄ by one kernel (pooled_w.cuh: block means
-  /// and both products in fp32, q read once with 16-byte loads; where q's rows are not 16-byte
-  /// aligned, the default path) instead of LibTorch's block means and the products kernel (the
-  /// default; measured below against LibTorch's means and two cuBLAS products).
-  /// Not the default: its first two forms measured slower than LibTorch (139 and 148 µs against
-  /// ~98 + 20 µs at L = 32k, r = 16; and +0.17 ms at r = 32; ncu and bench, H100, 2026-12-06);
-  /// the third (eight loads in flight per thread, A staged in shared memory) no faster at
-  /// r = 16 and 0.12 ms slower at r = 32 (same day). The same w up to float rounding.
-  bool pooled_w_kernel = false;
-  /// w's two products (A_qᵀ q̄ · scale, then A_k ·) by LibTorch (two cuBLAS products and a
-  /// scaling; LibTorch's TF32 setting for matmuls applies) instead of pooled_w.cuh's products
-  /// kernel on LibTorch's block means (the default: one launch instead of three, fp32; the same w
-  /// up to the order of the fp32 sums). The reference the tests and the bench compare with.
+  /// and both products in fp32, q read once with 16-byte loads, up to 16 query blocks per CTA
+  /// sharing A_q and A_k in shared memory, each block's loads issued before the previous block's
+  /// reduction), the default; where q's rows are not 16-byte aligned, or with false, LibTorch's
+  /// block means and the products kernel. The same w up to the order of the fp32 sums.
+  /// Measured (H100, 2026-12-06, tenth session, L = 32k, w in one part): with 4 blocks per CTA
+  /// and no prefetch, 0.337 against 0.358 ms per call at r = 16 but 0.400 against 0.380 at
+  /// r = 32; this form (16 blocks, prefetch) NOT MEASURED ON A GPU YET.
+  bool pooled_w_kernel = true;
+  /// w by LibTorch alone: block means, two cuBLAS products and a scaling (LibTorch's TF32 setting
+  /// for matmuls applies; the path before 2026-12-06's tenth session), whatever
+  /// pooled_w_kernel says. The reference the tests and the bench compare with. (pooled_w.cuh's
+  /// products kernel on LibTorch's means, the fallback of pooled_w_kernel, measured as fast as
+  /// the two cuBLAS products: ~21 µs at L = 32k, r = 16; ncu, H100, same day.)
   bool pooled_w_cublas = false;
   /// The tensor-core pooled scores fold each unmasked half tile against a per-row reference
   /// carried across key blocks, without the half's maximum (pooled_keys_mma.cuh's
   /// fold_keys_branched: an FMA, an exp2 and an add per score instead of a max, an FMA, an exp2
   /// and an add, the exp2s free of the maximum's dependency chain), falling back to the exact
-  /// fold where the scores move more than 2^64 from the reference. The same scores up to the
-  /// rounding of each exp2's argument. Either body, not the pipelined one. NOT MEASURED ON A GPU
-  /// YET.
-  bool pooled_key_lazy_max = false;
+  /// fold where the sum leaves [2^-64, 2^64]. The default; false: the exact fold everywhere. The
+  /// same scores up to the rounding of each exp2's argument (within 1e-6 of the exact fold on
+  /// the GPU tests' cases). Either body, not the pipelined one. Measured (H100, 2026-12-06, tenth
+  /// session, L = 32k): the two-part score kernel 297 -> 289 µs (ncu); per call 0 to 5% faster
+  /// over eight r / density / part combinations, never slower.
+  bool pooled_key_lazy_max = true;
 };
 
 /// Whether the kernels take this call: q, k CUDA tensors of float32 / bfloat16 / float16 on one

@@ -15,9 +15,9 @@
 /// LibTorch's (139 and 148 µs against ~118, H100, 2026-12-06: one load in flight per thread);
 /// this form, eight loads in flight, measured no faster at r = 16 and 0.12 ms slower per
 /// estimator call at r = 32 (same day).
-/// q is read once, kWBlocks query blocks per CTA, so a CTA's reads of A_q and A_k (2·d·r floats,
-/// staged in shared memory) are shared by its blocks. Plain C++ with the CUDA qualifiers: tests
-/// also run it on the CPU through tests/cuda_emu/cuda_emu.h.
+/// q is read once, up to kWBlocks query blocks per CTA, so a CTA's reads of A_q and A_k (2·d·r
+/// floats, staged in shared memory) are shared by its blocks. Plain C++ with the CUDA qualifiers:
+/// tests also run it on the CPU through tests/cuda_emu/cuda_emu.h.
 #ifndef ATTNPILOT_CUDA_EMU
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,9 +31,10 @@
 
 namespace attnpilot::attention::cuda::pooled_w {
 
-/// Threads of a CTA and query blocks per CTA.
+/// Threads of a CTA and the most query blocks per CTA of pooled_w_block (PooledWLaunch::
+/// blocks_per_cta).
 inline constexpr int kThreads = 256;
-inline constexpr int kWBlocks = 4;
+inline constexpr int kWBlocks = 16;
 /// Largest rank (columns of A_q, A_k) the kernel takes.
 inline constexpr int kMaxRank = kPooledWMaxRank;
 
@@ -46,15 +47,15 @@ struct Geometry {
   static_assert(D % kVec == 0 && kThreads % kChunks == 0, "d a multiple of 16 bytes' elements");
 };
 
-/// Shared memory of a CTA (floats) at rank r: the row lanes' partial sums, the kWBlocks means,
-/// A_q and A_k (d × r each), t (kWBlocks × r).
+/// Shared memory of a CTA (floats) at rank r: the row lanes' partial sums (two buffers), up to
+/// kWBlocks means, A_q and A_k (d × r each), t (kWBlocks × r).
 template <typename T, int D>
 __host__ __device__ constexpr int shared_floats(int r) {
-  return Geometry<T, D>::kRowLanes * D + kWBlocks * D + 2 * D * r + kWBlocks * r;
+  return 2 * Geometry<T, D>::kRowLanes * D + kWBlocks * D + 2 * D * r + kWBlocks * r;
 }
 
 /// Query blocks per CTA of the products kernel (pooled_w_products_block).
-inline constexpr int kProductBlocks = 32;
+inline constexpr int kProductBlocks = 8;
 
 /// Shared memory (floats) of pooled_w_products_block at rank r: the means, A_q, A_k and t.
 template <int D>
@@ -91,10 +92,10 @@ __device__ __forceinline__ void products(const PooledWLaunch& p, int64_t h, int6
   const int r = p.rank, tid = threadIdx.x;
   for (int e = tid; e < blocks * r; e += kThreads) {
     const int j = e / r, k = e - (e / r) * r;
-    float s = 0.f;
+    float s[4] = {};  // four chains (one would wait on each FMA's latency)
 #pragma unroll 8
-    for (int i = 0; i < D; ++i) s = fmaf(mean_s[j * D + i], aq_s[i * r + k], s);
-    t_s[e] = s * p.scale;
+    for (int i = 0; i < D; ++i) s[i % 4] = fmaf(mean_s[j * D + i], aq_s[i * r + k], s[i % 4]);
+    t_s[e] = ((s[0] + s[1]) + (s[2] + s[3])) * p.scale;
   }
   __syncthreads();
   float* w = p.w + ((b * p.heads + h) * p.q_blocks + qb0) * D;
@@ -115,59 +116,78 @@ __device__ __forceinline__ void add_vec(const uint4& raw, float (&acc)[V]) {
 }
 
 /// One CTA (kThreads threads, all of which call it: it holds barriers): query blocks
-/// group·kWBlocks .. + kWBlocks - 1 (those < q_blocks) of head h of batch entry b. `smem`:
-/// shared_floats<T, D>(p.rank) floats. Three phases, so the reads of q stream without waiting
-/// on the products: A_q and A_k into shared memory; the blocks' means (two barriers per block);
-/// then t and w of all the blocks from shared memory.
+/// group·per .. + per - 1 (those < q_blocks; per = p.blocks_per_cta, 1 to kWBlocks) of head h
+/// of batch entry b. `smem`: shared_floats<T, D>(p.rank) floats. Three phases, so the reads of q
+/// stream without waiting on the products: A_q and A_k into shared memory; the blocks' means;
+/// then t and w of all the blocks from shared memory. Each block's first eight loads per thread
+/// are issued before the previous block's reduction (one barrier per block: the row lanes'
+/// partial sums alternate between two buffers), so a CTA keeps reading across its barriers.
 template <typename T, int D>
 __device__ inline void pooled_w_block(const PooledWLaunch& p, int64_t group, int64_t h, int64_t b,
                                       float* smem) {
   using G = Geometry<T, D>;
   const int r = p.rank;
-  float* partial = smem;                     // [kRowLanes][D]
-  float* mean = partial + G::kRowLanes * D;  // [kWBlocks][D]
-  float* aq_s = mean + kWBlocks * D;         // [D][r]
-  float* ak_s = aq_s + D * r;                // [r][D]
-  float* t = ak_s + D * r;                   // [kWBlocks][r]
+  float* partial = smem;                         // [2][kRowLanes][D]
+  float* mean = partial + 2 * G::kRowLanes * D;  // [kWBlocks][D]
+  float* aq_s = mean + kWBlocks * D;             // [D][r]
+  float* ak_s = aq_s + D * r;                    // [r][D]
+  float* t = ak_s + D * r;                       // [kWBlocks][r]
   const int tid = threadIdx.x, lane_r = tid / G::kChunks, chunk = tid % G::kChunks;
   const T* qh = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-  stage_a<D>(p, h, b, aq_s, ak_s);
-  const int64_t bs = p.block_size, qb0 = group * kWBlocks;
-  const int blocks = static_cast<int>(p.q_blocks - qb0 < kWBlocks ? p.q_blocks - qb0 : kWBlocks);
-  for (int j = 0; j < blocks; ++j) {
+  const int64_t bs = p.block_size, per = p.blocks_per_cta, qb0 = group * per;
+  const int blocks = static_cast<int>(p.q_blocks - qb0 < per ? p.q_blocks - qb0 : per);
+  const int64_t step = int64_t(G::kRowLanes) * p.q_stride[2];
+  const auto rows_of = [&](int j) {
     const int64_t row0 = (qb0 + j) * bs;
-    const int64_t rows = p.n - row0 < bs ? p.n - row0 : bs;
-    float acc[G::kVec] = {};
-    // Eight 16-byte loads in flight per thread (all issued before any is used: loading and
-    // adding row by row kept one in flight, 58% of DRAM bandwidth; ncu, H100), zeros past the
-    // block's rows (a full block of 128 rows and d = 128 in 16-bit: exactly eight per thread).
-    const T* src = qh + (row0 + lane_r) * p.q_stride[2] + chunk * G::kVec;
-    const int64_t step = int64_t(G::kRowLanes) * p.q_stride[2];
+    return p.n - row0 < bs ? p.n - row0 : bs;
+  };
+  const auto src_of = [&](int j) {
+    return qh + ((qb0 + j) * bs + lane_r) * p.q_stride[2] + chunk * G::kVec;
+  };
+  // Eight 16-byte loads in flight per thread (all issued before any is used: loading and adding
+  // row by row kept one in flight, 58% of DRAM bandwidth; ncu, H100), rows r0 + u·kRowLanes of
+  // the block from src, zeros past its rows (a full block of 128 rows and d = 128 in 16-bit:
+  // exactly eight per thread).
+  const auto load8 = [&](const T* src, int64_t r0, int64_t rows, uint4(&raw)[8]) {
     const auto load = [&](int u) { return *reinterpret_cast<const uint4*>(src + u * step); };
-    for (int64_t r0 = lane_r; r0 < rows; r0 += 8 * G::kRowLanes, src += 8 * step) {
-      uint4 raw[8];
-      if (r0 + 7 * G::kRowLanes < rows) {  // warp-uniform in a full block: no predicates
+    if (r0 + 7 * G::kRowLanes < rows) {  // warp-uniform in a full block: no predicates
 #pragma unroll
-        for (int u = 0; u < 8; ++u) raw[u] = load(u);
-      } else {
+      for (int u = 0; u < 8; ++u) raw[u] = load(u);
+    } else {
 #pragma unroll
-        for (int u = 0; u < 8; ++u)
-          raw[u] = r0 + u * G::kRowLanes < rows ? load(u) : make_uint4(0u, 0u, 0u, 0u);
-      }
+      for (int u = 0; u < 8; ++u)
+        raw[u] = r0 + u * G::kRowLanes < rows ? load(u) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  uint4 raw[8];
+  if (blocks > 0) load8(src_of(0), lane_r, rows_of(0), raw);  // block 0's first loads
+  stage_a<D>(p, h, b, aq_s, ak_s);
+  for (int j = 0; j < blocks; ++j) {
+    const int64_t rows = rows_of(j);
+    float acc[G::kVec] = {};
+#pragma unroll
+    for (int u = 0; u < 8; ++u) add_vec<T>(raw[u], acc);
+    // Blocks taller than eight row lanes' rounds: the rest of this block's rows.
+    const T* src = src_of(j) + 8 * step;
+    for (int64_t r0 = lane_r + 8 * G::kRowLanes; r0 < rows;
+         r0 += 8 * G::kRowLanes, src += 8 * step) {
+      load8(src, r0, rows, raw);
 #pragma unroll
       for (int u = 0; u < 8; ++u) add_vec<T>(raw[u], acc);
     }
+    if (j + 1 < blocks) load8(src_of(j + 1), lane_r, rows_of(j + 1), raw);  // in flight below
+    float* part = partial + (j % 2) * G::kRowLanes * D;
 #pragma unroll
-    for (int e = 0; e < G::kVec; ++e) partial[lane_r * D + chunk * G::kVec + e] = acc[e];
-    __syncthreads();
+    for (int e = 0; e < G::kVec; ++e) part[lane_r * D + chunk * G::kVec + e] = acc[e];
+    __syncthreads();  // (also: every thread is past block j - 1's reads of the other buffer)
     if (tid < D) {
       float s = 0.f;
 #pragma unroll 8
-      for (int l = 0; l < G::kRowLanes; ++l) s += partial[l * D + tid];
+      for (int l = 0; l < G::kRowLanes; ++l) s += part[l * D + tid];
       mean[j * D + tid] = s / static_cast<float>(rows);
     }
-    __syncthreads();  // partial is rewritten by the next block (and mean is read below)
   }
+  __syncthreads();  // the means (and A) are read below
   products<D>(p, h, b, qb0, blocks, mean, aq_s, ak_s, t);
 }
 

@@ -569,7 +569,7 @@ TEST(PooledKeyScoresEmulated, OnePartOfWMatchesTheCpuTwin) {
 /// means; kProductBlocks blocks per CTA, q poisoned: it must not be read).
 template <typename T, int D>
 void check_pooled_w(int64_t b, int64_t h, int64_t n, int64_t bs, int64_t r, int64_t a_batch,
-                    uint64_t seed, bool from_means = false) {
+                    uint64_t seed, bool from_means = false, int64_t per_cta_q = 4) {
   const std::string what =
       fmt::format("{} d={} b={} h={} n={} bs={} r={} a_batch={}{}",
                   std::is_same_v<T, float>           ? "fp32"
@@ -639,7 +639,9 @@ void check_pooled_w(int64_t b, int64_t h, int64_t n, int64_t bs, int64_t r, int6
     p.means = means32.data_ptr<float>();
     std::memset(q_raw.data(), 0xff, q_raw.size() * sizeof(T));  // NaN in every type
   }
-  const int per_cta = from_means ? pooled_w::kProductBlocks : pooled_w::kWBlocks;
+  // From q: blocks_per_cta as given (the last CTA of a head partly past q_blocks).
+  p.blocks_per_cta = static_cast<int>(per_cta_q);
+  const int per_cta = from_means ? pooled_w::kProductBlocks : static_cast<int>(per_cta_q);
   std::vector<float> smem(
       static_cast<size_t>(from_means ? pooled_w::products_shared_floats<D>(static_cast<int>(r))
                                      : pooled_w::shared_floats<T, D>(static_cast<int>(r))));
@@ -683,6 +685,13 @@ TEST(PooledWEmulated, MatchesTheProductsInFloat64) {
   check_pooled_w<__half, 64>(2, 1, 300, 128, 5, 2, 2);
   check_pooled_w<float, 128>(1, 1, 129, 128, 64, 1, 3);
   check_pooled_w<float, 64>(2, 2, 64 * 9, 64, 1, 2, 4);
+  // One block per CTA, three (the last CTA partly past q_blocks), the most (16: 20 blocks, a
+  // short last one), and blocks taller than eight rounds of row lanes (d 64 fp32: 32 row
+  // lanes, blocks of 320 rows).
+  check_pooled_w<__nv_bfloat16, 128>(1, 1, 7 * 64, 64, 16, 1, 11, false, 1);
+  check_pooled_w<__half, 128>(1, 2, 10 * 64 - 5, 64, 8, 1, 12, false, 3);
+  check_pooled_w<__nv_bfloat16, 64>(1, 1, 20 * 128 - 70, 128, 32, 1, 13, false, 16);
+  check_pooled_w<float, 64>(1, 1, 3 * 320 + 1, 320, 16, 1, 14, false, 2);
 }
 
 /// The products kernel (the default w path's second step) on fp32 means: two CTAs per head, the
