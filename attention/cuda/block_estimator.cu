@@ -202,14 +202,15 @@ __global__ void __launch_bounds__(pooled_w::kThreads) pooled_w_kernel(PooledWLau
 
 // ---- (3) selection (the body is select_block.cuh's select_row) ----
 
-// One warp per row, its entries in registers (E per lane) or, with E = 0, in shared memory.
-// Shared memory: select_smem_bytes(E, cap, k_blocks). kDirect: a count budget's lists written
-// straight into row_ptr / col_idx (select_row).
+// One warp per row (the body is select_block.cuh's select_block): select_rows_per_cta(E) rows
+// per CTA, each warp with its own slice of shared memory. kDirect: a count budget's lists
+// written straight into row_ptr / col_idx.
+using selection::select_rows_per_cta;
 template <int E, bool kDirect>
-__global__ void __launch_bounds__(32)
-    select_kernel(SelectLaunch p, uint32_t* bitmap, int64_t* counts, int cap) {
+__global__ void __launch_bounds__(32 * select_rows_per_cta(E))
+    select_kernel(SelectLaunch p, uint32_t* bitmap, int64_t* counts, int cap, int64_t slice) {
   extern __shared__ __align__(16) unsigned char smem[];
-  selection::select_row<E, kDirect>(p, blockIdx.x, bitmap, counts, cap, smem);
+  selection::select_block<E, kDirect>(p, blockIdx.x, bitmap, counts, cap, smem, slice);
 }
 
 // ---- (5) scatter (the body is select_block.cuh's scatter_block) ----
@@ -679,7 +680,9 @@ cudaError_t launch_select_blocks(const SelectLaunch& p, cudaStream_t stream,
   selection::dispatch_select(cap, [&](auto entries) {
     constexpr int kE = decltype(entries)::value;
     const auto go = [&](auto kernel) {
-      const int64_t smem = selection::select_smem_bytes(kE, cap, p.k_blocks);
+      constexpr int kRows = select_rows_per_cta(kE);
+      const int64_t slice = selection::select_slice_bytes(kE, cap, p.k_blocks);
+      const int64_t smem = kRows * slice;
       if (smem > 48 * 1024) {
         e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  static_cast<int>(smem));
@@ -688,10 +691,10 @@ cudaError_t launch_select_blocks(const SelectLaunch& p, cudaStream_t stream,
           return;
         }
       }
-      kernel<<<static_cast<unsigned>(p.rows), 32, static_cast<size_t>(smem), stream>>>(p, bitmap,
-                                                                                       counts, cap);
+      kernel<<<static_cast<unsigned>(ceil_div(p.rows, kRows)), 32 * kRows,
+               static_cast<size_t>(smem), stream>>>(p, bitmap, counts, cap, slice);
       e = cudaGetLastError();
-      if (e != cudaSuccess) *failed_call = "select_kernel<<<rows, 32>>>";
+      if (e != cudaSuccess) *failed_call = "select_kernel<<<rows / rows per CTA, 32 · rows>>>";
     };
     direct ? go(select_kernel<kE, true>) : go(select_kernel<kE, false>);
   });

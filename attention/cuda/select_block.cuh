@@ -489,6 +489,29 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
   }
 }
 
+/// Rows (warps) per CTA of the selection kernel: 4 with the entries in registers, 1 with the
+/// shared-memory sort (whose keys take cap·8 bytes per warp).
+__host__ __device__ constexpr int select_rows_per_cta(int entries) { return entries > 0 ? 4 : 1; }
+
+/// Bytes of one warp's shared memory in a CTA of the selection kernel (select_smem_bytes rounded
+/// up to 16).
+inline int64_t select_slice_bytes(int entries, int cap, int64_t k_blocks) {
+  return (select_smem_bytes(entries, cap, k_blocks) + 15) / 16 * 16;
+}
+
+/// One CTA of 32·select_rows_per_cta(E) threads (`block` is blockIdx.x): warp w selects row
+/// block·select_rows_per_cta(E) + w (select_row) with `slice` bytes of shared memory at
+/// smem + w·slice; warps past the last row return at once (select_row has no block barriers).
+template <int E, bool kDirect>
+__device__ __forceinline__ void select_block(const SelectLaunch& p, unsigned int block,
+                                             uint32_t* bitmap, int64_t* counts, int cap,
+                                             unsigned char* smem, int64_t slice) {
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int64_t row = static_cast<int64_t>(block) * select_rows_per_cta(E) + warp;
+  if (row >= p.rows) return;
+  select_row<E, kDirect>(p, row, bitmap, counts, cap, smem + warp * slice);
+}
+
 /// One CTA of 128 threads (`block` is blockIdx.x), one warp per row (row block·4 + warp): the set
 /// bits of the row's bitmap, ascending, at col_idx[row_ptr[row] ..); row_ptr holds the exclusive
 /// scan of select_row's counts. Warps past the last row return at once (no block barriers).

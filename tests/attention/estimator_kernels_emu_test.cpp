@@ -200,7 +200,8 @@ torch::Tensor cpu_scores(const Shape& s, const Problem& pr) {
   return lowrank_block_scores(pr.q, pr.k, pr.a_q, pr.a_k, s.bs, s.causal, s.q_offset, &flops);
 }
 
-/// Emulated selection as launch_select_blocks runs it (select_kernel: one one-warp CTA per row):
+/// Emulated selection as launch_select_blocks runs it (select_kernel: select_rows_per_cta rows
+/// per CTA, one warp each):
 /// a count budget's lists written by the kernel itself; a mass budget's bitmap and counts, the
 /// exclusive scan of the counts on the host (CUB's on the device), then the scatter (4 rows per
 /// 128-thread CTA). `capacity` < 0: room for every block of every row (a count budget: exactly
@@ -240,16 +241,19 @@ BlockMask emulate_select(const torch::Tensor& scores, const HeadPlan& plan, int6
   const int cap = selection::select_cap(kbn);
   selection::dispatch_select(cap, [&](auto entries) {  // the launcher's choice of sort
     constexpr int kE = decltype(entries)::value;
-    for (int64_t row = 0; row < rows; ++row) {
-      std::vector<Chunk16> smem(
-          static_cast<size_t>(selection::select_smem_bytes(kE, cap, kbn) / 16 + 1));
+    // The kernel's CTAs: select_rows_per_cta warps, a shared-memory slice each (poisoned).
+    constexpr int kRows = selection::select_rows_per_cta(kE);
+    const int64_t slice = selection::select_slice_bytes(kE, cap, kbn);
+    for (int64_t blk = 0; blk < (rows + kRows - 1) / kRows; ++blk) {
+      std::vector<Chunk16> smem(static_cast<size_t>(kRows * slice / 16 + 1));
       std::memset(smem.data(), 0xa5, smem.size() * 16);
-      emu::run_block(32, [&] {
+      emu::run_block(32 * kRows, [&] {
         auto* sm = reinterpret_cast<unsigned char*>(smem.data());
+        const auto b32 = static_cast<unsigned>(blk);
         if (direct)
-          selection::select_row<kE, true>(p, row, nullptr, nullptr, cap, sm);
+          selection::select_block<kE, true>(p, b32, nullptr, nullptr, cap, sm, slice);
         else
-          selection::select_row<kE, false>(p, row, bitmap.data(), counts.data(), cap, sm);
+          selection::select_block<kE, false>(p, b32, bitmap.data(), counts.data(), cap, sm, slice);
       });
     }
   });
