@@ -548,7 +548,7 @@ cudaError_t launch_pooled_w(const PooledWLaunch& p, cudaStream_t stream, const c
       kernel<<<grid, pooled_w::kThreads, bytes, stream>>>(p);
       const cudaError_t e = cudaGetLastError();
       if (e != cudaSuccess)
-        *failed_call = "pooled_w_products_kernel<<<(q_blocks / 8, heads, batch), 256>>>";
+        *failed_call = "pooled_w_products_kernel<<<(q_blocks / 32, heads, batch), 256>>>";
       return e;
     };
     return p.d == 64 ? launch(pooled_w_products_kernel<64>, 64)

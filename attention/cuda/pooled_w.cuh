@@ -55,7 +55,7 @@ __host__ __device__ constexpr int shared_floats(int r) {
 }
 
 /// Query blocks per CTA of the products kernel (pooled_w_products_block).
-inline constexpr int kProductBlocks = 8;
+inline constexpr int kProductBlocks = 32;
 
 /// Shared memory (floats) of pooled_w_products_block at rank r: the means, A_q, A_k and t.
 template <int D>
