@@ -96,9 +96,10 @@ struct CudaEstimatorOptions {
   /// sharing A_q and A_k in shared memory, each block's loads issued before the previous block's
   /// reduction), the default; where q's rows are not 16-byte aligned, or with false, LibTorch's
   /// block means and the products kernel. The same w up to the order of the fp32 sums.
-  /// Measured (H100, 2026-12-06, tenth session, L = 32k, w in one part): with 4 blocks per CTA
-  /// and no prefetch, 0.337 against 0.358 ms per call at r = 16 but 0.400 against 0.380 at
-  /// r = 32; this form (16 blocks, prefetch) NOT MEASURED ON A GPU YET.
+  /// Measured (H100, 2026-12-06, tenth session, L = 32k, r = 16, 10%): the kernel 106-108 µs
+  /// (ncu) against LibTorch's means (98 µs) plus the products kernel (21 µs); per call 0.338
+  /// against 0.368 ms with w in one part, 0.395 against 0.434 with two (r = 32: 0.426 against
+  /// 0.472). Its own floor is q's read, 80 µs at 3.35 TB/s.
   bool pooled_w_kernel = true;
   /// w by LibTorch alone: block means, two cuBLAS products and a scaling (LibTorch's TF32 setting
   /// for matmuls applies; the path before 2026-12-06's tenth session), whatever

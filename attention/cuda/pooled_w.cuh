@@ -11,12 +11,16 @@
 ///
 /// One kernel instead of LibTorch's block-mean reduction, two cuBLAS products and a scaling
 /// (four launches; the products followed LibTorch's TF32 matmul setting, this is plain fp32),
-/// opt-in (CudaEstimatorOptions::pooled_w_kernel): its first two forms measured slower than
-/// LibTorch's (139 and 148 µs against ~118, H100, 2026-12-06: one load in flight per thread);
-/// this form, eight loads in flight, measured no faster at r = 16 and 0.12 ms slower per
-/// estimator call at r = 32 (same day).
+/// the default (CudaEstimatorOptions::pooled_w_kernel). History (H100, 2026-12-06): one load in
+/// flight per thread, 139 and 148 µs against LibTorch's ~118; eight in flight and 4 blocks per
+/// CTA, faster at r = 16, slower at r = 32 (A staged once per 4 blocks); this form (up to 16
+/// blocks per CTA, the next block's loads in flight across the reduction, one barrier per
+/// block, A_k staged transposed so the products read shared memory without bank conflicts)
+/// 106-108 µs at L = 32k, r = 16 (ncu), against LibTorch's 98 µs of means plus 21 of products.
 /// q is read once, up to kWBlocks query blocks per CTA, so a CTA's reads of A_q and A_k (2·d·r
-/// floats, staged in shared memory) are shared by its blocks. Plain C++ with the CUDA qualifiers:
+/// floats, staged in shared memory) are shared by its blocks. The products alone, on means
+/// LibTorch formed, are pooled_w_products_block (the fallback where q's rows are not 16-byte
+/// aligned). Plain C++ with the CUDA qualifiers:
 /// tests also run it on the CPU through tests/cuda_emu/cuda_emu.h.
 #ifndef ATTNPILOT_CUDA_EMU
 #include <cuda_bf16.h>
