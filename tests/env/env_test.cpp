@@ -193,7 +193,9 @@ TEST_P(Conformance, VectorEnvAutoResetMatchesSingleEnvs) {
     for (int i = 0; i < n; ++i) acts.push_back(random_action(*singles[i], gen));
     auto s = venv->step(torch::stack(acts));
     ASSERT_EQ(s.observations.size(0), n);
-    if (venv->has_action_mask()) ASSERT_TRUE(s.action_masks.defined());
+    if (venv->has_action_mask()) {
+      ASSERT_TRUE(s.action_masks.defined());
+    }
     for (int i = 0; i < n; ++i) {
       auto r = singles[i]->step(acts[i]);
       ASSERT_FLOAT_EQ(s.rewards[i].item<float>(), static_cast<float>(r.reward));
@@ -210,8 +212,9 @@ TEST_P(Conformance, VectorEnvAutoResetMatchesSingleEnvs) {
         ASSERT_TRUE(torch::equal(s.observations[i], r.observation));
         ASSERT_TRUE(torch::equal(s.final_observations[i], torch::zeros_like(r.observation)));
       }
-      if (venv->has_action_mask())
+      if (venv->has_action_mask()) {
         ASSERT_TRUE(torch::equal(s.action_masks[i], singles[i]->action_mask()));
+      }
     }
   }
   EXPECT_GT(dones, 0);
