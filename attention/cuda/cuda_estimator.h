@@ -11,7 +11,8 @@
 ///   scores of any estimator on the device ──► select_blocks_cuda: the same selection
 ///
 /// No host synchronisation: the sampled-row indices (or the query block means), projections,
-/// scores, selection, scan and scatter all run on the caller's current stream. The pooled mode's
+/// scores and selection (for a mass budget also a scan and a scatter; a count budget's lists are
+/// written by the selection itself) all run on the caller's current stream. The pooled mode's
 /// kernels are tested against the CPU twin in a CPU emulation (estimator_emu_test) and on the
 /// GPU (cuda_estimator_test, both pooled kernels; H100, 2026-12-06). Note that
 /// BlockMask's own comment says its lists are CPU tensors; the masks returned here are not (see
