@@ -522,8 +522,8 @@ cudaError_t launch_pooled_w(const PooledWLaunch& p, cudaStream_t stream, const c
                   (p.d == 64 || p.d == 128) && p.rank >= 1 && p.rank <= pooled_w::kMaxRank &&
                   p.batch >= 1 && p.heads >= 1 && p.n >= 1 && p.block_size >= 1 &&
                   p.q_blocks == ceil_div(p.n, p.block_size) &&
-                  (p.a_batch == 1 || p.a_batch == p.batch) &&
-                  ceil_div(p.q_blocks, pooled_w::kWBlocks) < (int64_t(1) << 31) &&
+                  (p.a_batch == 1 || p.a_batch == p.batch) && p.blocks_per_cta >= 0 &&
+                  p.blocks_per_cta <= pooled_w::kWBlocks && p.q_blocks < (int64_t(1) << 31) &&
                   p.heads <= 65535 && p.batch <= 65535;
   if (!ok) {
     *failed_call = "launch_pooled_w (arguments outside the kernel's range)";

@@ -43,6 +43,7 @@
 #include <cstdint>
 
 #include "attention/cuda/block_estimator_kernels.h"
+#include "attention/cuda/estimator_common.cuh"
 
 namespace attnpilot::attention::cuda::pooled {
 
@@ -234,17 +235,9 @@ __device__ inline void pooled_normalise_row(const PooledScoresLaunch& p, int64_t
   const int64_t qb = row % p.q_blocks;
   const int64_t vis = div_up(pooled_visible_keys(p, qb), p.block_size);
   float* sc = p.scores + row * p.k_blocks;
-  float mx = -INFINITY;
-  for (int64_t kb = lane; kb < vis; kb += 32) mx = fmaxf(mx, sc[kb]);
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float l = 0.f;
-  for (int64_t kb = lane; kb < vis; kb += 32) l += exp2f(sc[kb] - mx);
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
-  const float il = 1.f / l;
-  for (int64_t kb = lane; kb < p.k_blocks; kb += 32)
-    sc[kb] = kb < vis ? exp2f(sc[kb] - mx) * il : 0.f;
+  const est::Log2RowScale norm =
+      est::log2_row_scale([&](int, int64_t kb) { return sc[kb]; }, vis, lane);
+  for (int64_t kb = lane; kb < p.k_blocks; kb += 32) sc[kb] = kb < vis ? norm(sc[kb]) : 0.f;
 }
 
 }  // namespace attnpilot::attention::cuda::pooled

@@ -180,9 +180,9 @@ struct RowBlocks {
 /// A count budget's CSR position of row `row` (b·heads·q_blocks + h·q_blocks + qb): every row's
 /// length is keep(), known from the geometry alone, so each warp sums the lengths before its row
 /// (those of its (b, h) slice: qb of them, plus whole slices of sum_qb keep) instead of a scan
-/// over the selection's counts. Every lane gets the same values.
-__device__ __forceinline__ void count_budget_offset(const SelectLaunch& p, int64_t row, int lane,
-                                                    int64_t& offset, int64_t& per_slice) {
+/// over the selection's counts. Every lane gets the same value.
+__device__ __forceinline__ int64_t count_budget_offset(const SelectLaunch& p, int64_t row,
+                                                       int lane) {
   const int64_t qb = row % p.q_blocks;
   long long before = 0, slice = 0;
   for (int64_t i = lane; i < p.q_blocks; i += 32) {
@@ -195,8 +195,7 @@ __device__ __forceinline__ void count_budget_offset(const SelectLaunch& p, int64
     before += __shfl_xor_sync(0xffffffffu, before, o);
     slice += __shfl_xor_sync(0xffffffffu, slice, o);
   }
-  per_slice = slice;
-  offset = (row / p.q_blocks) * per_slice + before;
+  return (row / p.q_blocks) * slice + before;
 }
 
 /// select_row's rule for one row, shared by its two sorts.
@@ -338,9 +337,9 @@ __device__ __forceinline__ void write_list(const SelectLaunch& p, const uint32_t
   }
 }
 
-/// One warp per row: row `row` (b·heads·q_blocks + h·q_blocks + qb) by the 32 threads of a
-/// one-warp CTA. E = select_entries(cap) (cap = select_cap(k_blocks)): the unforced entries held
-/// in registers, E per lane, or with E = 0 in shared memory. `smem`:
+/// One warp per row: row `row` (b·heads·q_blocks + h·q_blocks + qb) by the 32 lanes of a warp
+/// (select_block: one or four warps per CTA). E = select_entries(cap) (cap = select_cap(k_blocks)):
+/// the unforced entries held in registers, E per lane, or with E = 0 in shared memory. `smem`:
 /// select_smem_bytes(E, cap, p.k_blocks) bytes, 16-byte aligned.
 ///
 /// With p.log2_sums the row holds per-block log2 sums L (the pooled estimator's unnormalised
@@ -364,8 +363,8 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
   assert(!kDirect || !r.by_mass);
 
   for (int64_t w = lane; w < words; w += 32) bits[w] = 0u;
-  // The row's scores: as stored, or normalised from log2 sums (pooled_normalise_row's steps).
-  float mx = 0.f, il = 1.f;
+  // The row's scores: as stored, or normalised from log2 sums (est::log2_row_scale, as
+  // pooled_normalise_row does).
   float raw[E > 0 ? E : 1];
   if constexpr (E > 0) {
 #pragma unroll
@@ -374,31 +373,15 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
       raw[e] = i < r.vis ? r.sc[i] : 0.f;
     }
   }
-  if (p.log2_sums) {
-    mx = -INFINITY;
-    if constexpr (E > 0) {
-#pragma unroll
-      for (int e = 0; e < E; ++e)
-        if (32 * e + lane < r.vis) mx = fmaxf(mx, raw[e]);
-    } else {
-      for (int64_t kb = lane; kb < r.vis; kb += 32) mx = fmaxf(mx, r.sc[kb]);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float l = 0.f;
-    if constexpr (E > 0) {
-#pragma unroll
-      for (int e = 0; e < E; ++e)
-        if (32 * e + lane < r.vis) l += exp2f(raw[e] - mx);
-    } else {
-      for (int64_t kb = lane; kb < r.vis; kb += 32) l += exp2f(r.sc[kb] - mx);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
-    il = 1.f / l;
-  }
+  est::Log2RowScale norm{0.f, 1.f};
   const bool log2 = p.log2_sums;
-  const auto normalised = [&](float v) { return log2 ? exp2f(v - mx) * il : v; };
+  if (log2) {
+    if constexpr (E > 0)
+      norm = est::log2_row_scale<E>([&](int e, int64_t) { return raw[e]; }, r.vis, lane);
+    else
+      norm = est::log2_row_scale([&](int, int64_t kb) { return r.sc[kb]; }, r.vis, lane);
+  }
+  const auto normalised = [&](float v) { return log2 ? norm(v) : v; };
   const auto score = [&](int64_t kb) { return normalised(r.sc[kb]); };  // kb < vis
   // Mass budgets: the visible scores' total (each lane in ascending order, as the CPU-checked
   // kernel always summed). The register entries' sort keys.
@@ -475,8 +458,7 @@ __device__ __forceinline__ void select_row(const SelectLaunch& p, int64_t row, u
   }
   __syncwarp();
   if constexpr (kDirect) {
-    int64_t offset = 0, per_slice = 0;
-    count_budget_offset(p, row, lane, offset, per_slice);
+    const int64_t offset = count_budget_offset(p, row, lane);
     assert(count == r.keep(p));
     write_list(p, bits, words, offset, lane);
     if (lane == 0) {
